@@ -1,0 +1,37 @@
+"""Tiny models and objects the tests build through the ``python:`` source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+def tiny_cnn(num_classes: int = 10, width: int = 8) -> nn.Module:
+    """A conv-bn-relu-pool-linear classifier on 3×16×16 inputs (declares ``input_shape``)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )
+    model.input_shape = (3, 16, 16)
+    return model
+
+
+def not_a_model() -> str:
+    """A factory that returns something other than a module."""
+    return "not a model"
+
+
+@dataclass
+class TrainingConfig:
+    """A plain Python object that a training script might pickle next to the weights."""
+
+    lr: float = 0.1
+    epochs: int = 3

@@ -1,0 +1,203 @@
+"""A small, seeded train/evaluate loop for any ``nn.Module`` classifier on a :class:`DataSplit`.
+
+``train`` runs AdamW with a OneCycle (default) or cosine schedule, optional ±2 px random-shift
+augmentation and a tqdm progress bar. With the same seed, thread count and machine it produces
+bit-identical weights: it seeds python/numpy/torch, fixes ``torch.set_num_threads`` for its
+duration, and draws shuffling and augmentation from dedicated seeded generators.
+
+Pipelines that need another objective (random slice rates, extra losses) pass ``loss_fn``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import DataSplit
+
+DEFAULT_THREADS = 2
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class EpochStats:
+    """Metrics of one epoch: mean training loss, training accuracy (on augmented batches), eval accuracy."""
+
+    epoch: int
+    loss: float
+    train_accuracy: float
+    eval_accuracy: float | None
+    lr: float
+    seconds: float
+
+
+@dataclass
+class History:
+    """What ``train`` did: per-epoch stats and the total wall time."""
+
+    epochs: list[EpochStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        return self.epochs[-1].loss if self.epochs else math.nan
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (no change when None), then restore."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def random_shift(max_shift: int = 2) -> Augment:
+    """Augmentation: translate each image by an integer offset in [-max_shift, max_shift]² (edge-replicated)."""
+
+    def shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+        dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
+        rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # n×1×h×1
+        cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # n×1×1×w
+        batch = torch.arange(n)[:, None, None, None]
+        chans = torch.arange(x.shape[1])[None, :, None, None]
+        return padded[batch, chans, rows, cols]
+
+    return shift
+
+
+def train(
+    model: nn.Module,
+    train_split: DataSplit,
+    *,
+    epochs: int,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    augment: bool | Augment = False,
+    weight_decay: float = 0.05,
+    schedule: str = "onecycle",
+    label_smoothing: float = 0.0,
+    loss_fn: LossFn | None = None,
+    eval_split: DataSplit | None = None,
+    max_steps: int | None = None,
+    threads: int | None = DEFAULT_THREADS,
+    desc: str = "train",
+) -> History:
+    """Train ``model`` in place on ``train_split`` and return its :class:`History`.
+
+    AdamW over the parameters that require grad; ``schedule`` is "onecycle" (peak ``lr``) or
+    "cosine" (from ``lr`` to 0). ``augment=True`` applies ±2 px random shifts. ``loss_fn(model, x, y)``
+    replaces the cross-entropy objective. ``eval_split`` adds per-epoch eval accuracy;
+    ``max_steps`` stops early (tests). Leaves the model in eval mode.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if schedule not in ("onecycle", "cosine"):
+        raise ValueError(f"schedule must be 'onecycle' or 'cosine', got {schedule!r}")
+    shift = random_shift() if augment is True else (augment or None)
+    drop_last = len(train_split) > batch_size  # avoid a size-1 last batch (BatchNorm)
+    history = History()
+    start = time.perf_counter()
+    with fixed_threads(threads):
+        seed_everything(seed)
+        loader = train_split.loader(batch_size, shuffle=True, seed=seed, drop_last=drop_last)
+        aug_generator = torch.Generator().manual_seed(seed + 1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        total_steps = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
+        scheduler = _scheduler(optimizer, schedule, lr, total_steps)
+        step = 0
+        bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, unit="step")
+        for epoch in range(epochs):
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum, correct, seen = 0.0, 0, 0
+            for x, y in loader:
+                if step >= total_steps:
+                    break
+                if shift is not None:
+                    x = shift(x, aug_generator)
+                optimizer.zero_grad(set_to_none=True)
+                if loss_fn is None:
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+                    correct += int((logits.argmax(1) == y).sum())
+                else:
+                    loss = loss_fn(model, x, y)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                loss_sum += float(loss) * len(y)
+                seen += len(y)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+            eval_acc = evaluate(model, eval_split, threads=None) if eval_split is not None else None
+            history.epochs.append(
+                EpochStats(
+                    epoch=epoch + 1,
+                    loss=loss_sum / max(seen, 1),
+                    train_accuracy=correct / max(seen, 1) if loss_fn is None else math.nan,
+                    eval_accuracy=eval_acc,
+                    lr=optimizer.param_groups[0]["lr"],
+                    seconds=time.perf_counter() - t0,
+                )
+            )
+            if step >= total_steps:
+                break
+        bar.close()
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int):
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.2)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, split: DataSplit, batch_size: int = 500, threads: int | None = None) -> torch.Tensor:
+    """Logits of ``model`` (run in eval mode, training flag restored) on every sample of ``split``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with fixed_threads(threads):
+            outputs = [model(x) for x, _ in split.loader(batch_size, shuffle=False)]
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.zeros(0, split.num_classes)
+
+
+def evaluate(model: nn.Module, split: DataSplit, batch_size: int = 500, threads: int | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` as a fraction in [0, 1]."""
+    if len(split) == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    logits = predict_logits(model, split, batch_size, threads)
+    return float((logits.argmax(1) == split.y).float().mean())
