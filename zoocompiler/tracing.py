@@ -8,7 +8,12 @@ models whose Python control flow depends on values, giving an ATen-level graph.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
+import warnings
+from collections.abc import Iterator
 import re
 from typing import Any
 
@@ -80,8 +85,34 @@ def _symbolic_trace(model: nn.Module, extra_leaf_modules: tuple[type, ...]) -> f
     return gm
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silence the graph dumps torch.export logs when a trace attempt fails."""
+    names = [n for n in logging.root.manager.loggerDict if n == "torch" or n.startswith("torch.")]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.export prints failing graphs
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _export_trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
-    exported = torch.export.export(model, (example_input,), strict=False)
+    """ATen-level graph from ``torch.export`` (dynamic batch dimension when possible)."""
+    with _quiet_torch_logs(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        name = next(iter(inspect.signature(model.forward).parameters))
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            exported = torch.export.export(
+                model, (example_input,), dynamic_shapes={name: {0: batch}}, strict=False
+            )
+        except Exception:  # noqa: BLE001 - models that specialise the batch size export statically
+            exported = torch.export.export(model, (example_input,), strict=False)
     gm = exported.module()
     # Drop the runtime guard call torch.export inserts; shapes are re-checked by our own passes.
     for node in list(gm.graph.nodes):

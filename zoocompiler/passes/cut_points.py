@@ -3,8 +3,8 @@
 The data-flow graph has one vertex per input-dependent tensor node (``value_kind ==
 "tensor"``) and an edge for every tensor argument. Shape values (``x.shape``, ``size()``,
 ``numel``) are not edges: they are recomputed, never carried. The cut points are then the
-dominators of the output in that graph (``networkx.immediate_dominators`` from the input),
-ordered input → output; the model input is cut point 0 and the returned tensor the last.
+dominators of the output in that graph (``networkx.immediate_dominators`` from the input)
+that hold a single tensor, ordered input → output; the model input is cut point 0 and the returned tensor the last.
 
 Between consecutive cut points lies one *segment*; ``segment_index`` assigns every node to
 the segment whose computation needs it, which is what blocks and cumulative costs use.
@@ -50,6 +50,9 @@ def find_cut_points(gm: fx.GraphModule) -> list[str]:
             break
         v = idom[v]
     chain.reverse()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    # A dominator that yields a tuple (e.g. chunk) is not a boundary: blocks pass one tensor.
+    chain = [c for c in chain if node_info(nodes[c]).tensor is not None]
     last = output_value(gm).name
     if chain[-1] != last and last in g and all(p == chain[-1] for p in g.predecessors(last)):
         chain.append(last)
@@ -62,8 +65,13 @@ def segment_index(gm: fx.GraphModule) -> dict[str, int]:
     Input-dependent nodes that reach the output are placed by graph order (valid because
     cut points dominate the output); other nodes (parameters, constants, shape values)
     go to the earliest segment that uses them. Nodes nothing needs are left out.
+    Cached in ``graph_info(gm).extra["segments"]`` by the cut-point pass.
     """
-    cuts = graph_info(gm).cut_points or find_cut_points(gm)
+    info = graph_info(gm)
+    cached = info.extra.get("segments")
+    if cached is not None and info.cut_points:
+        return cached
+    cuts = info.cut_points or find_cut_points(gm)
     pos = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     cut_pos = [pos[c] for c in cuts]
     g = data_flow_graph(gm)
@@ -124,7 +132,10 @@ class CutPointPass(PassBase):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         cuts = find_cut_points(graph_module)
-        graph_info(graph_module).cut_points = cuts
+        info = graph_info(graph_module)
+        info.cut_points = cuts
+        info.extra.pop("segments", None)
+        info.extra["segments"] = segment_index(graph_module)
         index = {name: i for i, name in enumerate(cuts)}
         for n in graph_module.graph.nodes:
             node_info(n).cut_index = index.get(n.name)
