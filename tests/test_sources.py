@@ -20,13 +20,7 @@ from zoocompiler.sources import (
     read_state_dict,
 )
 
-TESTS_DIR = Path(__file__).parent
-TINY = "python:models_for_tests:tiny_cnn"
-
-
-@pytest.fixture(autouse=True)
-def _tests_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS_DIR))
+TINY = "python:models_for_tests:tiny_cnn"  # tests/ is on sys.path (conftest.py)
 
 
 def randomized(model: nn.Module, seed: int = 1) -> nn.Module:

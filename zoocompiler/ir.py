@@ -92,12 +92,19 @@ class NodeInfo:
 
 @dataclass
 class UnitMember:
-    """Where a unit group lives in one value: ``indices[u]`` are the positions of unit ``u``."""
+    """Where a unit group lives in one value or parameter: ``indices[u]`` are the positions of unit ``u``
+    along ``dim`` (of the node's value, or of parameter ``param`` when it is set).
+
+    ``role``: "value" for node values; for parameter slices "conv_out", "conv_dw", "linear_out", "norm",
+    "embedding_out", "param" (producer side: zero them to zero the unit) or "conv_in", "linear_in"
+    (consumer side). See docs/unit_groups.md.
+    """
 
     node: str
     dim: int
     indices: list[list[int]]
-    role: str = "value"  # "value", "conv_out", "conv_in", "linear_out", "linear_in", "norm", ...
+    role: str = "value"
+    param: str | None = None  # qualified parameter/buffer name (e.g. "layer1.0.conv1.weight"), None for values
 
     def span(self) -> tuple[int, int]:
         flat = [i for idx in self.indices for i in idx]

@@ -107,13 +107,15 @@ def train(
     max_steps: int | None = None,
     threads: int | None = DEFAULT_THREADS,
     desc: str = "train",
+    on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> History:
     """Train ``model`` in place on ``train_split`` and return its :class:`History`.
 
     AdamW over the parameters that require grad; ``schedule`` is "onecycle" (peak ``lr``) or
     "cosine" (from ``lr`` to 0). ``augment=True`` applies ±2 px random shifts. ``loss_fn(model, x, y)``
     replaces the cross-entropy objective. ``eval_split`` adds per-epoch eval accuracy;
-    ``max_steps`` stops early (tests). Leaves the model in eval mode.
+    ``max_steps`` stops early (tests); ``on_epoch`` is called with each epoch's stats. Leaves the
+    model in eval mode.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -153,21 +155,23 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                loss_sum += float(loss) * len(y)
+                loss_value = loss.item()
+                loss_sum += loss_value * len(y)
                 seen += len(y)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.3f}")
             eval_acc = evaluate(model, eval_split, threads=None) if eval_split is not None else None
-            history.epochs.append(
-                EpochStats(
-                    epoch=epoch + 1,
-                    loss=loss_sum / max(seen, 1),
-                    train_accuracy=correct / max(seen, 1) if loss_fn is None else math.nan,
-                    eval_accuracy=eval_acc,
-                    lr=optimizer.param_groups[0]["lr"],
-                    seconds=time.perf_counter() - t0,
-                )
+            stats = EpochStats(
+                epoch=epoch + 1,
+                loss=loss_sum / max(seen, 1),
+                train_accuracy=correct / max(seen, 1) if loss_fn is None else math.nan,
+                eval_accuracy=eval_acc,
+                lr=optimizer.param_groups[0]["lr"],
+                seconds=time.perf_counter() - t0,
             )
+            history.epochs.append(stats)
+            if on_epoch is not None:
+                on_epoch(stats)
             if step >= total_steps:
                 break
         bar.close()

@@ -1,0 +1,32 @@
+"""Shared test set-up: deterministic seeds, one torch thread per xdist worker, relaxed hypothesis deadlines."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+TESTS_DIR = Path(__file__).parent
+
+# Tests build tiny models through the ``python:`` source (e.g. python:models_for_tests:tiny_cnn).
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+# `pytest -n 2` on 2 cores: one intra-op thread per worker avoids oversubscription.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+# The first call into a torch op can take far longer than later ones: no per-example deadline.
+settings.register_profile("zoocompiler", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("zoocompiler")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same torch RNG state."""
+    torch.manual_seed(0)
+    yield

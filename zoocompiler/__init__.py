@@ -1,0 +1,63 @@
+"""zoocompiler: a model-zoo graph compiler (torch.fx IR → analysis passes → solvers → rewrites → ONNX).
+
+The public API is small and imported lazily, so ``import zoocompiler`` does not import torch::
+
+    import zoocompiler as zc
+
+    model = zc.load_model("torchvision:resnet18,num_classes=10")
+    gm = zc.trace(model, torch.randn(1, 3, 32, 32))
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "load_model": "zoocompiler.sources",
+    "trace": "zoocompiler.tracing",
+    "run_analysis": "zoocompiler.passes",
+    "extract_block": "zoocompiler.passes.blocks",
+    "export_onnx": "zoocompiler.exports.onnx_export",
+    "measure_latency": "zoocompiler.exports.latency",
+    "load_dataset": "zoocompiler.data",
+    "ZooError": "zoocompiler.errors",
+}
+
+__all__ = [
+    "ZooError",
+    "__version__",
+    "export_onnx",
+    "extract_block",
+    "load_dataset",
+    "load_model",
+    "measure_latency",
+    "run_analysis",
+    "trace",
+]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .data import load_dataset
+    from .errors import ZooError
+    from .exports.latency import measure_latency
+    from .exports.onnx_export import export_onnx
+    from .passes import run_analysis
+    from .passes.blocks import extract_block
+    from .sources import load_model
+    from .tracing import trace
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zoocompiler' has no attribute '{name}'")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

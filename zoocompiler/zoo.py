@@ -1,0 +1,397 @@
+"""The demo zoo: small timm/torchvision models trained on mnist5k, shipped as safetensors + a manifest.
+
+Each model is a :class:`ZooRecipe` (architecture builder + training recipe). Trained weights live in
+``zoocompiler/zoo_weights/<name>.safetensors``, described by ``zoo_weights/manifest.json``
+(spec, classes, dataset, input shape, test accuracy, params, MACs, sha256). A model whose shipped
+weights are missing is trained on first use into the cache dir (``$ZOOCOMPILER_CACHE/zoo``, default
+``~/.cache/zoocompiler/zoo``), so a fresh install never breaks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from timm.models.convnext import ConvNeXt
+from timm.models.densenet import DenseNet
+from timm.models.regnet import RegNet, RegNetCfg
+from timm.models.resnet import BasicBlock, ResNet
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torchvision.models.vgg import make_layers
+
+from .data import load_dataset
+from .errors import CheckpointError, UnknownModelError
+from .training import evaluate, train
+
+PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parent / "zoo_weights"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+_REBUILD_HINT = "run `zoocompile zoo build --force` to retrain it"
+
+
+# --- architectures -------------------------------------------------------------------------------
+
+
+class VGGClassifier(nn.Module):
+    """A VGG-style plain CNN: ``torchvision.models.vgg.make_layers(cfg)`` + global pool + 2-layer head."""
+
+    def __init__(self, cfg: Sequence[int | str], num_classes: int, in_chans: int = 1, hidden: int = 128):
+        super().__init__()
+        widths = [c for c in cfg if c != "M"]
+        self.features = make_layers(list(cfg), batch_norm=True)
+        self.features[0] = nn.Conv2d(in_chans, int(widths[0]), kernel_size=3, padding=1)  # make_layers assumes RGB
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Flatten(1), nn.Linear(int(widths[-1]), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+def _resnet(num_classes: int) -> nn.Module:
+    return ResNet(BasicBlock, (1, 1, 1, 1), num_classes=num_classes, in_chans=1, stem_width=16, channels=(16, 32, 64, 128))
+
+
+def _vgg(num_classes: int) -> nn.Module:
+    return VGGClassifier((16, "M", 32, "M", 64, 64, "M"), num_classes)
+
+
+def _vit(num_classes: int) -> nn.Module:
+    return VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, num_classes=num_classes, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0
+    )
+
+
+def _convnext(num_classes: int) -> nn.Module:
+    return ConvNeXt(
+        in_chans=1, num_classes=num_classes, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), patch_size=2, output_stride=16
+    )
+
+
+def _mobilenetv3(num_classes: int) -> nn.Module:
+    return timm.create_model("mobilenetv3_small_050", pretrained=False, in_chans=1, num_classes=num_classes)
+
+
+def _densenet(num_classes: int) -> nn.Module:
+    return DenseNet(growth_rate=12, block_config=(3, 3, 3), num_classes=num_classes, in_chans=1)
+
+
+def _regnet(num_classes: int) -> nn.Module:
+    cfg = RegNetCfg(depth=6, w0=16, wa=16.0, wm=2.0, group_size=8, stem_width=16, se_ratio=0.25)
+    return RegNet(cfg, in_chans=1, num_classes=num_classes)
+
+
+# --- recipes and entries ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZooRecipe:
+    """How one demo model is defined and trained (``build(num_classes)`` returns a random-init module)."""
+
+    name: str
+    spec: str
+    build: Callable[[int], nn.Module]
+    classes: tuple[int, ...] = tuple(range(10))
+    dataset: str = "mnist5k"
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    epochs: int = 8
+    lr: float = 3e-3
+    batch_size: int = 128
+    augment: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A demo-zoo model as users see it: definition, classes, and (once built) accuracy and weights.
+
+    ``test_accuracy`` is a fraction in [0, 1] on the dataset's fixed test split restricted to
+    ``classes`` (labels remapped to 0..k-1 in that order); ``weights_file`` is the file
+    ``load_zoo_model`` reads (it may not exist yet: it is then trained on first use).
+    """
+
+    name: str
+    spec: str
+    classes: tuple[int, ...]
+    dataset: str
+    input_shape: tuple[int, int, int]
+    test_accuracy: float | None
+    params: int | None
+    weights_file: Path
+    macs: int | None = None
+    sha256: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+_RECIPES: tuple[ZooRecipe, ...] = (
+    ZooRecipe("resnet_s", "timm.models.resnet.ResNet(BasicBlock, layers=(1,1,1,1), channels=(16,32,64,128))", _resnet),
+    ZooRecipe("vgg_s", "torchvision.models.vgg.make_layers([16,M,32,M,64,64,M], batch_norm=True) + MLP head", _vgg),
+    ZooRecipe("vit_t", "timm VisionTransformer(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=4)", _vit),
+    ZooRecipe("convnext_t", "timm ConvNeXt(depths=(1,1,2,1), dims=(16,32,64,128), patch_size=2)", _convnext),
+    ZooRecipe("mobilenetv3_s", "timm:mobilenetv3_small_050", _mobilenetv3),
+    ZooRecipe("densenet_s_0to4", "timm DenseNet(growth_rate=12, block_config=(3,3,3))", _densenet, classes=(0, 1, 2, 3, 4)),
+    ZooRecipe(
+        "regnet_s_5to9", "timm RegNet(depth=6, w0=16, wa=16, wm=2, group_size=8, se_ratio=0.25)", _regnet,
+        classes=(5, 6, 7, 8, 9),
+    ),
+)
+
+
+def recipes() -> dict[str, ZooRecipe]:
+    """The demo-zoo recipes by name, in zoo order."""
+    return {r.name: r for r in _RECIPES}
+
+
+def cache_dir() -> Path:
+    """zoocompiler's cache root: ``$ZOOCOMPILER_CACHE``, else ``$XDG_CACHE_HOME/zoocompiler`` or ``~/.cache/zoocompiler``."""
+    root = os.environ.get("ZOOCOMPILER_CACHE")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zoocompiler"
+
+
+def zoo_cache_dir() -> Path:
+    """Where models missing from the package are trained on first use."""
+    return cache_dir() / "zoo"
+
+
+def list_entries() -> list[ZooEntry]:
+    """Every demo-zoo model, in zoo order."""
+    return [_entry(r) for r in _RECIPES]
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The entry called ``name``; unknown names raise ``UnknownModelError`` suggesting close matches."""
+    return _entry(_recipe(name))
+
+
+def build_model(name: str) -> nn.Module:
+    """The architecture of zoo model ``name`` with random weights (seeded by the recipe, train mode)."""
+    recipe = _recipe(name)
+    torch.manual_seed(recipe.seed)
+    return recipe.build(len(recipe.classes))
+
+
+def load_zoo_model(name: str) -> nn.Module:
+    """Zoo model ``name`` in eval mode with its weights, verified against the manifest's sha256.
+
+    Shipped weights are used when present, else the cache's; if neither exists the model is trained
+    now (progress bar on stderr) into the cache. Raises ``CheckpointError`` on a hash or key mismatch.
+    """
+    recipe = _recipe(name)
+    located = _locate(recipe.name)
+    if located is None:
+        print(f"zoocompiler: zoo model {name!r} has no weights yet; training it into {zoo_cache_dir()}", file=sys.stderr)
+        build_zoo([name], force=True, out_dir=zoo_cache_dir())
+        located = _locate(recipe.name)
+        if located is None:  # pragma: no cover - build_zoo just wrote it
+            raise CheckpointError(f"training zoo model {name!r} left no weights", _REBUILD_HINT)
+    path, record = located
+    return _load_verified(recipe, path, record["sha256"])
+
+
+def build_zoo(
+    names: Sequence[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    out_dir: Path | None = None,
+) -> list[ZooEntry]:
+    """Train the named zoo models (all by default) that ``out_dir`` lacks, or all of them with ``force``.
+
+    ``out_dir`` defaults to the package's ``zoo_weights`` when writable, else the cache. Each model's
+    weights and the manifest are written atomically as soon as it is trained. Returns the entries.
+    """
+    target = Path(out_dir) if out_dir is not None else _default_out_dir()
+    selected = [_recipe(n) for n in names] if names is not None else list(_RECIPES)
+    for recipe in selected:
+        manifest = read_manifest(target)
+        record = manifest.get(recipe.name)
+        if not force and record is not None and _file_matches(target / _file_name(recipe.name), record["sha256"]):
+            continue
+        record = _train_recipe(recipe, progress)
+        data = record.pop("_bytes")
+        _atomic_write(target / record["file"], data)
+        manifest = read_manifest(target)  # re-read: another process may have added models meanwhile
+        manifest[recipe.name] = record
+        _write_manifest(target, manifest)
+    return [_entry(r) for r in selected]
+
+
+# --- internals -------------------------------------------------------------------------------------
+
+
+def _recipe(name: str) -> ZooRecipe:
+    table = recipes()
+    if name in table:
+        return table[name]
+    close = difflib.get_close_matches(str(name), list(table), n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}?" if close else f"use one of: {', '.join(table)}"
+    raise UnknownModelError(f"unknown zoo model {name!r}", hint)
+
+
+def _file_name(name: str) -> str:
+    return f"{name}.safetensors"
+
+
+def _default_out_dir() -> Path:
+    if PACKAGE_WEIGHTS_DIR.is_dir() and os.access(PACKAGE_WEIGHTS_DIR, os.W_OK):
+        return PACKAGE_WEIGHTS_DIR
+    return zoo_cache_dir()
+
+
+def _locate(name: str) -> tuple[Path, dict[str, Any]] | None:
+    """The weights file ``load_zoo_model`` should read and its manifest record (package first, then cache)."""
+    for folder in (PACKAGE_WEIGHTS_DIR, zoo_cache_dir()):
+        path = folder / _file_name(name)
+        if not path.exists():
+            continue
+        record = read_manifest(folder).get(name)
+        if record is None:
+            raise CheckpointError(f"{path} is not listed in {folder / MANIFEST_NAME}", _REBUILD_HINT)
+        return path, record
+    return None
+
+
+def _entry(recipe: ZooRecipe) -> ZooEntry:
+    located = _locate_quietly(recipe.name)
+    path, record = located if located is not None else (zoo_cache_dir() / _file_name(recipe.name), {})
+    return ZooEntry(
+        name=recipe.name,
+        spec=recipe.spec,
+        classes=recipe.classes,
+        dataset=recipe.dataset,
+        input_shape=recipe.input_shape,
+        test_accuracy=record.get("test_accuracy"),
+        params=record.get("params"),
+        weights_file=path,
+        macs=record.get("macs"),
+        sha256=record.get("sha256"),
+    )
+
+
+def _locate_quietly(name: str) -> tuple[Path, dict[str, Any]] | None:
+    try:
+        return _locate(name)
+    except CheckpointError:
+        return None
+
+
+def _load_verified(recipe: ZooRecipe, path: Path, sha256: str) -> nn.Module:
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise CheckpointError(f"weights {path} do not match the manifest's sha256 (corrupted or edited)", _REBUILD_HINT)
+    try:
+        state = load_safetensors(data)
+    except SafetensorError as err:
+        raise CheckpointError(f"cannot read {path} as safetensors ({err})", _REBUILD_HINT) from err
+    model = recipe.build(len(recipe.classes))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"weights {path} do not fit the {recipe.name} architecture ({first})", _REBUILD_HINT) from err
+    return model.eval()
+
+
+def _file_matches(path: Path, sha256: str) -> bool:
+    return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+
+
+def _train_recipe(recipe: ZooRecipe, progress: bool) -> dict[str, Any]:
+    """Train ``recipe`` from its seed; the manifest record, plus the safetensors bytes under ``_bytes``."""
+    train_split = load_dataset(recipe.dataset, "train", classes=recipe.classes)
+    test_split = load_dataset(recipe.dataset, "test", classes=recipe.classes)
+    model = build_model(recipe.name)
+    history = train(
+        model, train_split, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed,
+        augment=recipe.augment, progress=progress, desc=recipe.name,
+    )
+    accuracy = evaluate(model, test_split)
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    data = save_safetensors(tensors, metadata={"name": recipe.name, "spec": recipe.spec})
+    return {
+        "name": recipe.name,
+        "spec": recipe.spec,
+        "classes": list(recipe.classes),
+        "dataset": recipe.dataset,
+        "input_shape": list(recipe.input_shape),
+        "test_accuracy": round(accuracy, 4),
+        "params": sum(p.numel() for p in model.parameters()),
+        "macs": count_macs(model, recipe.input_shape),
+        "file": _file_name(recipe.name),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "train_seconds": round(history.seconds, 1),
+        "epochs": recipe.epochs,
+        "seed": recipe.seed,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        "_bytes": data,
+    }
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass on a single sample (``torch.utils.flop_counter`` FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_shape))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """The manifest records in ``folder`` by model name (empty when there is no manifest)."""
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        content = json.loads(path.read_text())
+        return {m["name"]: m for m in content["models"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a valid zoo manifest ({err})", _REBUILD_HINT) from err
+
+
+def _write_manifest(folder: Path, records: dict[str, dict[str, Any]]) -> None:
+    order = {r.name: i for i, r in enumerate(_RECIPES)}
+    models = sorted(records.values(), key=lambda m: (order.get(m["name"], len(order)), m["name"]))
+    text = json.dumps({"version": MANIFEST_VERSION, "models": models}, indent=2) + "\n"
+    _atomic_write(folder / MANIFEST_NAME, text.encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights and manifest are shared package data
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
