@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         r = records.get(e.name, {})
         classes = "all 10" if len(e.classes) == 10 else ",".join(map(str, e.classes))
         table.add_row(
-            e.name, e.spec, classes, f"{r.get('params', 0):,}", f"{r.get('macs', 0) / 1e6:.2f}M",
-            f"{100 * r.get('test_accuracy', 0):.1f}%", f"{r.get('train_seconds', 0):.0f}",
+            e.name,
+            e.spec,
+            classes,
+            f"{r.get('params', 0):,}",
+            f"{r.get('macs', 0) / 1e6:.2f}M",
+            f"{100 * r.get('test_accuracy', 0):.1f}%",
+            f"{r.get('train_seconds', 0):.0f}",
         )
     console = Console()
     console.print(table)

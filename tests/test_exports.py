@@ -2,8 +2,8 @@
 
 Every parity assertion is recomputed here with a plain ``onnxruntime.InferenceSession`` on the
 written file, independently of the exporter's own check. Models get randomised norm statistics
-so their outputs are O(1) (fresh torchvision inits give outputs as small as 1e-14, which would
-make any tolerance vacuous).
+(and no all-zero heads) so their outputs are O(0.01..1): fresh torchvision inits give outputs as
+small as 1e-14, or exactly 0 for ViT, which would make any tolerance vacuous.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from zoocompiler.exports import (
     parity_stats,
 )
 from zoocompiler.exports import onnx_export as onnx_export_module
+from zoocompiler.exports.latency import has_fp16
 from zoocompiler.sources import load_model
 
 FP32_TOL = 1e-4
@@ -37,10 +38,12 @@ FP16_TOL = 1e-2
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial affine parameters and running statistics in every norm layer."""
+    """Non-trivial affine parameters and running statistics in every norm layer; no all-zero weights."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.any():  # e.g. torchvision ViT's zero head
+                m.weight.normal_(0.0, 0.05, generator=gen)
             if not isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
                 continue
             if getattr(m, "weight", None) is not None:
@@ -352,6 +355,31 @@ def test_missing_cuda_provider_names_the_gpu_extra(tmp_path):
         export_onnx(tiny(), torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", providers=["CUDAExecutionProvider"])
     with pytest.raises(ZooError, match="unknown execution provider 'NopeExecutionProvider'"):
         ort_session(b"", providers=["NopeExecutionProvider"])
+
+
+def test_fp16_transpose_matmul_session_does_not_crash():
+    """Regression: ORT's NchwcTransformer segfaulted on Transpose → fp16 MatMul (onnxruntime#28392)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).random((8, 4)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]), helper.make_node("MatMul", ["t", "w"], ["y"])],
+        "transpose_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["B", 5, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [5, "B", 4])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    assert has_fp16(model)
+    session = ort_session(model.SerializeToString())
+    x = np.random.default_rng(1).random((2, 5, 8)).astype(np.float16)
+    expected = np.transpose(x.astype(np.float32), (1, 0, 2)) @ weight.astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_has_fp16_on_exports(tiny_onnx):
+    assert not has_fp16(onnx.load(str(tiny_onnx[0])))
+    assert has_fp16(onnx.load(str(tiny_onnx[1])))
 
 
 # --------------------------------------------------------------------------- latency

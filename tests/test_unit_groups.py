@@ -286,8 +286,11 @@ def test_vit_zeroing_a_head_changes_only_that_head():
     x = torch.randn(2, 3, 32, 32)
     gm, groups = analyse(model, x)
     g = [g for g in groups if g.kind == "head"][0]
-    proj_in = next(m for m in g.members if m.param is None and m.node.startswith("reshape") and m.dim == 2
-                   and len(m.indices[0]) == 64)
+    proj_in = next(
+        m
+        for m in g.members
+        if m.param is None and m.node.startswith("reshape") and m.dim == 2 and len(m.indices[0]) == 64
+    )
     before = node_values(gm, x, {proj_in.node})[proj_in.node]
     with zeroed(gm, g, 1, ("linear_out",)):  # q, k, v rows (+ bias) of head 1
         after = node_values(gm, x, {proj_in.node})[proj_in.node]
@@ -344,8 +347,14 @@ def test_plain_cnn_each_conv_is_a_group_and_flatten_expands():
     assert [(g.size, g.pinned) for g in groups] == [(3, True), (8, False), (16, False), (10, True)]
     g1, g2 = groups[1], groups[2]
     assert {(m.param, m.role) for m in g1.members if m.param} == {
-        ("conv1.weight", "conv_out"), ("conv1.bias", "conv_out"), ("bn1.weight", "norm"), ("bn1.bias", "norm"),
-        ("bn1.running_mean", "norm"), ("bn1.running_var", "norm"), ("conv2.weight", "conv_in")}
+        ("conv1.weight", "conv_out"),
+        ("conv1.bias", "conv_out"),
+        ("bn1.weight", "norm"),
+        ("bn1.bias", "norm"),
+        ("bn1.running_mean", "norm"),
+        ("bn1.running_var", "norm"),
+        ("conv2.weight", "conv_in"),
+    }
     fc_in = param_member(g2, "fc.weight", 1)
     assert fc_in.role == "linear_in" and fc_in.indices == [list(range(c * 16, c * 16 + 16)) for c in range(16)]
     assert node_info(next(n for n in gm.graph.nodes if n.name == "conv2")).unit_groups == [2] * 16
@@ -628,8 +637,9 @@ def test_pass_is_idempotent_and_annotates_nodes():
     assert graph_info(again).unit_groups == groups
     cat = next(n for n in gm.graph.nodes if n.name == "cat")
     assert node_info(cat).unit_dim == 1
-    assert node_info(cat).unit_groups == [groups.index(group_of(groups, f"{b}.weight")) for b, k in
-                                          (("b1", 4), ("b2", 6), ("b3", 2)) for _ in range(k)]
+    assert node_info(cat).unit_groups == [
+        groups.index(group_of(groups, f"{b}.weight")) for b, k in (("b1", 4), ("b2", 6), ("b3", 2)) for _ in range(k)
+    ]
 
 
 @settings(max_examples=12)

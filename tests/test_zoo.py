@@ -161,7 +161,10 @@ def test_random_shift_moves_images_by_at_most_two_pixels():
     x = torch.zeros(64, 1, 9, 9)
     x[:, :, 4, 4] = 1.0
     shifted = random_shift(2)(x, torch.Generator().manual_seed(0))
-    rows, cols = shifted[:, 0].flatten(1).argmax(1).div(9, rounding_mode="floor"), shifted[:, 0].flatten(1).argmax(1) % 9
+    rows, cols = (
+        shifted[:, 0].flatten(1).argmax(1).div(9, rounding_mode="floor"),
+        shifted[:, 0].flatten(1).argmax(1) % 9,
+    )
     assert shifted.shape == x.shape and torch.equal(shifted.sum(dim=(1, 2, 3)), torch.ones(64))
     assert set(rows.tolist()) == set(range(2, 7)) and set(cols.tolist()) == set(range(2, 7))
 
@@ -172,8 +175,16 @@ def test_missing_weights_are_trained_into_the_cache_on_first_use(tmp_path, monke
     cache = tmp_path / "cache"
     monkeypatch.setattr(zoo, "PACKAGE_WEIGHTS_DIR", package)
     monkeypatch.setenv("ZOOCOMPILER_CACHE", str(cache))
-    tiny = ZooRecipe("tiny", "test-only VGGClassifier", _tiny_net, classes=(0, 1, 2), dataset="digits",
-                     input_shape=(1, 8, 8), epochs=2, batch_size=32)
+    tiny = ZooRecipe(
+        "tiny",
+        "test-only VGGClassifier",
+        _tiny_net,
+        classes=(0, 1, 2),
+        dataset="digits",
+        input_shape=(1, 8, 8),
+        epochs=2,
+        batch_size=32,
+    )
     monkeypatch.setattr(zoo, "_RECIPES", (tiny,))
     assert get_entry("tiny").test_accuracy is None
 

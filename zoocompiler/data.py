@@ -50,11 +50,17 @@ class DataSplit:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def loader(self, batch_size: int = 128, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
+    def loader(
+        self, batch_size: int = 128, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+    ) -> DataLoader:
         """A single-process DataLoader over (x, y); shuffling is driven by a generator seeded with ``seed``."""
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(
-            TensorDataset(self.x, self.y), batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+            TensorDataset(self.x, self.y),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=drop_last,
         )
 
 
@@ -232,10 +238,14 @@ def _npz(path: str, image_size: int | None, stamp: object) -> _RawData:
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f.files or "y" not in f.files:
-                raise DataError(f"{path} has arrays {f.files}, not 'x' and 'y'", "save it with np.savez(path, x=..., y=...)")
+                raise DataError(
+                    f"{path} has arrays {f.files}, not 'x' and 'y'", "save it with np.savez(path, x=..., y=...)"
+                )
             x, y = f["x"], f["y"]
     except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {path} as .npz ({err})", "write it with np.savez(path, x=images, y=labels)") from err
+        raise DataError(
+            f"cannot read {path} as .npz ({err})", "write it with np.savez(path, x=images, y=labels)"
+        ) from err
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
@@ -245,7 +255,9 @@ def _npz(path: str, image_size: int | None, stamp: object) -> _RawData:
     if len(x) == 0:
         raise DataError(f"{path} holds no images", "store at least one image per class in x")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise DataError(f"{path}: labels y must be non-negative integers (got {y.dtype})", "store class ids 0..k-1 in y")
+        raise DataError(
+            f"{path}: labels y must be non-negative integers (got {y.dtype})", "store class ids 0..k-1 in y"
+        )
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise DataError(f"{path}: x has dtype {x.dtype}", "store images as integers or floats")
     pixels = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
@@ -261,13 +273,17 @@ def _npz(path: str, image_size: int | None, stamp: object) -> _RawData:
 def _imagefolder(path: str, image_size: int | None, stamp: object) -> _RawData:
     root = Path(path)
     if not root.is_dir():
-        raise DataError(f"{path} is not a folder", "point imagefolder: at ROOT/<class>/<image> (optionally ROOT/train, ROOT/test)")
+        raise DataError(
+            f"{path} is not a folder", "point imagefolder: at ROOT/<class>/<image> (optionally ROOT/train, ROOT/test)"
+        )
     train_dir, test_dir = root / "train", next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if train_dir.is_dir() and test_dir is not None:
         train, names = _read_folder(train_dir, image_size)
         test, test_names = _read_folder(test_dir, image_size)
         if test_names != names:
-            raise DataError(f"{train_dir} and {test_dir} have different class folders", "use the same class folders in both")
+            raise DataError(
+                f"{train_dir} and {test_dir} have different class folders", "use the same class folders in both"
+            )
         (x_tr, y_tr), (x_te, y_te) = train, test
         if x_tr.shape[1:] != x_te.shape[1:]:
             raise DataError(f"train and test images differ in size under {path}", "pass image_size to resize them")
@@ -300,7 +316,9 @@ def _read_folder(root: Path, image_size: int | None) -> tuple[tuple[torch.Tensor
         tensors.append(pil_to_tensor(img))
     sizes = {tuple(t.shape[1:]) for t in tensors}
     if len(sizes) > 1:
-        raise DataError(f"images under {root} have different sizes {sorted(sizes)[:3]}", "pass image_size to resize them")
+        raise DataError(
+            f"images under {root} have different sizes {sorted(sizes)[:3]}", "pass image_size to resize them"
+        )
     x = torch.stack(tensors).float() / 255.0
     y = np.array([c for _, c in folder.samples], dtype=np.int64)
     return (x, y), tuple(folder.classes)

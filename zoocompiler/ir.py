@@ -115,9 +115,11 @@ class UnitMember:
 class UnitGroup:
     """A set of coupled dimensions that must be pruned together.
 
-    ``size`` units; ``members`` says where each unit sits in every value it touches;
-    ``divisible_by`` lists constraints (grouped conv / GroupNorm groups, heads);
-    ``pinned`` groups are not prunable, ``reasons`` say why.
+    ``size`` units; ``members`` says where each unit sits in every value and parameter it touches;
+    ``divisible_by`` lists constraints on the number of kept units (the unit-group pass leaves it
+    empty: grouped convs, GroupNorm groups and heads are encoded in ``indices``, so any subset of
+    units may be kept); ``pinned`` groups are not prunable, ``reasons`` say why.
+    ``kind``: "channel" (feature maps), "feature" (tokens / flat vectors) or "head" (attention heads).
     """
 
     gid: int

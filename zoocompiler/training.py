@@ -187,7 +187,9 @@ def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, split: DataSplit, batch_size: int = 500, threads: int | None = None) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, split: DataSplit, batch_size: int = 500, threads: int | None = None
+) -> torch.Tensor:
     """Logits of ``model`` (run in eval mode, training flag restored) on every sample of ``split``."""
     was_training = model.training
     model.eval()

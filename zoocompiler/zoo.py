@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.vgg import make_layers
 
+from .atomic import write_bytes_atomic
 from .data import load_dataset
 from .errors import CheckpointError, UnknownModelError
 from .training import evaluate, train
@@ -64,7 +64,9 @@ class VGGClassifier(nn.Module):
 
 
 def _resnet(num_classes: int) -> nn.Module:
-    return ResNet(BasicBlock, (1, 1, 1, 1), num_classes=num_classes, in_chans=1, stem_width=16, channels=(16, 32, 64, 128))
+    return ResNet(
+        BasicBlock, (1, 1, 1, 1), num_classes=num_classes, in_chans=1, stem_width=16, channels=(16, 32, 64, 128)
+    )
 
 
 def _vgg(num_classes: int) -> nn.Module:
@@ -73,13 +75,27 @@ def _vgg(num_classes: int) -> nn.Module:
 
 def _vit(num_classes: int) -> nn.Module:
     return VisionTransformer(
-        img_size=28, patch_size=7, in_chans=1, num_classes=num_classes, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=num_classes,
+        embed_dim=96,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2.0,
     )
 
 
 def _convnext(num_classes: int) -> nn.Module:
+    # ls_init_value=1.0: timm's 1e-6 layer scale makes these 5 blocks near-identity and slow to train from scratch.
     return ConvNeXt(
-        in_chans=1, num_classes=num_classes, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), patch_size=2, output_stride=16
+        in_chans=1,
+        num_classes=num_classes,
+        depths=(1, 1, 2, 1),
+        dims=(16, 32, 64, 128),
+        patch_size=2,
+        output_stride=16,
+        ls_init_value=1.0,
     )
 
 
@@ -142,15 +158,54 @@ class ZooEntry:
 
 
 _RECIPES: tuple[ZooRecipe, ...] = (
-    ZooRecipe("resnet_s", "timm.models.resnet.ResNet(BasicBlock, layers=(1,1,1,1), channels=(16,32,64,128))", _resnet),
-    ZooRecipe("vgg_s", "torchvision.models.vgg.make_layers([16,M,32,M,64,64,M], batch_norm=True) + MLP head", _vgg),
-    ZooRecipe("vit_t", "timm VisionTransformer(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=4)", _vit),
-    ZooRecipe("convnext_t", "timm ConvNeXt(depths=(1,1,2,1), dims=(16,32,64,128), patch_size=2)", _convnext),
-    ZooRecipe("mobilenetv3_s", "timm:mobilenetv3_small_050", _mobilenetv3),
-    ZooRecipe("densenet_s_0to4", "timm DenseNet(growth_rate=12, block_config=(3,3,3))", _densenet, classes=(0, 1, 2, 3, 4)),
     ZooRecipe(
-        "regnet_s_5to9", "timm RegNet(depth=6, w0=16, wa=16, wm=2, group_size=8, se_ratio=0.25)", _regnet,
+        "resnet_s",
+        "timm.models.resnet.ResNet(BasicBlock, layers=(1,1,1,1), channels=(16,32,64,128), stem_width=16)",
+        _resnet,
+        epochs=12,
+    ),
+    ZooRecipe(
+        "vgg_s",
+        "torchvision.models.vgg.make_layers([16,M,32,M,64,64,M], batch_norm=True) + avgpool + MLP(64,128)",
+        _vgg,
+        epochs=10,
+    ),
+    ZooRecipe(
+        "vit_t",
+        "timm.models.vision_transformer.VisionTransformer(img_size=28, patch_size=7, embed_dim=96, depth=4, "
+        "num_heads=4, mlp_ratio=2)",
+        _vit,
+        epochs=30,
+        lr=1e-3,
+        batch_size=32,
+    ),
+    ZooRecipe(
+        "convnext_t",
+        "timm.models.convnext.ConvNeXt(depths=(1,1,2,1), dims=(16,32,64,128), patch_size=2, output_stride=16, "
+        "ls_init_value=1.0)",
+        _convnext,
+        epochs=15,
+        lr=5e-3,
+        batch_size=64,
+    ),
+    ZooRecipe("mobilenetv3_s", "timm:mobilenetv3_small_050", _mobilenetv3, epochs=25, lr=5e-3, batch_size=64),
+    ZooRecipe(
+        "densenet_s_0to4",
+        "timm.models.densenet.DenseNet(growth_rate=12, block_config=(3,3,3))",
+        _densenet,
+        classes=(0, 1, 2, 3, 4),
+        epochs=12,
+        lr=5e-3,
+        batch_size=64,
+    ),
+    ZooRecipe(
+        "regnet_s_5to9",
+        "timm.models.regnet.RegNet(RegNetCfg(depth=6, w0=16, wa=16, wm=2, group_size=8, stem_width=16, se_ratio=0.25))",
+        _regnet,
         classes=(5, 6, 7, 8, 9),
+        epochs=20,
+        lr=5e-3,
+        batch_size=64,
     ),
 )
 
@@ -161,7 +216,10 @@ def recipes() -> dict[str, ZooRecipe]:
 
 
 def cache_dir() -> Path:
-    """zoocompiler's cache root: ``$ZOOCOMPILER_CACHE``, else ``$XDG_CACHE_HOME/zoocompiler`` or ``~/.cache/zoocompiler``."""
+    """The cache root: ``$ZOOCOMPILER_CACHE``, else ``$XDG_CACHE_HOME/zoocompiler`` or ``~/.cache/zoocompiler``.
+
+    Other caches (latency tables, ...) may live in sibling folders of ``zoo/``.
+    """
     root = os.environ.get("ZOOCOMPILER_CACHE")
     if root:
         return Path(root).expanduser()
@@ -185,28 +243,35 @@ def get_entry(name: str) -> ZooEntry:
 
 
 def build_model(name: str) -> nn.Module:
-    """The architecture of zoo model ``name`` with random weights (seeded by the recipe, train mode)."""
+    """The architecture of zoo model ``name`` with random weights (initialised from the recipe's seed, train mode)."""
     recipe = _recipe(name)
-    torch.manual_seed(recipe.seed)
-    return recipe.build(len(recipe.classes))
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(recipe.seed)
+        return recipe.build(len(recipe.classes))
 
 
 def load_zoo_model(name: str) -> nn.Module:
     """Zoo model ``name`` in eval mode with its weights, verified against the manifest's sha256.
 
-    Shipped weights are used when present, else the cache's; if neither exists the model is trained
-    now (progress bar on stderr) into the cache. Raises ``CheckpointError`` on a hash or key mismatch.
+    Shipped weights are used when valid, else the cache's; if neither folder has the file the model
+    is trained now (progress bar on stderr) into the cache. A file that exists but fails its check
+    (unlisted, hash or key mismatch) raises ``CheckpointError`` unless the other folder has a valid one.
     """
     recipe = _recipe(name)
-    located = _locate(recipe.name)
-    if located is None:
-        print(f"zoocompiler: zoo model {name!r} has no weights yet; training it into {zoo_cache_dir()}", file=sys.stderr)
+    candidates = _candidates(recipe.name)
+    if not candidates:
+        print(f"zoocompiler: zoo model {name!r} has no weights; training it into {zoo_cache_dir()}", file=sys.stderr)
         build_zoo([name], force=True, out_dir=zoo_cache_dir())
-        located = _locate(recipe.name)
-        if located is None:  # pragma: no cover - build_zoo just wrote it
-            raise CheckpointError(f"training zoo model {name!r} left no weights", _REBUILD_HINT)
-    path, record = located
-    return _load_verified(recipe, path, record["sha256"])
+        candidates = _candidates(recipe.name)
+    errors: list[CheckpointError] = []
+    for path, record in candidates:
+        try:
+            return _load_verified(recipe, path, record)
+        except CheckpointError as err:
+            errors.append(err)
+    if not errors:  # pragma: no cover - build_zoo just wrote the file
+        raise CheckpointError(f"training zoo model {name!r} left no weights", _REBUILD_HINT)
+    raise errors[0]
 
 
 def build_zoo(
@@ -229,7 +294,7 @@ def build_zoo(
             continue
         record = _train_recipe(recipe, progress)
         data = record.pop("_bytes")
-        _atomic_write(target / record["file"], data)
+        write_bytes_atomic(target / record["file"], data)
         manifest = read_manifest(target)  # re-read: another process may have added models meanwhile
         manifest[recipe.name] = record
         _write_manifest(target, manifest)
@@ -258,22 +323,19 @@ def _default_out_dir() -> Path:
     return zoo_cache_dir()
 
 
-def _locate(name: str) -> tuple[Path, dict[str, Any]] | None:
-    """The weights file ``load_zoo_model`` should read and its manifest record (package first, then cache)."""
+def _candidates(name: str) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Existing weights files for ``name`` with their manifest records (None if unlisted): package, then cache."""
+    found = []
     for folder in (PACKAGE_WEIGHTS_DIR, zoo_cache_dir()):
         path = folder / _file_name(name)
-        if not path.exists():
-            continue
-        record = read_manifest(folder).get(name)
-        if record is None:
-            raise CheckpointError(f"{path} is not listed in {folder / MANIFEST_NAME}", _REBUILD_HINT)
-        return path, record
-    return None
+        if path.exists():
+            found.append((path, read_manifest(folder).get(name)))
+    return found
 
 
 def _entry(recipe: ZooRecipe) -> ZooEntry:
-    located = _locate_quietly(recipe.name)
-    path, record = located if located is not None else (zoo_cache_dir() / _file_name(recipe.name), {})
+    listed = [(path, record) for path, record in _candidates(recipe.name) if record is not None]
+    path, record = listed[0] if listed else (zoo_cache_dir() / _file_name(recipe.name), {})
     return ZooEntry(
         name=recipe.name,
         spec=recipe.spec,
@@ -288,17 +350,11 @@ def _entry(recipe: ZooRecipe) -> ZooEntry:
     )
 
 
-def _locate_quietly(name: str) -> tuple[Path, dict[str, Any]] | None:
-    try:
-        return _locate(name)
-    except CheckpointError:
-        return None
-
-
-def _load_verified(recipe: ZooRecipe, path: Path, sha256: str) -> nn.Module:
+def _load_verified(recipe: ZooRecipe, path: Path, record: dict[str, Any] | None) -> nn.Module:
+    if record is None:
+        raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST_NAME}", _REBUILD_HINT)
     data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
+    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
         raise CheckpointError(f"weights {path} do not match the manifest's sha256 (corrupted or edited)", _REBUILD_HINT)
     try:
         state = load_safetensors(data)
@@ -309,7 +365,9 @@ def _load_verified(recipe: ZooRecipe, path: Path, sha256: str) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"weights {path} do not fit the {recipe.name} architecture ({first})", _REBUILD_HINT) from err
+        raise CheckpointError(
+            f"weights {path} do not fit the {recipe.name} architecture ({first})", _REBUILD_HINT
+        ) from err
     return model.eval()
 
 
@@ -323,8 +381,15 @@ def _train_recipe(recipe: ZooRecipe, progress: bool) -> dict[str, Any]:
     test_split = load_dataset(recipe.dataset, "test", classes=recipe.classes)
     model = build_model(recipe.name)
     history = train(
-        model, train_split, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed,
-        augment=recipe.augment, progress=progress, desc=recipe.name,
+        model,
+        train_split,
+        epochs=recipe.epochs,
+        lr=recipe.lr,
+        batch_size=recipe.batch_size,
+        seed=recipe.seed,
+        augment=recipe.augment,
+        progress=progress,
+        desc=recipe.name,
     )
     accuracy = evaluate(model, test_split)
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -378,20 +443,4 @@ def _write_manifest(folder: Path, records: dict[str, dict[str, Any]]) -> None:
     order = {r.name: i for i, r in enumerate(_RECIPES)}
     models = sorted(records.values(), key=lambda m: (order.get(m["name"], len(order)), m["name"]))
     text = json.dumps({"version": MANIFEST_VERSION, "models": models}, indent=2) + "\n"
-    _atomic_write(folder / MANIFEST_NAME, text.encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights and manifest are shared package data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(folder / MANIFEST_NAME, text.encode())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .latency import LatencyReport, available_providers, measure_latency, ort_session, resolve_providers
+from .latency import LatencyReport, available_providers, has_fp16, measure_latency, ort_session, resolve_providers
 from .onnx_export import ExportReport, ParityStats, export_onnx, first_tensor, onnx_parity, parity_stats
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "available_providers",
     "export_onnx",
     "first_tensor",
+    "has_fp16",
     "measure_latency",
     "onnx_parity",
     "ort_session",

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from ..errors import InputShapeError, ZooError
@@ -52,6 +53,33 @@ def resolve_providers(providers: list[str] | tuple[str, ...] | None) -> list[str
     return requested
 
 
+def has_fp16(model: onnx.ModelProto) -> bool:
+    """Whether the graph holds fp16 data: an fp16 initializer, graph input, or Cast to fp16."""
+    fp16 = onnx.TensorProto.FLOAT16
+    graph = model.graph
+    return (
+        any(t.data_type == fp16 for t in graph.initializer)
+        or any(v.type.tensor_type.elem_type == fp16 for v in graph.input)
+        or any(n.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in n.attribute) for n in graph.node)
+    )
+
+
+def _workaround_optimizers(model: str | os.PathLike[str] | bytes, providers: list[str]) -> list[str]:
+    """Graph transformers to disable to avoid known ONNX Runtime crashes for this model.
+
+    NchwcTransformer segfaults (null deref) on the CPU EP when a Transpose feeds an fp16 MatMul,
+    which ORT wraps in Casts to fp32 (microsoft/onnxruntime#28392; seen in 1.31.1 on every
+    torchvision ViT/Swin fp16 export). It only re-lays-out fp32 convolutions, so fp16 graphs lose nothing.
+    """
+    if "CPUExecutionProvider" not in providers:
+        return []
+    if isinstance(model, bytes):
+        proto = onnx.load_from_string(model)
+    else:
+        proto = onnx.load(str(model), load_external_data=False)
+    return ["NchwcTransformer"] if has_fp16(proto) else []
+
+
 def ort_session(
     model: str | os.PathLike[str] | bytes,
     threads: int = 1,
@@ -60,8 +88,9 @@ def ort_session(
     """An ``InferenceSession`` on an ONNX file (or serialised bytes) with pinned threading.
 
     ``threads`` intra-op threads (0 = ONNX Runtime's default, all cores), one inter-op thread,
-    sequential execution, all graph optimisations. ``providers`` defaults to CPU; a GPU provider
-    missing from this build raises ``ZooError`` naming the ``gpu`` extra.
+    sequential execution, all graph optimisations (except those listed by ``_workaround_optimizers``
+    for fp16 graphs on CPU). ``providers`` defaults to CPU; a GPU provider missing from this build
+    raises ``ZooError`` naming the ``gpu`` extra.
     """
     if threads < 0:
         raise ZooError(f"threads must be >= 0, got {threads}", "pass threads=1 (or 0 for ONNX Runtime's default)")
@@ -72,7 +101,8 @@ def ort_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     source = model if isinstance(model, bytes) else str(Path(model))
-    return ort.InferenceSession(source, sess_options=options, providers=resolved)
+    disabled = _workaround_optimizers(model, resolved)
+    return ort.InferenceSession(source, sess_options=options, providers=resolved, disabled_optimizers=disabled)
 
 
 @dataclass

@@ -134,9 +134,26 @@ def extract_block(gm: fx.GraphModule, start: str | int, end: str | int) -> Block
             "this should not happen for a cut point; please report the model",
         )
 
+    outside_memo: dict[fx.Node, bool] = {}
+
+    def reads_outside(a: fx.Node) -> bool:
+        """Whether shape value ``a`` reads a tensor computed before ``start``."""
+        if a not in outside_memo:
+            kind = node_info(a).value_kind
+            if kind == "tensor":
+                outside_memo[a] = a.name != s_name and a.name not in inside
+            elif kind == Layout.SHAPE:
+                outside_memo[a] = any(reads_outside(i) for i in a.all_input_nodes)
+            else:
+                outside_memo[a] = False
+        return outside_memo[a]
+
     for n in gm.graph.nodes:
         if n.name in inside and n not in env:
-            env[n] = graph.node_copy(n, lookup)
+            if node_info(n).value_kind == Layout.SHAPE and reads_outside(n):
+                env[n] = _recompute_shape(graph, x, n, batch)
+            else:
+                env[n] = graph.node_copy(n, lookup)
     graph.output(env[nodes[e_name]])
     module = fx.GraphModule(gm, graph, f"Block_{s_idx}_{e_idx}")
     module.graph.eliminate_dead_code()

@@ -56,8 +56,10 @@ def _example_input(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     for n in placeholders:
         tm = n.meta.get("tensor_meta", n.meta.get("val"))
         if not hasattr(tm, "shape"):
-            raise PassError(f"graph input '{n.name}' has no example value",
-                            "trace the model with zoocompiler.trace(model, example_input)")
+            raise PassError(
+                f"graph input '{n.name}' has no example value",
+                "trace the model with zoocompiler.trace(model, example_input)",
+            )
         inputs.append(torch.zeros(tuple(tm.shape), dtype=tm.dtype))
     return tuple(inputs)
 
@@ -89,8 +91,10 @@ def concrete_metas(gm: fx.GraphModule) -> dict[fx.Node, Any]:
         with torch.no_grad():
             _Recorder(gm).run(*_example_input(gm))
     except Exception as err:  # noqa: BLE001 - the graph must run on its own example input
-        raise PassError(f"graph does not run on its example input ({str(err).splitlines()[0] if str(err) else err!r})",
-                        "re-trace the model with an input shape it accepts") from err
+        raise PassError(
+            f"graph does not run on its example input ({str(err).splitlines()[0] if str(err) else err!r})",
+            "re-trace the model with an input shape it accepts",
+        ) from err
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -184,7 +188,7 @@ def propagate(gm: fx.GraphModule, metas: dict[fx.Node, Any]) -> tuple[Store, dic
 
 def _rollback(store: Store, mark: tuple[int, int, int, int]) -> None:
     """Forget what a failed rule recorded; the unknown-op rule then pins the node's inputs."""
-    del store.pairs[mark[0]:], store.pins[mark[1]:], store.heads[mark[2]:], store.places[mark[3]:]
+    del store.pairs[mark[0] :], store.pins[mark[1] :], store.heads[mark[2] :], store.places[mark[3] :]
 
 
 def _pin_outputs(store: Store, node: fx.Node, states: dict[fx.Node, Any]) -> None:
@@ -305,8 +309,9 @@ def _group_classes(flat: list[np.ndarray], n_labels: int) -> tuple[np.ndarray, n
     return group_of, unit_of, groups
 
 
-def _members_of_place(pl: Place, dim: int, lab: np.ndarray, group_of: np.ndarray, unit_of: np.ndarray,
-                      groups: list[UnitGroup]) -> None:
+def _members_of_place(
+    pl: Place, dim: int, lab: np.ndarray, group_of: np.ndarray, unit_of: np.ndarray, groups: list[UnitGroup]
+) -> None:
     g, u = group_of[lab], unit_of[lab]
     pos = np.arange(len(lab))
     order = np.lexsort((pos, u, g))
@@ -361,8 +366,14 @@ def find_unit_groups(gm: fx.GraphModule) -> list[UnitGroup]:
     return groups
 
 
-def _apply_pins(store: Store, places: list[Place], flat_dims: list[tuple[int, np.ndarray]], labels: np.ndarray,
-                group_of: np.ndarray, groups: list[UnitGroup]) -> None:
+def _apply_pins(
+    store: Store,
+    places: list[Place],
+    flat_dims: list[tuple[int, np.ndarray]],
+    labels: np.ndarray,
+    group_of: np.ndarray,
+    groups: list[UnitGroup],
+) -> None:
     first = ("model input", "model output")
     for ids, reason in sorted(store.pins, key=lambda p: p[1] not in first):
         for g in np.unique(group_of[labels[ids]]):
@@ -382,8 +393,9 @@ def _pin(group: UnitGroup, reason: str) -> None:
         group.pinned = True
 
 
-def _annotate_nodes(gm: fx.GraphModule, places: list[Place], flat_dims: list[tuple[int, np.ndarray]],
-                    group_of: np.ndarray) -> None:
+def _annotate_nodes(
+    gm: fx.GraphModule, places: list[Place], flat_dims: list[tuple[int, np.ndarray]], group_of: np.ndarray
+) -> None:
     by_node = {pl.node: (dim, lab) for pl, (dim, lab) in zip(places, flat_dims) if pl.param is None}
     for n in gm.graph.nodes:
         info = node_info(n)

@@ -146,11 +146,10 @@ class Cx:
     metas: dict[fx.Node, Any]
     op: str
 
-    def arg(self, i: int | None, name: str | None = None, default: Any = None) -> Any:
-        args = self.node.args[1:] if self.node.op == "call_method" and i is not None else self.node.args
-        if self.node.op == "call_method" and i == -1:  # self
-            return self.node.args[0]
-        if i is not None and i < len(args):
+    def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
+        """Argument ``i`` (counted after ``self`` for methods) or keyword ``name``, else ``default``."""
+        args = self.node.args[1:] if self.node.op == "call_method" else self.node.args
+        if i < len(args):
             return args[i]
         if name is not None and name in self.node.kwargs:
             return self.node.kwargs[name]
@@ -333,8 +332,9 @@ def record_param(cx: Cx, t: Table, name: str, mapping: dict[int, int], role: str
     cx.store.param(cx.node.name, name, tuple(sorted(mapping.values())), np.transpose(ids, order), role)
 
 
-def couple(cx: Cx, operands: list[tuple[Any, tuple[int, ...] | None, str]], out_shape: tuple[int, ...],
-           role: str = "param") -> Any:
+def couple(
+    cx: Cx, operands: list[tuple[Any, tuple[int, ...] | None, str]], out_shape: tuple[int, ...], role: str = "param"
+) -> Any:
     """Broadcasting element-wise coupling of ``operands`` (state, shape, label) into ``out_shape``.
 
     Operands align from the right; elements at the same output position are united. Parameter
@@ -363,8 +363,9 @@ def couple(cx: Cx, operands: list[tuple[Any, tuple[int, ...] | None, str]], out_
             arr = _operand_array(s, sh, out_shape, dims)
             if any(x > 1 for x in arr.shape) or arr.size == 1:
                 arrays.append(arr)
-        missing = [d for d in dims if d - off >= 0 and sh[d - off] > 1
-                   and not (isinstance(s, Table) and d - off in s.dims)]
+        missing = [
+            d for d in dims if d - off >= 0 and sh[d - off] > 1 and not (isinstance(s, Table) and d - off in s.dims)
+        ]
         if not missing:
             continue
         if isinstance(s, ParamRef):
@@ -408,8 +409,9 @@ def merge_nontable(cx: Cx, tensors: list[tuple[Any, tuple[int, ...], str]], out_
     for s, sh in refs:
         off = n - len(sh)
         for name, dmap in s.sources:
-            sources.append((name, tuple(
-                dmap[d - off] if d - off >= 0 and sh[d - off] == out_shape[d] else -1 for d in range(n))))
+            sources.append(
+                (name, tuple(dmap[d - off] if d - off >= 0 and sh[d - off] == out_shape[d] else -1 for d in range(n)))
+            )
     return ParamRef(tuple(dict.fromkeys(sources)))
 
 
@@ -486,8 +488,12 @@ def rule_expand(cx: Cx) -> Any:
                 raise RuleFailure("expand of a unit dim")
         return Table(tuple(d + off for d in s.dims), s.ids)
     if isinstance(s, ParamRef):
-        return ParamRef(tuple((n, tuple(-1 if d < off or a[d - off] != b[d] else m[d - off] for d in range(len(b))))
-                              for n, m in s.sources))
+        return ParamRef(
+            tuple(
+                (n, tuple(-1 if d < off or a[d - off] != b[d] else m[d - off] for d in range(len(b))))
+                for n, m in s.sources
+            )
+        )
     return None
 
 
@@ -500,8 +506,12 @@ def rule_repeat(cx: Cx) -> Any:
     if isinstance(s, Table):
         return Table(s.dims, np.tile(s.ids, [reps[d] for d in s.dims]))
     if isinstance(s, ParamRef):
-        return ParamRef(tuple((n, tuple(m[d] if reps[d] == 1 else (-1 if a[d] == 1 else None) for d in range(len(a))))
-                              for n, m in s.sources))
+        return ParamRef(
+            tuple(
+                (n, tuple(m[d] if reps[d] == 1 else (-1 if a[d] == 1 else None) for d in range(len(a))))
+                for n, m in s.sources
+            )
+        )
     return None
 
 
@@ -513,8 +523,11 @@ def _perm_from_args(cx: Cx, ndim: int) -> list[int]:
             dims = dims[0]
         return [_dim(int(d), ndim) for d in dims]
     if name in ("transpose", "swapaxes", "swapdims"):
-        d0, d1 = (cx.val(cx.arg(0, "dim0")), cx.val(cx.arg(1, "dim1"))) if cx.node.op == "call_method" else (
-            cx.val(cx.arg(1, "dim0")), cx.val(cx.arg(2, "dim1")))
+        d0, d1 = (
+            (cx.val(cx.arg(0, "dim0")), cx.val(cx.arg(1, "dim1")))
+            if cx.node.op == "call_method"
+            else (cx.val(cx.arg(1, "dim0")), cx.val(cx.arg(2, "dim1")))
+        )
         perm = list(range(ndim))
         d0, d1 = _dim(d0, ndim), _dim(d1, ndim)
         perm[d0], perm[d1] = perm[d1], perm[d0]
@@ -522,8 +535,11 @@ def _perm_from_args(cx: Cx, ndim: int) -> list[int]:
     if name in ("t", "numpy_T") or name == "T":
         return list(range(ndim))[::-1]
     if name in ("movedim", "moveaxis"):
-        src, dst = (cx.arg(0, "source"), cx.arg(1, "destination")) if cx.node.op == "call_method" else (
-            cx.arg(1, "source"), cx.arg(2, "destination"))
+        src, dst = (
+            (cx.arg(0, "source"), cx.arg(1, "destination"))
+            if cx.node.op == "call_method"
+            else (cx.arg(1, "source"), cx.arg(2, "destination"))
+        )
         src, dst = cx.val(src), cx.val(dst)
         src = [src] if isinstance(src, int) else list(src)
         dst = [dst] if isinstance(dst, int) else list(dst)
@@ -554,20 +570,18 @@ def rule_reduce(cx: Cx) -> Any:
     x = cx.this()
     s, a = cx.st(x), cx.shape(x)
     is_method = cx.node.op == "call_method"
-    dim_arg = cx.val(cx.arg(0 if is_method else 1, "dim"))
+    skip = 1 if cx.op in ("norm", "linalg_vector_norm") else 0  # norm(x, p, dim)
+    dim_arg = cx.val(cx.arg((0 if is_method else 1) + skip, "dim"))
     if isinstance(dim_arg, torch.dtype):
         dim_arg = None
-    keepdim = bool(cx.val(cx.arg(1 if is_method else 2, "keepdim", False)))
-    if cx.op in ("max", "min") and dim_arg is not None and not isinstance(dim_arg, int):
+    if cx.op in ("max", "min") and isinstance(dim_arg, TensorSpec):
         return rule_pointwise(cx)  # max(a, b)
     dims = _reduce_dims(cx, len(a), dim_arg)
-    if isinstance(cx.out, (list, tuple)):
-        keepdim = len(cx.out[0].shape) == len(a)
-    elif len(cx.out_shape) == len(a):
-        keepdim = True
+    first = cx.out[0] if isinstance(cx.out, (list, tuple)) else cx.out
+    keepdim = isinstance(first, TensorSpec) and len(first.shape) == len(a)
     result: Any = None
     if isinstance(s, Table):
-        hit = [d for d in s.dims if d in dims and a[d] > 1]
+        hit = [d for d in s.dims if d in dims]
         if hit:
             cx.store.pin(s.ids, f"{cx.where()} reduces over unit dim {hit[0]} (all its units are coupled)")
         ids, new_dims = s.ids, []
@@ -771,8 +785,9 @@ def index_state(cx: Cx, s: Any, a: tuple[int, ...], idx: Any) -> Any:
                 sl[ax] = v
                 ids = ids[tuple(sl)]
             for pm, old in zip(new_pm, pmaps):
-                full = v == slice(None) or (v.start in (None, 0) and v.step in (None, 1)
-                                            and (v.stop is None or v.stop >= a[din]))
+                full = v == slice(None) or (
+                    v.start in (None, 0) and v.step in (None, 1) and (v.stop is None or v.stop >= a[din])
+                )
                 pm[dout] = old[din] if full or old[din] == -1 else None
             out_map[din] = dout
             din += 1
@@ -784,8 +799,7 @@ def index_state(cx: Cx, s: Any, a: tuple[int, ...], idx: Any) -> Any:
         return table_or_none(new_dims, ids) if new_dims else None
     if isinstance(s, ParamRef):
         nd = len(cx.out_shape)
-        return ParamRef(tuple((n, tuple(pm.get(d, None) for d in range(nd)))
-                              for (n, _), pm in zip(s.sources, new_pm)))
+        return ParamRef(tuple((n, tuple(pm.get(d, None) for d in range(nd))) for (n, _), pm in zip(s.sources, new_pm)))
     return None
 
 
@@ -851,8 +865,8 @@ def rule_cat(cx: Cx) -> Any:
     along = any(isinstance(s, Table) and dim in s.dims for s, _, _ in ops)
     if not along:
         # couple the operands position-wise on every dim but the concat dim
-        squeezed = [(_drop_dim_state(s, dim), sh[:dim] + sh[dim + 1:], lab) for s, sh, lab in ops]
-        res = couple(cx, squeezed, b[:dim] + b[dim + 1:])
+        squeezed = [(_drop_dim_state(s, dim), sh[:dim] + sh[dim + 1 :], lab) for s, sh, lab in ops]
+        res = couple(cx, squeezed, b[:dim] + b[dim + 1 :])
         if isinstance(res, Table):
             return Table(tuple(d + (d >= dim) for d in res.dims), res.ids)
         if isinstance(res, ParamRef):  # parameters concatenated: positions along dim mix sources
@@ -864,7 +878,7 @@ def rule_cat(cx: Cx) -> Any:
     parts = []
     for s, sh, lab in ops:
         if isinstance(s, Table) and dim in s.dims:
-            part = _operand_array(s, sh, b[:dim] + (sh[dim],) + b[dim + 1:], tuple(sorted(set(other) | {dim})))
+            part = _operand_array(s, sh, b[:dim] + (sh[dim],) + b[dim + 1 :], tuple(sorted(set(other) | {dim})))
             parts.append(np.broadcast_to(part, [sh[dim] if d == dim else b[d] for d in sorted(set(other) | {dim})]))
             continue
         fresh = cx.store.fresh(sh[dim])
@@ -902,7 +916,7 @@ def _drop_dim_state(s: Any, dim: int) -> Any:
             raise RuleFailure("drop of a unit dim")
         return table_or_none([d - (d > dim) for d in s.dims], s.ids)
     if isinstance(s, ParamRef):
-        return ParamRef(tuple((n, m[:dim] + m[dim + 1:]) for n, m in s.sources))
+        return ParamRef(tuple((n, m[:dim] + m[dim + 1 :]) for n, m in s.sources))
     return s
 
 
@@ -1086,8 +1100,7 @@ def rule_groupnorm_fn(cx: Cx) -> Any:
 # ----------------------------------------------------------------------------- attention
 
 
-def contract(cx: Cx, a: tuple[Any, tuple[int, ...]], b: tuple[Any, tuple[int, ...]],
-             out_shape: tuple[int, ...]) -> Any:
+def contract(cx: Cx, a: tuple[Any, tuple[int, ...]], b: tuple[Any, tuple[int, ...]], out_shape: tuple[int, ...]) -> Any:
     """Batched matmul of two activations ``a (..., n, k) @ b (..., k, m)``.
 
     The contracted elements of a and b are united position-wise. Units of the batch dims, a's n
@@ -1105,8 +1118,11 @@ def contract(cx: Cx, a: tuple[Any, tuple[int, ...]], b: tuple[Any, tuple[int, ..
     if a_has_k and b_has_k:  # unite a[..., k] with b[..., k, :] position-wise over the batch dims
         va = _without_dim(cx, ta, ka - 1)
         vb = _without_dim(cx, tb, kb + 1)
-        couple(cx, [(va, tuple(sha[:-2]) + (sha[-1],), "lhs"), (vb, tuple(shb[:-2]) + (shb[-2],), "rhs")],
-               tuple(torch.broadcast_shapes(torch.Size(sha[:-2]), torch.Size(shb[:-2]))) + (sha[-1],))
+        couple(
+            cx,
+            [(va, tuple(sha[:-2]) + (sha[-1],), "lhs"), (vb, tuple(shb[:-2]) + (shb[-2],), "rhs")],
+            tuple(torch.broadcast_shapes(torch.Size(sha[:-2]), torch.Size(shb[:-2]))) + (sha[-1],),
+        )
     elif a_has_k or b_has_k:
         t, k_t, other, k_o = (ta, ka, sb, kb) if a_has_k else (tb, kb, sa, ka)
         if isinstance(other, ParamRef):
@@ -1120,8 +1136,10 @@ def contract(cx: Cx, a: tuple[Any, tuple[int, ...]], b: tuple[Any, tuple[int, ..
             cx.store.pin(t.ids, f"{cx.where()} contracts a unit dim with a tensor that has no units there")
     va = _kept_units(cx, ta, sha, ka)
     vb = _kept_units(cx, tb, shb, kb)
-    ops = [(va if ta is not None else sa, tuple(sha[:-1]) + (1,), "lhs"),
-           (vb if tb is not None else sb, tuple(shb[:-2]) + (1, shb[-1]), "rhs")]
+    ops = [
+        (va if ta is not None else sa, tuple(sha[:-1]) + (1,), "lhs"),
+        (vb if tb is not None else sb, tuple(shb[:-2]) + (1, shb[-1]), "rhs"),
+    ]
     return couple(cx, ops, out_shape)
 
 
@@ -1192,14 +1210,23 @@ def rule_sdpa(cx: Cx) -> Any:
     scores_shape = tuple(batch) + (shq[-2], shk[-2])
     scores = contract(cx, (sq, shq), (skt, shkt), scores_shape)
     if isinstance(mask, fx.Node) and cx.shape(mask) is not None:
-        scores = couple(cx, [(scores, scores_shape, "scores"), (cx.st(mask), cx.shape(mask), mask.name)],
-                        scores_shape)
+        scores = couple(cx, [(scores, scores_shape, "scores"), (cx.st(mask), cx.shape(mask), mask.name)], scores_shape)
     return contract(cx, (scores, scores_shape), (sv, shv), cx.out_shape)
 
 
-def heads_units(cx: Cx, x: Any, heads: int, head_dim: int, c_out: int, qkv: list[tuple[str, int]],
-                proj_w: str, proj_b: str | None, extra: list[tuple[str, int, str]], reason: str,
-                in_weights: list[tuple[Any, str]]) -> Table:
+def heads_units(
+    cx: Cx,
+    x: Any,
+    heads: int,
+    head_dim: int,
+    c_out: int,
+    qkv: list[tuple[str, int]],
+    proj_w: str,
+    proj_b: str | None,
+    extra: list[tuple[str, int, str]],
+    reason: str,
+    in_weights: list[tuple[Any, str]],
+) -> Table:
     """A fused attention layer: input consumed like a linear, heads as units, output produced fresh."""
     for xi, wname in in_weights:
         s, a = cx.st(xi), cx.shape(xi)
@@ -1222,8 +1249,11 @@ def heads_units(cx: Cx, x: Any, heads: int, head_dim: int, c_out: int, qkv: list
     cx.store.param(cx.node.name, proj_w, (0,), out, "linear_out")
     if proj_b is not None:
         cx.store.param(cx.node.name, proj_b, (0,), out, "linear_out")
-    return Table((len(cx.out_shape) - 1,), out) if isinstance(cx.out, TensorSpec) else Table(
-        (len(cx.out[0].shape) - 1,), out)
+    return (
+        Table((len(cx.out_shape) - 1,), out)
+        if isinstance(cx.out, TensorSpec)
+        else Table((len(cx.out[0].shape) - 1,), out)
+    )
 
 
 def rule_mha(cx: Cx, m: nn.MultiheadAttention) -> Any:
@@ -1231,8 +1261,10 @@ def rule_mha(cx: Cx, m: nn.MultiheadAttention) -> Any:
     q = cx.arg(0, "query")
     k, v = cx.arg(1, "key", q), cx.arg(2, "value", q)
     e, h = m.embed_dim, m.num_heads
-    reason = (f"nn.MultiheadAttention at node {cx.node.name} derives head_dim from embed_dim; "
-              "replace the module to prune heads")
+    reason = (
+        f"nn.MultiheadAttention at node {cx.node.name} derives head_dim from embed_dim; "
+        "replace the module to prune heads"
+    )
     extra = [(f"{t}.{n}", 2, "dim") for n in ("bias_k", "bias_v") if getattr(m, n, None) is not None]
     if m._qkv_same_embed_dim:
         qkv = [(f"{t}.in_proj_weight", 3)]
@@ -1243,8 +1275,9 @@ def rule_mha(cx: Cx, m: nn.MultiheadAttention) -> Any:
     if m.in_proj_bias is not None:
         qkv.append((f"{t}.in_proj_bias", 3))
     bias = f"{t}.out_proj.bias" if m.out_proj.bias is not None else None
-    out = heads_units(cx, q, h, e // h, m.out_proj.out_features, qkv, f"{t}.out_proj.weight", bias, extra, reason,
-                      in_weights)
+    out = heads_units(
+        cx, q, h, e // h, m.out_proj.out_features, qkv, f"{t}.out_proj.weight", bias, extra, reason, in_weights
+    )
     return [out, None]
 
 
@@ -1272,8 +1305,9 @@ def rule_swin_attention(cx: Cx) -> Any:
             return unknown(cx, f"{cx.where()} uses a logit scale that is not a plain parameter")
         extra.append((ln[0], 0, "head"))
     qkv = [(names[0], 3)] + ([(names[2], 3)] if names[2] else [])
-    out = heads_units(cx, x, heads, head_dim, cx.shape(proj_w)[0], qkv, names[1], names[3], extra, reason,
-                      [(x, names[0])])
+    out = heads_units(
+        cx, x, heads, head_dim, cx.shape(proj_w)[0], qkv, names[1], names[3], extra, reason, [(x, names[0])]
+    )
     cx.store.pin(out.ids, reason)
     s = cx.st(x)
     if isinstance(s, Table):
@@ -1334,50 +1368,154 @@ def embedding_units(cx: Cx, idx: Any, weight: str, dim: int) -> Table:
 # ----------------------------------------------------------------------------- dispatch tables
 
 OPERATOR_NAMES = {
-    "truediv": "div", "floordiv": "floor_divide", "iadd": "add", "isub": "sub", "imul": "mul",
-    "itruediv": "div", "and_": "bitwise_and", "or_": "bitwise_or", "xor": "bitwise_xor", "invert": "bitwise_not",
-    "pos": "positive", "ifloordiv": "floor_divide", "getattr": "getattr",
+    "truediv": "div",
+    "floordiv": "floor_divide",
+    "iadd": "add",
+    "isub": "sub",
+    "imul": "mul",
+    "itruediv": "div",
+    "and_": "bitwise_and",
+    "or_": "bitwise_or",
+    "xor": "bitwise_xor",
+    "invert": "bitwise_not",
+    "pos": "positive",
+    "ifloordiv": "floor_divide",
+    "getattr": "getattr",
 }
 
 IDENTITY_OPS = {
-    "contiguous", "clone", "detach", "to", "type", "float", "half", "double", "bfloat16", "type_as", "_to_copy",
-    "alias", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-    "feature_dropout", "native_dropout", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
-    "randn_like", "requires_grad", "cpu", "cuda", "lift_fresh_copy", "positive",
+    "contiguous",
+    "clone",
+    "detach",
+    "to",
+    "type",
+    "float",
+    "half",
+    "double",
+    "bfloat16",
+    "type_as",
+    "_to_copy",
+    "alias",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "feature_dropout",
+    "native_dropout",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "rand_like",
+    "randn_like",
+    "requires_grad",
+    "cpu",
+    "cuda",
+    "lift_fresh_copy",
+    "positive",
     "torchvision.ops.stochastic_depth.stochastic_depth",
 }
-POINTWISE_EXTRA = {"hardswish", "floor_divide", "hardswish_", "mish", "silu", "gelu", "prelu_scalar"}
-RESHAPE_OPS = {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-               "_unsafe_view", "_reshape_alias", "ravel"}
+POINTWISE_EXTRA = {"hardswish", "floor_divide"}  # element-wise ops ATen does not tag pointwise
+RESHAPE_OPS = {
+    "reshape",
+    "view",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "reshape_as",
+    "_unsafe_view",
+    "_reshape_alias",
+    "ravel",
+}
 PERMUTE_OPS = {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis", "numpy_T"}
-REDUCE_OPS = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod", "all", "any",
-              "argmax", "argmin", "nansum", "nanmean", "var_mean", "std_mean", "median", "linalg_vector_norm"}
+REDUCE_OPS = {
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "var",
+    "std",
+    "norm",
+    "logsumexp",
+    "prod",
+    "all",
+    "any",
+    "argmax",
+    "argmin",
+    "nansum",
+    "nanmean",
+    "var_mean",
+    "std_mean",
+    "median",
+    "linalg_vector_norm",
+}
 SOFTMAX_OPS = {"softmax", "log_softmax", "softmin", "_softmax", "_log_softmax"}
-SPATIAL_OPS = {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-               "adaptive_max_pool2d", "adaptive_max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d",
-               "max_pool2d", "max_pool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d", "interpolate", "upsample",
-               "upsample_nearest2d", "upsample_bilinear2d", "max_pool2d_with_indices", "_adaptive_avg_pool2d",
-               "adaptive_max_pool2d_with_indices"}
+SPATIAL_OPS = {
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "lp_pool1d",
+    "lp_pool2d",
+    "lp_pool3d",
+    "interpolate",
+    "upsample",
+    "upsample_nearest2d",
+    "upsample_bilinear2d",
+    "max_pool2d_with_indices",
+    "_adaptive_avg_pool2d",
+    "adaptive_max_pool2d_with_indices",
+}
 SPLIT_OPS = {"split", "chunk", "split_with_sizes", "tensor_split", "unbind", "unsafe_split", "unsafe_chunk"}
 SHAPE_READS = {"size", "numel", "dim", "getattr"}
 
 FUNCTION_RULES: dict[str, Callable[[Cx], Any]] = {
     "getitem": rule_getitem,
-    "cat": rule_cat, "concat": rule_cat, "concatenate": rule_cat, "stack": rule_cat,
-    "expand": rule_expand, "expand_as": rule_expand, "broadcast_to": rule_expand,
+    "cat": rule_cat,
+    "concat": rule_cat,
+    "concatenate": rule_cat,
+    "stack": rule_cat,
+    "expand": rule_expand,
+    "expand_as": rule_expand,
+    "broadcast_to": rule_expand,
     "repeat": rule_repeat,
     "roll": rule_roll,
-    "pad": rule_pad, "constant_pad_nd": rule_pad,
+    "pad": rule_pad,
+    "constant_pad_nd": rule_pad,
     "normalize": rule_normalize,
-    "channel_shuffle": rule_channel_shuffle, "native_channel_shuffle": rule_channel_shuffle,
-    "select": rule_select, "narrow": rule_narrow, "slice": rule_slice_aten,
-    "linear": rule_linear_fn, "conv1d": rule_conv_fn, "conv2d": rule_conv_fn, "conv3d": rule_conv_fn,
+    "channel_shuffle": rule_channel_shuffle,
+    "native_channel_shuffle": rule_channel_shuffle,
+    "select": rule_select,
+    "narrow": rule_narrow,
+    "slice": rule_slice_aten,
+    "linear": rule_linear_fn,
+    "conv1d": rule_conv_fn,
+    "conv2d": rule_conv_fn,
+    "conv3d": rule_conv_fn,
     "convolution": rule_conv_fn,
-    "batch_norm": rule_batchnorm_fn, "_native_batch_norm_legit_no_training": rule_batchnorm_fn,
-    "layer_norm": rule_layernorm_fn, "native_layer_norm": rule_layernorm_fn,
+    "batch_norm": rule_batchnorm_fn,
+    "_native_batch_norm_legit_no_training": rule_batchnorm_fn,
+    "layer_norm": rule_layernorm_fn,
+    "native_layer_norm": rule_layernorm_fn,
     "group_norm": rule_groupnorm_fn,
     "embedding": rule_embedding_fn,
-    "matmul": rule_matmul, "bmm": rule_matmul, "mm": rule_matmul,
+    "matmul": rule_matmul,
+    "bmm": rule_matmul,
+    "mm": rule_matmul,
     "scaled_dot_product_attention": rule_sdpa,
     "torchvision.models.swin_transformer.shifted_window_attention": rule_swin_attention,
     "torchvision.models.swin_transformer._get_relative_position_bias": rule_swin_rel_bias,
@@ -1385,9 +1523,27 @@ FUNCTION_RULES: dict[str, Callable[[Cx], Any]] = {
     "timm.layers.attention.maybe_add_mask": rule_maybe_add_mask,
     "timm.layers.attention.resolve_self_attn_mask": rule_no_units,
     "_assert": rule_no_units,
-    **{name: rule_no_units for name in (
-        "zeros", "ones", "full", "empty", "arange", "new_zeros", "new_ones", "new_full", "new_empty", "rand",
-        "randn", "tensor", "as_tensor", "linspace", "eye", "scalar_tensor", "ones_like_shape")},
+    **{
+        name: rule_no_units
+        for name in (
+            "zeros",
+            "ones",
+            "full",
+            "empty",
+            "arange",
+            "new_zeros",
+            "new_ones",
+            "new_full",
+            "new_empty",
+            "rand",
+            "randn",
+            "tensor",
+            "as_tensor",
+            "linspace",
+            "eye",
+            "scalar_tensor",
+        )
+    },
 }
 
 
@@ -1489,7 +1645,7 @@ def module_rule(cx: Cx) -> Any:
         return conv_units(cx, x, f"{t}.weight", p("bias"), m.groups, m.in_channels, m.out_channels)
     if isinstance(m, nn.Linear):
         return linear_units(cx, x, f"{t}.weight", p("bias"), m.out_features)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, _timm_norm_act_types()):
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, *_timm_norm_act_types())):
         act = getattr(m, "act", None)
         drop = getattr(m, "drop", None)
         for sub in (act, drop):
@@ -1513,8 +1669,13 @@ def module_rule(cx: Cx) -> Any:
         return rule_reshape(cx)
     if isinstance(m, nn.ChannelShuffle):
         return rule_channel_shuffle(cx)
-    pools = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-             nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd)
+    pools = (
+        nn.modules.pooling._AvgPoolNd,
+        nn.modules.pooling._MaxPoolNd,
+        nn.modules.pooling._AdaptiveAvgPoolNd,
+        nn.modules.pooling._AdaptiveMaxPoolNd,
+        nn.modules.pooling._LPPoolNd,
+    )
     if isinstance(m, pools) or type(m).__name__ in ("AvgPool2dSame", "MaxPool2dSame"):
         return spatial_carry(cx, _spatial_rank(type(m).__name__.lower().replace("same", "")))
     if isinstance(m, (nn.Upsample,)) or type(m).__module__ == "torch.nn.modules.padding":
