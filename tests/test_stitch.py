@@ -13,9 +13,9 @@ from zoocompiler.passes.blocks import extract_block
 from zoocompiler.passes.stitch import (
     MapToMap,
     MapToTokens,
+    ToFlat,
     TokensToMap,
     TokensToTokens,
-    ToFlat,
     least_squares,
     make_stitch,
     stitch,

@@ -121,8 +121,30 @@ def _macs(gm) -> int:
     return sum(info.cost.macs for n in gm.graph.nodes if (info := node_info(n)).cost is not None)
 
 
+def _summarise_reasons(reasons: list[str]) -> list[str]:
+    """Collapse reasons that differ only in the node they name: 'X (node a)', 'X (node b)' → 'X (2 nodes: a, b)'."""
+    by_text: dict[str, list[str]] = {}
+    for reason in reasons:
+        text, sep, node = reason.rpartition(" (node ")
+        key, name = (text, node.rstrip(")")) if sep else (reason, "")
+        by_text.setdefault(key, []).append(name)
+    out = []
+    for text, names in by_text.items():
+        names = [n for n in names if n]
+        if len(names) > 1:
+            out.append(f"{text} ({len(names)} nodes: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        else:
+            out.append(f"{text} (node {names[0]})" if names else text)
+    return out
+
+
 def _group_row(group) -> dict[str, Any]:
     nodes = list(dict.fromkeys(member.node for member in group.members))
+    params = [
+        {"param": m.param, "dim": m.dim, "per_unit": len(m.indices[0]) if m.indices else 0, "role": m.role}
+        for m in group.members
+        if m.param is not None
+    ]
     return {
         "id": group.gid,
         "kind": group.kind,
@@ -131,6 +153,8 @@ def _group_row(group) -> dict[str, Any]:
         "member_nodes": nodes,
         "prunable": group.prunable,
         "reasons": list(group.reasons),
+        "reason_summary": _summarise_reasons(list(group.reasons)),
+        "param_slices": params,
         "divisible_by": list(group.divisible_by),
     }
 
@@ -286,9 +310,11 @@ def render_inspect(console, data: dict[str, Any]) -> None:
     )
     rows = []
     for g in data["unit_groups"]:
-        names = ", ".join(g["member_nodes"][:MEMBER_NAMES_SHOWN])
-        more = len(g["member_nodes"]) - MEMBER_NAMES_SHOWN
-        status = "prunable" if g["prunable"] else "pinned: " + "; ".join(g["reasons"])
+        slices = [f"{p['param']}[{p['dim']}]×{p['per_unit']}" for p in g["param_slices"]]
+        shown = slices or g["member_nodes"]
+        names = ", ".join(shown[:MEMBER_NAMES_SHOWN])
+        more = len(shown) - MEMBER_NAMES_SHOWN
+        status = "prunable" if g["prunable"] else "pinned: " + "; ".join(g["reason_summary"])
         divisible = ",".join(map(str, g["divisible_by"])) or "-"
         rows.append(
             [g["id"], g["kind"], g["size"], g["members"], names + (f" +{more}" if more > 0 else ""), status, divisible]
@@ -296,7 +322,7 @@ def render_inspect(console, data: dict[str, Any]) -> None:
     console.print(
         _table(
             "unit groups",
-            ["id", "kind", "size", "members", "nodes", "status", "divisible by"],
+            ["id", "kind", "size", "members", "parameter slices per unit (or nodes)", "status", "divisible by"],
             rows,
             right=("id", "size", "members"),
         )

@@ -12,9 +12,9 @@ import contextlib
 import inspect
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator
-import re
 from typing import Any
 
 import torch
