@@ -182,7 +182,9 @@ def test_missing_weights_are_trained_into_the_cache_on_first_use(tmp_path, monke
         classes=(0, 1, 2),
         dataset="digits",
         input_shape=(1, 8, 8),
-        epochs=2,
+        epochs=3,
+        augment=False,
+        lr=1e-2,
         batch_size=32,
     )
     monkeypatch.setattr(zoo, "_RECIPES", (tiny,))

@@ -235,6 +235,7 @@ def _tree_stamp(root: Path) -> str:
 
 @lru_cache(maxsize=4)
 def _npz(path: str, image_size: int | None, stamp: object) -> _RawData:
+    """An .npz file's ``x``/``y`` (``image_size`` is applied later by ``load_dataset``; ``stamp`` keys the memo)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f.files or "y" not in f.files:

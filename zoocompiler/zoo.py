@@ -283,7 +283,8 @@ def build_zoo(
     """Train the named zoo models (all by default) that ``out_dir`` lacks, or all of them with ``force``.
 
     ``out_dir`` defaults to the package's ``zoo_weights`` when writable, else the cache. Each model's
-    weights and the manifest are written atomically as soon as it is trained. Returns the entries.
+    weights and the manifest are written atomically as soon as it is trained. Returns the entries as
+    recorded in ``out_dir``.
     """
     target = Path(out_dir) if out_dir is not None else _default_out_dir()
     selected = [_recipe(n) for n in names] if names is not None else list(_RECIPES)
@@ -292,13 +293,13 @@ def build_zoo(
         record = manifest.get(recipe.name)
         if not force and record is not None and _file_matches(target / _file_name(recipe.name), record["sha256"]):
             continue
-        record = _train_recipe(recipe, progress)
-        data = record.pop("_bytes")
+        record, data = _train_recipe(recipe, progress)
         write_bytes_atomic(target / record["file"], data)
         manifest = read_manifest(target)  # re-read: another process may have added models meanwhile
         manifest[recipe.name] = record
         _write_manifest(target, manifest)
-    return [_entry(r) for r in selected]
+    manifest = read_manifest(target)
+    return [_make_entry(r, target / _file_name(r.name), manifest.get(r.name, {})) for r in selected]
 
 
 # --- internals -------------------------------------------------------------------------------------
@@ -336,6 +337,10 @@ def _candidates(name: str) -> list[tuple[Path, dict[str, Any] | None]]:
 def _entry(recipe: ZooRecipe) -> ZooEntry:
     listed = [(path, record) for path, record in _candidates(recipe.name) if record is not None]
     path, record = listed[0] if listed else (zoo_cache_dir() / _file_name(recipe.name), {})
+    return _make_entry(recipe, path, record)
+
+
+def _make_entry(recipe: ZooRecipe, path: Path, record: dict[str, Any]) -> ZooEntry:
     return ZooEntry(
         name=recipe.name,
         spec=recipe.spec,
@@ -375,8 +380,8 @@ def _file_matches(path: Path, sha256: str) -> bool:
     return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
 
 
-def _train_recipe(recipe: ZooRecipe, progress: bool) -> dict[str, Any]:
-    """Train ``recipe`` from its seed; the manifest record, plus the safetensors bytes under ``_bytes``."""
+def _train_recipe(recipe: ZooRecipe, progress: bool) -> tuple[dict[str, Any], bytes]:
+    """Train ``recipe`` from its seed; returns its manifest record and the safetensors bytes."""
     train_split = load_dataset(recipe.dataset, "train", classes=recipe.classes)
     test_split = load_dataset(recipe.dataset, "test", classes=recipe.classes)
     model = build_model(recipe.name)
@@ -393,24 +398,31 @@ def _train_recipe(recipe: ZooRecipe, progress: bool) -> dict[str, Any]:
     )
     accuracy = evaluate(model, test_split)
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    data = save_safetensors(tensors, metadata={"name": recipe.name, "spec": recipe.spec})
+    # One metadata key: safetensors writes a multi-key metadata map in hash order, which would make the bytes
+    # (and the manifest's sha256) differ between identical trainings.
+    meta = json.dumps({"name": recipe.name, "spec": recipe.spec}, sort_keys=True)
+    data = save_safetensors(tensors, metadata={"zoocompiler": meta})
     return {
         "name": recipe.name,
         "spec": recipe.spec,
         "classes": list(recipe.classes),
         "dataset": recipe.dataset,
         "input_shape": list(recipe.input_shape),
-        "test_accuracy": round(accuracy, 4),
+        "test_accuracy": accuracy,
         "params": sum(p.numel() for p in model.parameters()),
         "macs": count_macs(model, recipe.input_shape),
         "file": _file_name(recipe.name),
         "sha256": hashlib.sha256(data).hexdigest(),
         "train_seconds": round(history.seconds, 1),
-        "epochs": recipe.epochs,
-        "seed": recipe.seed,
+        "recipe": {
+            "epochs": recipe.epochs,
+            "lr": recipe.lr,
+            "batch_size": recipe.batch_size,
+            "augment": recipe.augment,
+            "seed": recipe.seed,
+        },
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
-        "_bytes": data,
-    }
+    }, data
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -68,8 +68,8 @@ def _workaround_optimizers(model: str | os.PathLike[str] | bytes, providers: lis
     """Graph transformers to disable to avoid known ONNX Runtime crashes for this model.
 
     NchwcTransformer segfaults (null deref) on the CPU EP when a Transpose feeds an fp16 MatMul,
-    which ORT wraps in Casts to fp32 (microsoft/onnxruntime#28392; seen in 1.31.1 on every
-    torchvision ViT/Swin fp16 export). It only re-lays-out fp32 convolutions, so fp16 graphs lose nothing.
+    which ORT wraps in Casts to fp32 (microsoft/onnxruntime#28392; seen in 1.31.1 on torchvision's
+    ViT-B/16 fp16 export). It only re-lays-out fp32 convolutions into NCHWc blocks; fp32 models keep it.
     """
     if "CPUExecutionProvider" not in providers:
         return []

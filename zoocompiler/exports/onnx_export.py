@@ -361,7 +361,8 @@ def _failure(errors: dict[str, BaseException], fp16: bool) -> ExportError:
         )
     summary = "; ".join(f"{name}: {_one_line(e)}" for name, e in errors.items())
     fix = (
-        "export in fp32 (fp16=False), or run it on a provider with fp16 kernels (e.g. CUDAExecutionProvider)"
+        "if the fp32 export (fp16=False) works, run the fp16 model on a provider with fp16 kernels "
+        "(e.g. CUDAExecutionProvider) or keep fp32"
         if fp16
         else "make the failing module export-friendly or export a smaller block; "
         "pass exporters=('dynamo',) to see one exporter's full error"

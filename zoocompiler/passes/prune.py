@@ -1,0 +1,251 @@
+"""Physical prune: a new, smaller GraphModule that keeps the units a :class:`~.plans.Plan` names.
+
+``prune(gm, plan)`` deep-copies ``gm``, slices every parameter and buffer member of the plan's unit
+groups, updates module attributes (channels, features, conv groups, norm sizes), inserts the pad
+scatters (``pad`` strategy), rewrites size-encoding node arguments and checks every value's shape
+on the example input (:mod:`.prune_args`). ``masked_reference(gm, plan)`` is the semantics it must
+equal: a copy of ``gm`` with the removed units zeroed (docs/prune.md). The input is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import PassError
+from ..ir import META_KEY, GraphInfo, graph_info
+from .costs import total_cost
+from .plans import STRATEGIES, Plan, validate_plan
+from .prune_args import ArgRewriter, Layout
+from .prune_layout import PruneLayout, compute_layout, old_shape, tensor_of
+
+
+@dataclass
+class PruneReport:
+    """Sizes before/after (MACs at the example input's batch size) and what each group kept."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    per_group: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> kept, size, strategy
+    macs_by_strategy: dict[str, int | None] = field(default_factory=dict)  # None: strategy not applicable
+    scatters: int = 0  # pad scatter nodes inserted
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / max(1, self.params_before)
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.macs_after / max(1, self.macs_before)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["param_ratio"], d["mac_ratio"] = self.param_ratio, self.mac_ratio
+        return d
+
+
+@dataclass
+class PruneResult:
+    module: fx.GraphModule
+    report: PruneReport
+
+
+def count_params(module: nn.Module) -> int:
+    """Parameters of ``module``, each shared tensor counted once."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def count_macs(module: nn.Module, x: torch.Tensor) -> int:
+    """MACs (FLOPs / 2) of one forward pass on ``x``, by ``torch.utils.flop_counter``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return int(counter.get_total_flops()) // 2
+
+
+def _example(gm: fx.GraphModule) -> torch.Tensor:
+    x = graph_info(gm).example_input
+    if x is None or not graph_info(gm).unit_groups:
+        raise PassError("graph has no example input or unit groups", "trace it with zoocompiler.trace(model, x)")
+    return x
+
+
+# ----------------------------------------------------------------------------- masked reference
+
+
+def masked_reference(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """A copy of ``gm`` with every removed unit zeroed in all its parameter members (producers and
+    consumers; BatchNorm running statistics are left alone) and, for ``pad``, each producer's
+    unkept union units zeroed in that producer's layer and norms. See docs/prune.md."""
+    validate_plan(gm, plan)
+    layout = compute_layout(gm, plan)
+    ref = copy.deepcopy(gm)
+    with torch.no_grad():
+        for name, dims in layout.zero.items():
+            t = tensor_of(ref, name)
+            if not t.is_floating_point():
+                continue
+            for dim, positions in dims.items():
+                t.index_fill_(dim, torch.tensor(positions, dtype=torch.long), 0.0)
+    return ref
+
+
+# ----------------------------------------------------------------------------- physical rewrite
+
+
+def _slice_state(new: fx.GraphModule, layout: PruneLayout) -> set[str]:
+    """Slice parameters/buffers in place on the copy; return the owning module paths."""
+    owners: set[str] = set()
+    for name, dims in layout.params.items():
+        owner, _, attr = name.rpartition(".")
+        mod = new.get_submodule(owner) if owner else new
+        t = getattr(mod, attr).detach()
+        for dim, kept in sorted(dims.items()):
+            t = t.index_select(dim, torch.tensor(kept, dtype=torch.long))
+        if attr in mod._parameters:
+            mod._parameters[attr] = nn.Parameter(t.contiguous(), requires_grad=mod._parameters[attr].requires_grad)
+        else:
+            mod._buffers[attr] = t.contiguous()
+        owners.add(owner)
+    return owners
+
+
+def _fix_module(path: str, old: nn.Module, mod: nn.Module) -> None:
+    """Update the size attributes of a module whose parameters were sliced."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        out = mod.weight.shape[0]
+        groups = old.groups
+        if old.groups > 1 and old.weight.shape[1] == 1:  # depthwise (with channel multiplier)
+            groups = out // (old.out_channels // old.groups)
+        if groups < 1 or out % groups:
+            raise PassError(f"conv '{path}': {out} output channels do not split into {groups} groups",
+                            "keep whole conv groups (the plan violates the group's structure)")
+        mod.groups, mod.out_channels, mod.in_channels = groups, out, mod.weight.shape[1] * groups
+    elif isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        ref = mod.weight if mod.weight is not None else mod.running_mean
+        mod.num_features = ref.shape[0]
+    elif isinstance(mod, nn.GroupNorm):
+        c = mod.weight.shape[0]
+        if (old.num_groups * c) % old.num_channels:
+            raise PassError(f"GroupNorm '{path}': {c} channels are not whole norm groups", "keep whole norm groups")
+        mod.num_groups, mod.num_channels = old.num_groups * c // old.num_channels, c
+    elif isinstance(mod, nn.LayerNorm):
+        mod.normalized_shape = tuple(mod.weight.shape)
+    elif isinstance(mod, nn.Embedding):
+        mod.embedding_dim = mod.weight.shape[1]
+    elif path != "" and any(True for _ in mod.parameters(recurse=False)):
+        raise PassError(f"module '{path}' ({type(mod).__name__}) has pruned parameters but unknown size attributes",
+                        "keep the unit groups of this module unpruned")
+
+
+def _insert_scatters(new: fx.GraphModule, layout: PruneLayout, layouts: dict[str, Layout],
+                     expected: dict[str, tuple[int, ...]]) -> int:
+    """Pad: after each producer chain, scatter its units into the union space (F.pad + index_select)."""
+    nodes = {n.name: n for n in new.graph.nodes}
+    for i, sc in enumerate(layout.scatters):
+        end = nodes[sc.after]
+        pre_shape = expected.get(end.name) or old_shape(end)
+        rank = len(pre_shape)
+        buf = f"_zc_pad_index_{i}"
+        new.register_buffer(buf, torch.tensor(sc.index, dtype=torch.long))
+        pad = (0, 0) * (rank - 1 - sc.dim) + (0, 1)
+        with new.graph.inserting_after(end):
+            padded = new.graph.call_function(F.pad, (end, pad))
+        with new.graph.inserting_after(padded):
+            index = new.graph.get_attr(buf)
+        with new.graph.inserting_after(index):
+            scattered = new.graph.call_function(torch.index_select, (padded, sc.dim, index))
+        end.replace_all_uses_with(scattered, delete_user_cb=lambda u, keep=padded: u is not keep)
+        post = list(pre_shape)
+        post[sc.dim] = len(sc.index)
+        expected[scattered.name] = tuple(post)
+        grown = list(pre_shape)
+        grown[sc.dim] += 1
+        expected[padded.name] = tuple(grown)
+        post_layout = layout.values.get(sc.after)
+        if post_layout is not None:
+            dim, kept = post_layout
+            layouts[scattered.name] = (dim, kept, old_shape(end)[dim])
+    return len(layout.scatters)
+
+
+def _expected(gm: fx.GraphModule, layout: PruneLayout) -> tuple[dict[str, tuple[int, ...]], dict[str, Layout]]:
+    expected: dict[str, tuple[int, ...]] = {}
+    layouts: dict[str, Layout] = {}
+    for n in gm.graph.nodes:
+        shape = old_shape(n)
+        if shape is None:
+            continue
+        lay = layout.pre_values.get(n.name) or layout.values.get(n.name)
+        if lay is not None:
+            dim, kept = lay
+            layouts[n.name] = (dim, kept, shape[dim])
+            shape = shape[:dim] + (len(kept),) + shape[dim + 1 :]
+        expected[n.name] = shape
+    return expected, layouts
+
+
+def build_pruned(gm: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, PruneLayout, int, int]:
+    """The pruned module (validated plan assumed), its layout, the number of pad scatters and its MACs
+    on the example input."""
+    x = _example(gm)
+    layout = compute_layout(gm, plan)
+    new = copy.deepcopy(gm)
+    for path in sorted(_slice_state(new, layout)):
+        _fix_module(path, gm.get_submodule(path) if path else gm, new.get_submodule(path) if path else new)
+    expected, layouts = _expected(gm, layout)
+    scatters = _insert_scatters(new, layout, layouts, expected)
+    orig = {n.name: n for n in gm.graph.nodes}
+    modes = {m: m.training for m in new.modules()}
+    for m in modes:
+        m.training = False
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ArgRewriter(new, expected, layouts, orig, gm).propagate(x)
+    new.graph.lint()
+    new.recompile()
+    for n in new.graph.nodes:
+        n.meta.pop(META_KEY, None)
+    for m, mode in modes.items():
+        m.training = mode
+    new.meta[META_KEY] = GraphInfo(example_input=x.clone(), tracer=graph_info(gm).tracer,
+                                   extra={"pruned_from": graph_info(gm).extra.get("spec")})
+    return new, layout, scatters, int(counter.get_total_flops()) // 2
+
+
+def prune(gm: fx.GraphModule, plan: Plan, *, strategy_macs: bool = True) -> PruneResult:
+    """Physically prune ``gm`` by ``plan``: a new, smaller GraphModule plus a :class:`PruneReport`.
+
+    Raises ``PassError`` (nothing modified) if the plan does not fit the graph or an op's size
+    arguments cannot be rewritten. ``strategy_macs=False`` skips the MACs of the other strategies.
+    """
+    validate_plan(gm, plan)
+    new, layout, scatters, macs_after = build_pruned(gm, plan)
+    by_strategy: dict[str, int | None] = {s: macs_after for s in STRATEGIES}
+    if plan.producer_keep and strategy_macs:
+        for s in STRATEGIES:
+            try:
+                other = plan.with_strategy(s)
+                validate_plan(gm, other)
+                by_strategy[s] = build_pruned(gm, other)[3]
+            except PassError:
+                by_strategy[s] = None
+    report = PruneReport(
+        params_before=count_params(gm),
+        params_after=count_params(new),
+        macs_before=total_cost(gm).macs,
+        macs_after=macs_after,
+        per_group=layout.groups,
+        macs_by_strategy=by_strategy,
+        scatters=scatters,
+    )
+    return PruneResult(new, report)
