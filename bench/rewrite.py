@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import sys
 import tempfile
@@ -289,7 +290,9 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
 
 def verdicts(rows: list[dict], large_batch: str) -> list[dict]:
     """Per model and zoocompiler method: is the 50 % target met on the large batch (speedup >= 0.8 × MAC
-    reduction), and is each pruned model no slower than Torch-Pruning's at the same ratio and batch?"""
+    reduction); is each pruned model no slower than Torch-Pruning's at the same ratio and batch (absolute
+    latency: Torch-Pruning removes more MACs at the same nominal ratio, see docs/bench_rewrite.md); and is
+    its latency per MAC (latency ratio / MAC ratio) no worse than Torch-Pruning's?"""
     ok = [r for r in rows if "error" not in r]
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -312,8 +315,19 @@ def verdicts(rows: list[dict], large_batch: str) -> list[dict]:
                 if ratio in tp_rows
                 for batch in ours[ratio]["latency_ms"]
             }
+            entry["latency_per_mac_not_worse_than_tp"] = {
+                f"{ratio}@b{batch}": _per_mac(ours[ratio], batch) <= _per_mac(tp_rows[ratio], batch)
+                for ratio in ours
+                if ratio in tp_rows
+                for batch in ours[ratio]["latency_ms"]
+            }
             out.append(entry)
     return out
+
+
+def _per_mac(row: dict, batch: str) -> float:
+    """Latency ratio over MAC ratio: 1.0 when latency falls exactly with MACs, > 1 when it falls less."""
+    return row["latency_ratio"][batch] / row["mac_ratio"]
 
 
 def _fmt_ratio(value: float | None) -> str:
@@ -396,6 +410,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--round-to", type=int, default=16, help="channel multiple of the zoocompiler+round rows")
     parser.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning rows")
     parser.add_argument("--out", type=Path, default=RESULTS / "rewrite.json", help="JSON results path")
+    parser.add_argument(
+        "--render-only", action="store_true", help="re-render table, verdicts and plot from an existing --out JSON"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.models = (args.models or ("resnet18,mobilenet_v3_small" if quick else ",".join(MODELS))).split(",")
@@ -408,8 +425,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def rerender(path: Path) -> int:
+    """Recompute verdicts, rewrite the JSON and the plot, and print the table of an earlier run."""
+    result = json.loads(path.read_text())
+    s = result["setup"]
+    setup = Setup(s["input"][1], tuple(s["batches"]), s["runs"], s["warmup"], s["threads"], (), s.get("round_to", 0))
+    result["verdicts"] = verdicts(result["rows"], str(max(setup.batches)))
+    write_json_atomic(path, result)
+    plot(result["rows"], [str(b) for b in setup.batches], path.with_suffix(".png"))
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    render(console, result["rows"], setup)
+    console.print(result["verdicts"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_only:
+        return rerender(args.out)
     setup = Setup(
         size=args.size,
         batches=args.batches,

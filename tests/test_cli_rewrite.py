@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -67,7 +68,9 @@ def resnet18(weights: Path) -> torch.nn.Module:
     return load_model(SPEC, checkpoint=weights).eval()
 
 
-def traced_resnet18(weights: Path) -> torch.fx.GraphModule:
+@pytest.fixture(scope="module")
+def traced(weights) -> torch.fx.GraphModule:
+    """The graph the CLI traces (same weights, same seeded example input); rewrites leave it untouched."""
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(cli.EXAMPLE_SEED))
     return trace(resnet18(weights), x)
 
@@ -98,7 +101,7 @@ def test_prune_writes_plan_model_and_report(pruned):
     assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def test_prune_report_numbers_are_consistent(pruned, weights):
+def test_prune_report_numbers_are_consistent(pruned, traced):
     out_dir, data = pruned
     p = data["prune"]
     assert p["params_after"] < p["params_before"] == sum(t.numel() for t in load_model(SPEC).parameters())
@@ -114,7 +117,7 @@ def test_prune_report_numbers_are_consistent(pruned, weights):
         "seed": 0,
     }
     # The plan on disk, replayed through the Python API, gives the module the report describes ...
-    result = prune(traced_resnet18(weights), plans.Plan.load(out_dir / "plan.json"))
+    result = prune(traced, plans.Plan.load(out_dir / "plan.json"))
     assert sum(t.numel() for t in result.module.parameters()) == p["params_after"]
     # ... and the ONNX file computes that module.
     x = example()
@@ -198,11 +201,10 @@ def _edited_plan(source: Path, target: Path, edit) -> Path:
     return target
 
 
-def test_prune_plan_pruning_a_pinned_group_is_rejected(pruned, weights, tmp_path):
+def test_prune_plan_pruning_a_pinned_group_is_rejected(pruned, weights, traced, tmp_path):
     out_dir, _ = pruned
-    gm = traced_resnet18(weights)
-    keys = plans.group_keys(gm)
-    pinned = next(keys[g.gid] for g in graph_info(gm).unit_groups if g.pinned)
+    keys = plans.group_keys(traced)
+    pinned = next(keys[g.gid] for g in graph_info(traced).unit_groups if g.pinned)
     plan_path = _edited_plan(out_dir / "plan.json", tmp_path / "plan.json", lambda d: d["keep"].update({pinned: [0]}))
     target = tmp_path / "out"
     code, _, err = run_resnet18("prune", weights, "--plan", str(plan_path), "--out", str(target))
@@ -272,3 +274,38 @@ def test_fuse_bad_input_shape_is_one_line(tmp_path):
     assert code == 2
     assert_one_line_error(err, "bad --input-shape '3,32'")
     assert not path.exists()
+
+
+def test_prune_options_reach_the_plan(tmp_path):
+    out_dir = tmp_path / "out"
+    argv = ["--ratio", "0.6", "--importance", "l2", "--strategy", "pad", "--round-to", "4", "--out", str(out_dir)]
+    code, out, err = run("prune", TINY, *argv, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["plan"] == {
+        "source": "computed",
+        "ratio": 0.6,
+        "importance": "l2",
+        "strategy": "pad",
+        "round_to": 4,
+        "seed": 0,
+    }
+    plan = plans.Plan.load(out_dir / "plan.json")
+    assert plan.strategy == "pad"
+    assert plan.keep and all(len(kept) == 4 for kept in plan.keep.values())  # 8 channels, 60 % off, rounded to 4
+
+
+@pytest.mark.parametrize("command", ["prune", "fuse"])
+def test_help_documents_every_option(command):
+    parser = next(
+        action.choices[command]
+        for action in cli.build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    code, out, _ = run(command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: zoocompile {command}")
+    for action in parser._actions:
+        assert action.help, f"{action.dest} has no help text"
+        for flag in action.option_strings:
+            assert flag in out

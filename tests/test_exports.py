@@ -78,7 +78,10 @@ def tiny() -> nn.Module:
 
 
 def ort_run(path, x: torch.Tensor) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """A plain ONNX Runtime session, independent of ``ort_session`` except for the onnxruntime#28392 workaround."""
+    session = ort.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"]
+    )
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 

@@ -27,7 +27,7 @@ from zoocompiler.passes.prune import count_params, masked_reference, prune
 from zoocompiler.sources import load_model
 from zoocompiler.tracing import trace
 
-ONNX_ARCHS = {"tv_resnet18", "tv_mobilenet_v3_small", "timm_vit_tiny", "tv_regnet_y_400mf", "tv_shufflenet_v2_x0_5"}
+ONNX_ARCHS = {"tv_resnet18", "tv_mobilenet_v3_small", "timm_vit_tiny", "tv_shufflenet_v2_x0_5"}
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -115,7 +115,12 @@ def assert_unchanged(gm: torch.fx.GraphModule, snap: tuple[str, dict[str, torch.
 # ----------------------------------------------------------------------------- architecture matrix
 
 
-@pytest.mark.parametrize("arch_id", ARCH_IDS)
+HEAVY_ARCHS = {"tv_resnet50", "tv_densenet121", "tv_efficientnet_b0", "tv_vit_b_16", "tv_swin_t", "tv_convnext_tiny",
+               "timm_efficientnet_b0", "tv_regnet_y_400mf", "timm_deit_tiny"}
+MATRIX = [pytest.param(a, marks=pytest.mark.slow) if a in HEAVY_ARCHS else a for a in ARCH_IDS]
+
+
+@pytest.mark.parametrize("arch_id", MATRIX)
 def test_architecture_prune_equals_masked_reference(arch_id, tmp_path):
     _, x, base = traced(arch_id)
     gm = randomized(base)
@@ -157,7 +162,7 @@ def test_architecture_pruned_onnx_parity(arch_id, tmp_path):
 # ----------------------------------------------------------------------------- strategies
 
 
-@pytest.mark.parametrize("arch_id", ["tv_resnet18", "tv_resnet50"])
+@pytest.mark.parametrize("arch_id", ["tv_resnet18", pytest.param("tv_resnet50", marks=pytest.mark.slow)])
 def test_residual_strategies_equal_their_references(arch_id, tmp_path):
     _, x, base = traced(arch_id)
     gm = randomized(base)

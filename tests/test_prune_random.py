@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +17,10 @@ from random_models import build_random_net, random_net_specs
 from test_prune import assert_close, expected_params, random_plan
 
 from zoocompiler.exports.onnx_export import export_onnx
+from zoocompiler.passes.plans import STRATEGIES
 from zoocompiler.passes.prune import count_params, masked_reference, prune
+from zoocompiler.passes.shapes import ShapePass
+from zoocompiler.passes.unit_groups import UnitGroupPass
 from zoocompiler.tracing import trace
 
 CASES = {"equal": 0, "pad": 0, "onnx": 0}  # generated cases that passed (printed by -s)
@@ -26,7 +30,9 @@ def _case(spec, seed: int, strategy: str):
     kwargs, shape = spec
     net = build_random_net(kwargs, seed=seed)
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
-    gm = trace(net, x)
+    gm = trace(net, x, analyze=False)
+    ShapePass()(gm)  # prune needs shapes and unit groups only
+    UnitGroupPass()(gm)
     return gm, x, random_plan(gm, seed=seed, strategy=strategy)
 
 
@@ -39,10 +45,26 @@ def _check_equal(gm, x, plan):
     return result, scale
 
 
-@settings(max_examples=100, deadline=None)
-@given(spec=random_net_specs(max_blocks=4), seed=st.integers(0, 10_000), strategy=st.sampled_from(["union",
-                                                                                                 "intersection"]))
+STRATEGY = st.sampled_from(["union", "intersection"])
+
+
+@settings(max_examples=50, deadline=None)
+@given(spec=random_net_specs(max_blocks=4), seed=st.integers(0, 10_000), strategy=STRATEGY)
 def test_random_prune_equals_masked_reference(spec, seed, strategy):
+    _prune_case(spec, seed, strategy)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None)
+@given(spec=random_net_specs(max_blocks=6), seed=st.integers(0, 10_000), strategy=st.sampled_from(STRATEGIES))
+def test_random_prune_many(spec, seed, strategy):
+    if strategy == "pad":
+        _pad_case(spec, seed)
+    else:
+        _prune_case(spec, seed, strategy)
+
+
+def _prune_case(spec, seed, strategy):
     gm, x, plan = _case(spec, seed, strategy)
     if not plan.keep:
         return
@@ -51,9 +73,13 @@ def test_random_prune_equals_masked_reference(spec, seed, strategy):
     CASES["equal"] += 1
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(spec=random_net_specs(max_blocks=4), seed=st.integers(0, 10_000))
 def test_random_pad_equals_masked_reference(spec, seed):
+    _pad_case(spec, seed)
+
+
+def _pad_case(spec, seed):
     gm, x, plan = _case(spec, seed, "pad")
     if not plan.keep:
         return
@@ -64,7 +90,7 @@ def test_random_pad_equals_masked_reference(spec, seed):
     CASES["pad"] += 1
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(spec=random_net_specs(max_blocks=3), seed=st.integers(0, 10_000), strategy=st.sampled_from(["union", "pad"]))
 def test_random_pruned_exports_to_onnx(spec, seed, strategy, tmp_path_factory):
     gm, x, plan = _case(spec, seed, strategy)

@@ -719,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     prune_cmd.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
-    prune_cmd.add_argument("--out", required=True, metavar="DIR", help="directory to write (must not exist)")
+    prune_cmd.add_argument("--out", required=True, metavar="DIR", help="directory to write (new, or --force)")
     prune_cmd.add_argument("--force", action="store_true", help="replace an existing --out directory")
     prune_cmd.add_argument("--ratio", type=float, metavar="R", help="fraction of units to remove per group, 0 < R < 1")
     prune_cmd.add_argument("--plan", metavar="FILE", help="replay this plan.json instead of computing one")

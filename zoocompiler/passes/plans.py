@@ -299,8 +299,9 @@ def _round_set(units: list[int], scores: np.ndarray, round_to: int | None, grow:
     size = len(scores)
     if not round_to or len(units) % round_to == 0:
         return units
-    if grow or len(units) < round_to:
-        target = min(math.ceil(len(units) / round_to) * round_to, size)
+    up = math.ceil(len(units) / round_to) * round_to
+    if (grow and up <= size) or len(units) < round_to:
+        target = min(up, size)
         extra = [u for u in _top(scores, size) if u not in set(units)]
         extra = sorted(extra, key=lambda u: (-scores[u], u))[: target - len(units)]
         return sorted(set(units) | set(extra))
@@ -354,7 +355,10 @@ def plan_by_importance(
         per = {name: _top(scores(ms, g.size, f"{key}:{name}"), k) for name, ms in prods.items()}
         plan.producer_keep[key] = per
         derived = derive_keep(per, strategy) or _top(group_scores, round_to or 1)
-        plan.keep[key] = _round_set(derived, group_scores, round_to, grow=strategy != "intersection")
+        keep = _round_set(derived, group_scores, round_to, grow=strategy != "intersection")
+        plan.keep[key] = keep
+        if strategy == "pad":  # a shrunk union: producers keep only units the group keeps
+            plan.producer_keep[key] = {p: sorted(set(v) & set(keep)) or keep[:1] for p, v in per.items()}
     x = graph_info(gm).example_input
     plan.meta = {
         "ratio": ratio,

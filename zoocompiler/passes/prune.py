@@ -184,7 +184,7 @@ def _expected(gm: fx.GraphModule, layout: PruneLayout) -> tuple[dict[str, tuple[
     layouts: dict[str, Layout] = {}
     for n in gm.graph.nodes:
         shape = old_shape(n)
-        if shape is None:
+        if shape is None or n.op == "get_attr":  # parameter reads: their slicing is authoritative
             continue
         lay = layout.pre_values.get(n.name) or layout.values.get(n.name)
         if lay is not None:
@@ -201,7 +201,8 @@ def build_pruned(gm: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, PruneL
     x = _example(gm)
     layout = compute_layout(gm, plan)
     new = copy.deepcopy(gm)
-    for path in sorted(_slice_state(new, layout)):
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for path in sorted(_slice_state(new, layout) & called):  # others are only read via get_attr
         _fix_module(path, gm.get_submodule(path) if path else gm, new.get_submodule(path) if path else new)
     expected, layouts = _expected(gm, layout)
     scatters = _insert_scatters(new, layout, layouts, expected)
