@@ -1,12 +1,13 @@
 """Retrain the demo zoo from scratch (seeded) and rewrite ``zoocompiler/zoo_weights``.
 
-Usage: ``python scripts/train_demo_zoo.py [--names resnet_s vgg_s ...] [--out-dir DIR] [--keep]``.
+Usage: ``python scripts/train_demo_zoo.py [--names resnet_s vgg_s ...] [--out-dir DIR] [--keep] [--jobs N]``.
 Calls ``zoocompiler.zoo.build_zoo(force=True)`` and prints the accuracy table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,10 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--names", nargs="+", help="zoo models to train (default: all)")
     parser.add_argument("--out-dir", type=Path, help="where to write weights + manifest (default: the package)")
     parser.add_argument("--keep", action="store_true", help="skip models whose weights are already valid")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="models trained in parallel (default: cores)"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    entries = zoo.build_zoo(args.names, force=not args.keep, progress=sys.stderr.isatty(), out_dir=args.out_dir)
-    folder = args.out_dir or zoo.PACKAGE_WEIGHTS_DIR
+    entries = zoo.build_zoo(args.names, force=not args.keep, progress=True, out_dir=args.out_dir, jobs=args.jobs)
+    folder = entries[0].weights_file.parent
     records = zoo.read_manifest(folder)
     table = Table(title=f"demo zoo ({folder})")
     for column in ("model", "architecture", "classes", "params", "MACs", "test acc", "train s"):

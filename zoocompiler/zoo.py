@@ -12,9 +12,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,25 +281,30 @@ def build_zoo(
     force: bool = False,
     progress: bool = True,
     out_dir: Path | None = None,
+    jobs: int = 1,
 ) -> list[ZooEntry]:
     """Train the named zoo models (all by default) that ``out_dir`` lacks, or all of them with ``force``.
 
-    ``out_dir`` defaults to the package's ``zoo_weights`` when writable, else the cache. Each model's
-    weights and the manifest are written atomically as soon as it is trained. Returns the entries as
-    recorded in ``out_dir``.
+    ``out_dir`` defaults to the package's ``zoo_weights`` when writable, else the cache. ``jobs > 1``
+    trains that many models at once in worker processes (one thread each; same weights as ``jobs=1``).
+    Each model's weights and the manifest are written atomically as soon as it is trained. Returns the
+    entries as recorded in ``out_dir``.
     """
     target = Path(out_dir) if out_dir is not None else _default_out_dir()
     selected = [_recipe(n) for n in names] if names is not None else list(_RECIPES)
-    for recipe in selected:
-        manifest = read_manifest(target)
-        record = manifest.get(recipe.name)
-        if not force and record is not None and _file_matches(target / _file_name(recipe.name), record["sha256"]):
-            continue
-        record, data = _train_recipe(recipe, progress)
-        write_bytes_atomic(target / record["file"], data)
-        manifest = read_manifest(target)  # re-read: another process may have added models meanwhile
-        manifest[recipe.name] = record
-        _write_manifest(target, manifest)
+    todo = [r for r in selected if force or not _is_built(target, r.name)]
+    if jobs > 1 and len(todo) > 1:
+        context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+            futures = [pool.submit(_train_named, r.name) for r in todo]
+            for future in as_completed(futures):
+                record, data = future.result()
+                _store(target, record, data)
+                if progress:
+                    print(f"zoocompiler: trained {record['name']} ({record['test_accuracy']:.1%})", file=sys.stderr)
+    else:
+        for recipe in todo:
+            _store(target, *_train_recipe(recipe, progress))
     manifest = read_manifest(target)
     return [_make_entry(r, target / _file_name(r.name), manifest.get(r.name, {})) for r in selected]
 
@@ -376,8 +383,24 @@ def _load_verified(recipe: ZooRecipe, path: Path, record: dict[str, Any] | None)
     return model.eval()
 
 
-def _file_matches(path: Path, sha256: str) -> bool:
-    return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+def _is_built(folder: Path, name: str) -> bool:
+    """Whether ``folder`` holds ``name``'s weights with the sha256 its manifest records."""
+    record = read_manifest(folder).get(name)
+    path = folder / _file_name(name)
+    return record is not None and path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
+
+
+def _store(folder: Path, record: dict[str, Any], data: bytes) -> None:
+    """Write one model's weights, then its manifest record (both atomically)."""
+    write_bytes_atomic(folder / record["file"], data)
+    manifest = read_manifest(folder)  # re-read: another process may have added models meanwhile
+    manifest[record["name"]] = record
+    _write_manifest(folder, manifest)
+
+
+def _train_named(name: str) -> tuple[dict[str, Any], bytes]:
+    """Worker-process entry point for ``build_zoo(jobs>1)``."""
+    return _train_recipe(_recipe(name), progress=False)
 
 
 def _train_recipe(recipe: ZooRecipe, progress: bool) -> tuple[dict[str, Any], bytes]:
