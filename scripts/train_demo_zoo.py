@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = "all 10" if len(e.classes) == 10 else ",".join(map(str, e.classes))
         table.add_row(
             e.name,
-            e.spec,
+            type(zoo.build_model(e.name)).__name__,
             classes,
             f"{r.get('params', 0):,}",
             f"{r.get('macs', 0) / 1e6:.2f}M",
