@@ -28,7 +28,7 @@ from zoocompiler.passes.costs import total_cost  # noqa: E402
 
 
 def _reason_kind(reason: str) -> str:
-    return reason.split(" at ")[0].split(":")[0][:60]
+    return reason.split(" (node ")[0].split(" at ")[0].split(":")[0][:60]
 
 
 def analyse(case, onnx: bool) -> dict:

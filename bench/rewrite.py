@@ -142,7 +142,8 @@ def zoocompiler_variants(
     from zoocompiler.passes.prune import masked_reference, prune
 
     gm = trace(model, x)
-    plan = plan_by_importance(gm, ratio, importance="l1", round_to=round_to)
+    # group scope: every producer of a residual stream keeps the same units, as Torch-Pruning does
+    plan = plan_by_importance(gm, ratio, importance="l1", round_to=round_to, scope="group")
     result = prune(gm, plan)
     masked = masked_reference(gm, plan)
     with torch.no_grad():

@@ -289,6 +289,7 @@ def test_prune_options_reach_the_plan(tmp_path):
         "strategy": "pad",
         "round_to": 4,
         "seed": 0,
+        "scope": "producer",
     }
     plan = plans.Plan.load(out_dir / "plan.json")
     assert plan.strategy == "pad"

@@ -381,3 +381,20 @@ def test_unrewritten_size_argument_fails_closed(monkeypatch):
     with pytest.raises(PassError, match=r"at node reshape\w* \((reshape|view)\)"):
         prune(gm, Plan(keep={heads: [0]}))
     assert_unchanged(gm, snap)
+
+
+def test_group_scope_keeps_the_same_units_in_every_producer():
+    _, x, base = traced("tv_resnet18")
+    gm = randomized(base)
+    by_key = groups_by_key(gm)
+    plan = plan_by_importance(gm, 0.5, importance="l1", scope="group")
+    assert not plan.producer_keep and plan.meta["scope"] == "group"
+    assert all(len(keep) == by_key[key].size // 2 for key, keep in plan.keep.items())
+    result = prune(gm, plan, strategy_macs=False)
+    producer_plan = plan_by_importance(gm, 0.5, importance="l1")
+    assert result.report.macs_after < prune(gm, producer_plan, strategy_macs=False).report.macs_after
+    with torch.no_grad():
+        scale = gm(x).abs().max().item()
+        assert_close(result.module(x), masked_reference(gm, plan)(x), scale)
+    with pytest.raises(PassError, match="scope"):
+        plan_by_importance(gm, 0.5, scope="layer")

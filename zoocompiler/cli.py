@@ -362,7 +362,12 @@ def _plan_for(args: argparse.Namespace, gm):
         round_to=args.round_to,
         strategy=args.strategy or "union",
         seed=args.seed,
+        scope=_scope(args),
     )
+
+
+def _scope(args: argparse.Namespace) -> str:
+    return args.scope or ("group" if (args.strategy or "union") == "union" else "producer")
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
@@ -398,6 +403,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                 "strategy": plan.strategy,
                 "round_to": args.round_to,
                 "seed": None if args.plan else args.seed,
+                "scope": None if args.plan else _scope(args),
             },
             "prune": _jsonable(result.report.to_dict()),
             "masked_max_abs_diff": masked_diff,
@@ -733,6 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
         "intersection, or its own units padded into the union (default: union; with --plan: the plan's)",
     )
     prune_cmd.add_argument("--round-to", type=int, metavar="N", help="keep unit counts multiples of N (e.g. 8)")
+    prune_cmd.add_argument(
+        "--scope",
+        choices=("group", "producer"),
+        help="rank units per group (every producer of a residual stream keeps the same units, like Torch-Pruning) "
+        "or per producer (each keeps its own top units; the strategies then differ) "
+        "(default: group for union, producer for intersection/pad)",
+    )
     prune_cmd.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --importance random")
     _model_options(prune_cmd)
     _json_option(prune_cmd)

@@ -317,13 +317,17 @@ def plan_by_importance(
     round_to: int | None = None,
     strategy: str = "union",
     seed: int = 0,
+    scope: str = "producer",
 ) -> Plan:
     """Keep the ``1 - ratio`` most important units of every prunable group.
 
     Importance: l1/l2 norm of each unit's producer-parameter slices, or seeded random scores.
-    Multi-producer groups get per-producer choices (each producer its own top units, by its own
-    weights) and ``keep`` = their union (``union``/``pad``) or intersection. ``round_to=N`` keeps
-    every count a multiple of N (never 0, never more than the group size).
+    ``scope="producer"``: multi-producer groups get per-producer choices (each producer its own
+    top units, by its own weights) and ``keep`` = their union (``union``/``pad``) or intersection.
+    ``scope="group"``: one choice per group from the summed importance of all its producers, so
+    every producer keeps the same ``1 - ratio`` units (what Torch-Pruning's group pruning does;
+    the strategies then coincide). ``round_to=N`` keeps every count a multiple of N (never 0,
+    never more than the group size).
     """
     if not 0.0 <= ratio < 1.0:
         raise PassError(f"prune ratio {ratio} is out of range", "use a ratio in [0, 1), e.g. 0.5")
@@ -333,6 +337,8 @@ def plan_by_importance(
         raise PassError(f"unknown strategy '{strategy}'", f"use one of: {', '.join(STRATEGIES)}")
     if round_to is not None and round_to < 1:
         raise PassError(f"round_to={round_to} is not a positive integer", "use e.g. round_to=8")
+    if scope not in ("producer", "group"):
+        raise PassError(f"unknown importance scope '{scope}'", "use 'producer' or 'group'")
     keys = group_keys(gm)
     plan = Plan(strategy=strategy)
 
@@ -349,7 +355,7 @@ def plan_by_importance(
         k = _count(g.size, ratio, round_to)
         group_scores = scores([m for m in g.members if m.role in PRODUCER_ROLES], g.size, key)
         prods = producers(g)
-        if len(prods) < 2:
+        if len(prods) < 2 or scope == "group":
             plan.keep[key] = _top(group_scores, k)
             continue
         per = {name: _top(scores(ms, g.size, f"{key}:{name}"), k) for name, ms in prods.items()}
@@ -366,6 +372,7 @@ def plan_by_importance(
         "round_to": round_to,
         "seed": seed,
         "strategy": strategy,
+        "scope": scope,
         "fingerprint": graph_fingerprint(gm),
         "input_shape": list(x.shape[1:]) if x is not None else None,
     }
