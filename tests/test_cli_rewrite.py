@@ -115,6 +115,7 @@ def test_prune_report_numbers_are_consistent(pruned, traced):
         "strategy": "union",
         "round_to": None,
         "seed": 0,
+        "scope": "group",
     }
     # The plan on disk, replayed through the Python API, gives the module the report describes ...
     result = prune(traced, plans.Plan.load(out_dir / "plan.json"))
