@@ -76,14 +76,7 @@ def block_output_nodes(gm, type_names: tuple[str, ...]) -> dict[str, str]:
     """For every module instance whose class name is in ``type_names``: path → its last graph node."""
     last: dict[str, str] = {}
     for node in gm.graph.nodes:
-        for path, (_, cls) in _module_stack(node):
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
             if getattr(cls, "__name__", str(cls)) in type_names:
                 last[path] = node.name
     return last
-
-
-def _module_stack(node):
-    stack = node.meta.get("nn_module_stack") or {}
-    for value in stack.values():
-        qualified, cls = value
-        yield qualified, (qualified, cls)
