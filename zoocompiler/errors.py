@@ -43,3 +43,7 @@ class ExportError(ZooError):
 
 class PassError(ZooError):
     """An analysis or rewrite pass was given a graph it cannot handle."""
+
+
+class SolverError(ZooError):
+    """A partition or assembly problem with no solution (infeasible budget, too few cut points)."""

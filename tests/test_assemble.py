@@ -1,0 +1,143 @@
+"""Deep Model Reassembly pipeline: zoo loading, building, cost accounting, end-to-end outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from zoocompiler.cli import main
+from zoocompiler.errors import InputShapeError, ZooError
+from zoocompiler.pipelines.assemble import AssembleConfig, analyse_zoo, assemble, model_macs, rebuild, solve
+from zoocompiler.pipelines.assembly_build import ChosenBlock, ProbeActivations, build_body
+from zoocompiler.pipelines.zoo_members import load_member, split_zoo_spec, zoo_specs
+from zoocompiler.solvers.assembly_ilp import Budget, InfeasibleBudgetError
+
+SMALL_ZOO = "resnet_s,vgg_s,mobilenetv3_s"
+
+
+def small_config(tmp_path, **kw) -> AssembleConfig:
+    base = dict(
+        budget=Budget(macs=6e6),
+        zoo=SMALL_ZOO,
+        restarts=8,
+        top=4,
+        tune="none",
+        probe_fraction=0.05,
+        naswot_batches=2,
+        cache_dir=tmp_path / "cache",
+        latency_runs=5,
+    )
+    base.update(kw)
+    return AssembleConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory):
+    return analyse_zoo(small_config(tmp_path_factory.mktemp("zoo")))
+
+
+def test_zoo_spec_grammar():
+    assert split_zoo_spec("zoo:a,timm:b,k=1,j=2, c") == ["zoo:a", "timm:b,k=1,j=2", "zoo:c"]
+    assert len(zoo_specs("demo")) == 7
+    with pytest.raises(ZooError, match="at least two models"):
+        zoo_specs("resnet_s")
+    with pytest.raises(ZooError, match="twice"):
+        zoo_specs("resnet_s,resnet_s")
+
+
+def test_data_with_another_input_shape_fails_closed():
+    with pytest.raises(InputShapeError, match=r"takes inputs of shape \(1, 28, 28\) but the data has \(1, 8, 8\)"):
+        load_member("zoo:resnet_s", (1, 8, 8))
+
+
+def test_contiguous_blocks_of_one_model_rebuild_its_features(analysis):
+    """Blocks that continue each other in one model join without stitches and equal the model's prefix."""
+    member = analysis.members[0]
+    probes = ProbeActivations({member.name: member}, analysis.probe[:16])
+    last = len(member.positions) - 1
+    cuts = [0, 2, last // 2, last - 1, last]
+    blocks = [ChosenBlock(member.name, k, a, b) for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True))]
+    body = torch.nn.Sequential(build_body(blocks, {member.name: member}, probes))
+    assert not any(name.startswith("stitch") for name, _ in body.named_children())
+    x = analysis.probe[:16]
+    want = probes.at(member.name, last)
+    torch.testing.assert_close(body.eval()(x), want, rtol=0, atol=1e-6)
+
+
+def test_partition_covers_every_model(analysis):
+    part = analysis.partition
+    assert len(part.boundaries) == len(analysis.members)
+    for m, bounds in zip(analysis.members, part.boundaries, strict=True):
+        assert bounds[0] == 0 and bounds[-1] == len(m.positions) - 1
+        assert list(bounds) == sorted(set(bounds)) and len(bounds) == part.k + 1
+
+
+def test_ilp_costs_equal_the_built_networks(analysis, tmp_path):
+    """Params and MACs the ILP adds up (blocks + stitches + head) are exactly those of the built network."""
+    from zoocompiler.pipelines.assembly_build import build_assembly
+
+    config = small_config(tmp_path)
+    opts, assemblies, _ = solve(analysis, config)
+    assert assemblies
+    members = {m.name: m for m in analysis.members}
+    probes = ProbeActivations(members, analysis.probe)
+    shape = tuple(analysis.train.input_shape)
+    for a in assemblies[:3]:
+        blocks = [opts.blocks[i] for i in a.blocks]
+        assert [b.stage for b in blocks] == list(range(config.k))
+        net = build_assembly(blocks, members, probes, analysis.train.x[:200], analysis.train.y[:200], 10)
+        assert sum(p.numel() for p in net.parameters()) == a.params
+        assert model_macs(net, shape) == a.macs
+        assert a.macs <= config.budget.macs
+
+
+def test_infeasible_budget_names_the_cheapest(analysis, tmp_path):
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(analysis, small_config(tmp_path, budget=Budget(params=10)))
+    assert info.value.minimum["params"] > 10
+    assert "params=" in str(info.value)
+
+
+def test_assemble_end_to_end(tmp_path):
+    config = small_config(tmp_path, budget=Budget(macs=6e6, params=2e5))
+    out = tmp_path / "out"
+    out.mkdir()
+    report = assemble(config, out)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "report.json", "plan.json", "assembly.safetensors", "similarity.png", "candidates.png"} <= names
+    assert report["macs"] <= 6e6 and report["params"] <= 2e5
+    assert len(report["chosen"]) == config.k
+    assert report["export"]["max_abs_diff"] <= 1e-4
+    assert report["naswot"] == max(c["naswot"] for c in report["candidates"])
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["accuracy"] == report["accuracy"] and 0.0 <= report["accuracy"] <= 1.0
+    # the plan rebuilds the untuned assembly exactly, and ONNX Runtime agrees with it
+    net = rebuild(json.loads((out / "plan.json").read_text()))
+    x = torch.randn(3, 1, 28, 28)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(net(x).numpy(), onnx_out, atol=1e-4, rtol=0)
+
+
+def test_cli_infeasible_budget_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "asm"
+    argv = ["assemble", "--zoo", SMALL_ZOO, "--budget", "params=10", "--restarts", "4", "--out", str(out)]
+    argv += ["--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "params=" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".asm*"))
+
+
+def test_cli_partition_json(tmp_path, capsys):
+    argv = ["partition", "--zoo", SMALL_ZOO, "-K", "3", "--restarts", "4", "--json"]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["k"] == 3 and data["restarts"] == 4
+    assert len(data["sets"]) == 3 * 3  # K blocks for each of the 3 models
+    assert sum(r["anchor"] for r in data["sets"]) == 3

@@ -1,0 +1,368 @@
+"""Deep Model Reassembly end to end: similarity → partition → ILP top-M → NASWOT re-rank → build → tune → ONNX.
+
+``assemble(config, out_dir)`` writes ``model.onnx`` (parity checked), ``report.json``, ``plan.json``,
+``assembly.safetensors`` (the tuned weights) and two PNG plots into ``out_dir`` and returns the
+report. ``rebuild(plan)`` rebuilds the untuned assembly from the zoo and the data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from ..atomic import write_text_atomic
+from ..data import DataSplit, load_dataset
+from ..errors import ZooError
+from ..solvers.assembly_ilp import Assembly, Budget, solve_assemblies
+from ..solvers.naswot import naswot
+from ..solvers.partition import Partition
+from ..training import train as train_model
+from .assembly_build import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
+from .assembly_problem import AssemblyOptions, assembly_options, partition_members
+from .similarity import ZooSimilarity, probe_batch, probe_data_key, weights_hash, zoo_similarity
+from .zoo_members import ZooMember, load_members
+
+TUNE_MODES = ("frozen", "full", "none")
+PLAN_VERSION = 1
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class AssembleConfig:
+    """Every option of ``zoocompile assemble`` (defaults: the paper's K=4, ε=0.2, R=200, NASWOT 5×32)."""
+
+    budget: Budget
+    zoo: str = "demo"
+    data: str = "mnist5k"
+    k: int = 4
+    eps: float = 0.2
+    restarts: int = 200
+    size: str = "params"
+    top: int = 20
+    tune: str = "frozen"
+    epochs: int = 3
+    lr: float = 3e-3
+    seed: int = 0
+    probe_fraction: float = 0.05
+    naswot_batches: int = 5
+    naswot_batch_size: int = 32
+    pool: str = "mean"
+    unbiased_cka: bool = False
+    cache_dir: Path | None = None
+    latency_runs: int = 30
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.tune not in TUNE_MODES:
+            raise ZooError(f"unknown --tune {self.tune!r}", f"use one of: {', '.join(TUNE_MODES)}")
+        if self.epochs < 1 and self.tune != "none":
+            raise ZooError(f"--epochs must be >= 1, got {self.epochs}", "pass --epochs 3, or --tune none")
+        if self.top < 1:
+            raise ZooError(f"--top must be >= 1, got {self.top}", "pass --top 20 (candidates to re-rank)")
+        if not 0.0 < self.probe_fraction <= 1.0:
+            raise ZooError(f"probe fraction must be in (0, 1], got {self.probe_fraction}", "pass e.g. 0.05")
+
+
+def _say(progress: Progress | None, text: str) -> None:
+    if progress is not None:
+        progress(text)
+
+
+def default_cache_dir() -> Path:
+    from ..zoo import cache_dir
+
+    return cache_dir() / "similarity"
+
+
+@dataclass
+class ZooAnalysis:
+    """What partition and assemble share: the data, the traced zoo, the similarity matrix and the partition."""
+
+    train: DataSplit
+    test: DataSplit
+    members: list[ZooMember]
+    probe: torch.Tensor
+    similarity: ZooSimilarity
+    partition: Partition
+
+
+def analyse_zoo(config: AssembleConfig, progress: Progress | None = None) -> ZooAnalysis:
+    """Load the data and the zoo, compute (or load) the similarity matrix and partition the zoo."""
+    train = load_dataset(config.data, "train")
+    test = load_dataset(config.data, "test")
+    _say(progress, f"loading and tracing the zoo ({config.zoo}) at input {tuple(train.input_shape)}")
+    members = load_members(config.zoo, train.input_shape)
+    probe = probe_batch(train, config.probe_fraction, seed=config.seed)
+    _say(progress, f"cut-point similarity (linear CKA) on {len(probe)} probe images")
+    sim = zoo_similarity(
+        {m.name: m.graph for m in members},
+        probe,
+        pool=config.pool,
+        unbiased=config.unbiased_cka,
+        cache_dir=config.cache_dir if config.cache_dir is not None else default_cache_dir(),
+        data_key=probe_data_key(probe, config.data),
+    )
+    _say(progress, f"partition: K={config.k}, eps={config.eps}, {config.restarts} restarts")
+    partition = partition_members(
+        members, sim, k=config.k, eps=config.eps, restarts=config.restarts, seed=config.seed, size=config.size
+    )
+    return ZooAnalysis(train, test, members, probe, sim, partition)
+
+
+def _naswot_batches(train: DataSplit, config: AssembleConfig) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(config.seed + 1)
+    idx = torch.randperm(len(train), generator=g)[: config.naswot_batches * config.naswot_batch_size]
+    return list(train.x[idx].split(config.naswot_batch_size))
+
+
+@dataclass
+class Candidate:
+    """One ILP assembly, its blocks and its NASWOT score on the stitched (untrained-head) network."""
+
+    assembly: Assembly
+    blocks: list[ChosenBlock]
+    naswot: float
+
+    def to_dict(self) -> dict:
+        return {"blocks": [b.key for b in self.blocks], "naswot": self.naswot, **self.assembly.to_dict()}
+
+
+def rank_candidates(
+    analysis: ZooAnalysis, opts: AssemblyOptions, assemblies: list[Assembly], config: AssembleConfig
+) -> list[Candidate]:
+    """Build each ILP assembly's body with LS-initialised stitches and score it with NASWOT (best first)."""
+    members = {m.name: m for m in analysis.members}
+    probes = ProbeActivations(members, analysis.probe)
+    batches = _naswot_batches(analysis.train, config)
+    out = []
+    for a in assemblies:
+        blocks = [opts.blocks[i] for i in a.blocks]
+        body = nn.Sequential(build_body(blocks, members, probes))
+        out.append(Candidate(a, blocks, naswot(body, batches)))
+    return sorted(out, key=lambda c: -c.naswot)
+
+
+def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | None = None):
+    """ILP top-M for the config's budget: (AssemblyOptions, assemblies, solver stats)."""
+    latency = None
+    join_latency = None
+    if config.budget.latency_ms is not None:
+        from .block_latency import block_latencies, fit_join_latency
+
+        _say(progress, "measuring per-block latency in ONNX Runtime (cached)")
+        latency = block_latencies(analysis.members, analysis.partition, runs=config.latency_runs)
+        join_latency = fit_join_latency(latency, analysis.members, analysis.partition)
+    opts = assembly_options(
+        analysis.partition,
+        analysis.members,
+        analysis.similarity,
+        analysis.train.num_classes,
+        latency_ms=latency,
+        join_latency=join_latency,
+    )
+    _say(progress, f"assembly ILP (PuLP/CBC): top {config.top} under {config.budget.describe()}")
+    assemblies, stats = solve_assemblies(
+        opts.options, opts.joins, opts.heads, config.budget, top=config.top, forbidden=opts.forbidden
+    )
+    return opts, assemblies, stats
+
+
+def tune(net: AssembledNet, train: DataSplit, config: AssembleConfig) -> None:
+    """FROZEN-TUNING (stitches + head), FULL-TUNING (everything) or nothing, in place."""
+    if config.tune == "none":
+        return
+    if config.tune == "frozen":
+        net.freeze_blocks()
+    train_model(net, train, epochs=config.epochs, lr=config.lr, seed=config.seed, desc=f"tune ({config.tune})")
+    net.requires_grad_(True)
+    net.frozen = ()
+    net.eval()
+
+
+def model_macs(net: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    from ..zoo import count_macs
+
+    return count_macs(net, input_shape)
+
+
+def plan_dict(analysis: ZooAnalysis, blocks: list[ChosenBlock], config: AssembleConfig) -> dict:
+    """Everything needed to rebuild the (untuned) assembly from the zoo and the data."""
+    members = {m.name: m for m in analysis.members}
+    return {
+        "version": PLAN_VERSION,
+        "zoo": [{"name": m.name, "spec": m.spec, "weights_sha256": weights_hash(m.module)} for m in analysis.members],
+        "data": config.data,
+        "num_classes": analysis.train.num_classes,
+        "input_shape": list(analysis.train.input_shape),
+        "probe": {"fraction": config.probe_fraction, "seed": config.seed},
+        "blocks": [
+            {
+                **b.to_dict(),
+                "start_node": members[b.model].positions[b.start].node,
+                "end_node": members[b.model].positions[b.end].node,
+            }
+            for b in blocks
+        ],
+    }
+
+
+def rebuild(plan: dict, progress: Progress | None = None) -> AssembledNet:
+    """The untuned assembly of ``plan`` (stitches and head refitted exactly as ``assemble`` did before tuning)."""
+    from .zoo_members import load_member
+
+    if plan.get("version") != PLAN_VERSION:
+        raise ZooError(f"plan version {plan.get('version')!r} is not {PLAN_VERSION}", "re-run zoocompile assemble")
+    train = load_dataset(plan["data"], "train")
+    members = {}
+    for entry in plan["zoo"]:
+        if not any(b["model"] == entry["name"] for b in plan["blocks"]):
+            continue
+        _say(progress, f"loading {entry['spec']}")
+        member = load_member(entry["spec"], train.input_shape)
+        if weights_hash(member.module) != entry["weights_sha256"]:
+            raise ZooError(
+                f"zoo model {entry['spec']} has other weights than the plan was made with",
+                "rebuild with the same zoo weights, or re-run zoocompile assemble",
+            )
+        members[member.name] = member
+    blocks = [ChosenBlock(b["model"], b["stage"], b["start"], b["end"]) for b in plan["blocks"]]
+    for b, raw in zip(blocks, plan["blocks"], strict=True):
+        m = members[b.model]
+        if (m.positions[b.start].node, m.positions[b.end].node) != (raw["start_node"], raw["end_node"]):
+            raise ZooError(f"block {b.key} no longer starts/ends at the plan's cut points", "re-run assemble")
+    probe = probe_batch(train, plan["probe"]["fraction"], seed=plan["probe"]["seed"])
+    return build_assembly(blocks, members, ProbeActivations(members, probe), train.x, train.y, plan["num_classes"])
+
+
+def _budget_use(budget: Budget, params: float, macs: float, latency: float | None) -> dict:
+    use = {}
+    for key, limit, value in (("params", budget.params, params), ("macs", budget.macs, macs)):
+        if limit is not None:
+            use[key] = value / limit
+    if budget.latency_ms is not None and latency is not None:
+        use["latency_ms"] = latency / budget.latency_ms
+    return use
+
+
+def _block_rows(analysis: ZooAnalysis, cand: Candidate, opts: AssemblyOptions) -> list[dict]:
+    members = {m.name: m for m in analysis.members}
+    rows = []
+    for index, b in zip(cand.assembly.blocks, cand.blocks, strict=True):
+        m = members[b.model]
+        o = opts.options[index]
+        rows.append(
+            {
+                "stage": b.stage,
+                "set": o.set,
+                "model": b.model,
+                "cut_range": [m.positions[b.start].node, m.positions[b.end].node],
+                "positions": [b.start, b.end],
+                "params": int(o.params),
+                "macs": int(o.macs),
+            }
+        )
+    return rows
+
+
+def assemble(config: AssembleConfig, out_dir: Path, progress: Progress | None = None) -> dict:
+    """Run DeRy end to end and write its outputs into ``out_dir`` (which must exist); returns the report."""
+    from ..exports.latency import measure_latency
+    from ..exports.onnx_export import export_onnx
+    from ..training import evaluate
+    from .assembly_plots import plot_candidates, plot_similarity
+
+    config.check()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    analysis = analyse_zoo(config, progress)
+    timings["analysis_s"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    opts, assemblies, stats = solve(analysis, config, progress)
+    timings["ilp_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    batches = f"{config.naswot_batches}×{config.naswot_batch_size}"
+    _say(progress, f"NASWOT re-rank of {len(assemblies)} stitched candidates ({batches} images)")
+    candidates = rank_candidates(analysis, opts, assemblies, config)
+    timings["rerank_s"] = time.perf_counter() - t
+    best = candidates[0]
+    members = {m.name: m for m in analysis.members}
+    probes = ProbeActivations(members, analysis.probe)
+    t = time.perf_counter()
+    net = build_assembly(best.blocks, members, probes, analysis.train.x, analysis.train.y, analysis.train.num_classes)
+    acc_untuned = evaluate(net, analysis.test)
+    _say(progress, f"chosen: {' → '.join(b.key for b in best.blocks)} (linear-probe head: {acc_untuned:.1%})")
+    tune(net, analysis.train, config)
+    acc = evaluate(net, analysis.test)
+    timings["build_tune_s"] = time.perf_counter() - t
+    shape = tuple(analysis.train.input_shape)
+    params = sum(p.numel() for p in net.parameters())
+    macs = model_macs(net, shape)
+    _check_within(config.budget, params, macs)
+    t = time.perf_counter()
+    _say(progress, "exporting ONNX (parity checked) and measuring latency")
+    onnx_path = out_dir / "model.onnx"
+    export = export_onnx(net, analysis.test.x[:2], onnx_path)
+    latency = measure_latency(onnx_path, (1, *shape), runs=config.latency_runs)
+    timings["export_s"] = time.perf_counter() - t
+    if config.budget.latency_ms is not None and latency.median_ms > config.budget.latency_ms:
+        raise ZooError(
+            f"the chosen assembly measures {latency.median_ms:.3f} ms > latency budget {config.budget.latency_ms} ms",
+            "raise the latency budget or re-run (per-block latencies are cached and may be stale)",
+        )
+    blocks = _block_rows(analysis, best, opts)
+    plan = plan_dict(analysis, best.blocks, config)
+    report = {
+        "chosen": blocks,
+        "params": params,
+        "macs": macs,
+        "latency_ms": latency.median_ms,
+        "surrogate": best.assembly.surrogate,
+        "naswot": best.naswot,
+        "accuracy": acc,
+        "accuracy_before_tuning": acc_untuned,
+        "tune": config.tune,
+        "epochs": config.epochs if config.tune != "none" else 0,
+        "budget": config.budget.to_dict(),
+        "budget_use": _budget_use(config.budget, params, macs, latency.median_ms),
+        "solver": asdict(stats) if not hasattr(stats, "to_dict") else stats.to_dict(),
+        "partition": analysis.partition.to_dict(),
+        "similarity": analysis.similarity.to_dict(),
+        "candidates": [c.to_dict() for c in candidates],
+        "export": export.to_dict(),
+        "data": config.data,
+        "zoo": [m.spec for m in analysis.members],
+        "timings": timings,
+    }
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(out_dir / "assembly.safetensors"))
+    write_text_atomic(out_dir / "plan.json", json.dumps(plan, indent=2))
+    plot_similarity(analysis.similarity, analysis.partition, out_dir / "similarity.png")
+    plot_candidates(candidates, best, out_dir / "candidates.png")
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default))
+    return report
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _check_within(budget: Budget, params: int, macs: int) -> None:
+    """The built network's own counts must respect the budget (the ILP's sums are re-verified, not trusted)."""
+    for name, limit, value in (("params", budget.params, params), ("MACs", budget.macs, macs)):
+        if limit is not None and value > limit:
+            raise ZooError(
+                f"internal check: the built assembly has {value} {name} > budget {limit:g}",
+                "report this bug with --debug output",
+            )

@@ -1,0 +1,167 @@
+"""Build a reassembled network: zoo blocks in stage order, stitch layers between them, a new head.
+
+A block is a contiguous range of one zoo model's reassembly positions. Two consecutive blocks
+that are contiguous in the same model are joined directly; any other pair through a stitch layer
+(``zoocompiler.passes.stitch.make_stitch``) initialised by least squares on probe activations:
+the source is the assembled prefix run on the probe images, the destination the activation the
+next block's own model produces at that block's start on the same images. The head is a stitch
+to a flat ``num_classes`` vector (global pooling + linear) fitted by ridge regression to one-hot
+labels, i.e. a linear probe, so an assembly is usable before any training.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import PassError
+from ..ir import Layout, TensorInfo
+from ..passes.activations import cut_point_activations
+from ..passes.blocks import extract_block
+from ..passes.stitch import Stitch, make_stitch
+from .zoo_members import ZooMember
+
+HEAD_RIDGE_PER_SAMPLE = 1e-3  # ridge λ for the head's linear probe, per training sample
+
+
+@dataclass(frozen=True)
+class ChosenBlock:
+    """Block ``stage`` of an assembly: positions ``start``..``end`` of zoo model ``model``."""
+
+    model: str
+    stage: int
+    start: int
+    end: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}[{self.start}:{self.end}]"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def joins_directly(a: ChosenBlock, b: ChosenBlock) -> bool:
+    """True when ``b`` continues ``a`` inside the same model (no stitch layer needed)."""
+    return a.model == b.model and a.end == b.start
+
+
+class AssembledNet(nn.Module):
+    """``head(body(x))``; ``body`` is ``block0, stitch1, block1, …`` (stitches only where needed)."""
+
+    def __init__(self, body: Mapping[str, nn.Module], head: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(OrderedDict(body))
+        self.head = head
+        self.frozen: tuple[str, ...] = ()
+
+    def freeze_blocks(self) -> None:
+        """FROZEN-TUNING: zoo blocks keep their weights and BatchNorm statistics; stitches and head train."""
+        self.frozen = tuple(name for name in self.body._modules if name.startswith("block"))
+        for name in self.frozen:
+            self.body.get_submodule(name).requires_grad_(False)
+
+    def train(self, mode: bool = True) -> AssembledNet:
+        super().train(mode)
+        for name in self.frozen:
+            self.body.get_submodule(name).eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class ProbeActivations:
+    """Activations of each zoo model at its positions on fixed probe images, computed once on demand."""
+
+    def __init__(self, members: Mapping[str, ZooMember], probe: torch.Tensor):
+        self.members = members
+        self.probe = probe
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def at(self, model: str, position: int) -> torch.Tensor:
+        key = (model, position)
+        if key not in self._cache:
+            member = self.members[model]
+            if position == 0:
+                self._cache[key] = self.probe
+            else:
+                node = member.positions[position].node
+                self._cache[key] = cut_point_activations(member.graph, self.probe, [node])[node]
+        return self._cache[key]
+
+
+def block_module(member: ZooMember, start: int, end: int) -> nn.Module:
+    """A standalone copy of ``member``'s block between two positions (trainable without touching the zoo)."""
+    cut_start, cut_end = member.positions[start].index, member.positions[end].index
+    return copy.deepcopy(extract_block(member.graph, cut_start, cut_end).module)
+
+
+def stitch_cost(src: TensorInfo, dst: TensorInfo) -> tuple[int, int] | None:
+    """(params, per-sample MACs) of a stitch layer from ``src`` to ``dst``; ``None`` if they cannot be joined."""
+    from ..zoo import count_macs
+
+    try:
+        layer = make_stitch(src, dst, init="random")
+    except PassError:
+        return None
+    return sum(p.numel() for p in layer.parameters()), count_macs(layer, src.shape[1:])
+
+
+def head_info(num_classes: int) -> TensorInfo:
+    return TensorInfo((1, num_classes), "", Layout.FLAT)
+
+
+@torch.no_grad()
+def _run(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    module.eval()
+    return torch.cat([module(chunk) for chunk in x.split(batch_size)], dim=0)
+
+
+def build_body(
+    blocks: Sequence[ChosenBlock], members: Mapping[str, ZooMember], probes: ProbeActivations, *, ridge: float = 0.0
+) -> OrderedDict[str, nn.Module]:
+    """The body modules of an assembly (blocks in stage order, LS-initialised stitches between them)."""
+    body: OrderedDict[str, nn.Module] = OrderedDict()
+    prefix_out = probes.probe
+    for k, block in enumerate(blocks):
+        member = members[block.model]
+        if k > 0 and not joins_directly(blocks[k - 1], block):
+            prev = blocks[k - 1]
+            src = members[prev.model].positions[prev.end].tensor
+            dst = member.positions[block.start].tensor
+            target = probes.at(block.model, block.start)
+            layer = make_stitch(src, dst, probe_src=prefix_out, probe_dst=target, ridge=ridge)
+            body[f"stitch{k}"] = layer
+            prefix_out = _run(layer, prefix_out)
+        body[f"block{k}"] = block_module(member, block.start, block.end)
+        prefix_out = _run(body[f"block{k}"], prefix_out)
+    return body
+
+
+def fit_head(body: nn.Module, features: TensorInfo, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Stitch:
+    """A new classifier on ``body``'s features: pooling + linear, ridge-regressed onto one-hot ``y``."""
+    feats = _run(body, x)
+    onehot = torch.nn.functional.one_hot(y, num_classes).float()
+    ridge = HEAD_RIDGE_PER_SAMPLE * len(x)
+    return make_stitch(features, head_info(num_classes), probe_src=feats, probe_dst=onehot, ridge=ridge)
+
+
+def build_assembly(
+    blocks: Sequence[ChosenBlock],
+    members: Mapping[str, ZooMember],
+    probes: ProbeActivations,
+    head_x: torch.Tensor,
+    head_y: torch.Tensor,
+    num_classes: int,
+) -> AssembledNet:
+    """The full assembled network: body (see :func:`build_body`) and a linear-probe head (eval mode)."""
+    body = nn.Sequential(build_body(blocks, members, probes))
+    last = blocks[-1]
+    head = fit_head(body, members[last.model].positions[last.end].tensor, head_x, head_y, num_classes)
+    return AssembledNet(body._modules, head).eval()

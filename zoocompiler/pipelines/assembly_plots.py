@@ -1,0 +1,83 @@
+"""PNG plots of a reassembly: the zoo's CKA matrix with the equivalence sets, and the candidates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..atomic import atomic_path
+from ..solvers.partition import Partition
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .assemble import Candidate
+    from .similarity import ZooSimilarity
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def position_sets(sim: ZooSimilarity, partition: Partition) -> np.ndarray:
+    """Equivalence-set index of the block each global position ends (−1 for a model's input position)."""
+    sets = np.full(sim.matrix.shape[0], -1)
+    for i, (bounds, stage_sets) in enumerate(zip(partition.boundaries, partition.sets, strict=True)):
+        offset = sim.models[i].offset
+        for k, s in enumerate(stage_sets):
+            sets[offset + bounds[k] + 1 : offset + bounds[k + 1] + 1] = s
+    return sets
+
+
+def plot_similarity(sim: ZooSimilarity, partition: Partition, path: Path) -> Path:
+    """Heat map of the cut-point CKA matrix; model boundaries as lines, a strip coloured by equivalence set."""
+    plt = _pyplot()
+    n = sim.matrix.shape[0]
+    fig, (strip, ax) = plt.subplots(
+        2, 1, figsize=(8, 8.6), gridspec_kw={"height_ratios": [1, 20], "hspace": 0.02}, sharex=True
+    )
+    im = ax.imshow(sim.matrix, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+    sets = position_sets(sim, partition)
+    strip.imshow(np.ma.masked_less(sets, 0)[None, :], cmap="tab10", vmin=0, vmax=9, aspect="auto")
+    strip.set_yticks([])
+    strip.set_title(f"linear CKA between cut points; strip: equivalence set of each block (K={partition.k})")
+    starts = [m.offset for m in sim.models] + [n]
+    for s in starts[1:-1]:
+        for a in (ax, strip):
+            a.axvline(s - 0.5, color="white", lw=0.8)
+        ax.axhline(s - 0.5, color="white", lw=0.8)
+    mids = [(a + b - 1) / 2 for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    names = [m.name for m in sim.models]
+    ax.set_xticks(mids, names, rotation=45, ha="right")
+    ax.set_yticks(mids, names)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    return _save(fig, path)
+
+
+def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate, path: Path) -> Path:
+    """NASWOT proxy against MACs for every re-ranked candidate, the chosen one marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    finite = [c for c in candidates if np.isfinite(c.naswot)]
+    ax.scatter([c.assembly.macs / 1e6 for c in finite], [c.naswot for c in finite], c="tab:blue", label="ILP top-M")
+    if np.isfinite(chosen.naswot):
+        ax.scatter([chosen.assembly.macs / 1e6], [chosen.naswot], marker="*", s=260, c="tab:red", label="chosen")
+    ax.set_xlabel("MACs (M)")
+    ax.set_ylabel("NASWOT score (log det)")
+    ax.set_title("reassembly candidates")
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,112 @@
+"""Measured ONNX Runtime latency of every partition block on this machine, cached on disk.
+
+Each block is exported (ONNX, batch 1) and timed with ``exports.latency.measure_latency`` (median
+of ``runs`` after warm-up, 1 thread). Results are cached in ``<cache>/latency/blocks.json`` keyed
+by the model's weights hash, the block's cut range, the input shape, onnxruntime's version, the
+thread count and the number of runs. Stitch layers and heads are too many to time one by one; their
+latency is estimated by a least-squares line ``a + b·MACs`` fitted to the measured blocks (the
+chosen assembly is measured whole afterwards, so the estimate is checked, not trusted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import write_json_atomic
+from ..solvers.partition import Partition
+from .assembly_build import block_module
+from .similarity import weights_hash
+from .zoo_members import ZooMember
+
+log = logging.getLogger(__name__)
+
+
+def latency_cache_file() -> Path:
+    from ..zoo import cache_dir
+
+    return cache_dir() / "latency" / "blocks.json"
+
+
+def _key(member: ZooMember, start: int, end: int, runs: int, threads: int) -> str:
+    import onnxruntime
+
+    p = member.positions
+    text = f"{weights_hash(member.module)}|{p[start].node}|{p[end].node}|{member.input_shape}|"
+    text += f"{onnxruntime.__version__}|{threads}|{runs}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, AttributeError, TypeError):
+        log.warning("latency cache %s is corrupted; measuring again", path)
+        return {}
+
+
+def measure_block(member: ZooMember, start: int, end: int, runs: int, threads: int) -> float:
+    """Median batch-1 latency (ms) of one block in ONNX Runtime."""
+    from ..exports.latency import measure_latency
+    from ..exports.onnx_export import export_onnx
+
+    module = block_module(member, start, end)
+    x = torch.randn(2, *member.positions[start].tensor.shape[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "block.onnx"
+        export_onnx(module, x, path)
+        shape = (1, *member.positions[start].tensor.shape[1:])
+        return measure_latency(path, shape, runs=runs, threads=threads).median_ms
+
+
+def block_latencies(
+    members: Sequence[ZooMember],
+    partition: Partition,
+    *,
+    runs: int = 30,
+    threads: int = 1,
+    cache_file: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Latency (ms) of every block of ``partition``, keyed like ``ChosenBlock.key``."""
+    cache_file = cache_file or latency_cache_file()
+    cache = _read(cache_file)
+    out: dict[str, float] = {}
+    dirty = False
+    for ref in partition.blocks():
+        m = members[ref.model]
+        key = _key(m, ref.start, ref.end, runs, threads)
+        if key not in cache:
+            if progress is not None:
+                progress(f"{m.name}[{ref.start}:{ref.end}]")
+            cache[key] = measure_block(m, ref.start, ref.end, runs, threads)
+            dirty = True
+        out[f"{m.name}[{ref.start}:{ref.end}]"] = cache[key]
+    if dirty:
+        write_json_atomic(cache_file, cache)
+    return out
+
+
+def fit_join_latency(
+    latency: dict[str, float], members: Sequence[ZooMember], partition: Partition
+) -> Callable[[float], float]:
+    """``macs → ms`` line fitted to the measured blocks (non-negative intercept and slope)."""
+    xs, ys = [], []
+    for ref in partition.blocks():
+        m = members[ref.model]
+        xs.append(m.macs_between(ref.start, ref.end))
+        ys.append(latency[f"{m.name}[{ref.start}:{ref.end}]"])
+    a = np.stack([np.ones(len(xs)), np.asarray(xs, dtype=np.float64)], axis=1)
+    intercept, slope = np.linalg.lstsq(a, np.asarray(ys), rcond=None)[0]
+    intercept, slope = max(float(intercept), 0.0), max(float(slope), 0.0)
+    return lambda macs: intercept + slope * float(macs)
