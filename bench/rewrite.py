@@ -5,13 +5,18 @@ Usage::
     python bench/rewrite.py                 # full run (see docs/bench_rewrite.md for sizes and timings)
     python bench/rewrite.py --quick         # resnet18 + mobilenet_v3_small, 50 %, 64×64: a few minutes
     python bench/rewrite.py --models resnet18 --ratios 0.3,0.5 --size 112 --batches 1,32
+    python bench/rewrite.py --models vit_tiny,convnext_atto --layernorm-streams pin,prune \
+        --out bench/results/rewrite_ln.json   # LayerNorm-coupled residual streams pruned too
 
 For each model and ratio these variants go through the same path (``export_onnx`` with parity
 check and the same exporter, then ONNX Runtime CPU latency with fixed intra-op threads): the
 original (once per model), the masked reference (removed units zeroed, same shapes), the model
 pruned by ``zoocompiler.passes.prune`` from an L1 plan (``zoocompiler``; and ``zoocompiler+round``
 with ``round_to=16``, ORT's NCHWc block on AVX-512), and the model pruned by Torch-Pruning
-(``MagnitudeImportance(p=1)``, same ratio per layer, final classifier ignored). The variants of one
+(``MagnitudeImportance(p=1)``, same ratio per layer, final classifier ignored). With
+``--layernorm-streams pin,prune`` the zoocompiler rows are built for each analysis mode; ``prune``
+rows are named ``zoocompiler+ln`` / ``zoocompiler+ln+round`` (residual streams normalised by a
+LayerNorm pruned too; pruned == masked-LN reference, docs/prune.md). The variants of one
 model are timed round-robin (``interleaved_latency``) so load from other processes hits them
 alike. MACs are counted for every variant with ``torch.utils.flop_counter`` at batch 1. Prints a
 rich table, writes ``bench/results/rewrite.json`` and ``bench/results/rewrite.png`` (MAC ratio vs
@@ -54,7 +59,17 @@ MODELS = {
     "vit_tiny": "timm:vit_tiny_patch16_224",
     "convnext_atto": "timm:convnext_atto",
 }
-METHODS = ("original", "masked", "zoocompiler", "zoocompiler+round", "torch-pruning")
+METHODS = (
+    "original",
+    "masked",
+    "zoocompiler",
+    "zoocompiler+round",
+    "zoocompiler+ln",
+    "zoocompiler+ln+round",
+    "torch-pruning",
+)
+OURS = tuple(m for m in METHODS if m.startswith("zoocompiler"))
+LN_SUFFIX = {"pin": "", "prune": "+ln"}  # method-name suffix per layernorm_streams mode
 TARGET_RATIO, TARGET_FACTOR = 0.5, 0.8  # at 50 %: speedup >= 0.8 × MAC reduction on the large batch
 
 
@@ -135,13 +150,15 @@ def torch_pruning_variant(model: nn.Module, x: torch.Tensor, ratio: float) -> nn
 
 
 def zoocompiler_variants(
-    model: nn.Module, x: torch.Tensor, ratio: float, round_to: int | None = None
+    model: nn.Module, x: torch.Tensor, ratio: float, round_to: int | None = None, layernorm_streams: str = "pin"
 ) -> tuple[nn.Module, nn.Module, dict]:
-    """(masked reference, pruned module, facts) for an L1 plan at ``ratio`` computed on a fresh trace."""
+    """(masked reference, pruned module, facts) for an L1 plan at ``ratio`` computed on a fresh trace
+    analysed with ``layernorm_streams`` ("prune": LayerNorm-coupled streams are pruned too)."""
+    from zoocompiler.passes import run_analysis
     from zoocompiler.passes.plans import plan_by_importance
     from zoocompiler.passes.prune import masked_reference, prune
 
-    gm = trace(model, x)
+    gm = run_analysis(trace(model, x, analyze=False), layernorm_streams=layernorm_streams)
     # group scope: every producer of a residual stream keeps the same units, as Torch-Pruning does
     plan = plan_by_importance(gm, ratio, importance="l1", round_to=round_to, scope="group")
     result = prune(gm, plan)
@@ -149,7 +166,8 @@ def zoocompiler_variants(
     with torch.no_grad():
         diff = float((result.module(x) - masked(x)).abs().max())
     report = {k: v for k, v in result.report.to_dict().items() if k != "per_group"}
-    return masked, result.module, {"pruned_vs_masked_max_abs_diff": diff, "prune_report": report}
+    facts = {"pruned_vs_masked_max_abs_diff": diff, "prune_report": report, "layernorm_streams": layernorm_streams}
+    return masked, result.module, facts
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -219,8 +237,16 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
-def bench_model(name: str, ratios: list[float], setup: Setup, use_tp: bool, log: Callable[[str], None]) -> list[dict]:
-    """Every row (original once, then zoocompiler / masked / torch-pruning per ratio) for one model.
+def bench_model(
+    name: str,
+    ratios: list[float],
+    setup: Setup,
+    use_tp: bool,
+    log: Callable[[str], None],
+    ln_modes: tuple[str, ...] = ("pin",),
+) -> list[dict]:
+    """Every row (original once, then zoocompiler [per LayerNorm mode] / masked / torch-pruning per ratio)
+    for one model. Masked rows are timed for the ``pin`` mode only (same shapes as the original).
 
     All variants are built and exported first, then timed together (``interleaved_latency``).
     """
@@ -244,24 +270,27 @@ def bench_model(name: str, ratios: list[float], setup: Setup, use_tp: bool, log:
 
         add("original", None, lambda: model)
         for ratio in ratios:
-            built: dict[str, Any] = {}
+            for mode in ln_modes:
+                built: dict[str, Any] = {}
+                suffix = LN_SUFFIX[mode]
 
-            def ours(ratio: float = ratio, built: dict = built) -> nn.Module:
-                built["masked"], pruned, built["facts"] = zoocompiler_variants(model, x, ratio)
-                return pruned
+                def ours(ratio: float = ratio, built: dict = built, mode: str = mode) -> nn.Module:
+                    built["masked"], pruned, built["facts"] = zoocompiler_variants(model, x, ratio, None, mode)
+                    return pruned
 
-            add("zoocompiler", ratio, ours)
-            if "facts" in built:
-                rows[-1].update(built["facts"])
-                add("masked", ratio, lambda built=built: built["masked"])
+                add(f"zoocompiler{suffix}", ratio, ours)
+                if "facts" in built:
+                    rows[-1].update(built["facts"])
+                    if mode == "pin":
+                        add("masked", ratio, lambda built=built: built["masked"])
 
-            def rounded(ratio: float = ratio, built: dict = built) -> nn.Module:
-                _, pruned, built["rounded"] = zoocompiler_variants(model, x, ratio, setup.round_to)
-                return pruned
+                def rounded(ratio: float = ratio, built: dict = built, mode: str = mode) -> nn.Module:
+                    _, pruned, built["rounded"] = zoocompiler_variants(model, x, ratio, setup.round_to, mode)
+                    return pruned
 
-            add("zoocompiler+round", ratio, rounded)
-            if "rounded" in built:
-                rows[-1].update(built["rounded"])
+                add(f"zoocompiler{suffix}+round", ratio, rounded)
+                if "rounded" in built:
+                    rows[-1].update(built["rounded"])
             if use_tp:
                 add("torch-pruning", ratio, lambda ratio=ratio: torch_pruning_variant(model, x, ratio))
         for batch in setup.batches:
@@ -298,7 +327,7 @@ def verdicts(rows: list[dict], large_batch: str) -> list[dict]:
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         tp_rows = {r["ratio"]: r for r in ok if r["model"] == model and r["method"] == "torch-pruning"}
-        for method in ("zoocompiler", "zoocompiler+round"):
+        for method in OURS:
             ours = {r["ratio"]: r for r in ok if r["model"] == model and r["method"] == method}
             if not ours:
                 continue
@@ -372,6 +401,8 @@ def plot(rows: list[dict], batches: list[str], path: Path) -> None:
             ("masked", "s"),
             ("zoocompiler", "o"),
             ("zoocompiler+round", "D"),
+            ("zoocompiler+ln", "P"),
+            ("zoocompiler+ln+round", "X"),
             ("torch-pruning", "^"),
         ):
             pts = [
@@ -410,6 +441,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--round-to", type=int, default=16, help="channel multiple of the zoocompiler+round rows")
     parser.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning rows")
+    parser.add_argument(
+        "--layernorm-streams",
+        default="pin",
+        help="comma-separated analysis modes for the zoocompiler rows: pin (LayerNorm streams kept whole), "
+        "prune (pruned too; rows named zoocompiler+ln...), e.g. pin,prune",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "rewrite.json", help="JSON results path")
     parser.add_argument(
         "--render-only", action="store_true", help="re-render table, verdicts and plot from an existing --out JSON"
@@ -423,6 +460,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ratios = [float(r) for r in (args.ratios or ("0.5" if quick else "0.3,0.5,0.7")).split(",")]
     args.size = args.size or (64 if quick else 112)
     args.batches = tuple(int(b) for b in (args.batches or ("1,8" if quick else "1,32")).split(","))
+    args.layernorm_streams = tuple(dict.fromkeys(args.layernorm_streams.split(",")))
+    bad = [m for m in args.layernorm_streams if m not in LN_SUFFIX]
+    if bad:
+        parser.error(f"unknown --layernorm-streams {bad}; use pin, prune or pin,prune")
     return args
 
 
@@ -465,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows: list[dict] = []
     for name in args.models:
-        rows += bench_model(name, args.ratios, setup, use_tp, lambda text: log.log(text))
+        rows += bench_model(name, args.ratios, setup, use_tp, lambda text: log.log(text), args.layernorm_streams)
     large = str(max(setup.batches))
     result = {
         "setup": {
@@ -476,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": setup.threads,
             "exporters": list(setup.exporters),
             "round_to": setup.round_to,
+            "layernorm_streams": list(args.layernorm_streams),
             "provider": "CPUExecutionProvider",
             "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__,

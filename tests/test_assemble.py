@@ -103,13 +103,14 @@ def test_infeasible_budget_names_the_cheapest(analysis, tmp_path):
 
 
 def test_assemble_end_to_end(tmp_path):
-    config = small_config(tmp_path, budget=Budget(macs=6e6, params=2e5))
+    config = small_config(tmp_path, budget=Budget(macs=6e6, params=4e5))
     out = tmp_path / "out"
     out.mkdir()
     report = assemble(config, out)
     names = {p.name for p in out.iterdir()}
-    assert {"model.onnx", "report.json", "plan.json", "assembly.safetensors", "similarity.png", "candidates.png"} <= names
-    assert report["macs"] <= 6e6 and report["params"] <= 2e5
+    files = {"model.onnx", "report.json", "plan.json", "assembly.safetensors", "similarity.png", "candidates.png"}
+    assert files <= names
+    assert report["macs"] <= 6e6 and report["params"] <= 4e5
     assert len(report["chosen"]) == config.k
     assert report["export"]["max_abs_diff"] <= 1e-4
     assert report["naswot"] == max(c["naswot"] for c in report["candidates"])
@@ -129,8 +130,9 @@ def test_cli_infeasible_budget_exits_2_and_writes_nothing(tmp_path, capsys):
     argv = ["assemble", "--zoo", SMALL_ZOO, "--budget", "params=10", "--restarts", "4", "--out", str(out)]
     argv += ["--cache-dir", str(tmp_path / "cache")]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "params=" in err and len(err.strip().splitlines()) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # progress lines come first
+    assert last.startswith("error: no assembly fits the budget params=10")
+    assert "smallest for this zoo is params=" in last
     assert not out.exists() and not list(tmp_path.glob(".asm*"))
 
 

@@ -381,11 +381,14 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     _check_out_dir(out, args.force)
     from .exports.onnx_export import export_onnx
+    from .passes import run_analysis
+    from .passes.plans import Plan
     from .passes.prune import masked_reference, prune
     from .tracing import trace
 
+    ln_mode = args.layernorm_streams or (Plan.load(args.plan).meta.get("layernorm_streams") if args.plan else None)
     model, x = _load(args)
-    gm = trace(model, x)
+    gm = run_analysis(trace(model, x, analyze=False), layernorm_streams=ln_mode or "pin")
     plan = _plan_for(args, gm)
     result = prune(gm, plan)
     masked_diff = _check_equal("pruned model vs masked reference", result.module, masked_reference(gm, plan), x)
@@ -570,7 +573,7 @@ def render_prune(console, data: dict[str, Any]) -> None:
         if plan["source"] != "computed"
         else f"ratio {plan['ratio']}, {plan['importance']} importance, {plan['strategy']}"
         + (f", round to {plan['round_to']}" if plan["round_to"] else "")
-    )
+    ) + (", LayerNorm streams pruned (statistics over kept units)" if p.get("layernorm_streams") == "prune" else "")
     rows = [
         ["plan", how],
         ["params", _ratio_text(p.get("params_before"), p.get("params_after"))],
@@ -747,6 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: group for union, producer for intersection/pad)",
     )
     prune_cmd.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --importance random")
+    prune_cmd.add_argument(
+        "--layernorm-streams",
+        choices=("pin", "prune"),
+        help="residual streams a LayerNorm normalises over: keep them whole, or prune them too (the pruned "
+        "LayerNorms then average over the kept units only) (default: pin; with --plan: the plan's)",
+    )
     _model_options(prune_cmd)
     _json_option(prune_cmd)
     prune_cmd.set_defaults(run=cmd_prune, render=render_prune)
@@ -764,6 +773,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(fuse_cmd)
     _json_option(fuse_cmd)
     fuse_cmd.set_defaults(run=cmd_fuse, render=render_fuse)
+
+    from .cli_assemble import add_commands
+
+    add_commands(commands, _Formatter, _json_option)
     return parser
 
 

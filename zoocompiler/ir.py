@@ -120,6 +120,8 @@ class UnitGroup:
     empty: grouped convs, GroupNorm groups and heads are encoded in ``indices``, so any subset of
     units may be kept); ``pinned`` groups are not prunable, ``reasons`` say why.
     ``kind``: "channel" (feature maps), "feature" (tokens / flat vectors) or "head" (attention heads).
+    ``approx``: None when pruning equals masking exactly; ``"layernorm"`` for a residual stream made
+    prunable by ``layernorm_streams="prune"`` (its LayerNorms then normalise over the kept units).
     """
 
     gid: int
@@ -129,6 +131,7 @@ class UnitGroup:
     divisible_by: list[int] = field(default_factory=list)
     pinned: bool = False
     reasons: list[str] = field(default_factory=list)
+    approx: str | None = None
 
     @property
     def prunable(self) -> bool:

@@ -161,6 +161,7 @@ def trace(
     example_input: torch.Tensor,
     *,
     analyze: bool = True,
+    layernorm_streams: str = "pin",
     extra_leaf_modules: tuple[type, ...] = (),
     allow_export_fallback: bool = True,
 ) -> fx.GraphModule:
@@ -168,7 +169,8 @@ def trace(
 
     Returns a GraphModule sharing the model's parameters. ``gm.meta["zc"].tracer`` records
     ``"fx"`` or ``"export"``. Raises ``InputShapeError`` if the model rejects the input and
-    ``TraceError`` (naming the module path and op) if no tracer succeeds.
+    ``TraceError`` (naming the module path and op) if no tracer succeeds. ``layernorm_streams``
+    ("pin" or "prune") is passed to the unit-group analysis (see docs/prune.md).
     """
     model = model.eval()
     check_input(model, example_input)
@@ -189,7 +191,7 @@ def trace(
     if analyze:
         from .passes import run_analysis
 
-        run_analysis(gm)
+        run_analysis(gm, layernorm_streams=layernorm_streams)
     return gm
 
 

@@ -28,6 +28,7 @@ import torch.fx as fx
 from ..atomic import write_json_atomic
 from ..errors import PassError
 from ..ir import UnitGroup, UnitMember, graph_info
+from .unit_groups import layernorm_streams_of
 from .unit_rules import PRODUCER_ROLES
 
 PLAN_FORMAT = "zoocompiler.plan/1"
@@ -213,6 +214,10 @@ def _check_indices(key: str, what: str, idx: list[int], size: int) -> None:
 def validate_plan(gm: fx.GraphModule, plan: Plan) -> None:
     """Raise ``PassError`` naming the group and the rule if ``plan`` does not fit ``gm``."""
     by_key = groups_by_key(gm)
+    mode, graph_mode = plan.meta.get("layernorm_streams"), layernorm_streams_of(gm)
+    if mode is not None and mode != graph_mode:
+        raise PassError(f"plan was made with layernorm_streams='{mode}', the graph was analysed with '{graph_mode}'",
+                        f"re-analyse it: zoocompiler.run_analysis(gm, layernorm_streams='{mode}')")
     fp = plan.meta.get("fingerprint")
     if fp is not None and fp != graph_fingerprint(gm):
         raise PassError(f"plan was made for another model (graph fingerprint {fp} != {graph_fingerprint(gm)})",
@@ -375,5 +380,6 @@ def plan_by_importance(
         "scope": scope,
         "fingerprint": graph_fingerprint(gm),
         "input_shape": list(x.shape[1:]) if x is not None else None,
+        "layernorm_streams": layernorm_streams_of(gm),
     }
     return plan

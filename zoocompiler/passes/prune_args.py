@@ -4,8 +4,9 @@
 size-encoding arguments are rewritten from the *expected* new shapes (old shape minus the removed
 positions along unit dims, see :mod:`.prune_layout`): reshape/view/expand/unflatten sizes, split /
 chunk sections, getitem slices, narrow/select/slice positions, functional group_norm groups,
-layer_norm shapes and conv groups, GroupNorm module groups. After it runs, its output shape must
-equal the expected one; anything else raises ``PassError`` naming the node and op (fail closed).
+layer_norm shapes (functional and ``nn.LayerNorm``) and conv groups, GroupNorm module groups. After
+it runs, its output shape must equal the expected one; anything else raises ``PassError`` naming the
+node and op (fail closed).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class ArgRewriter(ShapeProp):
             self._positional(n, op)
         elif op == "group_norm":
             self._group_norm_fn(n, op)
-        elif op == "layer_norm":
+        elif op in ("layer_norm", "native_layer_norm"):
             self._layer_norm_fn(n, op)
         elif op in _CONV_FUNCTIONS:
             self._conv_fn(n, op)
@@ -330,6 +331,10 @@ class ArgRewriter(ShapeProp):
 
     def _module(self, n: fx.Node) -> None:
         m = self.module.get_submodule(n.target)
+        plain_ln = isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward
+        if plain_ln and isinstance(self._value(n.args[0]), torch.Tensor):
+            x = self._value(n.args[0])  # normalized_shape follows the input (also without an affine)
+            m.normalized_shape = tuple(x.shape[x.dim() - len(m.normalized_shape) :])
         if isinstance(m, nn.GroupNorm):
             lay = self._layout(n.args[0])
             if lay is not None and lay[0] == 1:

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..ir import graph_info
 from .plans import Plan, group_keys, resolved_keep
+from .unit_groups import group_approx
 from .unit_rules import op_name
 
 _NORM_FUNCTIONS = {"batch_norm", "group_norm", "layer_norm", "instance_norm"}
@@ -47,7 +48,7 @@ class PruneLayout:
     params: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     scatters: list[Scatter] = field(default_factory=list)
     zero: dict[str, dict[int, list[int]]] = field(default_factory=dict)
-    groups: dict[str, dict[str, object]] = field(default_factory=dict)  # key -> kept, size, strategy
+    groups: dict[str, dict[str, object]] = field(default_factory=dict)  # key -> kept, size, strategy[, approx]
 
 
 def old_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -140,6 +141,8 @@ def compute_layout(gm: fx.GraphModule, plan: Plan) -> PruneLayout:
         keep = resolved_keep(g, key, plan)
         strategy = plan.strategy_for(key)
         out.groups[key] = {"kept": len(keep), "size": g.size, "strategy": strategy}
+        if group_approx(g) is not None:
+            out.groups[key]["approx"] = group_approx(g)
         gone = set(range(g.size)) - set(keep)
         for m in g.members:
             pos = _positions(m.indices, gone)

@@ -12,6 +12,10 @@ which move integer *unit elements* through every value (union-find over elements
 
 ``UnitGroupPass`` stores the groups in ``graph_info(gm).unit_groups`` and, per tensor node,
 ``node_info(n).unit_dim`` / ``unit_groups`` (group id per index of that dim).
+
+Option ``layernorm_streams``: ``"pin"`` (default) pins the units a LayerNorm normalises over;
+``"prune"`` leaves them prunable and marks their groups ``approx == "layernorm"`` (pruned ==
+the masked reference with LayerNorm statistics over the kept units, see docs/prune.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..errors import PassError
 from ..ir import Layout, UnitGroup, UnitMember, graph_info, node_info
 from .unit_rules import (
+    APPROX_LAYERNORM,
+    LAYERNORM_STREAMS,
     Cx,
     ParamRef,
     Place,
@@ -43,6 +49,24 @@ from .unit_rules import (
 )
 
 MAX_REASONS = 12
+APPROX_TEXT = {APPROX_LAYERNORM: "LayerNorm statistics over the kept units"}
+
+
+def check_layernorm_streams(mode: str) -> str:
+    """``mode`` if it is a known ``layernorm_streams`` option, else ``PassError``."""
+    if mode not in LAYERNORM_STREAMS:
+        raise PassError(f"unknown layernorm_streams '{mode}'", f"use one of: {', '.join(LAYERNORM_STREAMS)}")
+    return mode
+
+
+def group_approx(group: UnitGroup) -> str | None:
+    """The relaxed semantics a prunable group is pruned under (``"layernorm"``), or None when exact."""
+    return group.approx
+
+
+def layernorm_streams_of(gm: fx.GraphModule) -> str:
+    """The ``layernorm_streams`` option ``gm``'s unit groups were computed with ("pin" if never set)."""
+    return graph_info(gm).extra.get("layernorm_streams", "pin")
 
 # ----------------------------------------------------------------------------- concrete values
 
@@ -155,7 +179,9 @@ def _apply_rule(cx: Cx) -> Any:
     return rule(cx)
 
 
-def propagate(gm: fx.GraphModule, metas: dict[fx.Node, Any]) -> tuple[Store, dict[fx.Node, Any]]:
+def propagate(
+    gm: fx.GraphModule, metas: dict[fx.Node, Any], layernorm_streams: str = "pin"
+) -> tuple[Store, dict[fx.Node, Any]]:
     """Walk the graph once, applying each node's rule; return the store and every node's state."""
     store = Store()
     states: dict[fx.Node, Any] = {}
@@ -169,8 +195,8 @@ def propagate(gm: fx.GraphModule, metas: dict[fx.Node, Any]) -> tuple[Store, dic
             _pin_outputs(store, node, states)
             continue
         else:
-            cx = Cx(store, gm, node, states, metas, op_name(node))
-            mark = (len(store.pairs), len(store.pins), len(store.heads), len(store.places))
+            cx = Cx(store, gm, node, states, metas, op_name(node), layernorm_streams)
+            mark = (len(store.pairs), len(store.pins), len(store.heads), len(store.places), len(store.approx))
             try:
                 state = _apply_rule(cx)
                 if not _valid(state, spec):
@@ -186,9 +212,10 @@ def propagate(gm: fx.GraphModule, metas: dict[fx.Node, Any]) -> tuple[Store, dic
     return store, states
 
 
-def _rollback(store: Store, mark: tuple[int, int, int, int]) -> None:
+def _rollback(store: Store, mark: tuple[int, int, int, int, int]) -> None:
     """Forget what a failed rule recorded; the unknown-op rule then pins the node's inputs."""
     del store.pairs[mark[0] :], store.pins[mark[1] :], store.heads[mark[2] :], store.places[mark[3] :]
+    del store.approx[mark[4] :]
 
 
 def _pin_outputs(store: Store, node: fx.Node, states: dict[fx.Node, Any]) -> None:
@@ -344,10 +371,14 @@ def _kind(group: UnitGroup, is_head: bool, ranks: dict[str, int], layouts: dict[
     return "channel" if votes["channel"] >= votes["feature"] else "feature"
 
 
-def find_unit_groups(gm: fx.GraphModule) -> list[UnitGroup]:
-    """Analyse ``gm`` and return its unit groups (also annotating ``node_info(n).unit_dim/unit_groups``)."""
+def find_unit_groups(gm: fx.GraphModule, *, layernorm_streams: str = "pin") -> list[UnitGroup]:
+    """Analyse ``gm`` and return its unit groups (also annotating ``node_info(n).unit_dim/unit_groups``).
+
+    ``layernorm_streams="prune"``: LayerNorms over a unit dim do not pin it (see the module docstring).
+    """
+    check_layernorm_streams(layernorm_streams)
     metas = concrete_metas(gm)
-    store, _ = propagate(gm, metas)
+    store, _ = propagate(gm, metas, layernorm_streams)
     places = _merge_param_duplicates(store)
     labels = _make_rectangular(store, places)
     flat_dims = [_flatten_place(pl, labels) for pl in places]
@@ -356,6 +387,10 @@ def find_unit_groups(gm: fx.GraphModule) -> list[UnitGroup]:
     for pl, (dim, lab) in zip(places, flat_dims):
         _members_of_place(pl, dim, lab, group_of, unit_of, groups)
     _apply_pins(store, places, flat_dims, labels, group_of, groups)
+    for ids, tag in store.approx:
+        for g in np.unique(group_of[labels[ids]]):
+            if g >= 0 and groups[int(g)].prunable:
+                groups[int(g)].approx = tag
     head_labels = np.unique(labels[np.concatenate(store.heads)]) if store.heads else np.zeros(0, dtype=np.int64)
     head_groups = {int(g) for g in group_of[head_labels] if g >= 0}
     ranks = {n.name: len(m.shape) for n, m in metas.items() if isinstance(m, TensorSpec)}
@@ -411,6 +446,9 @@ def _annotate_nodes(
 def describe_group(group: UnitGroup, max_params: int = 4) -> str:
     """One line for reports and the CLI: id, kind, units, status, and the parameter slices per unit."""
     status = "prunable" if group.prunable else f"pinned: {group.reasons[0] if group.reasons else 'no reason'}"
+    approx = group_approx(group)
+    if approx is not None and group.prunable:
+        status += f"; {APPROX_TEXT.get(approx, approx)}"
     params = [m for m in group.members if m.param is not None]
     shown = ", ".join(f"{m.param}[dim {m.dim}] {len(m.indices[0])}/unit ({m.role})" for m in params[:max_params])
     more = f", +{len(params) - max_params} more" if len(params) > max_params else ""
@@ -418,8 +456,17 @@ def describe_group(group: UnitGroup, max_params: int = 4) -> str:
 
 
 class UnitGroupPass(PassBase):
-    """Annotate unit groups: ``graph_info(gm).unit_groups`` and per-node unit dims (idempotent)."""
+    """Annotate unit groups: ``graph_info(gm).unit_groups`` and per-node unit dims (idempotent).
+
+    The option is recorded in ``graph_info(gm).extra["layernorm_streams"]`` (plans and prune read it).
+    """
+
+    def __init__(self, layernorm_streams: str = "pin"):
+        super().__init__()
+        self.layernorm_streams = check_layernorm_streams(layernorm_streams)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        graph_info(graph_module).unit_groups = find_unit_groups(graph_module)
+        info = graph_info(graph_module)
+        info.unit_groups = find_unit_groups(graph_module, layernorm_streams=self.layernorm_streams)
+        info.extra["layernorm_streams"] = self.layernorm_streams
         return PassResult(graph_module, False)

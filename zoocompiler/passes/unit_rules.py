@@ -69,6 +69,8 @@ class TensorSpec:
 
 PRODUCER_ROLES = ("conv_out", "conv_dw", "linear_out", "norm", "embedding_out", "param")
 CONSUMER_ROLES = ("conv_in", "linear_in")
+LAYERNORM_STREAMS = ("pin", "prune")  # what a LayerNorm over a unit dim does to its units (docs/prune.md)
+APPROX_LAYERNORM = "layernorm"  # group semantics: LayerNorm statistics over the kept units only
 
 
 @dataclass
@@ -92,6 +94,12 @@ class Store:
     heads: list[np.ndarray] = field(default_factory=list)
     places: list[Place] = field(default_factory=list)
     taints: dict[str, str] = field(default_factory=dict)  # parameter -> why it cannot be sliced
+    approx: list[tuple[np.ndarray, str]] = field(default_factory=list)  # elements whose pruning changes a norm
+
+    def mark_approx(self, ids: np.ndarray, tag: str) -> None:
+        """Record that pruning ``ids`` is exact only under the relaxed semantics ``tag`` (e.g. "layernorm")."""
+        if np.size(ids):
+            self.approx.append((np.asarray(ids).ravel().copy(), tag))
 
     def fresh(self, shape: int | tuple[int, ...]) -> np.ndarray:
         size = int(np.prod(shape))
@@ -145,6 +153,7 @@ class Cx:
     states: dict[fx.Node, Any]
     metas: dict[fx.Node, Any]
     op: str
+    layernorm_streams: str = "pin"  # "pin": a LayerNorm over a unit dim pins it; "prune": it does not
 
     def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
         """Argument ``i`` (counted after ``self`` for methods) or keyword ``name``, else ``default``."""
@@ -1010,13 +1019,21 @@ def groupnorm_units(cx: Cx, x: Any, groups: int, names: list[str | None]) -> Any
 
 
 def layernorm_units(cx: Cx, x: Any, k: int, names: list[str | None]) -> Any:
-    """LayerNorm over the last ``k`` dims: units there are coupled (statistics change when pruned)."""
+    """LayerNorm over the last ``k`` dims: units there are coupled (statistics change when pruned).
+
+    ``cx.layernorm_streams == "pin"`` pins them; ``"prune"`` leaves them prunable and marks them
+    :data:`APPROX_LAYERNORM`: the pruned norm computes its statistics over the kept units only.
+    The affine is recorded as ``norm`` either way.
+    """
     s, a = cx.st(x), cx.shape(x)
     if not isinstance(s, Table):
         return None
     normed = [d for d in s.dims if d >= len(a) - k]
     if normed:
-        cx.store.pin(s.ids, f"LayerNorm over the unit dim couples all its units (node {cx.node.name})")
+        if cx.layernorm_streams == "prune":
+            cx.store.mark_approx(s.ids, APPROX_LAYERNORM)
+        else:
+            cx.store.pin(s.ids, f"LayerNorm over the unit dim couples all its units (node {cx.node.name})")
         for name in names:
             if name is not None:
                 record_param(cx, s, name, {d: d - (len(a) - k) for d in normed}, "norm")
@@ -1272,6 +1289,11 @@ def rule_mha(cx: Cx, m: nn.MultiheadAttention) -> Any:
     else:
         qkv = [(f"{t}.{n}_proj_weight", 1) for n in "qkv"]
         in_weights = [(q, f"{t}.q_proj_weight"), (k, f"{t}.k_proj_weight"), (v, f"{t}.v_proj_weight")]
+    fixed = [q] if not m._qkv_same_embed_dim else list(dict.fromkeys([q, k, v]))
+    for a in fixed:  # the module checks query (and fused key/value) width == embed_dim
+        s = cx.st(a)
+        if isinstance(s, Table):
+            cx.store.pin(s.ids, f"nn.MultiheadAttention at node {cx.node.name} needs input width == embed_dim")
     if m.in_proj_bias is not None:
         qkv.append((f"{t}.in_proj_bias", 3))
     bias = f"{t}.out_proj.bias" if m.out_proj.bias is not None else None
@@ -1655,6 +1677,8 @@ def module_rule(cx: Cx) -> Any:
     if isinstance(m, nn.GroupNorm):
         return groupnorm_units(cx, x, m.num_groups, [p("weight"), p("bias")])
     if isinstance(m, nn.LayerNorm):
+        if type(m).forward is not nn.LayerNorm.forward:  # e.g. a channels-first LayerNorm2d made a leaf
+            return unknown(cx, f"{type(m).__name__} at node {cx.node.name} overrides LayerNorm.forward")
         return layernorm_units(cx, x, len(m.normalized_shape), [p("weight"), p("bias")])
     if isinstance(m, nn.MultiheadAttention):
         return rule_mha(cx, m)

@@ -50,7 +50,7 @@ class AssembleConfig:
     top: int = 20
     tune: str = "frozen"
     epochs: int = 3
-    lr: float = 3e-3
+    lr: float = 1e-3
     seed: int = 0
     probe_fraction: float = 0.05
     naswot_batches: int = 5
@@ -169,7 +169,7 @@ def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | No
         latency_ms=latency,
         join_latency=join_latency,
     )
-    _say(progress, f"assembly ILP (PuLP/CBC): top {config.top} under {config.budget.describe()}")
+    _say(progress, f"assembly ILP (PuLP/CBC): top {config.top} under {config.budget}")
     assemblies, stats = solve_assemblies(
         opts.options, opts.joins, opts.heads, config.budget, top=config.top, forbidden=opts.forbidden
     )

@@ -27,6 +27,7 @@ from ..passes.stitch import Stitch, make_stitch
 from .zoo_members import ZooMember
 
 HEAD_RIDGE_PER_SAMPLE = 1e-3  # ridge λ for the head's linear probe, per training sample
+STITCH_RIDGE = 1e-3  # stitch ridge λ relative to the source's mean per-channel energy (keeps LS well-posed)
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,20 @@ def _run(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Ten
     return torch.cat([module(chunk) for chunk in x.split(batch_size)], dim=0)
 
 
+def stitch_ridge(src_act: torch.Tensor, src: TensorInfo, relative: float = STITCH_RIDGE) -> float:
+    """Absolute ridge λ = ``relative`` × the source's summed energy per channel (scale-invariant regularisation).
+
+    Probe features of a block can be rank-deficient (dead ReLU channels, concatenated copies); the
+    plain pseudo-inverse then fits noise with huge weights that make tuning diverge.
+    """
+    channels = src.channels or 1
+    return relative * float(src_act.double().pow(2).sum()) / channels
+
+
 def build_body(
-    blocks: Sequence[ChosenBlock], members: Mapping[str, ZooMember], probes: ProbeActivations, *, ridge: float = 0.0
+    blocks: Sequence[ChosenBlock], members: Mapping[str, ZooMember], probes: ProbeActivations
 ) -> OrderedDict[str, nn.Module]:
-    """The body modules of an assembly (blocks in stage order, LS-initialised stitches between them)."""
+    """The body modules of an assembly (blocks in stage order, ridge-LS-initialised stitches between them)."""
     body: OrderedDict[str, nn.Module] = OrderedDict()
     prefix_out = probes.probe
     for k, block in enumerate(blocks):
@@ -136,6 +147,7 @@ def build_body(
             src = members[prev.model].positions[prev.end].tensor
             dst = member.positions[block.start].tensor
             target = probes.at(block.model, block.start)
+            ridge = stitch_ridge(prefix_out, src)
             layer = make_stitch(src, dst, probe_src=prefix_out, probe_dst=target, ridge=ridge)
             body[f"stitch{k}"] = layer
             prefix_out = _run(layer, prefix_out)
