@@ -1,4 +1,4 @@
-# zoocompiler: `make demo` runs the main job, `make test` the test suite (both set up .venv first).
+# zoocompiler: `make demo` runs the main job (Deep Model Reassembly on the demo zoo), `make test` the test suite.
 
 PYTHON_BOOT ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV        := .venv
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/zoocompile inspect --zoo demo
+	$(VENV)/bin/zoocompile assemble --budget flops=3M --out out/assembly --force
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"

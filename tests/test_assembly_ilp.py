@@ -249,6 +249,26 @@ def test_no_budget_enumerates_every_assembly():
     assert stats.solves == len(every) + 1 and stats.cuts == len(every)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_forbidden_pairs_are_never_chosen(seed):
+    """Pairs that cannot be joined (no stitch exists) drop out; the rest is still the brute-force optimum."""
+    blocks, joins, heads = random_zoo(100 + seed, models=3, stages=3)
+    rng = np.random.default_rng(seed)
+    pairs = sorted(joins)
+    forbidden = {pairs[i] for i in rng.choice(len(pairs), size=len(pairs) // 3, replace=False)}
+    allowed = [c for c in brute_force(blocks, joins, heads, 1.0) if not set(zip(c[0], c[0][1:])) & forbidden]
+    if not allowed:
+        with pytest.raises(SolverError):
+            solve_assemblies(blocks, joins, heads, Budget(), forbidden=forbidden)
+        return
+    found, _ = solve_assemblies(blocks, joins, heads, Budget(), top=len(allowed) + 3, forbidden=forbidden)
+    assert sorted(a.blocks for a in found) == sorted(c[0] for c in allowed)
+    assert math.isclose(found[0].surrogate, max(c[1] for c in allowed), abs_tol=TOL)
+    assert math.isclose(
+        cheapest(blocks, joins, heads, "params", forbidden=forbidden), min(c[2]["params"] for c in allowed)
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
