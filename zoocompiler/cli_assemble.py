@@ -100,14 +100,8 @@ def cmd_assemble(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _human(n: float | None) -> str:
-    from .cli import human
-
-    return human(n)
-
-
 def render_partition(console, data: dict[str, Any]) -> None:
-    from .cli import _table
+    from .cli import _table, human
 
     rows = [
         [
@@ -115,8 +109,8 @@ def render_partition(console, data: dict[str, Any]) -> None:
             ("★ " if r["anchor"] else "") + r["model"],
             r["stage"],
             f"{r['cut_range'][0]} → {r['cut_range'][1]}",
-            _human(r["params"]),
-            _human(r["macs"]),
+            human(r["params"]),
+            human(r["macs"]),
         ]
         for r in data["sets"]
     ]
@@ -132,16 +126,16 @@ def render_partition(console, data: dict[str, Any]) -> None:
 
 
 def render_assemble(console, data: dict[str, Any]) -> None:
-    from .cli import _table
+    from .cli import _table, human
 
     rows = [
-        [b["stage"], b["set"], b["model"], f"{b['cut_range'][0]} → {b['cut_range'][1]}", _human(b["params"])]
+        [b["stage"], b["set"], b["model"], f"{b['cut_range'][0]} → {b['cut_range'][1]}", human(b["params"])]
         for b in data["chosen"]
     ]
     console.print(_table("chosen assembly", ["stage", "set", "model", "cut range", "params"], rows, right=("params",)))
     use = ", ".join(f"{k} {v:.0%}" for k, v in data["budget_use"].items())
     summary = [
-        ["params / MACs", f"{_human(data['params'])} / {_human(data['macs'])}"],
+        ["params / MACs", f"{human(data['params'])} / {human(data['macs'])}"],
         ["latency (ORT, batch 1)", f"{data['latency_ms']:.3f} ms"],
         ["budget use", use or "-"],
         ["surrogate / NASWOT", f"{data['surrogate']:.3f} / {data['naswot']:.2f}"],

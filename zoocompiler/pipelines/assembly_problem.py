@@ -74,7 +74,8 @@ def partition_members(
     )
 
 
-def chosen(partition: Partition, members: Sequence[ZooMember], ref: BlockRef) -> ChosenBlock:
+def chosen(members: Sequence[ZooMember], ref: BlockRef) -> ChosenBlock:
+    """The pipeline's name for a solver block reference."""
     return ChosenBlock(members[ref.model].name, ref.stage, ref.start, ref.end)
 
 
@@ -109,7 +110,7 @@ def assembly_options(
     """
     by_name = {m.name: m for m in members}
     refs = partition.blocks()
-    blocks = [chosen(partition, members, r) for r in refs]
+    blocks = [chosen(members, r) for r in refs]
     options = []
     for ref, b in zip(refs, blocks, strict=True):
         m = by_name[b.model]
