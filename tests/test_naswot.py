@@ -234,3 +234,25 @@ def test_activation_without_batch_dimension_is_an_error():
 
     with pytest.raises(SolverError, match="batch dimension 4"):
         naswot(Folded(), [torch.randn(4, 3, 5)])
+
+
+class _FunctionalBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return F.gelu(self.lin(x))
+
+
+def test_graph_modules_nested_in_a_plain_module_report_their_functional_activations():
+    """An assembly is a Sequential of block GraphModules: their F.gelu calls must add codes too."""
+    torch.manual_seed(0)
+    a, b = fx.symbolic_trace(_FunctionalBlock()), fx.symbolic_trace(_FunctionalBlock())
+    x = torch.randn(8, 6)
+    codes = activation_codes(nn.Sequential(a, b), x)
+    with torch.no_grad():
+        pre_a = a.lin(x)
+        pre_b = b.lin(F.gelu(pre_a))
+    np.testing.assert_array_equal(codes, torch.cat([pre_a > 0, pre_b > 0], dim=1).numpy())
+    assert "forward" not in vars(a) and "forward" not in vars(b)  # the instance patch is removed again

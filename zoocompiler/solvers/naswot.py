@@ -11,6 +11,7 @@ kernel and the score ``-inf``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 
@@ -166,12 +167,16 @@ def _run(model: nn.Module, batch: torch.Tensor, layers: str, record: Callable[[t
             for m in model.modules()
             if isinstance(m, types)
         ]
+        # every GraphModule, top-level or nested (e.g. a Sequential of blocks), runs through the interpreter
+        # so its functional activations (F.relu, F.gelu, ...) are seen too
+        graphs = [m for m in model.modules() if isinstance(m, fx.GraphModule)]
+        for gm in graphs:
+            gm.forward = functools.partial(_interpret, gm, counted)
         try:
-            if isinstance(model, fx.GraphModule):
-                _ActivationInterpreter(model, counted).run(batch)
-            else:
-                model(batch)
+            model(batch)
         finally:
+            for gm in graphs:
+                del gm.forward
             for handle in handles:
                 handle.remove()
     if calls == 0:
@@ -179,6 +184,10 @@ def _run(model: nn.Module, batch: torch.Tensor, layers: str, record: Callable[[t
             f"{type(model).__name__} ran no activation naswot can hook (no activation modules, not an fx graph)",
             "trace it with torch.fx (functional activations are then seen) or use layers='outputs'",
         )
+
+
+def _interpret(gm: fx.GraphModule, record: Callable[[torch.Tensor], None], *args: torch.Tensor) -> object:
+    return _ActivationInterpreter(gm, record).run(*args)
 
 
 class _ActivationInterpreter(fx.Interpreter):
