@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,6 @@ class AssembleConfig:
     unbiased_cka: bool = False
     cache_dir: Path | None = None
     latency_runs: int = 30
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if self.tune not in TUNE_MODES:
@@ -333,7 +332,7 @@ def assemble(config: AssembleConfig, out_dir: Path, progress: Progress | None = 
         "epochs": config.epochs if config.tune != "none" else 0,
         "budget": config.budget.to_dict(),
         "budget_use": _budget_use(config.budget, params, macs, latency.median_ms),
-        "solver": asdict(stats) if not hasattr(stats, "to_dict") else stats.to_dict(),
+        "solver": stats.to_dict(),
         "partition": analysis.partition.to_dict(),
         "similarity": analysis.similarity.to_dict(),
         "candidates": [c.to_dict() for c in candidates],
