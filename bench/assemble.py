@@ -301,7 +301,7 @@ def bench_search(
     analysis: ZooAnalysis, config: AssembleConfig, max_candidates: int, seed: int, log: Log
 ) -> dict[str, Any]:
     """ILP top-M + NASWOT re-rank against uniform random search over the valid assemblies (same batches)."""
-    members = {m.name: m for m in analysis.members}
+    members = analysis.members_by_name
     t = time.perf_counter()
     opts, assemblies, stats = solve(analysis, config)
     ilp_s = time.perf_counter() - t
@@ -396,7 +396,7 @@ def _net_costs(net: nn.Module, analysis: ZooAnalysis) -> tuple[int, int]:
 
 def bench_kendall(analysis: ZooAnalysis, config: AssembleConfig, log: Log) -> dict[str, Any]:
     """NASWOT and surrogate vs frozen-tuned accuracy of the ILP top ``config.top`` under ``config.budget``."""
-    members = {m.name: m for m in analysis.members}
+    members = analysis.members_by_name
     opts, assemblies, _ = solve(analysis, config)
     ranked = rank_candidates(analysis, opts, assemblies, config)
     probes = ProbeActivations(members, analysis.probe)
@@ -446,7 +446,7 @@ def bench_budgets(
 
     ``full``: every network is also fully tuned (all weights) for the same epochs, from the same start.
     """
-    members = {m.name: m for m in analysis.members}
+    members = analysis.members_by_name
     probes = ProbeActivations(members, analysis.probe)
     train = analysis.train
     singles = []

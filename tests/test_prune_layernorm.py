@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from architectures import traced
-from test_prune import assert_close, randomized
+from test_prune import assert_close, expected_params, randomized
 
 from zoocompiler.errors import PassError
 from zoocompiler.exports.onnx_export import export_onnx
@@ -134,27 +134,6 @@ def plan_at(gm: torch.fx.GraphModule, frac: float, seed: int, strategy: str = "u
             plan.producer_keep[key] = {p: sorted(rng.sample(keep, max(1, len(keep) * 2 // 3))) for p in prods}
             plan.producer_keep[key][next(iter(prods))] = keep  # the union stays the group's keep
     return plan
-
-
-def expected_params(gm: torch.fx.GraphModule, plan: Plan) -> int:
-    """Parameters after pruning by a plan without per-producer choices, from the plan and the members alone."""
-    removed: dict[tuple[str, int], set[int]] = {}
-    keys = group_keys(gm)
-    for g in graph_info(gm).unit_groups:
-        keep = plan.keep.get(keys[g.gid])
-        if keep is None:
-            continue
-        for m in g.members:
-            if m.param is not None:
-                gone = [p for u in range(g.size) if u not in set(keep) for p in m.indices[u]]
-                removed.setdefault((m.param, m.dim), set()).update(gone)
-    total = 0
-    for name, p in gm.named_parameters():
-        n = 1
-        for d, s in enumerate(p.shape):
-            n *= s - len(removed.get((name, d), ()))
-        total += n
-    return total
 
 
 def zeroed_only(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:

@@ -382,7 +382,8 @@ def make_stitch(
 
 
 @torch.no_grad()
-def _activations(module: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def batched_forward(module: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """``module(x)`` without gradients, ``batch_size`` samples at a time, concatenated along the batch."""
     return torch.cat([module(chunk) for chunk in x.split(batch_size)], dim=0)
 
 
@@ -401,7 +402,7 @@ def stitch(
     on ``probe_a`` to get the source activations; ``probe_b`` already is the destination one).
     The blocks are copied, so the result trains without touching the source models.
     """
-    src_act = _activations(block_a.module, probe_a)
+    src_act = batched_forward(block_a.module, probe_a)
     layer = make_stitch(block_a.output, block_b.input, probe_src=src_act, probe_dst=probe_b, init=init, ridge=ridge)
     head, tail = copy.deepcopy(block_a.module), copy.deepcopy(block_b.module)
     return nn.Sequential(OrderedDict(head=head, stitch=layer, tail=tail)).eval()
@@ -450,8 +451,8 @@ def stitch_models(
     last_b = len(graph_info(model_b_gm).cut_points) - 1
     head = _part(model_a_gm, 0, a_idx).eval()
     b_prefix = _part(model_b_gm, 0, b_idx).eval()
-    probe_src = _activations(head, probe_x, batch_size)
-    probe_dst = _activations(b_prefix, probe_x, batch_size)
+    probe_src = batched_forward(head, probe_x, batch_size)
+    probe_dst = batched_forward(b_prefix, probe_x, batch_size)
     layer = make_stitch(src, dst, probe_src=probe_src, probe_dst=probe_dst, init=init, ridge=ridge)
     tail = _part(model_b_gm, b_idx, last_b)
     return nn.Sequential(OrderedDict(head=head, stitch=layer, tail=tail)).eval()

@@ -93,6 +93,10 @@ class ZooAnalysis:
     similarity: ZooSimilarity
     partition: Partition
 
+    @property
+    def members_by_name(self) -> dict[str, ZooMember]:
+        return {m.name: m for m in self.members}
+
 
 def analyse_zoo(config: AssembleConfig, progress: Progress | None = None) -> ZooAnalysis:
     """Load the data and the zoo, compute (or load) the similarity matrix and partition the zoo."""
@@ -136,11 +140,18 @@ class Candidate:
 
 
 def rank_candidates(
-    analysis: ZooAnalysis, opts: AssemblyOptions, assemblies: list[Assembly], config: AssembleConfig
+    analysis: ZooAnalysis,
+    opts: AssemblyOptions,
+    assemblies: list[Assembly],
+    config: AssembleConfig,
+    probes: ProbeActivations | None = None,
 ) -> list[Candidate]:
-    """Build each ILP assembly's body with LS-initialised stitches and score it with NASWOT (best first)."""
-    members = {m.name: m for m in analysis.members}
-    probes = ProbeActivations(members, analysis.probe)
+    """Build each ILP assembly's body with LS-initialised stitches and score it with NASWOT (best first).
+
+    ``probes`` lets the caller share the probe-activation cache with later builds (default: a fresh one).
+    """
+    members = analysis.members_by_name
+    probes = probes if probes is not None else ProbeActivations(members, analysis.probe)
     batches = _naswot_batches(analysis.train, config)
     out = []
     for a in assemblies:
@@ -195,7 +206,7 @@ def model_macs(net: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
 
 def plan_dict(analysis: ZooAnalysis, blocks: list[ChosenBlock], config: AssembleConfig) -> dict:
     """Everything needed to rebuild the (untuned) assembly from the zoo and the data."""
-    members = {m.name: m for m in analysis.members}
+    members = analysis.members_by_name
     return {
         "version": PLAN_VERSION,
         "zoo": [{"name": m.name, "spec": m.spec, "weights_sha256": weights_hash(m.module)} for m in analysis.members],
@@ -253,7 +264,7 @@ def _budget_use(budget: Budget, params: float, macs: float, latency: float | Non
 
 
 def _block_rows(analysis: ZooAnalysis, cand: Candidate, opts: AssemblyOptions) -> list[dict]:
-    members = {m.name: m for m in analysis.members}
+    members = analysis.members_by_name
     rows = []
     for index, b in zip(cand.assembly.blocks, cand.blocks, strict=True):
         m = members[b.model]
@@ -290,11 +301,11 @@ def assemble(config: AssembleConfig, out_dir: Path, progress: Progress | None = 
     t = time.perf_counter()
     batches = f"{config.naswot_batches}×{config.naswot_batch_size}"
     _say(progress, f"NASWOT re-rank of {len(assemblies)} stitched candidates ({batches} images)")
-    candidates = rank_candidates(analysis, opts, assemblies, config)
+    members = analysis.members_by_name
+    probes = ProbeActivations(members, analysis.probe)  # shared: the chosen build reuses the re-rank's activations
+    candidates = rank_candidates(analysis, opts, assemblies, config, probes)
     timings["rerank_s"] = time.perf_counter() - t
     best = candidates[0]
-    members = {m.name: m for m in analysis.members}
-    probes = ProbeActivations(members, analysis.probe)
     t = time.perf_counter()
     net = build_assembly(best.blocks, members, probes, analysis.train.x, analysis.train.y, analysis.train.num_classes)
     acc_untuned = evaluate(net, analysis.test)

@@ -23,10 +23,11 @@ from ..errors import PassError
 from ..ir import Layout, TensorInfo
 from ..passes.activations import cut_point_activations
 from ..passes.blocks import extract_block
-from ..passes.stitch import Stitch, make_stitch
+from ..passes.stitch import Stitch, batched_forward, make_stitch
 from .zoo_members import ZooMember
 
 HEAD_RIDGE_PER_SAMPLE = 1e-3  # ridge λ for the head's linear probe, per training sample
+BATCH = 256  # samples per forward when running probes through blocks
 STITCH_RIDGE = 1e-3  # stitch ridge λ relative to the source's mean per-channel energy (keeps LS well-posed)
 
 
@@ -98,9 +99,9 @@ class ProbeActivations:
 
 
 def block_module(member: ZooMember, start: int, end: int) -> nn.Module:
-    """A standalone copy of ``member``'s block between two positions (trainable without touching the zoo)."""
+    """A standalone copy of ``member``'s block between two positions (eval mode; trainable without touching the zoo)."""
     cut_start, cut_end = member.positions[start].index, member.positions[end].index
-    return copy.deepcopy(extract_block(member.graph, cut_start, cut_end).module)
+    return copy.deepcopy(extract_block(member.graph, cut_start, cut_end).module).eval()
 
 
 def stitch_cost(src: TensorInfo, dst: TensorInfo) -> tuple[int, int] | None:
@@ -116,12 +117,6 @@ def stitch_cost(src: TensorInfo, dst: TensorInfo) -> tuple[int, int] | None:
 
 def head_info(num_classes: int) -> TensorInfo:
     return TensorInfo((1, num_classes), "", Layout.FLAT)
-
-
-@torch.no_grad()
-def _run(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    module.eval()
-    return torch.cat([module(chunk) for chunk in x.split(batch_size)], dim=0)
 
 
 def stitch_ridge(src_act: torch.Tensor, src: TensorInfo, relative: float = STITCH_RIDGE) -> float:
@@ -150,15 +145,15 @@ def build_body(
             ridge = stitch_ridge(prefix_out, src)
             layer = make_stitch(src, dst, probe_src=prefix_out, probe_dst=target, ridge=ridge)
             body[f"stitch{k}"] = layer
-            prefix_out = _run(layer, prefix_out)
+            prefix_out = batched_forward(layer, prefix_out, BATCH)
         body[f"block{k}"] = block_module(member, block.start, block.end)
-        prefix_out = _run(body[f"block{k}"], prefix_out)
+        prefix_out = batched_forward(body[f"block{k}"], prefix_out, BATCH)
     return body
 
 
 def fit_head(body: nn.Module, features: TensorInfo, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Stitch:
     """A new classifier on ``body``'s features: pooling + linear, ridge-regressed onto one-hot ``y``."""
-    feats = _run(body, x)
+    feats = batched_forward(body.eval(), x, BATCH)
     onehot = torch.nn.functional.one_hot(y, num_classes).float()
     ridge = HEAD_RIDGE_PER_SAMPLE * len(x)
     return make_stitch(features, head_info(num_classes), probe_src=feats, probe_dst=onehot, ridge=ridge)

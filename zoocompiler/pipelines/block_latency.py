@@ -23,6 +23,7 @@ import torch
 from ..atomic import write_json_atomic
 from ..solvers.partition import Partition
 from .assembly_build import block_module
+from .assembly_problem import chosen
 from .similarity import weights_hash
 from .zoo_members import ZooMember
 
@@ -84,14 +85,14 @@ def block_latencies(
     out: dict[str, float] = {}
     dirty = False
     for ref in partition.blocks():
-        m = members[ref.model]
+        m, name = members[ref.model], chosen(members, ref).key
         key = _key(m, ref.start, ref.end, runs, threads)
         if key not in cache:
             if progress is not None:
-                progress(f"{m.name}[{ref.start}:{ref.end}]")
+                progress(name)
             cache[key] = measure_block(m, ref.start, ref.end, runs, threads)
             dirty = True
-        out[f"{m.name}[{ref.start}:{ref.end}]"] = cache[key]
+        out[name] = cache[key]
     if dirty:
         write_json_atomic(cache_file, cache)
     return out
@@ -105,7 +106,7 @@ def fit_join_latency(
     for ref in partition.blocks():
         m = members[ref.model]
         xs.append(m.macs_between(ref.start, ref.end))
-        ys.append(latency[f"{m.name}[{ref.start}:{ref.end}]"])
+        ys.append(latency[chosen(members, ref).key])
     a = np.stack([np.ones(len(xs)), np.asarray(xs, dtype=np.float64)], axis=1)
     intercept, slope = np.linalg.lstsq(a, np.asarray(ys), rcond=None)[0]
     intercept, slope = max(float(intercept), 0.0), max(float(slope), 0.0)
