@@ -47,3 +47,7 @@ class PassError(ZooError):
 
 class SolverError(ZooError):
     """A partition or assembly problem with no solution (infeasible budget, too few cut points)."""
+
+
+class BudgetError(ZooError):
+    """A budget (MACs, latency) that no available option meets."""

@@ -1,0 +1,104 @@
+"""Export a trained sliceable model: one verified ONNX model per slice rate plus ``manifest.json``.
+
+Rates come from a list or from MAC budgets (:func:`~zoocompiler.passes.slicing.rate_for_budget`,
+measured MACs). Every r-subnet is materialised by the prune pass, exported with ONNX Runtime parity
+checked, timed (batch 1, and per sample at ``latency_batch``) and evaluated on the test split. The
+manifest is what :class:`~zoocompiler.exports.elastic.ElasticModel` serves from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import load_dataset
+from ..exports.elastic import MANIFEST_NAME, write_manifest
+from ..exports.latency import measure_latency
+from ..exports.onnx_export import export_onnx
+from ..passes.slicing import rate_for_budget
+from ..solvers.assembly_ilp import Budget
+from ..training import evaluate
+from .slice_train import load_trained, plot_accuracy, requested_rates
+
+PLOT_FILE = "rates.png"
+
+
+def parse_flops(text: str) -> list[float]:
+    """``"10M,20M"`` → MAC budgets (suffixes k/M/G as in ``--budget``); bad items are a ``ZooError``."""
+    return [Budget.parse(f"flops={item.strip()}").macs for item in text.split(",")]
+
+
+def onnx_name(rate: float) -> str:
+    return f"rate_{rate:.4f}.onnx"
+
+
+def export_rates(
+    directory: str | Path,
+    out_dir: Path,
+    *,
+    rates: list[float] | None = None,
+    flops: list[float] | None = None,
+    latency_batch: int = 32,
+    runs: int = 30,
+    say: Callable[[str], None] = lambda _msg: None,
+) -> dict[str, Any]:
+    """Write ``rate_*.onnx``, ``manifest.json`` and ``rates.png`` for the trained ``directory`` into
+    ``out_dir`` (a fresh staging directory) and return the manifest. Without ``rates``/``flops``:
+    every valid rate ≥ the training lower bound."""
+    model, record = load_trained(directory)
+    lb = record["config"]["lb"]
+    budgets: dict[float, float] = {}
+    if flops:
+        for c in flops:
+            budgets.setdefault(rate_for_budget(model, flops=c, lb=lb), c)
+    chosen = requested_rates(model, record, [*(rates or []), *budgets])
+    if not chosen:
+        chosen = model.valid_rates(lb)
+    data = record["config"]["data"]
+    test = load_dataset(data, "test")
+    shape = tuple(record["input_shape"])
+    rows = []
+    for r in chosen:
+        say(f"rate {r:g}: slice, export, time, evaluate")
+        sliced = model.slice(r)
+        path = out_dir / onnx_name(sliced.rate)
+        export = export_onnx(sliced.module, test.x[:2].clone(), path)
+        one = measure_latency(path, (1, *shape), runs=runs)
+        batch = measure_latency(path, (latency_batch, *shape), runs=max(5, runs // 3))
+        rows.append({
+            "rate": sliced.rate,
+            "onnx": path.name,
+            "params": sliced.params,
+            "macs": sliced.macs,
+            "latency_ms": one.median_ms,
+            "per_sample_ms": batch.median_ms / latency_batch,
+            "accuracy": evaluate(sliced.module, test),
+            "max_abs_diff": export.max_abs_diff,
+            "budget_macs": next((c for q, c in budgets.items() if abs(q - sliced.rate) < 1e-9), None),
+        })
+    full = next((row for row in rows if abs(row["rate"] - 1.0) < 1e-9), None)
+    extra = {
+        "source": str(directory),
+        "spec": record["config"]["spec"],
+        "data": data,
+        "input_shape": list(shape),
+        "groups": model.groups,
+        "lb": lb,
+        "latency_batch": latency_batch,
+        "threads": 1,
+        "torch": torch.__version__,
+        "full_macs": full["macs"] if full else model.macs_at(1.0),
+    }
+    plot_accuracy(rows, out_dir / PLOT_FILE, f"{extra['spec']}: exported rates")
+    write_manifest(out_dir, rows, extra=extra)
+    return read_manifest_doc(out_dir)
+
+
+def read_manifest_doc(directory: Path) -> dict[str, Any]:
+    """The whole manifest document (the runtime's ``read_manifest`` returns its rate entries only)."""
+    import json
+
+    return json.loads((directory / MANIFEST_NAME).read_text())

@@ -1,0 +1,299 @@
+"""Model-slicing training (paper 003 §3.5): build a sliceable model from a spec, train it with a
+slice-rate scheduler, evaluate every rate, and save/load the result as a directory.
+
+A trained directory holds ``sliceable.safetensors`` (the converted model's weights), ``slice.json``
+(everything needed to rebuild it: spec, input shape, groups, rescale, lb, training options,
+history, per-rate accuracy and size) and ``accuracy.png``. :func:`load_trained` rebuilds the
+:class:`~zoocompiler.passes.slicing.SliceableModel` from it and checks its structure fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..atomic import atomic_path, write_json_atomic
+from ..data import DataSplit, load_dataset
+from ..errors import CheckpointError, DataError, ZooError
+from ..passes.plans import graph_fingerprint
+from ..passes.slicing import DEFAULT_GROUPS, SliceableModel, make_sliceable
+from ..solvers.slice_rates import SCHEDULERS, RateScheduler, check_rate, make_scheduler, valid_rates
+from ..sources import load_model
+from ..tracing import trace
+from ..training import History, evaluate, train
+
+TRAINED_FORMAT = "zoocompiler.sliceable/1"
+WEIGHTS_FILE, RECORD_FILE, PLOT_FILE = "sliceable.safetensors", "slice.json", "accuracy.png"
+TRACE_BATCH = 2
+
+
+@dataclass
+class SliceTrainConfig:
+    """What ``zoocompile slice train`` does (defaults follow the paper: N(1, 1/3), lb 0.375)."""
+
+    spec: str
+    data: str = "mnist5k"
+    lb: float = 0.375
+    groups: int = DEFAULT_GROUPS
+    scheduler: str = "normal"
+    scheduler_options: dict[str, float] = field(default_factory=dict)
+    rescale: str = "dense"
+    sort_by: str | None = None
+    from_scratch: bool = False
+    checkpoint: str | None = None
+    epochs: int = 10
+    lr: float = 3e-3
+    batch_size: int = 128
+    weight_decay: float = 0.05
+    augment: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise ``ZooError`` for options that cannot work, before anything slow runs."""
+        if self.scheduler not in SCHEDULERS:
+            raise ZooError(f"unknown scheduler '{self.scheduler}'", f"use one of: {', '.join(SCHEDULERS)}")
+        if not 0 < self.lb <= 1:
+            raise ZooError(f"lower bound {self.lb:g} is outside (0, 1]", "pass --lb in (0, 1], e.g. 0.375")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ZooError("epochs, batch size and learning rate must be positive", "fix --epochs/--batch-size/--lr")
+        if self.groups < 1:
+            raise ZooError(f"groups must be >= 1, got {self.groups}", "pass --groups 16 (rates in steps of 1/16)")
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def reset_parameters(model: nn.Module) -> nn.Module:
+    """Re-initialise every submodule that has ``reset_parameters`` (training from scratch)."""
+    for m in model.modules():
+        if m is not model and callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
+    return model
+
+
+def _check_classes(model: nn.Module, shape: tuple[int, ...], num_classes: int, spec: str) -> None:
+    with torch.no_grad():
+        out = model(torch.zeros(1, *shape))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"model '{spec}' outputs {got}, the dataset has {num_classes} classes",
+                        f"build the model with {num_classes} outputs (e.g. num_classes={num_classes} in the spec)")
+
+
+def build_sliceable(
+    spec: str,
+    input_shape: tuple[int, ...],
+    *,
+    groups: int = DEFAULT_GROUPS,
+    rescale: str = "dense",
+    sort_by: str | None = None,
+    from_scratch: bool = False,
+    checkpoint: str | None = None,
+    num_classes: int | None = None,
+) -> SliceableModel:
+    """Load ``spec`` (optionally a local checkpoint, or re-initialised), trace it at ``input_shape`` and
+    make it sliceable. ``num_classes`` checks the classifier width against the data."""
+    model = load_model(spec, checkpoint=checkpoint)
+    if from_scratch:
+        torch.manual_seed(0)
+        reset_parameters(model)
+    if num_classes is not None:
+        _check_classes(model, tuple(input_shape), num_classes, spec)
+    x = torch.randn(TRACE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
+    return make_sliceable(trace(model, x), groups=groups, rescale=rescale, sort_by=sort_by)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+class _Freezer:
+    """Progressive static scheduling: keep the previous stage's r-subnet weights fixed (paper §3.5.2)."""
+
+    def __init__(self, model: SliceableModel):
+        self.model, self.rate, self.saved = model, None, {}
+
+    def update(self, rate: float | None) -> None:
+        if rate == self.rate:
+            return
+        self.rate, self.saved = rate, {}
+        if rate is None:
+            return
+        factors = self.model.factors(rate)
+        for name, p in self.model.gm.named_parameters():
+            inside = torch.ones_like(p, dtype=torch.bool)
+            for dim, vec in factors.get(name, []):
+                shape = [1] * p.dim()
+                shape[dim] = -1
+                inside = inside & (vec != 0).view(shape)
+            self.saved[name] = (inside, p.detach().clone())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        params = dict(self.model.gm.named_parameters())
+        for name, (inside, value) in self.saved.items():
+            params[name].copy_(torch.where(inside, value, params[name]))
+
+
+def train_sliceable(
+    model: SliceableModel,
+    split: DataSplit,
+    scheduler: RateScheduler,
+    *,
+    epochs: int,
+    lr: float = 3e-3,
+    batch_size: int = 128,
+    weight_decay: float = 0.05,
+    augment: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    eval_split: DataSplit | None = None,
+    on_rate: Callable[[float], None] | None = None,
+) -> History:
+    """Train ``model`` in place: each batch runs the r-subnet for an r drawn from ``scheduler``
+    (seeded numpy generator; progress = step / total steps). Progressive static scheduling keeps
+    the previous stage's subnet fixed. Leaves the model at rate 1.0 in eval mode."""
+    steps_per_epoch = len(split) // batch_size if len(split) > batch_size else 1
+    total = max(1, epochs * steps_per_epoch)
+    rng = np.random.default_rng(seed)
+    freezer = _Freezer(model)
+    frozen_rate = getattr(scheduler, "frozen_rate", None)
+    state = {"step": 0}
+
+    def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        progress_frac = min(1.0, state["step"] / total)
+        if frozen_rate is not None:
+            freezer.restore()  # undo the previous optimizer step on frozen weights (AdamW decays them too)
+            freezer.update(frozen_rate(progress_frac))
+        model.rate = scheduler.sample(progress_frac, rng)
+        if on_rate is not None:
+            on_rate(model.rate)
+        state["step"] += 1
+        return F.cross_entropy(net(x), y)
+
+    history = train(model, split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
+                    augment=augment, weight_decay=weight_decay, loss_fn=loss_fn, eval_split=eval_split,
+                    desc="slice-train")
+    freezer.restore()
+    model.rate = 1.0
+    return history
+
+
+def evaluate_rates(model: SliceableModel, split: DataSplit, rates: list[float]) -> dict[float, dict[str, Any]]:
+    """Accuracy, params and per-sample MACs of the materialised r-subnet for every rate."""
+    out = {}
+    for r in rates:
+        sliced = model.slice(r)
+        out[sliced.rate] = {**sliced.to_dict(), "accuracy": evaluate(sliced.module, split)}
+    return out
+
+
+# ----------------------------------------------------------------------------- directory
+
+
+def plot_accuracy(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Accuracy (left axis) and MACs relative to the full model (right axis) against the slice rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [r["rate"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(rates, [100 * r["accuracy"] for r in rows], "o-", label="accuracy")
+    ax.set_xlabel("slice rate r")
+    ax.set_ylabel("test accuracy (%)")
+    ax2 = ax.twinx()
+    full = max(r["macs"] for r in rows)
+    ax2.plot(rates, [r["macs"] / full for r in rows], "s--", color="gray", label="MACs / full")
+    ax2.set_ylabel("MACs / full")
+    ax.set_title(title)
+    fig.legend(loc="lower right")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Build, train and evaluate per :class:`SliceTrainConfig`; write the trained directory into
+    ``out_dir`` (an empty staging directory) and return the record written to ``slice.json``."""
+    from safetensors.torch import save_file
+
+    config.check()
+    train_split, test_split = load_dataset(config.data, "train"), load_dataset(config.data, "test")
+    shape = tuple(train_split.input_shape)
+    model = build_sliceable(config.spec, shape, groups=config.groups, rescale=config.rescale,
+                            sort_by=config.sort_by, from_scratch=config.from_scratch,
+                            checkpoint=config.checkpoint, num_classes=train_split.num_classes)
+    rates = valid_rates(config.groups, config.lb)
+    scheduler = make_scheduler(config.scheduler, rates, **config.scheduler_options)
+    history = train_sliceable(model, train_split, scheduler, epochs=config.epochs, lr=config.lr,
+                              batch_size=config.batch_size, weight_decay=config.weight_decay,
+                              augment=config.augment, seed=config.seed, progress=progress)
+    per_rate = evaluate_rates(model, test_split, valid_rates(config.groups))
+    record = {
+        "format": TRAINED_FORMAT,
+        "config": asdict(config),
+        "input_shape": list(shape),
+        "num_classes": train_split.num_classes,
+        "fingerprint": graph_fingerprint(model.gm),
+        "train_seconds": history.seconds,
+        "history": [asdict(e) for e in history.epochs],
+        "rates": [{"rate": r, **{k: v for k, v in row.items() if k != "rate"}, "trained": r >= config.lb - 1e-9}
+                  for r, row in per_rate.items()],
+    }
+    save_file({k: v.detach().contiguous() for k, v in model.gm.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
+    plot_accuracy(record["rates"], out_dir / PLOT_FILE, f"{config.spec} (lb {config.lb:g}, {config.scheduler})")
+    write_json_atomic(out_dir / RECORD_FILE, record)
+    return record
+
+
+def read_record(directory: str | Path) -> dict[str, Any]:
+    """``slice.json`` of a trained directory; a missing or foreign file is a ``CheckpointError``."""
+    path = Path(directory) / RECORD_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {RECORD_FILE}",
+                              "pass a directory written by `zoocompile slice train`")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err.msg})", "re-run `zoocompile slice train`") from err
+    if not isinstance(record, dict) or record.get("format") != TRAINED_FORMAT:
+        raise CheckpointError(f"{path} is not a sliceable-model record", f"expected format '{TRAINED_FORMAT}'")
+    return record
+
+
+def load_trained(directory: str | Path) -> tuple[SliceableModel, dict[str, Any]]:
+    """Rebuild the trained sliceable model of ``directory`` (weights loaded, fingerprint checked)."""
+    from safetensors.torch import load_file
+
+    record = read_record(directory)
+    cfg = record["config"]
+    model = build_sliceable(cfg["spec"], tuple(record["input_shape"]), groups=cfg["groups"], rescale=cfg["rescale"])
+    if graph_fingerprint(model.gm) != record["fingerprint"]:
+        raise CheckpointError(f"{directory}: the rebuilt '{cfg['spec']}' has another structure than the trained one",
+                              "use the zoocompiler and model versions the directory was trained with")
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}", "re-run `zoocompile slice train`")
+    state = load_file(str(weights))
+    missing, unexpected = model.gm.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: {len(missing)} missing and {len(unexpected)} unexpected tensors",
+                              "re-run `zoocompile slice train`")
+    return model.eval(), record
+
+
+def requested_rates(model: SliceableModel, record: dict[str, Any], rates: list[float]) -> list[float]:
+    """Validate export rates against the model's grid and its training lower bound (``ZooError``)."""
+    lb = record["config"]["lb"]
+    return sorted({check_rate(r, model.groups, lb) for r in rates})
+
