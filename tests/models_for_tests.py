@@ -24,6 +24,25 @@ def tiny_cnn(num_classes: int = 10, width: int = 8) -> nn.Module:
     return model
 
 
+def sliceable_mlp_cnn(num_classes: int = 10, width: int = 16, in_chans: int = 1) -> nn.Module:
+    """conv-bn-relu ×2 → pool → linear-relu → linear on 1×8×8 (digits): conv and dense layers to slice."""
+    model = nn.Sequential(
+        nn.Conv2d(in_chans, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, 2 * width),
+        nn.ReLU(),
+        nn.Linear(2 * width, num_classes),
+    )
+    model.input_shape = (in_chans, 8, 8)
+    return model
+
+
 def not_a_model() -> str:
     """A factory that returns something other than a module."""
     return "not a model"

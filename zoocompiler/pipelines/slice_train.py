@@ -28,7 +28,7 @@ from ..passes.slicing import DEFAULT_GROUPS, SliceableModel, make_sliceable
 from ..solvers.slice_rates import SCHEDULERS, RateScheduler, check_rate, make_scheduler, valid_rates
 from ..sources import load_model
 from ..tracing import trace
-from ..training import History, evaluate, train
+from ..training import History, evaluate, seed_everything, train
 
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
 WEIGHTS_FILE, RECORD_FILE, PLOT_FILE = "sliceable.safetensors", "slice.json", "accuracy.png"
@@ -229,6 +229,7 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
 
     config.check()
     train_split, test_split = load_dataset(config.data, "train"), load_dataset(config.data, "test")
+    seed_everything(config.seed)  # randomly initialised specs start from the same weights
     shape = tuple(train_split.input_shape)
     model = build_sliceable(config.spec, shape, groups=config.groups, rescale=config.rescale,
                             sort_by=config.sort_by, from_scratch=config.from_scratch,
