@@ -777,6 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_assemble import add_commands
 
     add_commands(commands, _Formatter, _json_option)
+    from .cli_slice import add_commands as add_slice_commands
+
+    add_slice_commands(commands, _Formatter, _json_option)
     return parser
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..data import load_dataset
+from ..errors import ZooError
 from ..exports.elastic import MANIFEST_NAME, write_manifest
 from ..exports.latency import measure_latency
 from ..exports.onnx_export import export_onnx
@@ -28,7 +29,14 @@ PLOT_FILE = "rates.png"
 
 def parse_flops(text: str) -> list[float]:
     """``"10M,20M"`` → MAC budgets (suffixes k/M/G as in ``--budget``); bad items are a ``ZooError``."""
-    return [Budget.parse(f"flops={item.strip()}").macs for item in text.split(",")]
+    out = []
+    for item in text.split(","):
+        try:
+            out.append(Budget.parse(f"flops={item.strip()}").macs)
+        except ZooError as err:
+            raise ZooError(f"bad MAC budget {item.strip()!r}",
+                           "pass comma-separated positive MAC counts, e.g. 10M,2.5M (suffixes k, M, G)") from err
+    return out
 
 
 def onnx_name(rate: float) -> str:

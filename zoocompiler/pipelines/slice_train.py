@@ -10,6 +10,7 @@ history, per-rate accuracy and size) and ``accuracy.png``. :func:`load_trained` 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,12 +23,12 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_path, write_json_atomic
 from ..data import DataSplit, load_dataset
-from ..errors import CheckpointError, DataError, ZooError
+from ..errors import CheckpointError, DataError, InputShapeError, ZooError
 from ..passes.plans import graph_fingerprint
 from ..passes.slicing import DEFAULT_GROUPS, SliceableModel, make_sliceable
 from ..solvers.slice_rates import SCHEDULERS, RateScheduler, check_rate, make_scheduler, valid_rates
 from ..sources import load_model
-from ..tracing import trace
+from ..tracing import check_input, trace
 from ..training import History, evaluate, seed_everything, train
 
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
@@ -80,8 +81,14 @@ def reset_parameters(model: nn.Module) -> nn.Module:
 
 
 def _check_classes(model: nn.Module, shape: tuple[int, ...], num_classes: int, spec: str) -> None:
+    x = torch.zeros(TRACE_BATCH, *shape)
+    try:
+        check_input(model, x)
+    except InputShapeError as err:
+        raise DataError(f"model '{spec}' does not accept the dataset's {'×'.join(map(str, shape))} images "
+                        f"({err.cause})", "build the model for this input (e.g. in_chans=1 in the spec)") from err
     with torch.no_grad():
-        out = model(torch.zeros(1, *shape))
+        out = model(x)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise DataError(f"model '{spec}' outputs {got}, the dataset has {num_classes} classes",
@@ -247,7 +254,8 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
         "num_classes": train_split.num_classes,
         "fingerprint": graph_fingerprint(model.gm),
         "train_seconds": history.seconds,
-        "history": [asdict(e) for e in history.epochs],
+        "history": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(e).items()}
+                    for e in history.epochs],
         "rates": [{"rate": r, **{k: v for k, v in row.items() if k != "rate"}, "trained": r >= config.lb - 1e-9}
                   for r, row in per_rate.items()],
     }

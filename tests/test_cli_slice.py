@@ -1,0 +1,331 @@
+"""``zoocompile slice train`` / ``slice export``: end to end on zoo:vgg_s, JSON output, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+
+from zoocompiler import cli, cli_slice
+from zoocompiler.data import load_dataset
+from zoocompiler.exports.elastic import ElasticModel, LatencyBudgetError
+from zoocompiler.pipelines.slice_train import SliceTrainConfig, load_trained, read_record
+
+SPEC = "zoo:vgg_s"
+GROUPS = 4  # valid rates 0.25, 0.5, 0.75, 1; lb 0.375 rounds up to 0.5
+TRAIN_ARGS = ("--from-scratch", "--groups", str(GROUPS), "--epochs", "1", "--lb", "0.375")
+FAST_TIMING = ("--runs", "3", "--latency-batch", "4")
+ATOL = 1e-4
+
+
+def linear_only() -> nn.Module:
+    """A 1×28×28 → 10 classifier with no hidden units: every unit group is pinned (input or classes)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``cli.main(argv)`` in process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _no_constants(name: str):
+    raise AssertionError(f"--json printed {name}, which is not standard JSON")
+
+
+def run_json(*argv: str) -> dict:
+    code, out, err = run_cli(*argv, "--json")
+    assert code == 0, err
+    return json.loads(out, parse_constant=_no_constants)
+
+
+def _strict(value):
+    """A record as --json prints it: NaN (an unmeasured metric) becomes null."""
+    return json.loads(json.dumps(value), parse_constant=lambda _name: None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, dict]:
+    """One trained directory (1 epoch of mnist5k) shared by every test of this file."""
+    out = tmp_path_factory.mktemp("slice") / "vgg_sliced"
+    return out, run_json("slice", "train", SPEC, *TRAIN_ARGS, "--out", out)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> tuple[Path, dict]:
+    """``slice export --rates 0.5,1`` of the trained directory."""
+    out = tmp_path_factory.mktemp("export") / "rates"
+    return out, run_json("slice", "export", trained[0], "--rates", "0.5,1", *FAST_TIMING, "--out", out)
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return load_trained(trained[0])[0]
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_train_writes_the_directory_and_reports_every_rate(trained, model):
+    out, data = trained
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "slice.json", "sliceable.safetensors"]
+    assert data["files"] == {name: str(out / name) for name in ("accuracy.png", "slice.json", "sliceable.safetensors")}
+    assert data["out"] == str(out)
+    record = read_record(out)
+    assert {k: v for k, v in data.items() if k not in ("out", "files")} == _strict(record)
+    cfg = record["config"]
+    assert (cfg["spec"], cfg["groups"], cfg["lb"], cfg["epochs"], cfg["from_scratch"]) == (SPEC, 4, 0.375, 1, True)
+    assert cfg["scheduler_options"] == {}
+    assert [r["rate"] for r in data["rates"]] == [0.25, 0.5, 0.75, 1.0]
+    assert [r["trained"] for r in data["rates"]] == [False, True, True, True]
+    for row in data["rates"]:
+        sliced = model.slice(row["rate"])
+        assert (row["params"], row["macs"]) == (sliced.params, sliced.macs)
+        assert 0.0 <= row["accuracy"] <= 1.0
+    assert len(data["history"]) == 1
+
+
+def test_train_defaults_are_slice_train_config_defaults():
+    fields = {f.name: f.default for f in dataclasses.fields(SliceTrainConfig)}
+    assert {k: fields[k] for k in cli_slice.TRAIN_DEFAULTS} == cli_slice.TRAIN_DEFAULTS
+
+
+def test_train_passes_only_the_scheduler_options_given():
+    args = cli.build_parser().parse_args(
+        ["slice", "train", SPEC, "--scheduler", "progressive-dynamic", "--warmup", "0.2", "--std", "0.5"]
+    )
+    config = cli_slice.train_config(args)
+    assert config.scheduler == "progressive-dynamic"
+    assert config.scheduler_options == {"std": 0.5, "warmup": 0.2}
+    default = cli_slice.train_config(cli.build_parser().parse_args(["slice", "train", SPEC]))
+    assert default == SliceTrainConfig(spec=SPEC)
+
+
+def test_train_table(trained):
+    text = _render(cli_slice.render_slice_train, trained[1])
+    assert "slice train zoo:vgg_s on mnist5k (G=4, lb 0.375)" in text
+    for rate, share in (("0.25", "7%"), ("0.5", "26%"), ("0.75", "57%"), ("1 ", "100%")):
+        assert rate in text and share in text
+    assert text.count(" yes ") == 3 and text.count(" no ") == 1
+    assert "sliceable.safetensors" in text
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_rates_match_the_sliced_models(trained, exported, model):
+    out, data = exported
+    names = ["manifest.json", "rate_0.5000.onnx", "rate_1.0000.onnx", "rates.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert data["files"] == {name: str(out / name) for name in names}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {k: v for k, v in data.items() if k not in ("out", "files")} == manifest
+    assert (manifest["groups"], manifest["lb"], manifest["latency_batch"]) == (4, 0.375, 4)
+    accuracy = {r["rate"]: r["accuracy"] for r in trained[1]["rates"]}
+    assert [row["rate"] for row in manifest["rates"]] == [0.5, 1.0]
+    for row in manifest["rates"]:
+        sliced = model.slice(row["rate"])
+        assert (row["params"], row["macs"]) == (sliced.params, sliced.macs)
+        assert row["accuracy"] == accuracy[row["rate"]]  # same weights, same test split as slice train
+        assert row["budget_macs"] is None
+        assert row["latency_ms"] > 0 and row["per_sample_ms"] > 0 and row["max_abs_diff"] <= ATOL
+    assert manifest["full_macs"] == model.macs_at(1.0)
+
+
+def test_export_onnx_equals_the_sliced_torch_module(exported, model):
+    x = load_dataset("mnist5k", "test").x[:8]
+    for rate in (0.5, 1.0):
+        session = ort.InferenceSession(str(exported[0] / f"rate_{rate:.4f}.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            want = model.slice(rate).module(x).numpy()
+            model.set_rate(rate)
+            masked = model.eval()(x).numpy()
+        model.set_rate(1.0)
+        assert got.shape == (8, 10)
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(want, masked, atol=ATOL, rtol=0)  # slice(r) == the sliceable model at r
+
+
+def test_elastic_model_serves_the_export(exported, model):
+    out, data = exported
+    elastic = ElasticModel.from_manifest(out)
+    assert elastic.rates == [0.5, 1.0]
+    t = {row["rate"]: row["per_sample_ms"] / 1e3 for row in data["rates"]}
+    assert elastic.per_sample == pytest.approx(t, rel=1e-12)
+    n = 16
+    for budget in (2 * n * t[0.5] * (1 + 1e-6), 2 * n * t[1.0] * (1 + 1e-6), 4 * n * max(t.values())):
+        expected = max(r for r in t if n * t[r] <= budget / 2)  # the largest r with n·t(r) <= T/2
+        assert elastic.choose_rate(n, budget) == expected
+    with pytest.raises(LatencyBudgetError):
+        elastic.choose_rate(n, n * min(t.values()))  # n·t(r) = T > T/2 for every rate
+    x = load_dataset("mnist5k", "test").x[:n]
+    result = elastic.run(x.numpy(), rate=0.5)
+    with torch.no_grad():
+        np.testing.assert_allclose(result.outputs, model.slice(0.5).module(x).numpy(), atol=ATOL, rtol=0)
+
+
+def test_export_flops_and_rates_together(trained, exported, model, tmp_path):
+    macs = {row["rate"]: row["macs"] for row in exported[1]["rates"]}
+    budget = (macs[0.5] + macs[1.0]) // 2
+    expected = max(r for r in model.valid_rates(0.375) if model.macs_at(r) <= budget)
+    assert expected == 0.75  # between the two exported rates
+    out = tmp_path / "flops"
+    data = run_json("slice", "export", trained[0], "--flops", str(budget), "--rates", "1", *FAST_TIMING, "--out", out)
+    rows = {row["rate"]: row for row in data["rates"]}
+    assert sorted(rows) == [0.75, 1.0]
+    assert (rows[0.75]["budget_macs"], rows[1.0]["budget_macs"]) == (budget, None)
+    assert rows[0.75]["macs"] == model.macs_at(0.75) <= budget
+    assert ElasticModel.from_manifest(out).rates == [0.75, 1.0]
+
+
+def test_export_table(exported):
+    text = _render(cli_slice.render_slice_export, exported[1])
+    assert "slice export zoo:vgg_s (G=4, lb 0.375)" in text
+    assert "ms/sample b4" in text and "ONNX parity" in text
+    assert "(26%)" in text and "(100%)" in text
+    assert "manifest.json" in text and "ElasticModel.from_manifest" in text
+
+
+def test_export_default_out_is_inside_the_trained_directory(trained, monkeypatch):
+    """Without --out the export goes to DIR/export (export_rates stubbed: only the directory logic runs)."""
+    seen = {}
+
+    def fake_export(directory, staging, **kwargs):
+        seen.update(kwargs, directory=directory, staging=staging)
+        (staging / "manifest.json").write_text("{}")
+        return {"rates": []}
+
+    monkeypatch.setattr("zoocompiler.pipelines.slice_export.export_rates", fake_export)
+    code, out, err = run_cli("slice", "export", trained[0], "--json")
+    try:
+        assert code == 0, err
+        data = json.loads(out)
+        assert data["out"] == str(trained[0] / "export")
+        assert (trained[0] / "export" / "manifest.json").is_file()
+        assert (seen["rates"], seen["flops"], seen["latency_batch"], seen["runs"]) == (None, None, 32, 30)
+        assert seen["staging"].parent == trained[0]
+    finally:
+        import shutil
+
+        shutil.rmtree(trained[0] / "export", ignore_errors=True)
+    assert sorted(p.name for p in trained[0].iterdir()) == ["accuracy.png", "slice.json", "sliceable.safetensors"]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _assert_user_error(argv, fragment: str, parent: Path) -> None:
+    before = sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+    code, out, err = run_cli(*argv)
+    assert code == 2, err
+    assert out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert fragment in err, err
+    assert (sorted(p.name for p in parent.iterdir()) if parent.exists() else []) == before
+
+
+TRAIN_ERRORS = {
+    "unknown spec": (["zoo:nope"], "unknown zoo model 'nope'"),
+    "lb zero": ([SPEC, "--lb", "0"], "lower bound 0 is outside (0, 1]"),
+    "lb above one": ([SPEC, "--lb", "1.5"], "lower bound 1.5 is outside (0, 1]"),
+    "scheduler option": ([SPEC, "--span", "0.1"], "unknown option 'span' for rate scheduler 'normal'"),
+    "groups": ([SPEC, "--groups", "0"], "groups must be >= 1"),
+    "no sliceable group": (["python:test_cli_slice:linear_only"], "no sliceable unit group"),
+    "num_classes": (["timm:resnet18,in_chans=1"], "num_classes=10"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_ERRORS))
+def test_train_user_errors_write_nothing(case, tmp_path):
+    argv, fragment = TRAIN_ERRORS[case]
+    _assert_user_error(["slice", "train", *argv, "--epochs", "1", "--out", tmp_path / "out"], fragment, tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_channel_mismatch_is_a_user_error(tmp_path):
+    _assert_user_error(["slice", "train", "timm:resnet18", "--out", tmp_path / "out"], "channel", tmp_path)
+
+
+def test_train_existing_out_needs_force(trained):
+    _assert_user_error(["slice", "train", SPEC, "--out", trained[0]], "already exists", trained[0].parent)
+    assert (trained[0] / "slice.json").is_file()
+
+
+EXPORT_ERRORS = {
+    "rate above one": (["--rates", "0.5,1.5"], "slice rate '1.5' in '0.5,1.5' is not in (0, 1]"),
+    "rate zero": (["--rates", "0"], "slice rate '0' in '0' is not in (0, 1]"),
+    "rate below lb": (["--rates", "0.25,1"], "rate 0.25 is below the lower bound 0.5"),
+    "bad flops": (["--flops", "lots"], "bad --flops 'lots'"),
+    "flops below smallest": (["--flops", "1k"], "is below the smallest slice (rate 0.5"),
+    "latency batch": (["--latency-batch", "0"], "bad --latency-batch 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_ERRORS))
+def test_export_user_errors_write_nothing(case, trained, tmp_path):
+    argv, fragment = EXPORT_ERRORS[case]
+    _assert_user_error(["slice", "export", trained[0], *argv, "--out", tmp_path / "out"], fragment, tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_what_is_not_a_trained_directory(tmp_path):
+    _assert_user_error(["slice", "export", tmp_path], "has no slice.json", tmp_path)
+
+
+def test_export_never_replaces_the_trained_directory(trained):
+    for out in (trained[0], trained[0].parent):
+        _assert_user_error(
+            ["slice", "export", trained[0], "--out", out, "--force"], "would replace the trained directory", out
+        )
+    assert (trained[0] / "sliceable.safetensors").is_file()
+
+
+def test_export_existing_out_needs_force(trained, exported):
+    _assert_user_error(["slice", "export", trained[0], "--out", exported[0]], "already exists", exported[0].parent)
+    assert (exported[0] / "manifest.json").is_file()
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def _render(render, data: dict) -> str:
+    buffer = io.StringIO()
+    render(Console(file=buffer, width=200, soft_wrap=False), data)
+    return buffer.getvalue()
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+@pytest.mark.parametrize("command", [["slice"], ["slice", "train"], ["slice", "export"]], ids=" ".join)
+def test_help_documents_every_option(command):
+    parser = cli.build_parser()
+    for word in command:
+        parser = _subparsers(parser)[word]
+    code, out, _ = run_cli(*command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: zoocompile {' '.join(command)}")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            assert all(name in out for name in action.choices)
+            continue
+        assert action.help, f"{action.dest} has no help text"
+        assert all(flag in out for flag in action.option_strings)
