@@ -241,6 +241,20 @@ class SliceableModel(nn.Module):
             self._factors[j] = out
         return self._factors[j]
 
+    def subnet_masks(self, rate: float) -> dict[str, torch.Tensor]:
+        """Parameter name → boolean tensor of its shape: True where the weight belongs to the r-subnet
+        (every parameter of ``gm``; parameters no group slices are all True)."""
+        factors = self.factors(rate)
+        out = {}
+        for name, p in self.gm.named_parameters():
+            inside = torch.ones_like(p, dtype=torch.bool)
+            for dim, vec in factors.get(name, []):
+                shape = [1] * p.dim()
+                shape[dim] = -1
+                inside = inside & (vec != 0).to(p.device).view(shape)
+            out[name] = inside
+        return out
+
     def weights_at(self, rate: float) -> dict[str, torch.Tensor]:
         """The parameters that differ at ``rate`` (masked and rescaled), differentiable w.r.t. ``gm``'s."""
         params = dict(self.gm.named_parameters())

@@ -133,14 +133,9 @@ class _Freezer:
         self.rate, self.saved = rate, {}
         if rate is None:
             return
-        factors = self.model.factors(rate)
-        for name, p in self.model.gm.named_parameters():
-            inside = torch.ones_like(p, dtype=torch.bool)
-            for dim, vec in factors.get(name, []):
-                shape = [1] * p.dim()
-                shape[dim] = -1
-                inside = inside & (vec != 0).view(shape)
-            self.saved[name] = (inside, p.detach().clone())
+        params = dict(self.model.gm.named_parameters())
+        self.saved = {name: (inside, params[name].detach().clone())
+                      for name, inside in self.model.subnet_masks(rate).items()}
 
     @torch.no_grad()
     def restore(self) -> None:
