@@ -52,7 +52,7 @@ def sort_units(gm: fx.GraphModule, importance: str = "l1") -> int:
     producers and consumers are permuted alike. Returns the number of groups reordered."""
     if importance not in IMPORTANCES or importance == "random":
         raise PassError(f"unknown unit importance '{importance}'", "use l1 or l2")
-    reordered = 0
+    reordered, moves = 0, []
     with torch.no_grad():
         for group in graph_info(gm).unit_groups:
             if group.pinned or group.size < 2:
@@ -62,12 +62,18 @@ def sort_units(gm: fx.GraphModule, importance: str = "l1") -> int:
             order = sorted(range(group.size), key=lambda u: (-scores[u], u))
             if order == list(range(group.size)):
                 continue
-            _permute_group(gm, group, order)
+            moves.extend(_unit_moves(gm, group, order))
             reordered += 1
+        for t, dim, perm in moves:  # every group is checked before any tensor moves
+            t.copy_(t.index_select(dim, perm))
     return reordered
 
 
-def _permute_group(gm: fx.GraphModule, group: UnitGroup, order: list[int]) -> None:
+def _unit_moves(
+    gm: fx.GraphModule, group: UnitGroup, order: list[int]
+) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(tensor, dim, permutation) per parameter member that moves unit ``order[u]`` to position ``u``."""
+    moves = []
     for m in group.members:
         if m.param is None:
             continue
@@ -78,7 +84,8 @@ def _permute_group(gm: fx.GraphModule, group: UnitGroup, order: list[int]) -> No
                 raise PassError(f"group of '{m.param}': units have different widths and cannot be reordered",
                                 "make it sliceable without sorting (sort_by=None)")
             perm[m.indices[u]] = torch.tensor(m.indices[src])
-        t.copy_(t.index_select(m.dim, perm))
+        moves.append((t, m.dim, perm))
+    return moves
 
 
 def _group_norm_like(bn: nn.Module, groups: int, path: str) -> nn.Module:
@@ -172,7 +179,8 @@ class SliceableModel(nn.Module):
 
     Forward multiplies each sliced parameter by its 0/1 prefix mask (and linear inputs by the
     rescale factor) and calls ``gm`` with those weights (``torch.func.functional_call``), so
-    gradients reach only the r-subnet's weights. ``gm.state_dict()`` holds the weights.
+    gradients reach only the r-subnet's weights. ``gm.state_dict()`` holds the weights (this module's
+    own ``state_dict()`` has the same keys prefixed by ``gm.``).
     """
 
     def __init__(self, gm: fx.GraphModule, *, groups: int = DEFAULT_GROUPS, rescale: str = "dense"):
@@ -205,18 +213,18 @@ class SliceableModel(nn.Module):
                 for key, g in groups_by_key(self.gm).items() if g.prunable and kept_units(g.size, r) < g.size}
         return Plan(keep=keep, meta={"slice_rate": r, "fingerprint": graph_fingerprint(self.gm)})
 
-    def _rescale(self, zero: dict[str, dict[int, list[int]]]) -> dict[str, float]:
-        """Linear weight → M / kept input columns, for linear layers whose inputs are sliced."""
+    def _rescale(self, zero: dict[str, dict[int, list[int]]]) -> dict[str, tuple[int, float]]:
+        """Linear weight → (its input dim, M / kept inputs), for linear layers whose inputs are sliced."""
         if self.rescale == "none":
             return {}
-        out: dict[str, float] = {}
+        out: dict[str, tuple[int, float]] = {}
         for g in graph_info(self.gm).unit_groups:
             for m in g.members:
                 if m.role == "linear_in" and m.param is not None and m.param not in out:
                     width = tensor_of(self.gm, m.param).shape[m.dim]
                     removed = len(zero.get(m.param, {}).get(m.dim, ()))
                     if removed:
-                        out[m.param] = width / (width - removed)
+                        out[m.param] = (m.dim, width / (width - removed))
         return out
 
     def factors(self, rate: float) -> dict[str, list[tuple[int, torch.Tensor]]]:
@@ -235,8 +243,8 @@ class SliceableModel(nn.Module):
                 for dim, positions in dims.items():
                     vec = torch.ones(params[name].shape[dim])
                     vec[positions] = 0.0
-                    if name in scale and dim == 1:  # linear weight (out, in): rescale the kept inputs
-                        vec *= scale[name]
+                    if name in scale and dim == scale[name][0]:  # a linear weight's input dim
+                        vec *= scale[name][1]
                     out.setdefault(name, []).append((dim, vec))
             self._factors[j] = out
         return self._factors[j]
@@ -284,7 +292,7 @@ class SliceableModel(nn.Module):
         sub, report = module.module, module.report
         zero = compute_layout(self.gm, plan).zero if plan.keep else {}
         with torch.no_grad():
-            for name, s in self._rescale(zero).items():
+            for name, (_, s) in self._rescale(zero).items():
                 sub.get_parameter(name).mul_(s)
         batch = graph_info(self.gm).example_input.shape[0]
         self._macs[round(r * self.groups)] = report.macs_after // batch
