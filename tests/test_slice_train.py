@@ -200,3 +200,19 @@ def test_bad_configs_fail_before_training():
             SliceTrainConfig(SPEC, **kwargs).check()
     with pytest.raises(DataError, match="num_classes=10"):
         build_sliceable(f"{SPEC},num_classes=3", SHAPE, groups=4, num_classes=10)
+
+
+def test_build_from_a_local_checkpoint(tmp_path):
+    """Trained weights (the pretrained path) come in through a local checkpoint, loaded with weights_only."""
+    from models_for_tests import sliceable_mlp_cnn
+
+    torch.manual_seed(5)
+    trained = sliceable_mlp_cnn()
+    path = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), path)
+    model = build_sliceable(SPEC, SHAPE, groups=4, checkpoint=str(path), num_classes=10)
+    for name in ("0.weight", "1.weight", "3.weight", "8.weight", "10.bias"):
+        assert torch.equal(model.gm.get_parameter(name), trained.get_parameter(name)), name
+    torch.save({"0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError):
+        build_sliceable(SPEC, SHAPE, groups=4, checkpoint=str(tmp_path / "bad.pt"))
