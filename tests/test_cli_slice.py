@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from rich.console import Console
+from test_cli import _subparsers, assert_one_line_error
 from torch import nn
 
 from zoocompiler import cli, cli_slice
@@ -232,8 +233,7 @@ def _assert_user_error(argv, fragment: str, parent: Path) -> None:
     code, out, err = run_cli(*argv)
     assert code == 2, err
     assert out == ""
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert fragment in err, err
+    assert_one_line_error(err, fragment)
     assert (sorted(p.name for p in parent.iterdir()) if parent.exists() else []) == before
 
 
@@ -305,14 +305,6 @@ def _render(render, data: dict) -> str:
     buffer = io.StringIO()
     render(Console(file=buffer, width=200, soft_wrap=False), data)
     return buffer.getvalue()
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    found = {}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found.update(action.choices)
-    return found
 
 
 @pytest.mark.parametrize("command", [["slice"], ["slice", "train"], ["slice", "export"]], ids=" ".join)

@@ -34,8 +34,8 @@ EXPORT_SUBDIR = "export"
 
 
 def _strict_json(value: Any) -> Any:
-    """``value`` with NaN/infinite floats as None, so ``--json`` prints standard JSON (training records
-    hold NaN where a metric was not measured)."""
+    """``value`` with NaN/infinite floats as None, so ``--json`` prints standard JSON whatever a record
+    holds (e.g. an unchecked export's NaN parity)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from ..atomic import write_json_atomic
 from ..errors import BudgetError, ExportError, InputShapeError, ZooError
-from .latency import measure_latency, ort_session
+from .latency import ORT_INPUT_TYPES, measure_latency, ort_session
 
 MANIFEST_FORMAT = "zoocompiler.slice-manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -42,14 +42,7 @@ RATE_TOL = 1e-9
 # so n·t(r) == T/2 is a tie whether t and T are binary (2**-10) or decimal (0.004) values.
 _EXACT = Context(prec=80)
 
-_ORT_TYPE_TO_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
+_ORT_TYPE_TO_NUMPY = {**ORT_INPUT_TYPES, "tensor(bool)": np.bool_}
 
 
 class LatencyBudgetError(BudgetError):

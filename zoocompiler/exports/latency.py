@@ -23,7 +23,7 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 # ONNX tensor element types a latency input can be generated for.
-_ORT_TYPE_TO_NUMPY = {
+ORT_INPUT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -139,9 +139,9 @@ def _check_shape(session: ort.InferenceSession, shape: tuple[int, ...]) -> None:
 
 def _input_dtype(session: ort.InferenceSession) -> type:
     onnx_type = session.get_inputs()[0].type
-    if onnx_type not in _ORT_TYPE_TO_NUMPY:
+    if onnx_type not in ORT_INPUT_TYPES:
         raise InputShapeError(f"cannot generate inputs of type {onnx_type}", "pass dtype= explicitly")
-    return _ORT_TYPE_TO_NUMPY[onnx_type]
+    return ORT_INPUT_TYPES[onnx_type]
 
 
 def measure_latency(

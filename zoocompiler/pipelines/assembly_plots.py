@@ -8,28 +8,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..plots import pyplot, save_png
 from ..solvers.partition import Partition
 
 if TYPE_CHECKING:  # pragma: no cover
     from .assemble import Candidate
     from .similarity import ZooSimilarity
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
 
 
 def position_sets(sim: ZooSimilarity, partition: Partition) -> np.ndarray:
@@ -44,7 +28,7 @@ def position_sets(sim: ZooSimilarity, partition: Partition) -> np.ndarray:
 
 def plot_similarity(sim: ZooSimilarity, partition: Partition, path: Path) -> Path:
     """Heat map of the cut-point CKA matrix; model boundaries as lines, a strip coloured by equivalence set."""
-    plt = _pyplot()
+    plt = pyplot()
     n = sim.matrix.shape[0]
     fig, (strip, ax) = plt.subplots(
         2, 1, figsize=(8, 8.6), gridspec_kw={"height_ratios": [1, 20], "hspace": 0.02}, sharex=True
@@ -64,12 +48,12 @@ def plot_similarity(sim: ZooSimilarity, partition: Partition, path: Path) -> Pat
     ax.set_xticks(mids, names, rotation=45, ha="right")
     ax.set_yticks(mids, names)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate, path: Path) -> Path:
     """NASWOT proxy against MACs for every re-ranked candidate, the chosen one marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     finite = [c for c in candidates if np.isfinite(c.naswot)]
     ax.scatter([c.assembly.macs / 1e6 for c in finite], [c.naswot for c in finite], c="tab:blue", label="ILP top-M")
@@ -80,4 +64,4 @@ def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate, path: Pa
     ax.set_title("reassembly candidates")
     ax.legend(loc="best")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..atomic import atomic_path, write_json_atomic
+from ..atomic import write_json_atomic
 from ..data import DataSplit, load_dataset
 from ..errors import CheckpointError, DataError, InputShapeError, ZooError
 from ..passes.plans import graph_fingerprint
 from ..passes.slicing import DEFAULT_GROUPS, SliceableModel, make_sliceable
+from ..plots import pyplot, save_png
 from ..solvers.slice_rates import SCHEDULERS, RateScheduler, check_rate, make_scheduler, valid_rates
 from ..sources import load_model
 from ..tracing import check_input, trace
@@ -202,13 +203,8 @@ def evaluate_rates(model: SliceableModel, split: DataSplit, rates: list[float]) 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Accuracy (left axis) and MACs relative to the full model (right axis) against the slice rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rates = [r["rate"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
     ax.plot(rates, [100 * r["accuracy"] for r in rows], "o-", label="accuracy")
     ax.set_xlabel("slice rate r")
     ax.set_ylabel("test accuracy (%)")
@@ -218,10 +214,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax2.set_ylabel("MACs / full")
     ax.set_title(title)
     fig.legend(loc="lower right")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
