@@ -57,8 +57,9 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import kendalltau
 
-from zoocompiler.atomic import atomic_path, write_json_atomic
-from zoocompiler.pipelines.assemble import (
+from zoocompiler.core.atomic import atomic_path, write_json_atomic
+from zoocompiler.pipelines.assemble.build import ChosenBlock, ProbeActivations, build_assembly, build_body
+from zoocompiler.pipelines.assemble.pipeline import (
     AssembleConfig,
     ZooAnalysis,
     _naswot_batches,
@@ -68,8 +69,7 @@ from zoocompiler.pipelines.assemble import (
     solve,
     tune,
 )
-from zoocompiler.pipelines.assembly_build import ChosenBlock, ProbeActivations, build_assembly, build_body
-from zoocompiler.pipelines.assembly_problem import AssemblyOptions, assembly_options
+from zoocompiler.pipelines.assemble.problem import AssemblyOptions, assembly_options
 from zoocompiler.solvers.assembly_ilp import BlockOption, Budget, JoinCost, solve_assemblies
 from zoocompiler.solvers.naswot import naswot
 from zoocompiler.solvers.partition import ModelPositions, Partition, partition_zoo

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from architectures import ARCHS, block_output_nodes, traced  # noqa: E402
 
-from zoocompiler.atomic import write_json_atomic  # noqa: E402
+from zoocompiler.core.atomic import write_json_atomic  # noqa: E402
 from zoocompiler.ir import graph_info  # noqa: E402
-from zoocompiler.passes.costs import total_cost  # noqa: E402
+from zoocompiler.passes.analysis.costs import total_cost  # noqa: E402
 
 
 def _reason_kind(reason: str) -> str:

@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from architectures import ARCH_BY_ID  # noqa: E402
 
-from zoocompiler.atomic import write_json_atomic  # noqa: E402
+from zoocompiler.core.atomic import write_json_atomic  # noqa: E402
 from zoocompiler.exports.latency import measure_latency  # noqa: E402
 from zoocompiler.exports.onnx_export import export_onnx  # noqa: E402
-from zoocompiler.passes.fuse import fuse, fuse_report  # noqa: E402
+from zoocompiler.passes.analysis import trace  # noqa: E402
+from zoocompiler.passes.rewrite.fuse import fuse, fuse_report  # noqa: E402
 from zoocompiler.sources import load_model  # noqa: E402
-from zoocompiler.tracing import trace  # noqa: E402
 
 DEFAULT_MODELS = (
     "tv_resnet18",

@@ -11,7 +11,7 @@ Usage::
 For each model and ratio these variants go through the same path (``export_onnx`` with parity
 check and the same exporter, then ONNX Runtime CPU latency with fixed intra-op threads): the
 original (once per model), the masked reference (removed units zeroed, same shapes), the model
-pruned by ``zoocompiler.passes.prune`` from an L1 plan (``zoocompiler``; and ``zoocompiler+round``
+pruned by ``zoocompiler.passes.rewrite.prune`` from an L1 plan (``zoocompiler``; and ``zoocompiler+round``
 with ``round_to=16``, ORT's NCHWc block on AVX-512), and the model pruned by Torch-Pruning
 (``MagnitudeImportance(p=1)``, same ratio per layer, final classifier ignored). With
 ``--layernorm-streams pin,prune`` the zoocompiler rows are built for each analysis mode; ``prune``
@@ -46,10 +46,10 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from zoocompiler.atomic import atomic_path, write_json_atomic
+from zoocompiler.core.atomic import atomic_path, write_json_atomic
 from zoocompiler.exports.onnx_export import export_onnx
+from zoocompiler.passes.analysis import trace
 from zoocompiler.sources import load_model
-from zoocompiler.tracing import trace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -154,9 +154,9 @@ def zoocompiler_variants(
 ) -> tuple[nn.Module, nn.Module, dict]:
     """(masked reference, pruned module, facts) for an L1 plan at ``ratio`` computed on a fresh trace
     analysed with ``layernorm_streams`` ("prune": LayerNorm-coupled streams are pruned too)."""
-    from zoocompiler.passes import run_analysis
-    from zoocompiler.passes.plans import plan_by_importance
-    from zoocompiler.passes.prune import masked_reference, prune
+    from zoocompiler.passes.analysis import run_analysis
+    from zoocompiler.passes.analysis.plans import plan_by_importance
+    from zoocompiler.passes.rewrite.prune import masked_reference, prune
 
     gm = run_analysis(trace(model, x, analyze=False), layernorm_streams=layernorm_streams)
     # group scope: every producer of a residual stream keeps the same units, as Torch-Pruning does

@@ -62,14 +62,14 @@ from rich.table import Table
 from timm.models.resnet import BasicBlock, ResNet
 from torch.utils.flop_counter import FlopCounterMode
 
-from zoocompiler.atomic import atomic_path, write_json_atomic
+from zoocompiler.core.atomic import atomic_path, write_json_atomic
 from zoocompiler.data import load_dataset
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
-from zoocompiler.passes.slicing import SliceableModel, make_sliceable
-from zoocompiler.pipelines.slice_train import evaluate_rates, reset_parameters, train_sliceable
+from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.rewrite.slicing import SliceableModel, make_sliceable
+from zoocompiler.pipelines.slice.train import evaluate_rates, reset_parameters, train_sliceable
 from zoocompiler.solvers.slice_rates import make_scheduler, valid_rates
-from zoocompiler.tracing import trace
 from zoocompiler.training import evaluate, train
 from zoocompiler.zoo import VGGClassifier
 

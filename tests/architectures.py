@@ -62,8 +62,8 @@ def traced(arch_id: str):
     """(model, example input, annotated GraphModule) for one case, cached per process."""
     import torch
 
+    from zoocompiler.passes.analysis import trace
     from zoocompiler.sources import load_model
-    from zoocompiler.tracing import trace
 
     case = ARCH_BY_ID[arch_id]
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ from architectures import ARCH_BY_ID, ARCH_IDS, block_output_nodes, traced
 from torch.utils.flop_counter import FlopCounterMode
 
 from zoocompiler.ir import graph_info, node_info
-from zoocompiler.passes.blocks import extract_block, partition_blocks
-from zoocompiler.passes.costs import total_cost
+from zoocompiler.passes.analysis.costs import total_cost
+from zoocompiler.passes.rewrite.blocks import extract_block, partition_blocks
 
 
 @pytest.mark.parametrize("arch_id", ARCH_IDS)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from zoocompiler.cli import main
-from zoocompiler.errors import InputShapeError, ZooError
-from zoocompiler.pipelines.assemble import AssembleConfig, analyse_zoo, assemble, model_macs, rebuild, solve
-from zoocompiler.pipelines.assembly_build import ChosenBlock, ProbeActivations, build_body
-from zoocompiler.pipelines.zoo_members import load_member, split_zoo_spec, zoo_specs
+from zoocompiler.core.errors import InputShapeError, ZooError
+from zoocompiler.pipelines.assemble.build import ChosenBlock, ProbeActivations, build_body
+from zoocompiler.pipelines.assemble.pipeline import AssembleConfig, analyse_zoo, assemble, model_macs, rebuild, solve
+from zoocompiler.pipelines.zoo.members import load_member, split_zoo_spec, zoo_specs
 from zoocompiler.solvers.assembly_ilp import Budget, InfeasibleBudgetError
 
 SMALL_ZOO = "resnet_s,vgg_s,mobilenetv3_s"
@@ -78,7 +78,7 @@ def test_partition_covers_every_model(analysis):
 
 def test_ilp_costs_equal_the_built_networks(analysis, tmp_path):
     """Params and MACs the ILP adds up (blocks + stitches + head) are exactly those of the built network."""
-    from zoocompiler.pipelines.assembly_build import build_assembly
+    from zoocompiler.pipelines.assemble.build import build_assembly
 
     config = small_config(tmp_path)
     opts, assemblies, _ = solve(analysis, config)

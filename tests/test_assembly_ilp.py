@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from zoocompiler.errors import SolverError, ZooError
+from zoocompiler.core.errors import SolverError, ZooError
 from zoocompiler.solvers.assembly_ilp import (
     Assembly,
     BlockOption,

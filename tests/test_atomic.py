@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from zoocompiler.atomic import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
+from zoocompiler.core.atomic import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 
 def _leftovers(directory) -> list[str]:

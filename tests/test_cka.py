@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zoocompiler.errors import SolverError
+from zoocompiler.core.errors import SolverError
 from zoocompiler.solvers.cka import centered_gram, cka_matrix, linear_cka
 
 

@@ -14,9 +14,9 @@ import torch
 
 from zoocompiler import cli
 from zoocompiler.ir import graph_info
-from zoocompiler.passes.cut_points import cut_point_table
+from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.analysis.cut_points import cut_point_table
 from zoocompiler.sources import load_model
-from zoocompiler.tracing import trace
 
 TESTS_DIR = Path(__file__).parent
 TINY = "python:models_for_tests:tiny_cnn"  # tests/ is on sys.path (conftest.py)

@@ -16,10 +16,9 @@ from rich.console import Console
 
 from zoocompiler import cli
 from zoocompiler.ir import graph_info
-from zoocompiler.passes import plans
-from zoocompiler.passes.prune import prune
+from zoocompiler.passes.analysis import plans, trace
+from zoocompiler.passes.rewrite.prune import prune
 from zoocompiler.sources import load_model
-from zoocompiler.tracing import trace
 
 SPEC = "torchvision:resnet18"
 SHAPE = "3,32,32"
@@ -230,7 +229,7 @@ def test_prune_plan_with_out_of_range_index_is_rejected(pruned, weights, tmp_pat
 
 
 def test_prune_failure_while_writing_leaves_nothing(monkeypatch, tmp_path):
-    from zoocompiler.errors import ExportError
+    from zoocompiler.core.errors import ExportError
     from zoocompiler.exports import onnx_export
 
     def failing_export(*args, **kwargs):

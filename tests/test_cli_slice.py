@@ -20,7 +20,7 @@ from torch import nn
 from zoocompiler import cli, cli_slice
 from zoocompiler.data import load_dataset
 from zoocompiler.exports.elastic import ElasticModel, LatencyBudgetError
-from zoocompiler.pipelines.slice_train import SliceTrainConfig, load_trained, read_record
+from zoocompiler.pipelines.slice.train import SliceTrainConfig, load_trained, read_record
 
 SPEC = "zoo:vgg_s"
 GROUPS = 4  # valid rates 0.25, 0.5, 0.75, 1; lb 0.375 rounds up to 0.5
@@ -209,7 +209,7 @@ def test_export_default_out_is_inside_the_trained_directory(trained, monkeypatch
         (staging / "manifest.json").write_text("{}")
         return {"rates": []}
 
-    monkeypatch.setattr("zoocompiler.pipelines.slice_export.export_rates", fake_export)
+    monkeypatch.setattr("zoocompiler.pipelines.slice.export.export_rates", fake_export)
     code, out, err = run_cli("slice", "export", trained[0], "--json")
     try:
         assert code == 0, err

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from zoocompiler.core.errors import DataError, ZooError
 from zoocompiler.data import DataSplit, dataset_names, load_dataset, split_indices
-from zoocompiler.errors import DataError, ZooError
 
 
 def test_builtin_names():

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from zoocompiler.errors import BudgetError, ExportError, InputShapeError, ZooError
+from zoocompiler.core.errors import BudgetError, ExportError, InputShapeError, ZooError
 from zoocompiler.exports import available_providers, export_onnx
 from zoocompiler.exports.elastic import (
     MANIFEST_FORMAT,

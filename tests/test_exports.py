@@ -20,7 +20,7 @@ import torch.nn as nn
 from architectures import ARCH_BY_ID
 from models_for_tests import tiny_cnn
 
-from zoocompiler.errors import ExportError, InputShapeError, ZooError
+from zoocompiler.core.errors import ExportError, InputShapeError, ZooError
 from zoocompiler.exports import (
     available_providers,
     export_onnx,
@@ -66,7 +66,7 @@ def build(case_id: str) -> tuple[nn.Module, torch.Tensor]:
     if variant == "fx":
         model = torch.fx.symbolic_trace(model)
     elif variant == "zc":
-        from zoocompiler.tracing import trace
+        from zoocompiler.passes.analysis import trace
 
         model = trace(model, x, analyze=False)
     assert variant in ("", "fx", "zc")

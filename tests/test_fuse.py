@@ -15,9 +15,9 @@ from random_models import build_random_net, random_net_specs
 
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.ir import graph_info
-from zoocompiler.passes.fuse import fuse, fuse_report
+from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.rewrite.fuse import fuse, fuse_report
 from zoocompiler.sources import load_model
-from zoocompiler.tracing import trace
 
 REQUIRED = ["tv_resnet18", "tv_mobilenet_v3_small", "tv_efficientnet_b0", "tv_convnext_tiny", "timm_resnet18",
             "timm_vit_tiny"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoocompiler.solvers.naswot as naswot_module
-from zoocompiler.errors import SolverError
+from zoocompiler.core.errors import SolverError
 from zoocompiler.solvers.naswot import activation_codes, binary_codes, hamming_kernel, naswot, naswot_score
 
 
@@ -192,7 +192,7 @@ def test_fx_graph_with_functional_activations_equals_the_module_version():
 )
 def test_traced_timm_model_equals_the_module(name, kwargs):
     timm = pytest.importorskip("timm")
-    from zoocompiler.tracing import trace
+    from zoocompiler.passes.analysis import trace
 
     model = timm.create_model(name, num_classes=5, **kwargs).eval()
     x = torch.randn(4, 3, 32, 32)

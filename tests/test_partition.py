@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zoocompiler.errors import SolverError
+from zoocompiler.core.errors import SolverError
 from zoocompiler.solvers.partition import (
     BlockRef,
     ModelPositions,

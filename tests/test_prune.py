@@ -12,10 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from architectures import ARCH_BY_ID, ARCH_IDS, traced
 
-from zoocompiler.errors import PassError
+from zoocompiler.core.errors import PassError
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.ir import graph_info
-from zoocompiler.passes.plans import (
+from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.analysis.plans import (
     Plan,
     graph_fingerprint,
     group_keys,
@@ -23,9 +24,8 @@ from zoocompiler.passes.plans import (
     plan_by_importance,
     producers,
 )
-from zoocompiler.passes.prune import count_params, masked_reference, prune
+from zoocompiler.passes.rewrite.prune import count_params, masked_reference, prune
 from zoocompiler.sources import load_model
-from zoocompiler.tracing import trace
 
 ONNX_ARCHS = {"tv_resnet18", "tv_mobilenet_v3_small", "timm_vit_tiny", "tv_shufflenet_v2_x0_5"}
 
@@ -370,7 +370,7 @@ def test_node_arguments_are_rewritten(tmp_path):
 def test_unrewritten_size_argument_fails_closed(monkeypatch):
     """The shape check is the safety net: an op whose size arguments prune does not rewrite (simulated
     by switching the reshape rule off) raises PassError naming the node and op; the input is untouched."""
-    from zoocompiler.passes import prune_args
+    from zoocompiler.passes.rewrite import prune_args
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4)

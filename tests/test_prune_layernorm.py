@@ -20,16 +20,22 @@ import torch.nn.functional as F
 from architectures import traced
 from test_prune import assert_close, expected_params, randomized
 
-from zoocompiler.errors import PassError
+from zoocompiler.core.errors import PassError
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.ir import graph_info
-from zoocompiler.passes import run_analysis
-from zoocompiler.passes.plans import Plan, graph_fingerprint, group_keys, plan_by_importance, producers, validate_plan
-from zoocompiler.passes.prune import count_params, masked_layer_norm, masked_reference, prune
-from zoocompiler.passes.prune_layout import compute_layout, tensor_of
-from zoocompiler.passes.unit_groups import describe_group, group_approx
+from zoocompiler.passes.analysis import run_analysis, trace
+from zoocompiler.passes.analysis.plans import (
+    Plan,
+    graph_fingerprint,
+    group_keys,
+    plan_by_importance,
+    producers,
+    validate_plan,
+)
+from zoocompiler.passes.analysis.unit_groups import describe_group, group_approx
+from zoocompiler.passes.rewrite.prune import count_params, masked_layer_norm, masked_reference, prune
+from zoocompiler.passes.rewrite.prune_layout import compute_layout, tensor_of
 from zoocompiler.sources import load_model
-from zoocompiler.tracing import trace
 
 LN_TEXT = "LayerNorm statistics over the kept units"
 

@@ -13,14 +13,19 @@ import torch
 import torch.nn as nn
 
 import zoocompiler as zc
+from zoocompiler.core.errors import InputShapeError, PassError, SolverError, ZooError
 from zoocompiler.data import load_dataset
-from zoocompiler.errors import InputShapeError, PassError, SolverError, ZooError
 from zoocompiler.ir import Layout, TensorInfo
-from zoocompiler.passes.activations import STITCHABLE, assembly_positions, cut_point_activations, pooled_features
-from zoocompiler.passes.blocks import extract_block
-from zoocompiler.passes.cut_points import cut_point_table
-from zoocompiler.pipelines import similarity as sim
-from zoocompiler.pipelines.similarity import probe_batch, probe_data_key, weights_hash, zoo_similarity
+from zoocompiler.passes.analysis.activations import (
+    STITCHABLE,
+    assembly_positions,
+    cut_point_activations,
+    pooled_features,
+)
+from zoocompiler.passes.analysis.cut_points import cut_point_table
+from zoocompiler.passes.rewrite.blocks import extract_block
+from zoocompiler.pipelines.zoo import similarity as sim
+from zoocompiler.pipelines.zoo.similarity import probe_batch, probe_data_key, weights_hash, zoo_similarity
 from zoocompiler.solvers.cka import linear_cka
 from zoocompiler.zoo import load_zoo_model
 
@@ -276,7 +281,7 @@ def test_corrupted_cache_is_recomputed(graphs, probe, reference, tmp_path, caplo
         middle = len(data) // 2  # inside the matrix array
         data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="zoocompiler.pipelines.similarity"):
+    with caplog.at_level(logging.WARNING, logger="zoocompiler.pipelines.zoo.similarity"):
         again = zoo_similarity(graphs, probe, cache_dir=tmp_path, data_key="probe-a")
     assert any(str(path) in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     np.testing.assert_array_equal(again.matrix, reference.matrix)
@@ -295,7 +300,7 @@ def test_cache_with_tampered_content_hash_is_recomputed(graphs, probe, reference
     arrays["matrix"] = arrays["matrix"] * 0.5  # a well-formed file whose content no longer matches its hash
     with open(path, "wb") as f:
         np.savez(f, **arrays)
-    with caplog.at_level(logging.WARNING, logger="zoocompiler.pipelines.similarity"):
+    with caplog.at_level(logging.WARNING, logger="zoocompiler.pipelines.zoo.similarity"):
         again = zoo_similarity(graphs, probe, cache_dir=tmp_path, data_key="probe-a")
     assert any("content hash" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(again.matrix, reference.matrix)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from zoocompiler.errors import ZooError
+from zoocompiler.core.errors import ZooError
 from zoocompiler.solvers.slice_rates import (
     SCHEDULERS,
     DynamicScheduler,

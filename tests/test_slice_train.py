@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from zoocompiler.core.errors import BudgetError, CheckpointError, DataError, ZooError
 from zoocompiler.data import load_dataset
-from zoocompiler.errors import BudgetError, CheckpointError, DataError, ZooError
 from zoocompiler.exports.elastic import ElasticModel
-from zoocompiler.pipelines.slice_export import export_rates, parse_flops
-from zoocompiler.pipelines.slice_train import (
+from zoocompiler.pipelines.slice.export import export_rates, parse_flops
+from zoocompiler.pipelines.slice.train import (
     RECORD_FILE,
     WEIGHTS_FILE,
     SliceTrainConfig,

@@ -21,13 +21,15 @@ from random_models import build_random_net, random_net_specs
 from test_prune import assert_close, assert_unchanged, randomized, state_snapshot
 from torch.utils.flop_counter import FlopCounterMode
 
+from zoocompiler.core.errors import BudgetError, PassError, ZooError
 from zoocompiler.data import load_dataset
-from zoocompiler.errors import BudgetError, PassError, ZooError
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.ir import graph_info
-from zoocompiler.passes.costs import total_cost
-from zoocompiler.passes.plans import unit_scores
-from zoocompiler.passes.slicing import (
+from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.analysis.costs import total_cost
+from zoocompiler.passes.analysis.plans import unit_scores
+from zoocompiler.passes.analysis.unit_rules import PRODUCER_ROLES
+from zoocompiler.passes.rewrite.slicing import (
     SliceableModel,
     SlicedModel,
     convert_batchnorm,
@@ -36,9 +38,7 @@ from zoocompiler.passes.slicing import (
     rate_for_budget,
     sort_units,
 )
-from zoocompiler.passes.unit_rules import PRODUCER_ROLES
 from zoocompiler.sources import load_model
-from zoocompiler.tracing import trace
 from zoocompiler.zoo import get_entry
 
 # GroupNorm groups per zoo model: 8 divides every BatchNorm width; DenseNet's widths (growth 12) only share 3.

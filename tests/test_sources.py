@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from zoocompiler.errors import CheckpointError, InputShapeError, UnknownModelError, ZooError
+from zoocompiler.core.errors import CheckpointError, InputShapeError, UnknownModelError, ZooError
 from zoocompiler.sources import (
     ModelSpec,
     default_input_shape,

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from zoocompiler.errors import InputShapeError, PassError, ZooError
+from zoocompiler.core.errors import InputShapeError, PassError, ZooError
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.ir import Layout, TensorInfo, graph_info
-from zoocompiler.passes.blocks import extract_block
-from zoocompiler.passes.stitch import (
+from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.rewrite.blocks import extract_block
+from zoocompiler.passes.rewrite.stitch import (
     MapToMap,
     MapToTokens,
     ToFlat,
@@ -21,7 +22,6 @@ from zoocompiler.passes.stitch import (
     stitch,
     stitch_models,
 )
-from zoocompiler.tracing import trace
 
 
 def fmap(c: int, h: int, w: int) -> TensorInfo:

@@ -9,12 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from random_models import RandomNet, build_random_net, random_net_specs
 
-from zoocompiler.errors import InputShapeError, PassError, TraceError
+from zoocompiler.core.errors import InputShapeError, PassError, TraceError
 from zoocompiler.ir import Layout, graph_info, node_info
-from zoocompiler.passes import run_analysis
-from zoocompiler.passes.blocks import extract_block, partition_blocks
-from zoocompiler.passes.costs import total_cost
-from zoocompiler.tracing import trace
+from zoocompiler.passes.analysis import run_analysis, trace
+from zoocompiler.passes.analysis.costs import total_cost
+from zoocompiler.passes.rewrite.blocks import extract_block, partition_blocks
 
 
 class ShapeBranch(nn.Module):

@@ -18,10 +18,10 @@ from random_models import build_random_net, random_net_specs
 from torch.fx.passes.shape_prop import ShapeProp
 
 from zoocompiler.ir import UnitGroup, graph_info, node_info
-from zoocompiler.passes.unit_groups import UnitGroupPass, find_unit_groups
-from zoocompiler.passes.unit_rules import CONSUMER_ROLES, PRODUCER_ROLES
+from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.analysis.unit_groups import UnitGroupPass, find_unit_groups
+from zoocompiler.passes.analysis.unit_rules import CONSUMER_ROLES, PRODUCER_ROLES
 from zoocompiler.sources import load_model
-from zoocompiler.tracing import trace
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from zoocompiler import zoo
+from zoocompiler.core.errors import CheckpointError, UnknownModelError
 from zoocompiler.data import load_dataset
-from zoocompiler.errors import CheckpointError, UnknownModelError
 from zoocompiler.training import evaluate, random_shift, train
 from zoocompiler.zoo import (
     VGGClassifier,

@@ -18,13 +18,13 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "load_model": "zoocompiler.sources",
-    "trace": "zoocompiler.tracing",
-    "run_analysis": "zoocompiler.passes",
-    "extract_block": "zoocompiler.passes.blocks",
+    "trace": "zoocompiler.passes.analysis",
+    "run_analysis": "zoocompiler.passes.analysis",
+    "extract_block": "zoocompiler.passes.rewrite.blocks",
     "export_onnx": "zoocompiler.exports.onnx_export",
     "measure_latency": "zoocompiler.exports.latency",
     "load_dataset": "zoocompiler.data",
-    "ZooError": "zoocompiler.errors",
+    "ZooError": "zoocompiler.core.errors",
 }
 
 __all__ = [
@@ -40,14 +40,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from zoocompiler.passes.analysis import trace
+
+    from .core.errors import ZooError
     from .data import load_dataset
-    from .errors import ZooError
     from .exports.latency import measure_latency
     from .exports.onnx_export import export_onnx
-    from .passes import run_analysis
-    from .passes.blocks import extract_block
+    from .passes.analysis import run_analysis
+    from .passes.rewrite.blocks import extract_block
     from .sources import load_model
-    from .tracing import trace
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import InputShapeError, ZooError
+from .core.errors import InputShapeError, ZooError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXAMPLE_SEED = 0
@@ -164,7 +164,7 @@ def _group_row(group) -> dict[str, Any]:
 def inspect_graph(gm, model, spec: str) -> dict[str, Any]:
     """Summary, cut-point rows and unit-group rows of a traced, analysed GraphModule."""
     from .ir import graph_info
-    from .passes.cut_points import cut_point_table
+    from .passes.analysis.cut_points import cut_point_table
 
     info = graph_info(gm)
     groups = [_group_row(g) for g in info.unit_groups]
@@ -206,7 +206,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
         return inspect_zoo(args.zoo)
     if not args.spec:
         raise ZooError("inspect needs a model", "pass a SPEC (e.g. torchvision:resnet18) or --zoo demo")
-    from .tracing import trace
+    from zoocompiler.passes.analysis import trace
 
     model, x = _load(args)
     return inspect_graph(trace(model, x), model, args.spec)
@@ -216,8 +216,9 @@ def inspect_zoo(zoo: str) -> dict[str, Any]:
     """One row per demo-zoo model: entry facts plus params, MACs, cut points and prunable groups."""
     import torch
 
+    from zoocompiler.passes.analysis import trace
+
     from .sources import load_model
-    from .tracing import trace
     from .zoo import list_entries
 
     if zoo != "demo":
@@ -347,7 +348,7 @@ def _check_equal(what: str, model, reference, x, atol: float = REWRITE_ATOL) -> 
 
 def _plan_for(args: argparse.Namespace, gm):
     """The plan the command line asks for: replayed from ``--plan`` (validated) or computed by importance."""
-    from .passes import plans
+    from .passes.analysis import plans
 
     if args.plan:
         plan = plans.Plan.load(args.plan)
@@ -380,11 +381,12 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         raise ZooError(f"plan file {args.plan} not found", "pass the plan.json written by an earlier zoocompile prune")
     out = Path(args.out)
     _check_out_dir(out, args.force)
+    from zoocompiler.passes.analysis import trace
+
     from .exports.onnx_export import export_onnx
-    from .passes import run_analysis
-    from .passes.plans import Plan
-    from .passes.prune import masked_reference, prune
-    from .tracing import trace
+    from .passes.analysis import run_analysis
+    from .passes.analysis.plans import Plan
+    from .passes.rewrite.prune import masked_reference, prune
 
     ln_mode = args.layernorm_streams or (Plan.load(args.plan).meta.get("layernorm_streams") if args.plan else None)
     model, x = _load(args)
@@ -418,9 +420,10 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_fuse(args: argparse.Namespace) -> dict[str, Any]:
+    from zoocompiler.passes.analysis import trace
+
     from .exports.onnx_export import export_onnx
-    from .passes.fuse import fuse, fuse_report
-    from .tracing import trace
+    from .passes.rewrite.fuse import fuse, fuse_report
 
     model, x = _load(args)
     gm = trace(model, x)

@@ -24,7 +24,7 @@ def _progress(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace, budget) -> Any:
-    from .pipelines.assemble import AssembleConfig
+    from .pipelines.assemble.pipeline import AssembleConfig
 
     return AssembleConfig(
         budget=budget,
@@ -65,7 +65,7 @@ def _set_rows(analysis) -> list[dict[str, Any]]:
 
 
 def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
-    from .pipelines.assemble import analyse_zoo
+    from .pipelines.assemble.pipeline import analyse_zoo
     from .solvers.assembly_ilp import Budget
 
     analysis = analyse_zoo(_config(args, Budget()), _progress(args))
@@ -85,7 +85,7 @@ def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_assemble(args: argparse.Namespace) -> dict[str, Any]:
     from .cli import _check_out_dir, _staged_dir
-    from .pipelines.assemble import assemble
+    from .pipelines.assemble.pipeline import assemble
     from .solvers.assembly_ilp import Budget
 
     budget = Budget.parse(args.budget)

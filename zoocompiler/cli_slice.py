@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ZooError
+from .core.errors import ZooError
 
 # The CLI defaults of `slice train` are SliceTrainConfig's (a test keeps them equal); they are spelled out
 # here so that `zoocompile --help` does not import torch.
@@ -57,7 +57,7 @@ def _say(args: argparse.Namespace):
 
 def train_config(args: argparse.Namespace):
     """The ``SliceTrainConfig`` the command line asks for; scheduler options only where given."""
-    from .pipelines.slice_train import SliceTrainConfig
+    from .pipelines.slice.train import SliceTrainConfig
 
     return SliceTrainConfig(
         spec=args.spec,
@@ -79,7 +79,7 @@ def train_config(args: argparse.Namespace):
 
 def cmd_slice_train(args: argparse.Namespace) -> dict[str, Any]:
     from .cli import _check_out_dir, _staged_dir
-    from .pipelines.slice_train import train_to_dir
+    from .pipelines.slice.train import train_to_dir
     from .solvers.slice_rates import make_scheduler, valid_rates
 
     config = train_config(args)
@@ -97,7 +97,7 @@ def cmd_slice_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parse_flops(text: str) -> list[float]:
-    from .pipelines.slice_export import parse_flops
+    from .pipelines.slice.export import parse_flops
 
     try:
         return parse_flops(text)
@@ -121,8 +121,8 @@ def _export_dir(directory: Path, out_arg: str | None) -> Path:
 
 def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
     from .cli import _check_out_dir, _staged_dir
-    from .pipelines.slice_export import export_rates
-    from .pipelines.slice_train import read_record
+    from .pipelines.slice.export import export_rates
+    from .pipelines.slice.train import read_record
     from .solvers.slice_rates import parse_rates
 
     directory = Path(args.dir)

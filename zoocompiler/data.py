@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import DataError
+from .core.errors import DataError
 
 SPLITS = ("train", "test", "all")
 TEST_FRACTION = 0.2

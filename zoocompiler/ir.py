@@ -175,7 +175,7 @@ def input_node(gm: fx.GraphModule) -> fx.Node:
     """The single placeholder of a zoocompiler graph."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        from .errors import PassError
+        from .core.errors import PassError
 
         raise PassError(
             f"graph has {len(placeholders)} inputs", "zoocompiler handles single-input models; wrap the model"
@@ -189,7 +189,7 @@ def output_value(gm: fx.GraphModule) -> fx.Node:
     nodes: list[fx.Node] = []
     fx.node.map_arg(out.args[0], nodes.append)
     if not nodes:
-        from .errors import PassError
+        from .core.errors import PassError
 
         raise PassError("graph returns no tensor", "check the model's forward")
     return nodes[0]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, InputShapeError, UnknownModelError, ZooError
+from .core.errors import CheckpointError, InputShapeError, UnknownModelError, ZooError
 
 SOURCES = ("torchvision", "timm", "python", "zoo")
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")

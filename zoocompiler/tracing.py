@@ -1,4 +1,4 @@
-"""Trace a model to an fx GraphModule and run the analysis passes on it.
+"""Trace a model to an fx GraphModule (the analysis passes run on top: ``passes.analysis.trace``).
 
 Tracer order: (1) torch.fx symbolic tracing with the leaf modules and auto-wrapped
 functions that timm registers for its FX feature extraction (torchvision's ops wrap
@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import InputShapeError, TraceError
+from .core.errors import InputShapeError, TraceError
 from .ir import graph_info
 
 
@@ -156,21 +156,19 @@ def check_input(model: nn.Module, example_input: torch.Tensor) -> None:
         ) from err
 
 
-def trace(
+def trace_graph(
     model: nn.Module,
     example_input: torch.Tensor,
     *,
-    analyze: bool = True,
-    layernorm_streams: str = "pin",
     extra_leaf_modules: tuple[type, ...] = (),
     allow_export_fallback: bool = True,
 ) -> fx.GraphModule:
-    """Trace ``model`` (in eval mode) and annotate it with every analysis pass.
+    """Trace ``model`` (in eval mode) to a GraphModule without annotations.
 
-    Returns a GraphModule sharing the model's parameters. ``gm.meta["zc"].tracer`` records
-    ``"fx"`` or ``"export"``. Raises ``InputShapeError`` if the model rejects the input and
-    ``TraceError`` (naming the module path and op) if no tracer succeeds. ``layernorm_streams``
-    ("pin" or "prune") is passed to the unit-group analysis (see docs/prune.md).
+    Returns a GraphModule sharing the model's parameters; ``gm.meta["zc"].tracer`` records
+    ``"fx"`` or ``"export"`` and ``.example_input`` the input. Raises ``InputShapeError`` if the
+    model rejects the input and ``TraceError`` (naming the module path and op) if no tracer
+    succeeds. :func:`zoocompiler.passes.analysis.trace` adds the analysis passes.
     """
     model = model.eval()
     check_input(model, example_input)
@@ -188,10 +186,6 @@ def trace(
     info = graph_info(gm)
     info.tracer = tracer_name
     info.example_input = example_input.detach().clone()
-    if analyze:
-        from .passes import run_analysis
-
-        run_analysis(gm, layernorm_streams=layernorm_streams)
     return gm
 
 

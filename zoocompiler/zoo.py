@@ -34,9 +34,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.vgg import make_layers
 
-from .atomic import write_bytes_atomic
+from .core.atomic import write_bytes_atomic
+from .core.errors import CheckpointError, UnknownModelError
 from .data import load_dataset
-from .errors import CheckpointError, UnknownModelError
 from .training import evaluate, train
 
 PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parent / "zoo_weights"

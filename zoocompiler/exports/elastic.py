@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..atomic import write_json_atomic
-from ..errors import BudgetError, ExportError, InputShapeError, ZooError
+from ..core.atomic import write_json_atomic
+from ..core.errors import BudgetError, ExportError, InputShapeError, ZooError
 from .latency import ORT_INPUT_TYPES, measure_latency, ort_session
 
 MANIFEST_FORMAT = "zoocompiler.slice-manifest/1"

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import InputShapeError, ZooError
+from ..core.errors import InputShapeError, ZooError
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)

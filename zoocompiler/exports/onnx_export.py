@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..atomic import write_bytes_atomic
-from ..errors import ExportError, InputShapeError
+from ..core.atomic import write_bytes_atomic
+from ..core.errors import ExportError, InputShapeError
 from .latency import ort_session, resolve_providers
 
 EXPORTERS = ("dynamo", "torchscript")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from ..errors import SolverError, ZooError
+from ..core.errors import SolverError, ZooError
 
 METRICS = ("params", "macs", "latency_ms")
 _METRIC_LABEL = {"params": "params", "macs": "flops", "latency_ms": "latency"}  # as in the budget grammar

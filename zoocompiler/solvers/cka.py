@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import SolverError
+from ..core.errors import SolverError
 
 CONSTANT_RTOL = 1e-12
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SolverError
+from ..core.errors import SolverError
 
 # Activation modules hooked by layers="relu". Gates (Sigmoid, Hardsigmoid, Tanh) are not activations
 # of a layer's units here: they scale other tensors (squeeze-excite), so their sign codes are skipped.

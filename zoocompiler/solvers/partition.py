@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zoocompiler.errors import SolverError
+from ..core.errors import SolverError
 
 MAX_ROUNDS = 50  # partition/anchor rounds per restart; restarts converge in a handful in practice
 _GAIN_TOL = 1e-9  # a round, swap or anchor change must raise J by more than this to count

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from scipy import stats
 
-from ..errors import ZooError
+from ..core.errors import ZooError
 
 RATE_TOLERANCE = 1e-9  # two rates closer than this are the same rate
 SCHEDULERS: tuple[str, ...] = ("normal", "uniform", "progressive-dynamic", "progressive-static")

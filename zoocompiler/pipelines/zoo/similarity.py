@@ -24,12 +24,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..atomic import write_bytes_atomic
-from ..data import DataSplit
-from ..errors import DataError, InputShapeError, SolverError
-from ..passes.activations import assembly_positions, cut_point_activations, pooled_features
-from ..passes.cut_points import CutPoint
-from ..solvers.cka import cka_from_packed, packed_gram
+from zoocompiler.core.atomic import write_bytes_atomic
+from zoocompiler.core.errors import DataError, InputShapeError, SolverError
+from zoocompiler.data import DataSplit
+from zoocompiler.passes.analysis.activations import assembly_positions, cut_point_activations, pooled_features
+from zoocompiler.passes.analysis.cut_points import CutPoint
+from zoocompiler.solvers.cka import cka_from_packed, packed_gram
 
 CODE_VERSION = "zoo-similarity-1"  # bump when activations, pooling or CKA change meaning
 _LOG = logging.getLogger(__name__)

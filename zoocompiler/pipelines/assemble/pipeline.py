@@ -18,17 +18,18 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..atomic import write_text_atomic
-from ..data import DataSplit, load_dataset
-from ..errors import ZooError
-from ..solvers.assembly_ilp import Assembly, Budget, solve_assemblies
-from ..solvers.naswot import naswot
-from ..solvers.partition import Partition
-from ..training import train as train_model
-from .assembly_build import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
-from .assembly_problem import AssemblyOptions, assembly_options, partition_members
-from .similarity import ZooSimilarity, probe_batch, probe_data_key, weights_hash, zoo_similarity
-from .zoo_members import ZooMember, load_members
+from zoocompiler.core.atomic import write_text_atomic
+from zoocompiler.core.errors import ZooError
+from zoocompiler.data import DataSplit, load_dataset
+from zoocompiler.solvers.assembly_ilp import Assembly, Budget, solve_assemblies
+from zoocompiler.solvers.naswot import naswot
+from zoocompiler.solvers.partition import Partition
+from zoocompiler.training import train as train_model
+
+from ..zoo.members import ZooMember, load_members
+from ..zoo.similarity import ZooSimilarity, probe_batch, probe_data_key, weights_hash, zoo_similarity
+from .build import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
+from .problem import AssemblyOptions, assembly_options, partition_members
 
 TUNE_MODES = ("frozen", "full", "none")
 PLAN_VERSION = 1
@@ -77,7 +78,7 @@ def _say(progress: Progress | None, text: str) -> None:
 
 
 def default_cache_dir() -> Path:
-    from ..zoo import cache_dir
+    from zoocompiler.zoo import cache_dir
 
     return cache_dir() / "similarity"
 
@@ -166,7 +167,7 @@ def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | No
     latency = None
     join_latency = None
     if config.budget.latency_ms is not None:
-        from .block_latency import block_latencies, fit_join_latency
+        from ..zoo.block_latency import block_latencies, fit_join_latency
 
         _say(progress, "measuring per-block latency in ONNX Runtime (cached)")
         latency = block_latencies(analysis.members, analysis.partition, runs=config.latency_runs)
@@ -199,7 +200,7 @@ def tune(net: AssembledNet, train: DataSplit, config: AssembleConfig) -> None:
 
 
 def model_macs(net: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
-    from ..zoo import count_macs
+    from zoocompiler.zoo import count_macs
 
     return count_macs(net, input_shape)
 
@@ -227,7 +228,7 @@ def plan_dict(analysis: ZooAnalysis, blocks: list[ChosenBlock], config: Assemble
 
 def rebuild(plan: dict, progress: Progress | None = None) -> AssembledNet:
     """The untuned assembly of ``plan`` (stitches and head refitted exactly as ``assemble`` did before tuning)."""
-    from .zoo_members import load_member
+    from ..zoo.members import load_member
 
     if plan.get("version") != PLAN_VERSION:
         raise ZooError(f"plan version {plan.get('version')!r} is not {PLAN_VERSION}", "re-run zoocompile assemble")
@@ -285,10 +286,11 @@ def _block_rows(analysis: ZooAnalysis, cand: Candidate, opts: AssemblyOptions) -
 
 def assemble(config: AssembleConfig, out_dir: Path, progress: Progress | None = None) -> dict:
     """Run DeRy end to end and write its outputs into ``out_dir`` (which must exist); returns the report."""
-    from ..exports.latency import measure_latency
-    from ..exports.onnx_export import export_onnx
-    from ..training import evaluate
-    from .assembly_plots import plot_candidates, plot_similarity
+    from zoocompiler.exports.latency import measure_latency
+    from zoocompiler.exports.onnx_export import export_onnx
+    from zoocompiler.training import evaluate
+
+    from .plots import plot_candidates, plot_similarity
 
     config.check()
     timings: dict[str, float] = {}

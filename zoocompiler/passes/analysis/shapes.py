@@ -26,8 +26,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import InputShapeError, PassError
-from ..ir import Layout, TensorInfo, graph_info, node_info
+from zoocompiler.core.errors import InputShapeError, PassError
+from zoocompiler.ir import Layout, TensorInfo, graph_info, node_info
 
 _PERMUTE_TARGETS = {"permute", "transpose", "movedim", "swapaxes", torch.permute, torch.transpose, torch.movedim}
 _RESHAPE_TARGETS = {"reshape", "view", "flatten", "unflatten", torch.reshape, torch.flatten}

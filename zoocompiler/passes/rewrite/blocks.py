@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..errors import PassError
-from ..ir import Cost, Layout, TensorInfo, graph_info, node_info
-from .cut_points import segment_index
+from zoocompiler.core.errors import PassError
+from zoocompiler.ir import Cost, Layout, TensorInfo, graph_info, node_info
+
+from ..analysis.cut_points import segment_index
 
 
 @dataclass

@@ -20,18 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import write_json_atomic
-from ..solvers.partition import Partition
-from .assembly_build import block_module
-from .assembly_problem import chosen
+from zoocompiler.core.atomic import write_json_atomic
+from zoocompiler.solvers.partition import Partition
+
+from ..assemble.build import block_module
+from ..assemble.problem import chosen
+from .members import ZooMember
 from .similarity import weights_hash
-from .zoo_members import ZooMember
 
 log = logging.getLogger(__name__)
 
 
 def latency_cache_file() -> Path:
-    from ..zoo import cache_dir
+    from zoocompiler.zoo import cache_dir
 
     return cache_dir() / "latency" / "blocks.json"
 
@@ -58,8 +59,8 @@ def _read(path: Path) -> dict[str, float]:
 
 def measure_block(member: ZooMember, start: int, end: int, runs: int, threads: int) -> float:
     """Median batch-1 latency (ms) of one block in ONNX Runtime."""
-    from ..exports.latency import measure_latency
-    from ..exports.onnx_export import export_onnx
+    from zoocompiler.exports.latency import measure_latency
+    from zoocompiler.exports.onnx_export import export_onnx
 
     module = block_module(member, start, end)
     x = torch.randn(2, *member.positions[start].tensor.shape[1:])

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..atomic import write_json_atomic
-from ..errors import PassError
-from ..ir import UnitGroup, UnitMember, graph_info
+from zoocompiler.core.atomic import write_json_atomic
+from zoocompiler.core.errors import PassError
+from zoocompiler.ir import UnitGroup, UnitMember, graph_info
+
 from .unit_groups import layernorm_streams_of
 from .unit_rules import PRODUCER_ROLES
 

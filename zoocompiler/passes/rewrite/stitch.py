@@ -34,8 +34,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import InputShapeError, PassError, ZooError
-from ..ir import Layout, TensorInfo, graph_info, node_info
+from zoocompiler.core.errors import InputShapeError, PassError, ZooError
+from zoocompiler.ir import Layout, TensorInfo, graph_info, node_info
+
 from .blocks import Block, extract_block
 
 InitSpec = Literal["ls", "random"] | torch.Tensor

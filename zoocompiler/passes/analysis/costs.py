@@ -16,8 +16,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import PassError
-from ..ir import Cost, graph_info, node_info
+from zoocompiler.core.errors import PassError
+from zoocompiler.ir import Cost, graph_info, node_info
 
 
 class _FlopRecorder(fx.Interpreter):

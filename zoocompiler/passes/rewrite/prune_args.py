@@ -21,9 +21,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import PassError
-from ..ir import node_info
-from .unit_rules import op_name
+from zoocompiler.core.errors import PassError
+from zoocompiler.ir import node_info
+
+from ..analysis.unit_rules import op_name
 
 Layout = tuple[int, list[int], int]  # (dim, kept old positions, old size)
 _SIZE_OPS = {"reshape", "view", "expand", "broadcast_to", "new_zeros", "new_ones", "new_empty", "new_full"}

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..plots import pyplot, save_png
-from ..solvers.partition import Partition
+from zoocompiler.core.plots import pyplot, save_png
+from zoocompiler.solvers.partition import Partition
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .assemble import Candidate
-    from .similarity import ZooSimilarity
+    from ..zoo.similarity import ZooSimilarity
+    from .pipeline import Candidate
 
 
 def position_sets(sim: ZooSimilarity, partition: Partition) -> np.ndarray:

@@ -4,7 +4,7 @@ slice-rate scheduler, evaluate every rate, and save/load the result as a directo
 A trained directory holds ``sliceable.safetensors`` (the converted model's weights), ``slice.json``
 (everything needed to rebuild it: spec, input shape, groups, rescale, lb, training options,
 history, per-rate accuracy and size) and ``accuracy.png``. :func:`load_trained` rebuilds the
-:class:`~zoocompiler.passes.slicing.SliceableModel` from it and checks its structure fingerprint.
+:class:`~zoocompiler.passes.rewrite.slicing.SliceableModel` from it and checks its structure fingerprint.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..atomic import write_json_atomic
-from ..data import DataSplit, load_dataset
-from ..errors import CheckpointError, DataError, InputShapeError, ZooError
-from ..passes.plans import graph_fingerprint
-from ..passes.slicing import DEFAULT_GROUPS, SliceableModel, make_sliceable
-from ..plots import pyplot, save_png
-from ..solvers.slice_rates import SCHEDULERS, RateScheduler, check_rate, make_scheduler, valid_rates
-from ..sources import load_model
-from ..tracing import check_input, trace
-from ..training import History, evaluate, seed_everything, train
+from zoocompiler.core.atomic import write_json_atomic
+from zoocompiler.core.errors import CheckpointError, DataError, InputShapeError, ZooError
+from zoocompiler.core.plots import pyplot, save_png
+from zoocompiler.data import DataSplit, load_dataset
+from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.analysis.plans import graph_fingerprint
+from zoocompiler.passes.rewrite.slicing import DEFAULT_GROUPS, SliceableModel, make_sliceable
+from zoocompiler.solvers.slice_rates import SCHEDULERS, RateScheduler, check_rate, make_scheduler, valid_rates
+from zoocompiler.sources import load_model
+from zoocompiler.tracing import check_input
+from zoocompiler.training import History, evaluate, seed_everything, train
 
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
 WEIGHTS_FILE, RECORD_FILE, PLOT_FILE = "sliceable.safetensors", "slice.json", "accuracy.png"

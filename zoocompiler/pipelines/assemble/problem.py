@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..errors import ZooError
-from ..solvers.assembly_ilp import BlockOption, JoinCost
-from ..solvers.partition import BlockRef, ModelPositions, Partition, partition_zoo
-from .assembly_build import ChosenBlock, head_info, joins_directly, stitch_cost
-from .similarity import ZooSimilarity
-from .zoo_members import ZooMember
+from zoocompiler.core.errors import ZooError
+from zoocompiler.solvers.assembly_ilp import BlockOption, JoinCost
+from zoocompiler.solvers.partition import BlockRef, ModelPositions, Partition, partition_zoo
+
+from ..zoo.members import ZooMember
+from ..zoo.similarity import ZooSimilarity
+from .build import ChosenBlock, head_info, joins_directly, stitch_cost
 
 SIZE_METRICS = ("params", "flops")
 

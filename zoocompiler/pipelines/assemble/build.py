@@ -2,7 +2,7 @@
 
 A block is a contiguous range of one zoo model's reassembly positions. Two consecutive blocks
 that are contiguous in the same model are joined directly; any other pair through a stitch layer
-(``zoocompiler.passes.stitch.make_stitch``) initialised by least squares on probe activations:
+(``zoocompiler.passes.rewrite.stitch.make_stitch``) initialised by least squares on probe activations:
 the source is the assembled prefix run on the probe images, the destination the activation the
 next block's own model produces at that block's start on the same images. The head is a stitch
 to a flat ``num_classes`` vector (global pooling + linear) fitted by ridge regression to one-hot
@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import PassError
-from ..ir import Layout, TensorInfo
-from ..passes.activations import cut_point_activations
-from ..passes.blocks import extract_block
-from ..passes.stitch import Stitch, batched_forward, make_stitch
-from .zoo_members import ZooMember
+from zoocompiler.core.errors import PassError
+from zoocompiler.ir import Layout, TensorInfo
+from zoocompiler.passes.analysis.activations import cut_point_activations
+from zoocompiler.passes.rewrite.blocks import extract_block
+from zoocompiler.passes.rewrite.stitch import Stitch, batched_forward, make_stitch
+
+from ..zoo.members import ZooMember
 
 HEAD_RIDGE_PER_SAMPLE = 1e-3  # ridge λ for the head's linear probe, per training sample
 BATCH = 256  # samples per forward when running probes through blocks
@@ -106,7 +107,7 @@ def block_module(member: ZooMember, start: int, end: int) -> nn.Module:
 
 def stitch_cost(src: TensorInfo, dst: TensorInfo) -> tuple[int, int] | None:
     """(params, per-sample MACs) of a stitch layer from ``src`` to ``dst``; ``None`` if they cannot be joined."""
-    from ..zoo import count_macs
+    from zoocompiler.zoo import count_macs
 
     try:
         layer = make_stitch(src, dst, init="random")

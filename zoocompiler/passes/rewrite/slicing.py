@@ -24,15 +24,16 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.func import functional_call
 
-from ..errors import BudgetError, PassError
-from ..ir import UnitGroup, graph_info
-from ..solvers.slice_rates import check_rate, valid_rates
-from . import run_analysis
-from .plans import IMPORTANCES, Plan, graph_fingerprint, groups_by_key, unit_scores
+from zoocompiler.core.errors import BudgetError, PassError
+from zoocompiler.ir import UnitGroup, graph_info
+from zoocompiler.solvers.slice_rates import check_rate, valid_rates
+
+from ..analysis import run_analysis
+from ..analysis.plans import IMPORTANCES, Plan, graph_fingerprint, groups_by_key, unit_scores
+from ..analysis.unit_groups import layernorm_streams_of
+from ..analysis.unit_rules import PRODUCER_ROLES
 from .prune import count_params, prune
 from .prune_layout import compute_layout, tensor_of
-from .unit_groups import layernorm_streams_of
-from .unit_rules import PRODUCER_ROLES
 
 RESCALE_MODES = ("dense", "none")
 DEFAULT_GROUPS = 16

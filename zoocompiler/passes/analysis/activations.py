@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from ..errors import PassError, ZooError
-from ..ir import Layout, TensorInfo, graph_info
+from zoocompiler.core.errors import PassError, ZooError
+from zoocompiler.ir import Layout, TensorInfo, graph_info
+
 from .cut_points import CutPoint, cut_point_table
 
 STITCHABLE = (Layout.MAP, Layout.MAP_NHWC, Layout.TOKENS, Layout.FLAT)

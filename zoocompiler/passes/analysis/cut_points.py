@@ -18,8 +18,8 @@ import networkx as nx
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..errors import PassError
-from ..ir import Cost, TensorInfo, graph_info, input_node, node_info, output_value
+from zoocompiler.core.errors import PassError
+from zoocompiler.ir import Cost, TensorInfo, graph_info, input_node, node_info, output_value
 
 
 def data_flow_graph(gm: fx.GraphModule) -> nx.DiGraph:

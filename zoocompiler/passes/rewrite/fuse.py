@@ -36,7 +36,7 @@ from torch.fx.experimental.optimization import matches_module_pattern, replace_n
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ..ir import graph_info
+from zoocompiler.ir import graph_info
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_PATTERNS = [
@@ -515,7 +515,7 @@ def fuse(gm: fx.GraphModule, *, analyze: bool = True) -> fx.GraphModule:
         fused.graph.lint()
         fused.recompile()
         if analyze and info.example_input is not None:
-            from . import run_analysis
+            from ..analysis import run_analysis
 
             run_analysis(fused)
     info.extra["fuse"] = asdict(stats)

@@ -1,6 +1,6 @@
 """Export a trained sliceable model: one verified ONNX model per slice rate plus ``manifest.json``.
 
-Rates come from a list or from MAC budgets (:func:`~zoocompiler.passes.slicing.rate_for_budget`,
+Rates come from a list or from MAC budgets (:func:`~zoocompiler.passes.rewrite.slicing.rate_for_budget`,
 measured MACs). Every r-subnet is materialised by the prune pass, exported with ONNX Runtime parity
 checked, timed (batch 1, and per sample at ``latency_batch``) and evaluated on the test split. The
 manifest is what :class:`~zoocompiler.exports.elastic.ElasticModel` serves from.
@@ -14,15 +14,16 @@ from typing import Any
 
 import torch
 
-from ..data import load_dataset
-from ..errors import ZooError
-from ..exports.elastic import MANIFEST_NAME, write_manifest
-from ..exports.latency import measure_latency
-from ..exports.onnx_export import export_onnx
-from ..passes.slicing import rate_for_budget
-from ..solvers.assembly_ilp import Budget
-from ..training import evaluate
-from .slice_train import load_trained, plot_accuracy, requested_rates
+from zoocompiler.core.errors import ZooError
+from zoocompiler.data import load_dataset
+from zoocompiler.exports.elastic import MANIFEST_NAME, write_manifest
+from zoocompiler.exports.latency import measure_latency
+from zoocompiler.exports.onnx_export import export_onnx
+from zoocompiler.passes.rewrite.slicing import rate_for_budget
+from zoocompiler.solvers.assembly_ilp import Budget
+from zoocompiler.training import evaluate
+
+from .train import load_trained, plot_accuracy, requested_rates
 
 PLOT_FILE = "rates.png"
 

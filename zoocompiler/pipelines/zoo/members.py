@@ -14,9 +14,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import InputShapeError, ZooError
-from ..passes.activations import assembly_positions
-from ..passes.cut_points import CutPoint
+from zoocompiler.core.errors import InputShapeError, ZooError
+from zoocompiler.passes.analysis.activations import assembly_positions
+from zoocompiler.passes.analysis.cut_points import CutPoint
 
 TRACE_BATCH = 2
 
@@ -56,7 +56,7 @@ def split_zoo_spec(text: str) -> list[str]:
 
 def zoo_specs(zoo: str) -> list[str]:
     """The model specs named by ``--zoo`` (``demo`` = every demo-zoo model)."""
-    from ..zoo import list_entries
+    from zoocompiler.zoo import list_entries
 
     if zoo == "demo":
         return [f"zoo:{e.name}" for e in list_entries()]
@@ -82,9 +82,9 @@ def load_member(spec: str, input_shape: Sequence[int]) -> ZooMember:
     Demo-zoo models must be fed their own input shape; other specs must accept it when traced.
     Either mismatch raises ``InputShapeError`` naming the model, its shape and the data's.
     """
-    from ..sources import load_model
-    from ..tracing import trace
-    from ..zoo import get_entry
+    from zoocompiler.passes.analysis import trace
+    from zoocompiler.sources import load_model
+    from zoocompiler.zoo import get_entry
 
     shape = tuple(int(s) for s in input_shape)
     accuracy, expected = None, None

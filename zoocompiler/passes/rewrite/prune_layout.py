@@ -20,10 +20,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..ir import graph_info
-from .plans import Plan, group_keys, resolved_keep
-from .unit_groups import group_approx
-from .unit_rules import op_name
+from zoocompiler.ir import graph_info
+
+from ..analysis.plans import Plan, group_keys, resolved_keep
+from ..analysis.unit_groups import group_approx
+from ..analysis.unit_rules import op_name
 
 _NORM_FUNCTIONS = {"batch_norm", "group_norm", "layer_norm", "instance_norm"}
 _LAYER_FUNCTIONS = {"conv1d", "conv2d", "conv3d", "linear", "embedding"}

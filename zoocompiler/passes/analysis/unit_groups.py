@@ -29,8 +29,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..errors import PassError
-from ..ir import Layout, UnitGroup, UnitMember, graph_info, node_info
+from zoocompiler.core.errors import PassError
+from zoocompiler.ir import Layout, UnitGroup, UnitMember, graph_info, node_info
+
 from .unit_rules import (
     APPROX_LAYERNORM,
     LAYERNORM_STREAMS,

@@ -21,14 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import PassError
-from ..ir import META_KEY, GraphInfo, graph_info
-from .costs import total_cost
-from .plans import STRATEGIES, Plan, validate_plan
+from zoocompiler.core.errors import PassError
+from zoocompiler.ir import META_KEY, GraphInfo, graph_info
+
+from ..analysis.costs import total_cost
+from ..analysis.plans import STRATEGIES, Plan, validate_plan
+from ..analysis.unit_groups import layernorm_streams_of
+from ..analysis.unit_rules import op_name
 from .prune_args import ArgRewriter, Layout
 from .prune_layout import PruneLayout, compute_layout, old_shape, tensor_of
-from .unit_groups import layernorm_streams_of
-from .unit_rules import op_name
 
 
 @dataclass

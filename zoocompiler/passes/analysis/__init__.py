@@ -1,0 +1,73 @@
+"""Analysis passes: annotate a GraphModule in place (idempotent).
+
+``run_analysis(gm)`` runs them in dependency order: shapes → costs → cut points → unit groups.
+``layernorm_streams="prune"`` makes residual streams normalised by a LayerNorm prunable
+(docs/prune.md, "LayerNorm streams"); the default pins them. ``trace(model, x)`` is
+:func:`zoocompiler.tracing.trace_graph` followed by ``run_analysis``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from zoocompiler.tracing import trace_graph
+
+
+def analysis_passes(*, layernorm_streams: str = "pin") -> list:
+    """The analysis passes, in the order they must run."""
+    from .costs import CostPass
+    from .cut_points import CutPointPass
+    from .shapes import ShapePass
+    from .unit_groups import UnitGroupPass
+
+    return [ShapePass(), CostPass(), CutPointPass(), UnitGroupPass(layernorm_streams)]
+
+
+class _TypedPassManager(PassManager):
+    """``PassManager`` that lets a pass's own exception through unchanged.
+
+    torch.fx's manager re-raises every failure as a bare ``Exception`` with the pass name in
+    the message; a ``PassError`` must reach the CLI as itself (one line, exit 2).
+    """
+
+    def __call__(self, module: fx.GraphModule):
+        for fn in self.passes:
+            fn(module)
+        return module
+
+
+def run_analysis(gm: fx.GraphModule, *, layernorm_streams: str = "pin") -> fx.GraphModule:
+    """Annotate ``gm`` with every analysis pass (needs ``gm.meta['zc'].example_input``).
+
+    ``layernorm_streams``: ``"pin"`` (default) or ``"prune"``, see :class:`.unit_groups.UnitGroupPass`.
+    Errors raised by a pass (``PassError``, ``InputShapeError``) propagate with their own type.
+    """
+    _TypedPassManager(passes=analysis_passes(layernorm_streams=layernorm_streams))(gm)
+    return gm
+
+
+def trace(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    analyze: bool = True,
+    layernorm_streams: str = "pin",
+    extra_leaf_modules: tuple[type, ...] = (),
+    allow_export_fallback: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model`` (in eval mode) and annotate it with every analysis pass.
+
+    Returns a GraphModule sharing the model's parameters. ``gm.meta["zc"].tracer`` records
+    ``"fx"`` or ``"export"``. Raises ``InputShapeError`` if the model rejects the input and
+    ``TraceError`` (naming the module path and op) if no tracer succeeds. ``layernorm_streams``
+    ("pin" or "prune") is passed to the unit-group analysis (see docs/prune.md).
+    """
+    gm = trace_graph(
+        model, example_input, extra_leaf_modules=extra_leaf_modules, allow_export_fallback=allow_export_fallback
+    )
+    if analyze:
+        run_analysis(gm, layernorm_streams=layernorm_streams)
+    return gm

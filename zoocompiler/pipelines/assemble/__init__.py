@@ -1,0 +1,1 @@
+"""Deep Model Reassembly (DeRy): partition, assembly integer program, build, tune, export."""

@@ -1,0 +1,1 @@
+"""Model Slicing: train a width-sliceable model, export one ONNX model per rate."""

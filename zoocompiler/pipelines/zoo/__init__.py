@@ -1,0 +1,1 @@
+"""Services every zoo method shares: loading members, representation similarity, block latency."""
