@@ -58,7 +58,8 @@ from rich.table import Table
 from scipy.stats import kendalltau
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
-from zoocompiler.pipelines.assemble.build import ChosenBlock, ProbeActivations, build_assembly, build_body
+from zoocompiler.core.budget import Budget
+from zoocompiler.passes.rewrite.compose import ChosenBlock, ProbeActivations, build_assembly, build_body
 from zoocompiler.pipelines.assemble.pipeline import (
     AssembleConfig,
     ZooAnalysis,
@@ -70,7 +71,7 @@ from zoocompiler.pipelines.assemble.pipeline import (
     tune,
 )
 from zoocompiler.pipelines.assemble.problem import AssemblyOptions, assembly_options
-from zoocompiler.solvers.assembly_ilp import BlockOption, Budget, JoinCost, solve_assemblies
+from zoocompiler.solvers.assembly_ilp import BlockOption, JoinCost, solve_assemblies
 from zoocompiler.solvers.naswot import naswot
 from zoocompiler.solvers.partition import ModelPositions, Partition, partition_zoo
 from zoocompiler.training import evaluate

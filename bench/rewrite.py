@@ -44,9 +44,9 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
-from torch.utils.flop_counter import FlopCounterMode
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
+from zoocompiler.core.modules import count_macs
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.analysis import trace
 from zoocompiler.sources import load_model
@@ -171,13 +171,6 @@ def zoocompiler_variants(
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def count_macs(module: nn.Module, x: torch.Tensor) -> int:
-    """MACs of one forward pass at ``x`` (``torch.utils.flop_counter``: FLOPs / 2)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
-    return counter.get_total_flops() // 2
 
 
 def export_variant(module: nn.Module, x: torch.Tensor, path: Path, exporters: tuple[str, ...]) -> dict[str, Any]:

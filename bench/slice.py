@@ -60,9 +60,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from timm.models.resnet import BasicBlock, ResNet
-from torch.utils.flop_counter import FlopCounterMode
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
+from zoocompiler.core.modules import count_macs
+from zoocompiler.core.rates import RATE_TOLERANCE, same_rate
 from zoocompiler.data import load_dataset
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
@@ -92,7 +93,6 @@ TARGET_RATE = 0.5
 TARGET_SLICED_DROP = 0.02  # (a): accuracy at 0.5 within 2 points of its own r = 1
 COLLAPSE_DROP = 0.20  # (b) "collapses": it loses at least 20 points from r = 1 to r = 0.5
 TARGET_LATENCY_RATIO = 0.35  # ORT latency at 0.5 <= 0.35 × r = 1, at each timed batch
-RATE_TOL = 1e-9
 PAPER_FIXED_RATES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # (c) by default: the paper's 1/8 steps
 Tick = Callable[[int], None]
 
@@ -100,10 +100,6 @@ Tick = Callable[[int], None]
 def rate_key(rate: float) -> str:
     """JSON key of a rate: its exact j/16 value printed with 4 decimals."""
     return f"{rate:.4f}"
-
-
-def same_rate(a: float, b: float) -> bool:
-    return abs(a - b) <= RATE_TOL
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -260,13 +256,6 @@ def run_jobs(
 
 
 # ----------------------------------------------------------------------------- slices, export, latency
-
-
-def count_macs(module: nn.Module, x: torch.Tensor) -> int:
-    """MACs of one forward pass at ``x`` per ``torch.utils.flop_counter`` (FLOPs / 2)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
-    return counter.get_total_flops() // 2
 
 
 def export_slices(
@@ -429,7 +418,7 @@ def table_cells(result: dict[str, Any], name: str) -> tuple[list[str], list[list
     for row in result["models"][name]["rows"]:
         cells = [f"{row['rate']:g}", f"{row['macs'] / 1e6:.2f}M", f"{row['mac_ratio']:.3f}"]
         cells += [f"{row['latency_ratio'][b]:.3f}" for b in batches]
-        cells += [_pct(row["acc_a"].get(rate_key(lb)), row["rate"] < lb - RATE_TOL) for lb in lbs]
+        cells += [_pct(row["acc_a"].get(rate_key(lb)), row["rate"] < lb - RATE_TOLERANCE) for lb in lbs]
         cells += [_pct(row["acc_b"]), _pct(row["acc_c"])]
         rows.append(cells)
     return columns, rows

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from zoocompiler.cli import main
+from zoocompiler.core.budget import Budget
 from zoocompiler.core.errors import InputShapeError, ZooError
-from zoocompiler.pipelines.assemble.build import ChosenBlock, ProbeActivations, build_body
+from zoocompiler.passes.rewrite.compose import ChosenBlock, ProbeActivations, build_body
 from zoocompiler.pipelines.assemble.pipeline import AssembleConfig, analyse_zoo, assemble, model_macs, rebuild, solve
 from zoocompiler.pipelines.zoo.members import load_member, split_zoo_spec, zoo_specs
-from zoocompiler.solvers.assembly_ilp import Budget, InfeasibleBudgetError
+from zoocompiler.solvers.assembly_ilp import InfeasibleBudgetError
 
 SMALL_ZOO = "resnet_s,vgg_s,mobilenetv3_s"
 
@@ -78,7 +79,7 @@ def test_partition_covers_every_model(analysis):
 
 def test_ilp_costs_equal_the_built_networks(analysis, tmp_path):
     """Params and MACs the ILP adds up (blocks + stitches + head) are exactly those of the built network."""
-    from zoocompiler.pipelines.assemble.build import build_assembly
+    from zoocompiler.passes.rewrite.compose import build_assembly
 
     config = small_config(tmp_path)
     opts, assemblies, _ = solve(analysis, config)

@@ -9,11 +9,11 @@ import re
 import numpy as np
 import pytest
 
+from zoocompiler.core.budget import Budget
 from zoocompiler.core.errors import SolverError, ZooError
 from zoocompiler.solvers.assembly_ilp import (
     Assembly,
     BlockOption,
-    Budget,
     InfeasibleBudgetError,
     JoinCost,
     cheapest,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from architectures import ARCH_BY_ID, ARCH_IDS, traced
 
 from zoocompiler.core.errors import PassError
+from zoocompiler.core.modules import count_params
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.ir import graph_info
 from zoocompiler.passes.analysis import trace
@@ -24,7 +25,7 @@ from zoocompiler.passes.analysis.plans import (
     plan_by_importance,
     producers,
 )
-from zoocompiler.passes.rewrite.prune import count_params, masked_reference, prune
+from zoocompiler.passes.rewrite.prune import masked_reference, prune
 from zoocompiler.sources import load_model
 
 ONNX_ARCHS = {"tv_resnet18", "tv_mobilenet_v3_small", "timm_vit_tiny", "tv_shufflenet_v2_x0_5"}

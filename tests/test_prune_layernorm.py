@@ -21,6 +21,7 @@ from architectures import traced
 from test_prune import assert_close, expected_params, randomized
 
 from zoocompiler.core.errors import PassError
+from zoocompiler.core.modules import count_params
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.ir import graph_info
 from zoocompiler.passes.analysis import run_analysis, trace
@@ -33,7 +34,7 @@ from zoocompiler.passes.analysis.plans import (
     validate_plan,
 )
 from zoocompiler.passes.analysis.unit_groups import describe_group, group_approx
-from zoocompiler.passes.rewrite.prune import count_params, masked_layer_norm, masked_reference, prune
+from zoocompiler.passes.rewrite.prune import masked_layer_norm, masked_reference, prune
 from zoocompiler.passes.rewrite.prune_layout import compute_layout, tensor_of
 from zoocompiler.sources import load_model
 

@@ -16,12 +16,13 @@ from hypothesis import strategies as st
 from random_models import build_random_net, random_net_specs
 from test_prune import assert_close, expected_params, random_plan
 
+from zoocompiler.core.modules import count_params
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.plans import STRATEGIES
 from zoocompiler.passes.analysis.shapes import ShapePass
 from zoocompiler.passes.analysis.unit_groups import UnitGroupPass
-from zoocompiler.passes.rewrite.prune import count_params, masked_reference, prune
+from zoocompiler.passes.rewrite.prune import masked_reference, prune
 
 CASES = {"equal": 0, "pad": 0, "onnx": 0}  # generated cases that passed (printed by -s)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import zoocompiler as zc
+from zoocompiler.core.cache import weights_hash
 from zoocompiler.core.errors import InputShapeError, PassError, SolverError, ZooError
 from zoocompiler.data import load_dataset
 from zoocompiler.ir import Layout, TensorInfo
@@ -25,7 +26,7 @@ from zoocompiler.passes.analysis.activations import (
 from zoocompiler.passes.analysis.cut_points import cut_point_table
 from zoocompiler.passes.rewrite.blocks import extract_block
 from zoocompiler.pipelines.zoo import similarity as sim
-from zoocompiler.pipelines.zoo.similarity import probe_batch, probe_data_key, weights_hash, zoo_similarity
+from zoocompiler.pipelines.zoo.similarity import probe_batch, probe_data_key, zoo_similarity
 from zoocompiler.solvers.cka import linear_cka
 from zoocompiler.zoo import load_zoo_model
 

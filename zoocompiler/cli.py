@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .core.atomic import check_out_dir, staged_dir
 from .core.errors import InputShapeError, ZooError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -114,7 +114,9 @@ def _load(args: argparse.Namespace):
 
 
 def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    from .core.modules import count_params
+
+    return count_params(model)
 
 
 def _macs(gm) -> int:
@@ -289,42 +291,6 @@ def _check_ratio(ratio: float | None, plan_path: str | None) -> None:
         raise ZooError(f"bad --ratio {ratio}", "pass a fraction of units to remove strictly between 0 and 1, e.g. 0.5")
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ZooError(f"--out {out} exists and is not a directory", "pass a directory path for --out")
-    if out.exists() and not force:
-        raise ZooError(f"output directory {out} already exists", "pass --force to replace it, or another --out")
-
-
-@contextlib.contextmanager
-def _staged_dir(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a fresh temp directory next to ``out``; on success it becomes ``out`` (replacing it with ``force``).
-
-    On failure the temp directory is removed and ``out`` is left as it was.
-    """
-    import shutil
-    import uuid
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    staging, old = out.with_name(f".{out.name}.{tag}.tmp"), out.with_name(f".{out.name}.{tag}.old")
-    staging.mkdir()
-    try:
-        yield staging
-        _check_out_dir(out, force)  # it may have appeared while we worked
-        if out.exists():
-            os.replace(out, old)
-        try:
-            os.replace(staging, out)
-        except OSError:
-            if old.exists():
-                os.replace(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _max_abs_diff(a, b) -> tuple[float, float]:
     """``max|a - b|`` and ``max|b|`` of two model outputs (first tensor leaf each)."""
     from .exports.onnx_export import first_tensor
@@ -380,7 +346,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     if args.plan and not Path(args.plan).is_file():
         raise ZooError(f"plan file {args.plan} not found", "pass the plan.json written by an earlier zoocompile prune")
     out = Path(args.out)
-    _check_out_dir(out, args.force)
+    check_out_dir(out, args.force)
     from zoocompiler.passes.analysis import trace
 
     from .exports.onnx_export import export_onnx
@@ -394,7 +360,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     plan = _plan_for(args, gm)
     result = prune(gm, plan)
     masked_diff = _check_equal("pruned model vs masked reference", result.module, masked_reference(gm, plan), x)
-    with _staged_dir(out, args.force) as staging:
+    with staged_dir(out, args.force) as staging:
         plan.save(staging / "plan.json")
         export = export_onnx(result.module, x, staging / "model.onnx")
         export.path = str(out / "model.onnx")

@@ -65,8 +65,8 @@ def _set_rows(analysis) -> list[dict[str, Any]]:
 
 
 def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
+    from .core.budget import Budget
     from .pipelines.assemble.pipeline import analyse_zoo
-    from .solvers.assembly_ilp import Budget
 
     analysis = analyse_zoo(_config(args, Budget()), _progress(args))
     part = analysis.partition
@@ -84,16 +84,16 @@ def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_assemble(args: argparse.Namespace) -> dict[str, Any]:
-    from .cli import _check_out_dir, _staged_dir
+    from .core.atomic import check_out_dir, staged_dir
+    from .core.budget import Budget
     from .pipelines.assemble.pipeline import assemble
-    from .solvers.assembly_ilp import Budget
 
     budget = Budget.parse(args.budget)
     config = _config(args, budget)
     config.check()
     out = Path(args.out)
-    _check_out_dir(out, args.force)
-    with _staged_dir(out, args.force) as staging:
+    check_out_dir(out, args.force)
+    with staged_dir(out, args.force) as staging:
         report = assemble(config, staging, _progress(args))
     report["files"] = {p.name: str(out / p.name) for p in sorted(out.iterdir())}
     report["export"]["path"] = str(out / "model.onnx")

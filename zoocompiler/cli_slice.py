@@ -78,7 +78,7 @@ def train_config(args: argparse.Namespace):
 
 
 def cmd_slice_train(args: argparse.Namespace) -> dict[str, Any]:
-    from .cli import _check_out_dir, _staged_dir
+    from .core.atomic import check_out_dir, staged_dir
     from .pipelines.slice.train import train_to_dir
     from .solvers.slice_rates import make_scheduler, valid_rates
 
@@ -86,8 +86,8 @@ def cmd_slice_train(args: argparse.Namespace) -> dict[str, Any]:
     config.check()
     make_scheduler(config.scheduler, valid_rates(config.groups, config.lb), **config.scheduler_options)  # fail fast
     out = Path(args.out)
-    _check_out_dir(out, args.force)
-    with _staged_dir(out, args.force) as staging:
+    check_out_dir(out, args.force)
+    with staged_dir(out, args.force) as staging:
         record = train_to_dir(config, staging, progress=not args.json)
     files = {p.name: str(out / p.name) for p in sorted(out.iterdir())}
     return _strict_json({"out": str(out), **record, "files": files})
@@ -120,7 +120,7 @@ def _export_dir(directory: Path, out_arg: str | None) -> Path:
 
 
 def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
-    from .cli import _check_out_dir, _staged_dir
+    from .core.atomic import check_out_dir, staged_dir
     from .pipelines.slice.export import export_rates
     from .pipelines.slice.train import read_record
     from .solvers.slice_rates import parse_rates
@@ -135,8 +135,8 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
     if args.runs < 1:
         raise ZooError(f"bad --runs {args.runs}", "pass a positive number of timed runs, e.g. 30")
     out = _export_dir(directory, args.out)
-    _check_out_dir(out, args.force)
-    with _staged_dir(out, args.force) as staging:
+    check_out_dir(out, args.force)
+    with staged_dir(out, args.force) as staging:
         manifest = export_rates(
             directory,
             staging,

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .core.errors import CheckpointError, InputShapeError, UnknownModelError, ZooError
+from .core.text import first_line
 
 SOURCES = ("torchvision", "timm", "python", "zoo")
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
@@ -138,12 +139,6 @@ def parse_spec(spec: str) -> ModelSpec:
 # ----------------------------------------------------------------------------- builders
 
 
-def _first_line(err: BaseException, limit: int = 160) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    text = re.sub(r"\s+", " ", lines[0]) if lines else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def close_matches(name: str, names: list[str], n: int = 5) -> list[str]:
     """Names starting with ``name`` first, then the closest by ``difflib``; at most ``n``."""
     prefixed = sorted(candidate for candidate in names if candidate.startswith(name) and candidate != name)
@@ -183,12 +178,12 @@ def _construct(label: str, kwargs: dict[str, Any], pretrained: bool, make: Calla
     except Exception as err:  # noqa: BLE001 - any constructor failure becomes a user error
         if pretrained and _is_download_error(err):
             raise ZooError(
-                f"cannot fetch pretrained weights for '{label}' ({_first_line(err, 100)})",
+                f"cannot fetch pretrained weights for '{label}' ({first_line(err, limit=100)})",
                 "download the weights where you have network and pass --checkpoint FILE",
             ) from err
         options = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no options"
         raise UnknownModelError(
-            f"cannot build '{label}' with {options}: {_first_line(err)}",
+            f"cannot build '{label}' with {options}: {first_line(err, limit=160)}",
             "check the option names and values the model's constructor accepts",
         ) from err
 
@@ -227,7 +222,7 @@ def _build_python(name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Mod
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise UnknownModelError(
-            f"cannot import module '{module_name}' for '{label}' ({_first_line(err)})",
+            f"cannot import module '{module_name}' for '{label}' ({first_line(err, limit=160)})",
             "install it or add its directory to PYTHONPATH",
         ) from err
     factory = getattr(module, factory_name, None)
@@ -293,7 +288,7 @@ def load_model(
 
 def _corrupted(path: Path, err: BaseException) -> CheckpointError:
     return CheckpointError(
-        f"cannot read checkpoint '{path}': file is corrupted or not a checkpoint ({_first_line(err, 100)})",
+        f"cannot read checkpoint '{path}': file is corrupted or not a checkpoint ({first_line(err, limit=100)})",
         "re-download it, or re-save it with torch.save(model.state_dict(), PATH)",
     )
 
@@ -316,7 +311,7 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - unpickling can raise anything
         raise CheckpointError(
-            f"cannot unpickle checkpoint '{path}': {_first_line(err)}",
+            f"cannot unpickle checkpoint '{path}': {first_line(err, limit=160)}",
             "import the code defining its classes first, or re-save it as a state dict",
         ) from err
 

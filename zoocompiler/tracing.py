@@ -12,7 +12,6 @@ import contextlib
 import inspect
 import io
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .core.errors import InputShapeError, TraceError
+from .core.text import first_line
 from .ir import graph_info
 
 
@@ -139,11 +139,6 @@ def _failing_module(model: nn.Module, err: BaseException) -> str:
     return "<unknown>"
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return re.sub(r"\s+", " ", text[0]) if text else type(err).__name__
-
-
 def check_input(model: nn.Module, example_input: torch.Tensor) -> None:
     """Run the model once; a shape/dtype mismatch becomes an ``InputShapeError``."""
     try:
@@ -151,7 +146,7 @@ def check_input(model: nn.Module, example_input: torch.Tensor) -> None:
             model(example_input)
     except (RuntimeError, ValueError, AssertionError, TypeError) as err:
         raise InputShapeError(
-            f"model rejects input of shape {tuple(example_input.shape)} ({_first_line(err)})",
+            f"model rejects input of shape {tuple(example_input.shape)} ({first_line(err)})",
             "pass --input-shape C,H,W matching the model (e.g. 3,224,224)",
         ) from err
 
@@ -192,7 +187,7 @@ def trace_graph(
 def _trace_error(model: nn.Module, err: BaseException) -> TraceError:
     path = _failing_module(model, err)
     return TraceError(
-        f"cannot trace module '{path}': {_first_line(err)}",
+        f"cannot trace module '{path}': {first_line(err)}",
         f"make it a leaf: zc.trace(model, x, extra_leaf_modules=(type(model.get_submodule('{path}')),))"
         if path not in ("<unknown>", "<root>")
         else "make the failing module a leaf via extra_leaf_modules=(...)",

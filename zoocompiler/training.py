@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .core.modules import eval_mode
 from .data import DataSplit
 
 # One intra-op thread by default: results do not depend on the machine's core count, and small models gain
@@ -193,13 +194,8 @@ def predict_logits(
     model: nn.Module, split: DataSplit, batch_size: int = 500, threads: int | None = None
 ) -> torch.Tensor:
     """Logits of ``model`` (run in eval mode, training flag restored) on every sample of ``split``."""
-    was_training = model.training
-    model.eval()
-    try:
-        with fixed_threads(threads):
-            outputs = [model(x) for x, _ in split.loader(batch_size, shuffle=False)]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), fixed_threads(threads):
+        outputs = [model(x) for x, _ in split.loader(batch_size, shuffle=False)]
     return torch.cat(outputs) if outputs else torch.zeros(0, split.num_classes)
 
 

@@ -10,7 +10,6 @@ weights are missing is trained on first use into the cache dir (``$ZOOCOMPILER_C
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import multiprocessing
 import os
@@ -35,7 +34,10 @@ from torch import nn
 from torchvision.models.vgg import make_layers
 
 from .core.atomic import write_bytes_atomic
+from .core.cache import cache_dir, digest
 from .core.errors import CheckpointError, UnknownModelError
+from .core.modules import count_macs, count_params
+from .core.text import first_line
 from .data import load_dataset
 from .training import evaluate, train
 
@@ -217,18 +219,6 @@ def recipes() -> dict[str, ZooRecipe]:
     return {r.name: r for r in _RECIPES}
 
 
-def cache_dir() -> Path:
-    """The cache root: ``$ZOOCOMPILER_CACHE``, else ``$XDG_CACHE_HOME/zoocompiler`` or ``~/.cache/zoocompiler``.
-
-    Other caches (latency tables, ...) may live in sibling folders of ``zoo/``.
-    """
-    root = os.environ.get("ZOOCOMPILER_CACHE")
-    if root:
-        return Path(root).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "zoocompiler"
-
-
 def zoo_cache_dir() -> Path:
     """Where models missing from the package are trained on first use."""
     return cache_dir() / "zoo"
@@ -366,7 +356,7 @@ def _load_verified(recipe: ZooRecipe, path: Path, record: dict[str, Any] | None)
     if record is None:
         raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST_NAME}", _REBUILD_HINT)
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+    if digest(data) != record.get("sha256"):
         raise CheckpointError(f"weights {path} do not match the manifest's sha256 (corrupted or edited)", _REBUILD_HINT)
     try:
         state = load_safetensors(data)
@@ -376,7 +366,7 @@ def _load_verified(recipe: ZooRecipe, path: Path, record: dict[str, Any] | None)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err)
         raise CheckpointError(
             f"weights {path} do not fit the {recipe.name} architecture ({first})", _REBUILD_HINT
         ) from err
@@ -387,7 +377,7 @@ def _is_built(folder: Path, name: str) -> bool:
     """Whether ``folder`` holds ``name``'s weights with the sha256 its manifest records."""
     record = read_manifest(folder).get(name)
     path = folder / _file_name(name)
-    return record is not None and path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
+    return record is not None and path.exists() and digest(path.read_bytes()) == record["sha256"]
 
 
 def _store(folder: Path, record: dict[str, Any], data: bytes) -> None:
@@ -432,10 +422,10 @@ def _train_recipe(recipe: ZooRecipe, progress: bool) -> tuple[dict[str, Any], by
         "dataset": recipe.dataset,
         "input_shape": list(recipe.input_shape),
         "test_accuracy": accuracy,
-        "params": sum(p.numel() for p in model.parameters()),
-        "macs": count_macs(model, recipe.input_shape),
+        "params": count_params(model),
+        "macs": count_macs(model, recipe.input_shape, eval=True),
         "file": _file_name(recipe.name),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": digest(data),
         "train_seconds": round(history.seconds, 1),
         "recipe": {
             "epochs": recipe.epochs,
@@ -446,20 +436,6 @@ def _train_recipe(recipe: ZooRecipe, progress: bool) -> tuple[dict[str, Any], by
         },
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }, data
-
-
-def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass on a single sample (``torch.utils.flop_counter`` FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_shape))
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2
 
 
 def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:

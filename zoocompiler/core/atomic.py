@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import ZooError
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -63,3 +66,37 @@ def write_json_atomic(
     """
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n"
     return write_text_atomic(path, text)
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """``out`` may be created: it does not exist, or ``force`` allows replacing the directory there."""
+    if out.exists() and not out.is_dir():
+        raise ZooError(f"--out {out} exists and is not a directory", "pass a directory path for --out")
+    if out.exists() and not force:
+        raise ZooError(f"output directory {out} already exists", "pass --force to replace it, or another --out")
+
+
+@contextmanager
+def staged_dir(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a fresh temp directory next to ``out``; on success it becomes ``out`` (replacing it with ``force``).
+
+    On failure the temp directory is removed and ``out`` is left as it was.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    staging, old = out.with_name(f".{out.name}.{tag}.tmp"), out.with_name(f".{out.name}.{tag}.old")
+    staging.mkdir()
+    try:
+        yield staging
+        check_out_dir(out, force)  # it may have appeared while we worked
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if old.exists():
+                os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,7 @@ consistent rankings across stages.
 
 A slice directory holds ``manifest.json`` (``MANIFEST_FORMAT``) naming one ONNX file per rate,
 relative to the directory, with optional costs (``params``, ``macs``, ``latency_ms``,
-``per_sample_ms``, ``accuracy``). Rates are compared with a tolerance of ``RATE_TOL``.
+``per_sample_ms``, ``accuracy``). Rates are compared with :func:`zoocompiler.core.rates.same_rate`.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ import onnxruntime as ort
 
 from ..core.atomic import write_json_atomic
 from ..core.errors import BudgetError, ExportError, InputShapeError, ZooError
+from ..core.rates import RATE_TOLERANCE, same_rate
+from ..core.text import first_line
 from .latency import ORT_INPUT_TYPES, measure_latency, ort_session
 
 MANIFEST_FORMAT = "zoocompiler.slice-manifest/1"
 MANIFEST_NAME = "manifest.json"
-RATE_TOL = 1e-9
 # Budgets are compared in exact decimal arithmetic on the numbers as written (their shortest repr),
 # so n·t(r) == T/2 is a tie whether t and T are binary (2**-10) or decimal (0.004) values.
 _EXACT = Context(prec=80)
@@ -105,7 +106,7 @@ def _check_rate(rate: object, where: str) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
         raise ZooError(f"slice rate {rate!r} in {where} is not a number", "use rates in (0, 1], e.g. 0.25, 0.5, 1.0")
     r = float(rate)
-    if not (0.0 < r <= 1.0 + RATE_TOL):
+    if not (0.0 < r <= 1.0 + RATE_TOLERANCE):
         raise ZooError(f"slice rate {r} in {where} is outside (0, 1]", "use rates in (0, 1], e.g. 0.25, 0.5, 1.0")
     return min(r, 1.0)
 
@@ -137,7 +138,7 @@ def _ceil_significant(x: Decimal, digits: int = 4) -> str:
 
 def _find_rate(rates: Sequence[float], rate: float) -> float | None:
     for r in rates:
-        if abs(r - rate) <= RATE_TOL:
+        if same_rate(r, rate):
             return r
     return None
 
@@ -228,7 +229,7 @@ class ElasticModel:
         except ZooError:
             raise
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise ExportError(
                 f"ONNX Runtime cannot load the rate-{rate:g} model {self.paths[rate]} ({first[:200]})",
                 "re-export the r-subnet with zoocompiler.exports.export_onnx",
@@ -276,7 +277,7 @@ class ElasticModel:
         return found
 
     def session(self, rate: float) -> ort.InferenceSession:
-        """The ONNX Runtime session of ``rate`` (matched within ``RATE_TOL``); ``UnknownRateError`` otherwise."""
+        """The ONNX Runtime session of ``rate`` (matched by ``same_rate``); ``UnknownRateError`` otherwise."""
         return self._sessions[self._rate(rate)]
 
     @property

@@ -16,13 +16,12 @@ returns float32 (a Cast at each end); weights and all intermediate tensors are f
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,8 @@ import torch.utils._pytree as pytree
 
 from ..core.atomic import write_bytes_atomic
 from ..core.errors import ExportError, InputShapeError
+from ..core.modules import eval_mode
+from ..core.text import first_line
 from .latency import ort_session, resolve_providers
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -133,12 +134,6 @@ class _HalfPrecision(nn.Module):
         return self.model(x).float()
 
 
-def _one_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    text = lines[0] if lines else type(err).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _export_dynamo(module: nn.Module, x: torch.Tensor, opset: int | None, dynamic_batch: bool) -> onnx.ModelProto:
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     with warnings.catch_warnings():
@@ -204,25 +199,6 @@ def _second_batch(example: torch.Tensor, size: int) -> torch.Tensor:
     return example[torch.arange(size) % example.shape[0]]
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the body with ``model`` in eval mode and restore its mode after.
-
-    ``torch.export``'s ``.module()`` refuses ``eval()``/``train()``: it is already frozen in the
-    mode it was exported in, so it is used as is.
-    """
-    was_training = model.training
-    try:
-        model.eval()
-    except NotImplementedError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _run_eager(model: nn.Module, x: torch.Tensor, what: str = "example input") -> object:
     try:
         with torch.no_grad():
@@ -233,7 +209,8 @@ def _run_eager(model: nn.Module, x: torch.Tensor, what: str = "example input") -
             if what != "example input"
             else "pass an example input (batch first) that the model accepts in eval mode"
         )
-        raise InputShapeError(f"model rejects {what} of shape {tuple(x.shape)} ({_one_line(err)})", fix) from err
+        cause = f"model rejects {what} of shape {tuple(x.shape)} ({first_line(err, limit=300)})"
+        raise InputShapeError(cause, fix) from err
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -259,7 +236,7 @@ def _compare(
             got = session.run(None, {input_name: x.detach().cpu().numpy()})[0]
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise ExportError(
-                f"ONNX Runtime cannot run the model on input {tuple(x.shape)} ({_one_line(err)})",
+                f"ONNX Runtime cannot run the model on input {tuple(x.shape)} ({first_line(err, limit=300)})",
                 "export with dynamic_batch=True for other batch sizes, and feed the dtype the model was exported with",
             ) from err
         if got.shape != ref.shape:
@@ -359,7 +336,7 @@ def _failure(errors: dict[str, BaseException], fp16: bool) -> ExportError:
             f"> tolerance {worst.tolerance:.3g} (best exporter: {name})",
             fix,
         )
-    summary = "; ".join(f"{name}: {_one_line(e)}" for name, e in errors.items())
+    summary = "; ".join(f"{name}: {first_line(e, limit=300)}" for name, e in errors.items())
     fix = (
         "if the fp32 export (fp16=False) works, run the fp16 model on a provider with fp16 kernels "
         "(e.g. CUDAExecutionProvider) or keep fp32"
@@ -395,7 +372,7 @@ def export_onnx(
         raise ExportError(f"unknown exporters {unknown or list(exporters)}", f"use some of: {', '.join(EXPORTERS)}")
     atol = atol if atol is not None else (DEFAULT_ATOL_FP16 if fp16 else DEFAULT_ATOL)
     resolve_providers(providers)  # fail fast, with the install hint, on an unavailable provider
-    with _eval_mode(model):
+    with eval_mode(model):
         first_out, leaf, note = first_tensor(_run_eager(model, example_input))
         batches = [example_input]
         if dynamic_batch:
@@ -441,5 +418,5 @@ def export_onnx(
         dynamic_batch=dynamic_batch,
         output_note=note,
         checker=verified.checker,
-        exporter_errors={name: _one_line(e) for name, e in errors.items()},
+        exporter_errors={name: first_line(e, limit=300) for name, e in errors.items()},
     )

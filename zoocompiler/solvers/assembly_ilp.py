@@ -32,7 +32,6 @@ solver-tolerance violation is cut off, never returned).
 from __future__ import annotations
 
 import math
-import re
 import time
 import warnings
 from collections import defaultdict
@@ -41,22 +40,12 @@ from dataclasses import dataclass
 
 import pulp
 
-from ..core.errors import SolverError, ZooError
+from ..core.budget import BUDGET_TOLERANCE, METRIC_KEY, METRIC_LABEL, METRICS, Budget, human_metric
+from ..core.errors import SolverError
 
-METRICS = ("params", "macs", "latency_ms")
-_METRIC_LABEL = {"params": "params", "macs": "flops", "latency_ms": "latency"}  # as in the budget grammar
 # Measured on a 30-model K=4 zoo: CBC's root heuristics, preprocessing, strong branching and cut generators cost
 # more than they save on these small programs (top-20 in ~2.7 s instead of ~16 s); optimality is still proven.
 _CBC_OPTIONS = ("heuristicsOnOff off", "preprocess off", "strongBranching 0", "cutsOnOff off")
-_BUDGET_TOLERANCE = 1e-9  # relative slack for float summation order when re-checking budgets
-_GRAMMAR = (
-    "write comma-separated key=value items with keys params, flops (alias macs), latency, "
-    "e.g. 'params=1.5M,flops=60M,latency=2ms' (suffixes k/K, M, G; latency in ms or s, default ms; values > 0)"
-)
-_ITEM = re.compile(r"^\s*([A-Za-z_]+)\s*=\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
-_COUNT_SUFFIX = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
-_TIME_SUFFIX = {"": 1.0, "ms": 1.0, "s": 1e3}
-_KEY = {"params": "params", "macs": "macs", "flops": "macs", "latency": "latency_ms", "latency_ms": "latency_ms"}
 
 
 @dataclass(frozen=True)
@@ -80,60 +69,6 @@ class JoinCost:
     macs: float = 0.0
     latency_ms: float | None = None
     compat: float = 0.0  # pairwise surrogate term (e.g. CKA of a's output and b's input); unused for heads
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Upper bounds on the assembled model; ``None`` = unconstrained.
-
-    ``macs`` counts multiply-accumulates, which is what the paper (and the ``flops=`` budget key)
-    calls FLOPs.
-    """
-
-    params: float | None = None
-    macs: float | None = None
-    latency_ms: float | None = None
-
-    def __post_init__(self) -> None:
-        for metric in METRICS:
-            value = getattr(self, metric)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ZooError(f"budget {_METRIC_LABEL[metric]}={value} is not a positive number", _GRAMMAR)
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """Parse ``"params=1.5M,flops=60M,latency=2ms"``.
-
-        Keys: ``params``; ``flops`` or its alias ``macs`` (multiply-accumulates, the paper's FLOPs);
-        ``latency``. Count suffixes k/K (1e3), M (1e6), G (1e9); latency units ms or s (default ms).
-        Unknown keys, repeated keys, malformed or non-positive numbers raise ``ZooError``.
-        """
-        values: dict[str, float] = {}
-        items = text.split(",") if text.strip() else []
-        if not items:
-            raise ZooError("empty budget", _GRAMMAR)
-        for item in items:
-            match = _ITEM.match(item)
-            if match is None:
-                raise ZooError(f"cannot read budget item {item.strip()!r}", _GRAMMAR)
-            key, number, unit = match.groups()
-            metric = _KEY.get(key.lower())
-            if metric is None:
-                raise ZooError(f"unknown budget key {key!r}", _GRAMMAR)
-            if metric in values:
-                raise ZooError(f"budget key {key!r} given twice (flops and macs are the same key)", _GRAMMAR)
-            scales = _TIME_SUFFIX if metric == "latency_ms" else _COUNT_SUFFIX
-            if unit not in scales:
-                raise ZooError(f"unknown unit {unit!r} in budget item {item.strip()!r}", _GRAMMAR)
-            values[metric] = float(number) * scales[unit]
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        """The given bounds only, keyed params / macs / latency_ms."""
-        return {m: getattr(self, m) for m in METRICS if getattr(self, m) is not None}
-
-    def __str__(self) -> str:
-        return ",".join(f"{_METRIC_LABEL[m]}={_human(v, m)}" for m, v in self.to_dict().items()) or "unconstrained"
 
 
 @dataclass
@@ -182,7 +117,7 @@ class InfeasibleBudgetError(SolverError):
     def __init__(self, budget: Budget, minimum: dict[str, float]):
         self.budget = budget
         self.minimum = minimum
-        least = ", ".join(f"{_METRIC_LABEL[m]}={_human(v, m, round_up=True)}" for m, v in minimum.items())
+        least = ", ".join(f"{METRIC_LABEL[m]}={human_metric(v, m, round_up=True)}" for m, v in minimum.items())
         short = [m for m, v in budget.to_dict().items() if m in minimum and v < minimum[m]]
         if short:
             cause = f"no assembly fits the budget {budget}: the smallest for this zoo is {least} (each metric alone)"
@@ -273,7 +208,7 @@ def cheapest(
     forbidden: Collection[tuple[int, int]] = (),
 ) -> float:
     """Minimum total ``metric`` (params, macs/flops, latency_ms/latency) over structurally valid assemblies."""
-    name = _KEY.get(metric)
+    name = METRIC_KEY.get(metric)
     if name is None:
         raise SolverError(f"unknown cost metric {metric!r}", "use one of: params, macs (flops), latency_ms")
     problem = _Problem(blocks, joins, heads, set(forbidden))
@@ -382,7 +317,7 @@ class _Problem:
         blocks: set[int] = set()
         pairs: set[tuple[int, int]] = set()
         for metric, bound in budget.to_dict().items():
-            limit = bound * (1 + _BUDGET_TOLERANCE)
+            limit = bound * (1 + BUDGET_TOLERANCE)
             block_least, pair_least = self._lower_bounds(metric)
             blocks |= {i for i, least in enumerate(block_least) if least > limit}
             pairs |= {p for p, least in pair_least.items() if least > limit}
@@ -445,7 +380,7 @@ class _Problem:
 
     @staticmethod
     def fits(assembly: Assembly, budget: Budget) -> bool:
-        return all(getattr(assembly, m) <= bound * (1 + _BUDGET_TOLERANCE) for m, bound in budget.to_dict().items())
+        return all(getattr(assembly, m) <= bound * (1 + BUDGET_TOLERANCE) for m, bound in budget.to_dict().items())
 
     def cheapest(self, metric: str) -> float:
         """Minimum total ``metric``; SolverError when no assembly satisfies the structure at all."""
@@ -502,18 +437,3 @@ def _check_numbers(items: list) -> None:
             if not math.isfinite(value) or (name in METRICS and value < 0):
                 what = getattr(item, "key", type(item).__name__)
                 raise SolverError(f"{what} has {name}={value}", "give finite, non-negative costs and finite scores")
-
-
-def _human(value: float, metric: str, round_up: bool = False) -> str:
-    """``1234567`` → ``1.23M`` (``1.24M`` rounded up); latency in ms, e.g. ``2.31ms``. Three significant digits
-    when rounding up, six otherwise."""
-    if metric == "latency_ms":
-        scale, suffix = 1.0, "ms"
-    else:
-        scale, suffix = next(((s, x) for s, x in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if value >= s), (1.0, ""))
-    mantissa = value / scale
-    if round_up and mantissa > 0:
-        digits = max(0, 2 - math.floor(math.log10(mantissa)))
-        mantissa = math.ceil(mantissa * 10**digits - 1e-9) / 10**digits
-        return f"{mantissa:.{digits}f}".rstrip("0").rstrip(".") + suffix
-    return f"{mantissa:.6g}{suffix}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import SolverError
+from ..core.modules import eval_mode
 
 # Activation modules hooked by layers="relu". Gates (Sigmoid, Hardsigmoid, Tanh) are not activations
 # of a layer's units here: they scale other tensors (squeeze-excite), so their sign codes are skipped.
@@ -152,7 +152,7 @@ def _run(model: nn.Module, batch: torch.Tensor, layers: str, record: Callable[[t
         calls += 1
         record(x.reshape(x.shape[0], -1))
 
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if layers == "outputs":
             output = model(batch)
             if not isinstance(output, torch.Tensor):
@@ -206,19 +206,3 @@ class _ActivationInterpreter(fx.Interpreter):
         if target in ACTIVATION_METHODS:
             self.record(args[0])
         return super().call_method(target, args, kwargs)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode inside, every module's own training flag restored after.
-
-    Sets the flags directly: the GraphModule of ``torch.export`` refuses ``.eval()`` (its mode is baked in).
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    for module, _ in flags:
-        module.training = False
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag

@@ -23,8 +23,8 @@ import numpy as np
 from scipy import stats
 
 from ..core.errors import ZooError
+from ..core.rates import RATE_TOLERANCE
 
-RATE_TOLERANCE = 1e-9  # two rates closer than this are the same rate
 SCHEDULERS: tuple[str, ...] = ("normal", "uniform", "progressive-dynamic", "progressive-static")
 DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform")
 

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from zoocompiler.core.errors import PassError, ZooError
+from zoocompiler.core.modules import eval_mode
 from zoocompiler.ir import Layout, TensorInfo, graph_info
 
 from .cut_points import CutPoint, cut_point_table
@@ -99,10 +100,8 @@ def cut_point_activations(
     wanted = set(nodes)
     if not wanted:
         return {}
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
-    try:
+    with eval_mode(gm):
         for batch in torch.split(x, batch_size):
             interpreter = _RecordingInterpreter(gm, wanted)
             try:
@@ -111,9 +110,6 @@ def cut_point_activations(
                 pass
             for name in wanted:
                 chunks[name].append(interpreter.recorded[name])
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return {name: torch.cat(chunks[name]) for name in nodes}
 
 

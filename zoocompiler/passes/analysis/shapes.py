@@ -27,6 +27,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
 from zoocompiler.core.errors import InputShapeError, PassError
+from zoocompiler.core.text import first_line
 from zoocompiler.ir import Layout, TensorInfo, graph_info, node_info
 
 _PERMUTE_TARGETS = {"permute", "transpose", "movedim", "swapaxes", torch.permute, torch.transpose, torch.movedim}
@@ -47,7 +48,7 @@ def _values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
         _Recorder(gm).propagate(x)
     except Exception as err:  # noqa: BLE001 - any failure here means the input does not fit
         raise InputShapeError(
-            f"graph fails on input of shape {tuple(x.shape)}: {str(err).splitlines()[0] if str(err) else err!r}",
+            f"graph fails on input of shape {tuple(x.shape)}: {first_line(err)}",
             "use an input shape the model accepts",
         ) from err
     return out

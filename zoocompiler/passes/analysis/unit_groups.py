@@ -30,6 +30,8 @@ from scipy.sparse.csgraph import connected_components
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from zoocompiler.core.errors import PassError
+from zoocompiler.core.modules import eval_mode
+from zoocompiler.core.text import first_line
 from zoocompiler.ir import Layout, UnitGroup, UnitMember, graph_info, node_info
 
 from .unit_rules import (
@@ -109,20 +111,14 @@ def concrete_metas(gm: fx.GraphModule) -> dict[fx.Node, Any]:
             metas[n] = _spec(result)
             return result
 
-    modes = {m: m.training for m in gm.modules()}
-    for m in modes:  # eval mode without Module.eval(), which exported modules refuse
-        m.training = False
     try:
-        with torch.no_grad():
+        with eval_mode(gm), torch.no_grad():
             _Recorder(gm).run(*_example_input(gm))
     except Exception as err:  # noqa: BLE001 - the graph must run on its own example input
         raise PassError(
-            f"graph does not run on its example input ({str(err).splitlines()[0] if str(err) else err!r})",
+            f"graph does not run on its example input ({first_line(err)})",
             "re-trace the model with an input shape it accepts",
         ) from err
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return metas
 
 

@@ -36,6 +36,7 @@ from torch.fx.experimental.optimization import matches_module_pattern, replace_n
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from zoocompiler.core.modules import count_params
 from zoocompiler.ir import graph_info
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -522,18 +523,14 @@ def fuse(gm: fx.GraphModule, *, analyze: bool = True) -> fx.GraphModule:
     return fused
 
 
-def _param_count(gm: nn.Module) -> int:
-    return sum(p.numel() for p in gm.parameters())
-
-
 def fuse_report(before: fx.GraphModule, after: fx.GraphModule) -> FuseReport:
     """Node and parameter counts of ``before`` and its fused ``after``, with what ``fuse`` changed."""
     stats = graph_info(after).extra.get("fuse", {})
     return FuseReport(
         nodes_before=len(before.graph.nodes),
         nodes_after=len(after.graph.nodes),
-        params_before=_param_count(before),
-        params_after=_param_count(after),
+        params_before=count_params(before),
+        params_after=count_params(after),
         identities_removed=stats.get("identities_removed", 0),
         batchnorms_folded=stats.get("batchnorms_folded", 0),
         affines_folded=stats.get("affines_folded", 0),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from zoocompiler.core.errors import PassError
+from zoocompiler.core.modules import count_params, eval_mode
 from zoocompiler.ir import META_KEY, GraphInfo, graph_info
 
 from ..analysis.costs import total_cost
@@ -63,18 +64,6 @@ class PruneReport:
 class PruneResult:
     module: fx.GraphModule
     report: PruneReport
-
-
-def count_params(module: nn.Module) -> int:
-    """Parameters of ``module``, each shared tensor counted once."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
-
-
-def count_macs(module: nn.Module, x: torch.Tensor) -> int:
-    """MACs (FLOPs / 2) of one forward pass on ``x``, by ``torch.utils.flop_counter``."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
-    return int(counter.get_total_flops()) // 2
 
 
 def _example(gm: fx.GraphModule) -> torch.Tensor:
@@ -337,17 +326,12 @@ def build_pruned(gm: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, PruneL
     expected, layouts = _expected(gm, layout)
     scatters = _insert_scatters(new, layout, layouts, expected)
     orig = {n.name: n for n in gm.graph.nodes}
-    modes = {m: m.training for m in new.modules()}
-    for m in modes:
-        m.training = False
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(new), torch.no_grad(), FlopCounterMode(display=False) as counter:
         ArgRewriter(new, expected, layouts, orig, gm).propagate(x)
     new.graph.lint()
     new.recompile()
     for n in new.graph.nodes:
         n.meta.pop(META_KEY, None)
-    for m, mode in modes.items():
-        m.training = mode
     new.meta[META_KEY] = GraphInfo(example_input=x.clone(), tracer=graph_info(gm).tracer,
                                    extra={"pruned_from": graph_info(gm).extra.get("spec")})
     return new, layout, scatters, int(counter.get_total_flops()) // 2

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from zoocompiler.core.errors import PassError
+from zoocompiler.core.text import first_line
 from zoocompiler.ir import node_info
 
 from ..analysis.unit_rules import op_name
@@ -32,11 +33,6 @@ _FACTORY_OPS = {"zeros", "ones", "empty", "full", "rand", "randn"}
 _SPLIT_OPS = {"split", "chunk", "split_with_sizes", "unsafe_split", "unsafe_chunk", "tensor_split", "unbind"}
 _CONV_FUNCTIONS = {"conv1d", "conv2d", "conv3d"}
 FIX = "keep the unit groups this op touches unpruned (remove them from the plan)"
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 class ArgRewriter(ShapeProp):
@@ -70,7 +66,7 @@ class ArgRewriter(ShapeProp):
         except PassError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure of the rewritten graph names its node
-            raise PassError(f"pruned graph fails at node {n.name} ({op}): {_first_line(err)}", FIX) from err
+            raise PassError(f"pruned graph fails at node {n.name} ({op}): {first_line(err)}", FIX) from err
         want = self.expected.get(n.name)
         if want is not None and isinstance(result, torch.Tensor) and tuple(result.shape) != tuple(want):
             raise PassError(

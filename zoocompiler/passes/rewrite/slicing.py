@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from zoocompiler.core.errors import BudgetError, PassError
+from zoocompiler.core.modules import count_params
 from zoocompiler.ir import UnitGroup, graph_info
 from zoocompiler.solvers.slice_rates import check_rate, valid_rates
 
@@ -32,7 +33,7 @@ from ..analysis import run_analysis
 from ..analysis.plans import IMPORTANCES, Plan, graph_fingerprint, groups_by_key, unit_scores
 from ..analysis.unit_groups import layernorm_streams_of
 from ..analysis.unit_rules import PRODUCER_ROLES
-from .prune import count_params, prune
+from .prune import prune
 from .prune_layout import compute_layout, tensor_of
 
 RESCALE_MODES = ("dense", "none")

@@ -13,22 +13,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
 from zoocompiler.core.atomic import write_text_atomic
+from zoocompiler.core.budget import Budget
+from zoocompiler.core.cache import cache_dir, weights_hash
 from zoocompiler.core.errors import ZooError
+from zoocompiler.core.jsonable import jsonable
+from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
-from zoocompiler.solvers.assembly_ilp import Assembly, Budget, solve_assemblies
+from zoocompiler.passes.rewrite.compose import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
+from zoocompiler.solvers.assembly_ilp import Assembly, solve_assemblies
 from zoocompiler.solvers.naswot import naswot
 from zoocompiler.solvers.partition import Partition
 from zoocompiler.training import train as train_model
 
 from ..zoo.members import ZooMember, load_members
-from ..zoo.similarity import ZooSimilarity, probe_batch, probe_data_key, weights_hash, zoo_similarity
-from .build import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
+from ..zoo.similarity import ZooSimilarity, probe_batch, probe_data_key, zoo_similarity
 from .problem import AssemblyOptions, assembly_options, partition_members
 
 TUNE_MODES = ("frozen", "full", "none")
@@ -78,8 +81,6 @@ def _say(progress: Progress | None, text: str) -> None:
 
 
 def default_cache_dir() -> Path:
-    from zoocompiler.zoo import cache_dir
-
     return cache_dir() / "similarity"
 
 
@@ -200,9 +201,7 @@ def tune(net: AssembledNet, train: DataSplit, config: AssembleConfig) -> None:
 
 
 def model_macs(net: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
-    from zoocompiler.zoo import count_macs
-
-    return count_macs(net, input_shape)
+    return count_macs(net, input_shape, eval=True)
 
 
 def plan_dict(analysis: ZooAnalysis, blocks: list[ChosenBlock], config: AssembleConfig) -> dict:
@@ -316,7 +315,7 @@ def assemble(config: AssembleConfig, out_dir: Path, progress: Progress | None = 
     acc = evaluate(net, analysis.test)
     timings["build_tune_s"] = time.perf_counter() - t
     shape = tuple(analysis.train.input_shape)
-    params = sum(p.numel() for p in net.parameters())
+    params = count_params(net)
     macs = model_macs(net, shape)
     _check_within(config.budget, params, macs)
     t = time.perf_counter()
@@ -358,16 +357,8 @@ def assemble(config: AssembleConfig, out_dir: Path, progress: Progress | None = 
     write_text_atomic(out_dir / "plan.json", json.dumps(plan, indent=2))
     plot_similarity(analysis.similarity, analysis.partition, out_dir / "similarity.png")
     plot_candidates(candidates, best, out_dir / "candidates.png")
-    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default))
+    write_text_atomic(out_dir / "report.json", json.dumps(jsonable(report), indent=2))
     return report
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _check_within(budget: Budget, params: int, macs: int) -> None:

@@ -20,12 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from zoocompiler.core.errors import ZooError
+from zoocompiler.passes.rewrite.compose import ChosenBlock, chosen, head_info, joins_directly, stitch_cost
 from zoocompiler.solvers.assembly_ilp import BlockOption, JoinCost
-from zoocompiler.solvers.partition import BlockRef, ModelPositions, Partition, partition_zoo
+from zoocompiler.solvers.partition import ModelPositions, Partition, partition_zoo
 
 from ..zoo.members import ZooMember
 from ..zoo.similarity import ZooSimilarity
-from .build import ChosenBlock, head_info, joins_directly, stitch_cost
 
 SIZE_METRICS = ("params", "flops")
 
@@ -73,11 +73,6 @@ def partition_members(
         size_relax=not strict_balance,
         progress=progress,
     )
-
-
-def chosen(members: Sequence[ZooMember], ref: BlockRef) -> ChosenBlock:
-    """The pipeline's name for a solver block reference."""
-    return ChosenBlock(members[ref.model].name, ref.stage, ref.start, ref.end)
 
 
 @dataclass

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
+from zoocompiler.core.budget import Budget
 from zoocompiler.core.errors import ZooError
+from zoocompiler.core.rates import same_rate
 from zoocompiler.data import load_dataset
 from zoocompiler.exports.elastic import MANIFEST_NAME, write_manifest
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.rewrite.slicing import rate_for_budget
-from zoocompiler.solvers.assembly_ilp import Budget
 from zoocompiler.training import evaluate
 
 from .train import load_trained, plot_accuracy, requested_rates
@@ -86,9 +87,9 @@ def export_rates(
             "per_sample_ms": batch.median_ms / latency_batch,
             "accuracy": evaluate(sliced.module, test),
             "max_abs_diff": export.max_abs_diff,
-            "budget_macs": next((c for q, c in budgets.items() if abs(q - sliced.rate) < 1e-9), None),
+            "budget_macs": next((c for q, c in budgets.items() if same_rate(q, sliced.rate)), None),
         })
-    full = next((row for row in rows if abs(row["rate"] - 1.0) < 1e-9), None)
+    full = next((row for row in rows if same_rate(row["rate"], 1.0)), None)
     extra = {
         "source": str(directory),
         "spec": record["config"]["spec"],

@@ -10,7 +10,6 @@ history, per-rate accuracy and size) and ``accuracy.png``. :func:`load_trained` 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,9 @@ import torch.nn.functional as F
 
 from zoocompiler.core.atomic import write_json_atomic
 from zoocompiler.core.errors import CheckpointError, DataError, InputShapeError, ZooError
+from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.plots import pyplot, save_png
+from zoocompiler.core.rates import RATE_TOLERANCE
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.plans import graph_fingerprint
@@ -243,10 +244,11 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
         "num_classes": train_split.num_classes,
         "fingerprint": graph_fingerprint(model.gm),
         "train_seconds": history.seconds,
-        "history": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(e).items()}
-                    for e in history.epochs],
-        "rates": [{"rate": r, **{k: v for k, v in row.items() if k != "rate"}, "trained": r >= config.lb - 1e-9}
-                  for r, row in per_rate.items()],
+        "history": jsonable([asdict(e) for e in history.epochs], finite=True),
+        "rates": [
+            {"rate": r, **{k: v for k, v in row.items() if k != "rate"}, "trained": r >= config.lb - RATE_TOLERANCE}
+            for r, row in per_rate.items()
+        ],
     }
     save_file({k: v.detach().contiguous() for k, v in model.gm.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
     plot_accuracy(record["rates"], out_dir / PLOT_FILE, f"{config.spec} (lb {config.lb:g}, {config.scheduler})")

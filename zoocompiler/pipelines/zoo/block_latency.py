@@ -10,8 +10,6 @@ chosen assembly is measured whole afterwards, so the estimate is checked, not tr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
@@ -20,20 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zoocompiler.core.atomic import write_json_atomic
+from zoocompiler.core.cache import DiskCache, cache_dir, digest, weights_hash
+from zoocompiler.passes.rewrite.compose import block_module, chosen
 from zoocompiler.solvers.partition import Partition
 
-from ..assemble.build import block_module
-from ..assemble.problem import chosen
 from .members import ZooMember
-from .similarity import weights_hash
 
 log = logging.getLogger(__name__)
 
 
 def latency_cache_file() -> Path:
-    from zoocompiler.zoo import cache_dir
-
     return cache_dir() / "latency" / "blocks.json"
 
 
@@ -43,18 +37,7 @@ def _key(member: ZooMember, start: int, end: int, runs: int, threads: int) -> st
     p = member.positions
     text = f"{weights_hash(member.module)}|{p[start].node}|{p[end].node}|{member.input_shape}|"
     text += f"{onnxruntime.__version__}|{threads}|{runs}"
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _read(path: Path) -> dict[str, float]:
-    try:
-        data = json.loads(path.read_text())
-        return {str(k): float(v) for k, v in data.items()}
-    except FileNotFoundError:
-        return {}
-    except (ValueError, AttributeError, TypeError):
-        log.warning("latency cache %s is corrupted; measuring again", path)
-        return {}
+    return digest(text)
 
 
 def measure_block(member: ZooMember, start: int, end: int, runs: int, threads: int) -> float:
@@ -82,7 +65,8 @@ def block_latencies(
 ) -> dict[str, float]:
     """Latency (ms) of every block of ``partition``, keyed like ``ChosenBlock.key``."""
     cache_file = cache_file or latency_cache_file()
-    cache = _read(cache_file)
+    store = DiskCache(cache_file.parent)
+    cache = store.read_map(cache_file.name)
     out: dict[str, float] = {}
     dirty = False
     for ref in partition.blocks():
@@ -95,7 +79,7 @@ def block_latencies(
             dirty = True
         out[name] = cache[key]
     if dirty:
-        write_json_atomic(cache_file, cache)
+        store.write_map(cache_file.name, cache)
     return out
 
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from zoocompiler.core.atomic import write_bytes_atomic
+from zoocompiler.core.cache import DiskCache, digest, weights_hash
 from zoocompiler.core.errors import DataError, InputShapeError, SolverError
 from zoocompiler.data import DataSplit
 from zoocompiler.passes.analysis.activations import assembly_positions, cut_point_activations, pooled_features
@@ -133,16 +133,6 @@ def probe_batch(split: DataSplit, fraction: float = 0.05, *, minimum: int = 128,
     return split.x[torch.from_numpy(np.sort(chosen))]
 
 
-def weights_hash(model: nn.Module) -> str:
-    """sha256 over the state dict: names, dtypes, shapes and raw bytes of every tensor, in sorted name order."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def probe_data_key(probe: torch.Tensor, spec: str) -> str:
     """A ``data_key`` for ``zoo_similarity``: sha256 of the data spec, the probe's shape/dtype and its bytes."""
     t = probe.detach().cpu().contiguous()
@@ -225,7 +215,7 @@ def zoo_similarity(
     }
     rows_json = _positions_json(models)
     key = _cache_key(graphs, rows_json, options)
-    path = None if cache_dir is None else Path(cache_dir) / f"similarity-{key[:16]}.npz"
+    path = None if cache_dir is None else DiskCache(cache_dir, prefix="similarity-").path(key, ".npz")
     if path is not None and path.exists():
         matrix = _load_cached(path, key, rows_json, options, offset)
         if matrix is not None:
@@ -260,16 +250,11 @@ def _cache_key(graphs: Mapping[str, fx.GraphModule], rows_json: str, options: di
         "unbiased": options["unbiased"],
         "version": CODE_VERSION,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return digest(json.dumps(payload, sort_keys=True))
 
 
 def _content_hash(matrix: np.ndarray, key: str, rows_json: str, options_json: str) -> str:
-    h = hashlib.sha256()
-    for part in (key, rows_json, options_json):
-        h.update(part.encode())
-        h.update(b"\0")
-    h.update(np.ascontiguousarray(matrix, dtype=np.float64).tobytes())
-    return h.hexdigest()
+    return digest(key, rows_json, options_json, np.ascontiguousarray(matrix, dtype=np.float64).tobytes())
 
 
 def _save_cached(path: Path, key: str, rows_json: str, options: dict[str, Any], matrix: np.ndarray) -> None:

@@ -1,6 +1,9 @@
-"""Build a reassembled network: zoo blocks in stage order, stitch layers between them, a new head.
+"""Block composition: blocks of traced models in stage order, stitch layers between them, a new head.
 
-A block is a contiguous range of one zoo model's reassembly positions. Two consecutive blocks
+Used by every method that composes networks from blocks of other networks (DeRy's reassembly,
+Learngene Pool's descendants). A model is anything with a traced ``graph``, its ``positions``
+(cut points usable as block boundaries) and a ``name`` (:class:`PositionedModel`); a block is a
+contiguous range of one model's positions. Two consecutive blocks
 that are contiguous in the same model are joined directly; any other pair through a stitch layer
 (``zoocompiler.passes.rewrite.stitch.make_stitch``) initialised by least squares on probe activations:
 the source is the assembled prefix run on the probe images, the destination the activation the
@@ -15,21 +18,33 @@ import copy
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from zoocompiler.core.errors import PassError
+from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.ir import Layout, TensorInfo
-from zoocompiler.passes.analysis.activations import cut_point_activations
-from zoocompiler.passes.rewrite.blocks import extract_block
-from zoocompiler.passes.rewrite.stitch import Stitch, batched_forward, make_stitch
+from zoocompiler.solvers.partition import BlockRef
 
-from ..zoo.members import ZooMember
+from ..analysis.activations import cut_point_activations
+from ..analysis.cut_points import CutPoint
+from .blocks import extract_block
+from .stitch import Stitch, batched_forward, make_stitch
 
 HEAD_RIDGE_PER_SAMPLE = 1e-3  # ridge λ for the head's linear probe, per training sample
 BATCH = 256  # samples per forward when running probes through blocks
 STITCH_RIDGE = 1e-3  # stitch ridge λ relative to the source's mean per-channel energy (keeps LS well-posed)
+
+
+class PositionedModel(Protocol):
+    """A traced model whose ``positions`` (cut points) may start or end a block."""
+
+    name: str
+    graph: fx.GraphModule
+    positions: Sequence[CutPoint]
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,11 @@ class ChosenBlock:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def chosen(members: Sequence[PositionedModel], ref: BlockRef) -> ChosenBlock:
+    """The block a solver's block reference stands for."""
+    return ChosenBlock(members[ref.model].name, ref.stage, ref.start, ref.end)
 
 
 def joins_directly(a: ChosenBlock, b: ChosenBlock) -> bool:
@@ -82,7 +102,7 @@ class AssembledNet(nn.Module):
 class ProbeActivations:
     """Activations of each zoo model at its positions on fixed probe images, computed once on demand."""
 
-    def __init__(self, members: Mapping[str, ZooMember], probe: torch.Tensor):
+    def __init__(self, members: Mapping[str, PositionedModel], probe: torch.Tensor):
         self.members = members
         self.probe = probe
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
@@ -99,7 +119,7 @@ class ProbeActivations:
         return self._cache[key]
 
 
-def block_module(member: ZooMember, start: int, end: int) -> nn.Module:
+def block_module(member: PositionedModel, start: int, end: int) -> nn.Module:
     """A standalone copy of ``member``'s block between two positions (eval mode; trainable without touching the zoo)."""
     cut_start, cut_end = member.positions[start].index, member.positions[end].index
     return copy.deepcopy(extract_block(member.graph, cut_start, cut_end).module).eval()
@@ -107,13 +127,11 @@ def block_module(member: ZooMember, start: int, end: int) -> nn.Module:
 
 def stitch_cost(src: TensorInfo, dst: TensorInfo) -> tuple[int, int] | None:
     """(params, per-sample MACs) of a stitch layer from ``src`` to ``dst``; ``None`` if they cannot be joined."""
-    from zoocompiler.zoo import count_macs
-
     try:
         layer = make_stitch(src, dst, init="random")
     except PassError:
         return None
-    return sum(p.numel() for p in layer.parameters()), count_macs(layer, src.shape[1:])
+    return count_params(layer), count_macs(layer, src.shape[1:], eval=True)
 
 
 def head_info(num_classes: int) -> TensorInfo:
@@ -131,7 +149,7 @@ def stitch_ridge(src_act: torch.Tensor, src: TensorInfo, relative: float = STITC
 
 
 def build_body(
-    blocks: Sequence[ChosenBlock], members: Mapping[str, ZooMember], probes: ProbeActivations
+    blocks: Sequence[ChosenBlock], members: Mapping[str, PositionedModel], probes: ProbeActivations
 ) -> OrderedDict[str, nn.Module]:
     """The body modules of an assembly (blocks in stage order, ridge-LS-initialised stitches between them)."""
     body: OrderedDict[str, nn.Module] = OrderedDict()
@@ -162,7 +180,7 @@ def fit_head(body: nn.Module, features: TensorInfo, x: torch.Tensor, y: torch.Te
 
 def build_assembly(
     blocks: Sequence[ChosenBlock],
-    members: Mapping[str, ZooMember],
+    members: Mapping[str, PositionedModel],
     probes: ProbeActivations,
     head_x: torch.Tensor,
     head_y: torch.Tensor,

@@ -1,0 +1,10 @@
+"""Slice rates are fractions j/G stored as floats: one tolerance decides when two are the same."""
+
+from __future__ import annotations
+
+RATE_TOLERANCE = 1e-9  # two rates closer than this are the same rate
+
+
+def same_rate(a: float, b: float) -> bool:
+    """True when ``a`` and ``b`` denote the same slice rate."""
+    return abs(a - b) <= RATE_TOLERANCE
