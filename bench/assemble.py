@@ -60,6 +60,7 @@ from scipy.stats import kendalltau
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
 from zoocompiler.core.budget import Budget
 from zoocompiler.passes.rewrite.compose import ChosenBlock, ProbeActivations, build_assembly, build_body
+from zoocompiler.pipelines.assemble.naswot import naswot
 from zoocompiler.pipelines.assemble.pipeline import (
     AssembleConfig,
     ZooAnalysis,
@@ -72,7 +73,6 @@ from zoocompiler.pipelines.assemble.pipeline import (
 )
 from zoocompiler.pipelines.assemble.problem import AssemblyOptions, assembly_options
 from zoocompiler.solvers.assembly_ilp import BlockOption, JoinCost, solve_assemblies
-from zoocompiler.solvers.naswot import naswot
 from zoocompiler.solvers.partition import ModelPositions, Partition, partition_zoo
 from zoocompiler.training import evaluate
 from zoocompiler.zoo import get_entry

@@ -11,7 +11,9 @@ from torch import nn
 
 import zoocompiler.solvers.naswot as naswot_module
 from zoocompiler.core.errors import SolverError
-from zoocompiler.solvers.naswot import activation_codes, binary_codes, hamming_kernel, naswot, naswot_score
+from zoocompiler.passes.analysis.preactivations import activation_codes
+from zoocompiler.pipelines.assemble.naswot import naswot
+from zoocompiler.solvers.naswot import binary_codes, hamming_kernel, naswot_score
 
 
 def naive_kernel(codes: np.ndarray) -> np.ndarray:

@@ -26,12 +26,12 @@ from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.rewrite.compose import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
 from zoocompiler.solvers.assembly_ilp import Assembly, solve_assemblies
-from zoocompiler.solvers.naswot import naswot
 from zoocompiler.solvers.partition import Partition
 from zoocompiler.training import train as train_model
 
 from ..zoo.members import ZooMember, load_members
 from ..zoo.similarity import ZooSimilarity, probe_batch, probe_data_key, zoo_similarity
+from .naswot import naswot
 from .problem import AssemblyOptions, assembly_options, partition_members
 
 TUNE_MODES = ("frozen", "full", "none")
