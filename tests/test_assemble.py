@@ -96,6 +96,23 @@ def test_ilp_costs_equal_the_built_networks(analysis, tmp_path):
         assert a.macs <= config.budget.macs
 
 
+def test_candidate_ranking_does_not_depend_on_the_executor(analysis, tmp_path):
+    """NASWOT re-rank through an executor that runs candidates last-to-first gives the same ranking and scores."""
+    from zoocompiler.pipelines.assemble.pipeline import rank_candidates
+    from zoocompiler.pipelines.base import LocalExecutor
+
+    class Reversed:
+        def map(self, fn, items):
+            return [fn(item) for item in reversed(list(items))][::-1]
+
+    config = small_config(tmp_path)
+    opts, assemblies, _ = solve(analysis, config)
+    local = rank_candidates(analysis, opts, assemblies, config, executor=LocalExecutor())
+    other = rank_candidates(analysis, opts, assemblies, config, executor=Reversed())
+    assert [c.to_dict() for c in local] == [c.to_dict() for c in other]
+    assert len(local) == len(assemblies) >= 2
+
+
 def test_infeasible_budget_names_the_cheapest(analysis, tmp_path):
     with pytest.raises(InfeasibleBudgetError) as info:
         solve(analysis, small_config(tmp_path, budget=Budget(params=10)))

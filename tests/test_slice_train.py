@@ -166,6 +166,26 @@ def test_export_rates_and_serve(trained_dir, tmp_path):
     np.testing.assert_allclose(result.outputs, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_export_does_not_depend_on_the_executor(trained_dir, tmp_path):
+    """Rates exported last-to-first give the same ONNX files, costs and accuracies (latencies are measured)."""
+
+    class Reversed:
+        def map(self, fn, items):
+            return [fn(item) for item in reversed(list(items))][::-1]
+
+    out, _ = trained_dir
+    measured = {"latency_ms", "per_sample_ms"}
+    docs = []
+    for name, executor in (("local", None), ("reversed", Reversed())):
+        (tmp_path / name).mkdir()
+        doc = export_rates(out, tmp_path / name, rates=[0.5, 1.0], latency_batch=4, runs=5, executor=executor)
+        docs.append([{k: v for k, v in row.items() if k not in measured} for row in doc["rates"]])
+        assert [r["rate"] for r in doc["rates"]] == [0.5, 1.0]
+    assert docs[0] == docs[1]
+    for row in docs[0]:
+        assert (tmp_path / "local" / row["onnx"]).read_bytes() == (tmp_path / "reversed" / row["onnx"]).read_bytes()
+
+
 def test_export_refuses_rates_below_lb_and_tiny_budgets(trained_dir, tmp_path):
     out, _ = trained_dir
     with pytest.raises(ZooError, match="below the lower bound 0.5"):

@@ -7,9 +7,8 @@ report. ``rebuild(plan)`` rebuilds the untuned assembly from the zoo and the dat
 
 from __future__ import annotations
 
+import functools
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from zoocompiler.core.atomic import write_text_atomic
 from zoocompiler.core.budget import Budget
 from zoocompiler.core.cache import cache_dir, weights_hash
 from zoocompiler.core.errors import ZooError
-from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.rewrite.compose import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
@@ -29,6 +27,7 @@ from zoocompiler.solvers.assembly_ilp import Assembly, solve_assemblies
 from zoocompiler.solvers.partition import Partition
 from zoocompiler.training import train as train_model
 
+from ..base import Executor, LocalExecutor, Progress, Stages, say, write_report
 from ..zoo.members import ZooMember, load_members
 from ..zoo.similarity import ZooSimilarity, probe_batch, probe_data_key, zoo_similarity
 from .naswot import naswot
@@ -36,8 +35,6 @@ from .problem import AssemblyOptions, assembly_options, partition_members
 
 TUNE_MODES = ("frozen", "full", "none")
 PLAN_VERSION = 1
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -75,11 +72,6 @@ class AssembleConfig:
             raise ZooError(f"probe fraction must be in (0, 1], got {self.probe_fraction}", "pass e.g. 0.05")
 
 
-def _say(progress: Progress | None, text: str) -> None:
-    if progress is not None:
-        progress(text)
-
-
 def default_cache_dir() -> Path:
     return cache_dir() / "similarity"
 
@@ -100,14 +92,16 @@ class ZooAnalysis:
         return {m.name: m for m in self.members}
 
 
-def analyse_zoo(config: AssembleConfig, progress: Progress | None = None) -> ZooAnalysis:
+def analyse_zoo(
+    config: AssembleConfig, progress: Progress | None = None, executor: Executor | None = None
+) -> ZooAnalysis:
     """Load the data and the zoo, compute (or load) the similarity matrix and partition the zoo."""
     train = load_dataset(config.data, "train")
     test = load_dataset(config.data, "test")
-    _say(progress, f"loading and tracing the zoo ({config.zoo}) at input {tuple(train.input_shape)}")
+    say(progress, f"loading and tracing the zoo ({config.zoo}) at input {tuple(train.input_shape)}")
     members = load_members(config.zoo, train.input_shape)
     probe = probe_batch(train, config.probe_fraction, seed=config.seed)
-    _say(progress, f"cut-point similarity (linear CKA) on {len(probe)} probe images")
+    say(progress, f"cut-point similarity (linear CKA) on {len(probe)} probe images")
     sim = zoo_similarity(
         {m.name: m.graph for m in members},
         probe,
@@ -115,8 +109,9 @@ def analyse_zoo(config: AssembleConfig, progress: Progress | None = None) -> Zoo
         unbiased=config.unbiased_cka,
         cache_dir=config.cache_dir if config.cache_dir is not None else default_cache_dir(),
         data_key=probe_data_key(probe, config.data),
+        executor=executor,
     )
-    _say(progress, f"partition: K={config.k}, eps={config.eps}, {config.restarts} restarts")
+    say(progress, f"partition: K={config.k}, eps={config.eps}, {config.restarts} restarts")
     partition = partition_members(
         members, sim, k=config.k, eps=config.eps, restarts=config.restarts, seed=config.seed, size=config.size
     )
@@ -147,20 +142,34 @@ def rank_candidates(
     assemblies: list[Assembly],
     config: AssembleConfig,
     probes: ProbeActivations | None = None,
+    executor: Executor | None = None,
 ) -> list[Candidate]:
     """Build each ILP assembly's body with LS-initialised stitches and score it with NASWOT (best first).
 
-    ``probes`` lets the caller share the probe-activation cache with later builds (default: a fresh one).
+    ``probes`` lets the caller share the probe-activation cache with later builds (default: a fresh one);
+    the candidates are independent items of ``executor`` (default: in-process, in order).
     """
     members = analysis.members_by_name
     probes = probes if probes is not None else ProbeActivations(members, analysis.probe)
-    batches = _naswot_batches(analysis.train, config)
-    out = []
-    for a in assemblies:
-        blocks = [opts.blocks[i] for i in a.blocks]
-        body = nn.Sequential(build_body(blocks, members, probes))
-        out.append(Candidate(a, blocks, naswot(body, batches)))
+    score = functools.partial(
+        _score_candidate, opts=opts, members=members, probes=probes, batches=_naswot_batches(analysis.train, config)
+    )
+    out = (executor or LocalExecutor()).map(score, assemblies)
     return sorted(out, key=lambda c: -c.naswot)
+
+
+def _score_candidate(
+    assembly: Assembly,
+    *,
+    opts: AssemblyOptions,
+    members: dict[str, ZooMember],
+    probes: ProbeActivations,
+    batches: list[torch.Tensor],
+) -> Candidate:
+    """One candidate: its body built with LS-initialised stitches, scored by NASWOT."""
+    blocks = [opts.blocks[i] for i in assembly.blocks]
+    body = nn.Sequential(build_body(blocks, members, probes))
+    return Candidate(assembly, blocks, naswot(body, batches))
 
 
 def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | None = None):
@@ -170,7 +179,7 @@ def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | No
     if config.budget.latency_ms is not None:
         from ..zoo.block_latency import block_latencies, fit_join_latency
 
-        _say(progress, "measuring per-block latency in ONNX Runtime (cached)")
+        say(progress, "measuring per-block latency in ONNX Runtime (cached)")
         latency = block_latencies(analysis.members, analysis.partition, runs=config.latency_runs)
         join_latency = fit_join_latency(latency, analysis.members, analysis.partition)
     opts = assembly_options(
@@ -181,7 +190,7 @@ def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | No
         latency_ms=latency,
         join_latency=join_latency,
     )
-    _say(progress, f"assembly ILP (PuLP/CBC): top {config.top} under {config.budget}")
+    say(progress, f"assembly ILP (PuLP/CBC): top {config.top} under {config.budget}")
     assemblies, stats = solve_assemblies(
         opts.options, opts.joins, opts.heads, config.budget, top=config.top, forbidden=opts.forbidden
     )
@@ -236,7 +245,7 @@ def rebuild(plan: dict, progress: Progress | None = None) -> AssembledNet:
     for entry in plan["zoo"]:
         if not any(b["model"] == entry["name"] for b in plan["blocks"]):
             continue
-        _say(progress, f"loading {entry['spec']}")
+        say(progress, f"loading {entry['spec']}")
         member = load_member(entry["spec"], train.input_shape)
         if weights_hash(member.module) != entry["weights_sha256"]:
             raise ZooError(
@@ -283,8 +292,13 @@ def _block_rows(analysis: ZooAnalysis, cand: Candidate, opts: AssemblyOptions) -
     return rows
 
 
-def assemble(config: AssembleConfig, out_dir: Path, progress: Progress | None = None) -> dict:
-    """Run DeRy end to end and write its outputs into ``out_dir`` (which must exist); returns the report."""
+def assemble(
+    config: AssembleConfig, out_dir: Path, progress: Progress | None = None, executor: Executor | None = None
+) -> dict:
+    """Run DeRy end to end and write its outputs into ``out_dir`` (which must exist); returns the report.
+
+    Stages (timed in ``report["timings"]``): analysis, ilp, rerank, build_tune, export.
+    """
     from zoocompiler.exports.latency import measure_latency
     from zoocompiler.exports.onnx_export import export_onnx
     from zoocompiler.training import evaluate
@@ -292,38 +306,32 @@ def assemble(config: AssembleConfig, out_dir: Path, progress: Progress | None = 
     from .plots import plot_candidates, plot_similarity
 
     config.check()
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    analysis = analyse_zoo(config, progress)
-    timings["analysis_s"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    opts, assemblies, stats = solve(analysis, config, progress)
-    timings["ilp_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    stages = Stages(progress)
+    with stages("analysis"):
+        analysis = analyse_zoo(config, progress, executor)
+    with stages("ilp"):
+        opts, assemblies, stats = solve(analysis, config, progress)
     batches = f"{config.naswot_batches}×{config.naswot_batch_size}"
-    _say(progress, f"NASWOT re-rank of {len(assemblies)} stitched candidates ({batches} images)")
-    members = analysis.members_by_name
-    probes = ProbeActivations(members, analysis.probe)  # shared: the chosen build reuses the re-rank's activations
-    candidates = rank_candidates(analysis, opts, assemblies, config, probes)
-    timings["rerank_s"] = time.perf_counter() - t
+    with stages("rerank", f"NASWOT re-rank of {len(assemblies)} stitched candidates ({batches} images)"):
+        members = analysis.members_by_name
+        probes = ProbeActivations(members, analysis.probe)  # shared: the chosen build reuses the re-rank's activations
+        candidates = rank_candidates(analysis, opts, assemblies, config, probes, executor)
     best = candidates[0]
-    t = time.perf_counter()
-    net = build_assembly(best.blocks, members, probes, analysis.train.x, analysis.train.y, analysis.train.num_classes)
-    acc_untuned = evaluate(net, analysis.test)
-    _say(progress, f"chosen: {' → '.join(b.key for b in best.blocks)} (linear-probe head: {acc_untuned:.1%})")
-    tune(net, analysis.train, config)
-    acc = evaluate(net, analysis.test)
-    timings["build_tune_s"] = time.perf_counter() - t
+    with stages("build_tune"):
+        train = analysis.train
+        net = build_assembly(best.blocks, members, probes, train.x, train.y, train.num_classes)
+        acc_untuned = evaluate(net, analysis.test)
+        say(progress, f"chosen: {' → '.join(b.key for b in best.blocks)} (linear-probe head: {acc_untuned:.1%})")
+        tune(net, analysis.train, config)
+        acc = evaluate(net, analysis.test)
     shape = tuple(analysis.train.input_shape)
     params = count_params(net)
     macs = model_macs(net, shape)
     _check_within(config.budget, params, macs)
-    t = time.perf_counter()
-    _say(progress, "exporting ONNX (parity checked) and measuring latency")
-    onnx_path = out_dir / "model.onnx"
-    export = export_onnx(net, analysis.test.x[:2], onnx_path)
-    latency = measure_latency(onnx_path, (1, *shape), runs=config.latency_runs)
-    timings["export_s"] = time.perf_counter() - t
+    with stages("export", "exporting ONNX (parity checked) and measuring latency"):
+        onnx_path = out_dir / "model.onnx"
+        export = export_onnx(net, analysis.test.x[:2], onnx_path)
+        latency = measure_latency(onnx_path, (1, *shape), runs=config.latency_runs)
     if config.budget.latency_ms is not None and latency.median_ms > config.budget.latency_ms:
         raise ZooError(
             f"the chosen assembly measures {latency.median_ms:.3f} ms > latency budget {config.budget.latency_ms} ms",
@@ -351,13 +359,13 @@ def assemble(config: AssembleConfig, out_dir: Path, progress: Progress | None = 
         "export": export.to_dict(),
         "data": config.data,
         "zoo": [m.spec for m in analysis.members],
-        "timings": timings,
+        "timings": stages.timings,
     }
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(out_dir / "assembly.safetensors"))
     write_text_atomic(out_dir / "plan.json", json.dumps(plan, indent=2))
     plot_similarity(analysis.similarity, analysis.partition, out_dir / "similarity.png")
     plot_candidates(candidates, best, out_dir / "candidates.png")
-    write_text_atomic(out_dir / "report.json", json.dumps(jsonable(report), indent=2))
+    write_report(out_dir, report)
     return report
 
 

@@ -8,6 +8,7 @@ manifest is what :class:`~zoocompiler.exports.elastic.ElasticModel` serves from.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,14 @@ import torch
 from zoocompiler.core.budget import Budget
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.rates import same_rate
-from zoocompiler.data import load_dataset
+from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.exports.elastic import MANIFEST_NAME, write_manifest
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
-from zoocompiler.passes.rewrite.slicing import rate_for_budget
+from zoocompiler.passes.rewrite.slicing import SliceableModel, rate_for_budget
 from zoocompiler.training import evaluate
 
+from ..base import Executor, LocalExecutor, Stages
 from .train import load_trained, plot_accuracy, requested_rates
 
 PLOT_FILE = "rates.png"
@@ -54,10 +56,12 @@ def export_rates(
     latency_batch: int = 32,
     runs: int = 30,
     say: Callable[[str], None] = lambda _msg: None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Write ``rate_*.onnx``, ``manifest.json`` and ``rates.png`` for the trained ``directory`` into
     ``out_dir`` (a fresh staging directory) and return the manifest. Without ``rates``/``flops``:
-    every valid rate ≥ the training lower bound."""
+    every valid rate ≥ the training lower bound. Each rate is an independent item of ``executor``
+    (default: in-process, in order)."""
     model, record = load_trained(directory)
     lb = record["config"]["lb"]
     budgets: dict[float, float] = {}
@@ -70,25 +74,15 @@ def export_rates(
     data = record["config"]["data"]
     test = load_dataset(data, "test")
     shape = tuple(record["input_shape"])
-    rows = []
-    for r in chosen:
-        say(f"rate {r:g}: slice, export, time, evaluate")
-        sliced = model.slice(r)
-        path = out_dir / onnx_name(sliced.rate)
-        export = export_onnx(sliced.module, test.x[:2].clone(), path)
-        one = measure_latency(path, (1, *shape), runs=runs)
-        batch = measure_latency(path, (latency_batch, *shape), runs=max(5, runs // 3))
-        rows.append({
-            "rate": sliced.rate,
-            "onnx": path.name,
-            "params": sliced.params,
-            "macs": sliced.macs,
-            "latency_ms": one.median_ms,
-            "per_sample_ms": batch.median_ms / latency_batch,
-            "accuracy": evaluate(sliced.module, test),
-            "max_abs_diff": export.max_abs_diff,
-            "budget_macs": next((c for q, c in budgets.items() if same_rate(q, sliced.rate)), None),
-        })
+    export_one = functools.partial(
+        _export_rate, model=model, test=test, shape=shape, out_dir=out_dir, latency_batch=latency_batch, runs=runs,
+        say=say,
+    )
+    stages = Stages()
+    with stages("export"):
+        rows = (executor or LocalExecutor()).map(export_one, chosen)
+    for row in rows:
+        row["budget_macs"] = next((c for q, c in budgets.items() if same_rate(q, row["rate"])), None)
     full = next((row for row in rows if same_rate(row["rate"], 1.0)), None)
     extra = {
         "source": str(directory),
@@ -101,10 +95,41 @@ def export_rates(
         "threads": 1,
         "torch": torch.__version__,
         "full_macs": full["macs"] if full else model.macs_at(1.0),
+        "timings": stages.timings,
     }
     plot_accuracy(rows, out_dir / PLOT_FILE, f"{extra['spec']}: exported rates")
     write_manifest(out_dir, rows, extra=extra)
     return read_manifest_doc(out_dir)
+
+
+def _export_rate(
+    r: float,
+    *,
+    model: SliceableModel,
+    test: DataSplit,
+    shape: tuple[int, ...],
+    out_dir: Path,
+    latency_batch: int,
+    runs: int,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Slice, export (parity checked), time and evaluate one rate; its manifest row."""
+    say(f"rate {r:g}: slice, export, time, evaluate")
+    sliced = model.slice(r)
+    path = out_dir / onnx_name(sliced.rate)
+    export = export_onnx(sliced.module, test.x[:2].clone(), path)
+    one = measure_latency(path, (1, *shape), runs=runs)
+    batch = measure_latency(path, (latency_batch, *shape), runs=max(5, runs // 3))
+    return {
+        "rate": sliced.rate,
+        "onnx": path.name,
+        "params": sliced.params,
+        "macs": sliced.macs,
+        "latency_ms": one.median_ms,
+        "per_sample_ms": batch.median_ms / latency_batch,
+        "accuracy": evaluate(sliced.module, test),
+        "max_abs_diff": export.max_abs_diff,
+    }
 
 
 def read_manifest_doc(directory: Path) -> dict[str, Any]:

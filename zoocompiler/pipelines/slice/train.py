@@ -34,6 +34,8 @@ from zoocompiler.sources import load_model
 from zoocompiler.tracing import check_input
 from zoocompiler.training import History, evaluate, seed_everything, train
 
+from ..base import Stages
+
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
 WEIGHTS_FILE, RECORD_FILE, PLOT_FILE = "sliceable.safetensors", "slice.json", "accuracy.png"
 TRACE_BATCH = 2
@@ -225,18 +227,22 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
     from safetensors.torch import save_file
 
     config.check()
-    train_split, test_split = load_dataset(config.data, "train"), load_dataset(config.data, "test")
-    seed_everything(config.seed)  # randomly initialised specs start from the same weights
-    shape = tuple(train_split.input_shape)
-    model = build_sliceable(config.spec, shape, groups=config.groups, rescale=config.rescale,
-                            sort_by=config.sort_by, from_scratch=config.from_scratch,
-                            checkpoint=config.checkpoint, num_classes=train_split.num_classes)
-    rates = valid_rates(config.groups, config.lb)
-    scheduler = make_scheduler(config.scheduler, rates, **config.scheduler_options)
-    history = train_sliceable(model, train_split, scheduler, epochs=config.epochs, lr=config.lr,
-                              batch_size=config.batch_size, weight_decay=config.weight_decay,
-                              augment=config.augment, seed=config.seed, progress=progress)
-    per_rate = evaluate_rates(model, test_split, valid_rates(config.groups))
+    stages = Stages()
+    with stages("build"):
+        train_split, test_split = load_dataset(config.data, "train"), load_dataset(config.data, "test")
+        seed_everything(config.seed)  # randomly initialised specs start from the same weights
+        shape = tuple(train_split.input_shape)
+        model = build_sliceable(config.spec, shape, groups=config.groups, rescale=config.rescale,
+                                sort_by=config.sort_by, from_scratch=config.from_scratch,
+                                checkpoint=config.checkpoint, num_classes=train_split.num_classes)
+    with stages("train"):
+        rates = valid_rates(config.groups, config.lb)
+        scheduler = make_scheduler(config.scheduler, rates, **config.scheduler_options)
+        history = train_sliceable(model, train_split, scheduler, epochs=config.epochs, lr=config.lr,
+                                  batch_size=config.batch_size, weight_decay=config.weight_decay,
+                                  augment=config.augment, seed=config.seed, progress=progress)
+    with stages("evaluate"):
+        per_rate = evaluate_rates(model, test_split, valid_rates(config.groups))
     record = {
         "format": TRAINED_FORMAT,
         "config": asdict(config),
@@ -249,6 +255,7 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
             {"rate": r, **{k: v for k, v in row.items() if k != "rate"}, "trained": r >= config.lb - RATE_TOLERANCE}
             for r, row in per_rate.items()
         ],
+        "timings": stages.timings,
     }
     save_file({k: v.detach().contiguous() for k, v in model.gm.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
     plot_accuracy(record["rates"], out_dir / PLOT_FILE, f"{config.spec} (lb {config.lb:g}, {config.scheduler})")

@@ -9,6 +9,7 @@ match is logged, recomputed and rewritten (atomically).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -30,6 +31,8 @@ from zoocompiler.data import DataSplit
 from zoocompiler.passes.analysis.activations import assembly_positions, cut_point_activations, pooled_features
 from zoocompiler.passes.analysis.cut_points import CutPoint
 from zoocompiler.solvers.cka import cka_from_packed, packed_gram
+
+from ..base import Executor, LocalExecutor
 
 CODE_VERSION = "zoo-similarity-1"  # bump when activations, pooling or CKA change meaning
 _LOG = logging.getLogger(__name__)
@@ -150,28 +153,49 @@ def compute_similarity_matrix(
     unbiased: bool = False,
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
 ) -> np.ndarray:
     """CKA matrix over the positions of every model, in ``graphs`` order (one forward pass per model).
 
-    Activations are pooled batch by batch and each position's pooled features are reduced to their Gram
-    right after its model has run, so memory holds one batch of activations and one model's features.
+    Each model is an independent item of ``executor`` (default: in-process, in order) and yields the
+    packed Grams of its positions. Activations are pooled batch by batch and each position's pooled
+    features are reduced to their Gram right after its model has run, so memory holds one batch of
+    activations and one model's features.
     """
-    grams: list[tuple[np.ndarray, bool]] = []
-    for name, gm in graphs.items():
-        if progress is not None:
-            progress(name)
-        rows = positions[name]
-        nodes = [c.node for c in rows]
-        pooled: list[list[torch.Tensor]] = [[] for _ in rows]
-        for batch in torch.split(probe, batch_size):
-            acts = cut_point_activations(gm, batch, nodes, batch_size=batch_size)
-            for p, c in enumerate(rows):
-                pooled[p].append(pooled_features(acts[c.node], c.tensor, pool))
-            del acts
-        for p, chunks in enumerate(pooled):
-            features = torch.cat(chunks).numpy()
-            grams.append(packed_gram(features, unbiased=unbiased, what=f"{name} position {p} ({rows[p].node})"))
-    return cka_from_packed(grams, unbiased=unbiased)
+    grams_of = functools.partial(
+        _model_grams, positions=positions, probe=probe, pool=pool, unbiased=unbiased,
+        batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    per_model = (executor or LocalExecutor()).map(grams_of, list(graphs.items()))
+    return cka_from_packed([g for grams in per_model for g in grams], unbiased=unbiased)
+
+
+def _model_grams(
+    item: tuple[str, fx.GraphModule],
+    *,
+    positions: Mapping[str, list[CutPoint]],
+    probe: torch.Tensor,
+    pool: str,
+    unbiased: bool,
+    batch_size: int,
+    progress: Callable[[str], None] | None,
+) -> list[tuple[np.ndarray, bool]]:
+    """The packed Gram of every position of one model on the probe."""
+    name, gm = item
+    if progress is not None:
+        progress(name)
+    rows = positions[name]
+    nodes = [c.node for c in rows]
+    pooled: list[list[torch.Tensor]] = [[] for _ in rows]
+    for batch in torch.split(probe, batch_size):
+        acts = cut_point_activations(gm, batch, nodes, batch_size=batch_size)
+        for p, c in enumerate(rows):
+            pooled[p].append(pooled_features(acts[c.node], c.tensor, pool))
+        del acts
+    return [
+        packed_gram(torch.cat(chunks).numpy(), unbiased=unbiased, what=f"{name} position {p} ({rows[p].node})")
+        for p, chunks in enumerate(pooled)
+    ]
 
 
 def zoo_similarity(
@@ -184,6 +208,7 @@ def zoo_similarity(
     data_key: str,
     progress: Callable[[str], None] | None = None,
     batch_size: int = 256,
+    executor: Executor | None = None,
 ) -> ZooSimilarity:
     """The zoo's similarity matrix on ``probe`` images, loaded from ``cache_dir`` when cached there.
 
@@ -221,7 +246,8 @@ def zoo_similarity(
         if matrix is not None:
             return ZooSimilarity(models, matrix, options, key)
     matrix = compute_similarity_matrix(
-        graphs, positions, probe, pool=pool, unbiased=unbiased, batch_size=batch_size, progress=progress
+        graphs, positions, probe, pool=pool, unbiased=unbiased, batch_size=batch_size, progress=progress,
+        executor=executor,
     )
     if path is not None:
         _save_cached(path, key, rows_json, options, matrix)

@@ -1,0 +1,95 @@
+"""The pipeline base: the small contract every pipeline (assemble, slice, modularize, pack, pool) follows.
+
+* **Config first.** A pipeline's config is a dataclass with ``check()`` (raises ``ZooError``);
+  :func:`run_staged` calls it before any work and before the output directory is touched.
+* **Named stages.** ``with stages("ilp", "assembly ILP ..."):`` prints the message through the
+  pipeline's progress callback and records the stage's wall time as ``timings["ilp_s"]``, which the
+  report carries.
+* **All-or-nothing output.** :func:`run_staged` gives the body a fresh staging directory next to
+  ``out`` and renames it onto ``out`` only when the body returns (``core.atomic.staged_dir``).
+* **One report writer.** :func:`write_report` writes ``report.json`` through the one JSON sanitiser.
+* **An executor seam.** Loops whose items are independent (per model, per candidate, per rate) go
+  through ``Executor.map(fn, items)``. :class:`LocalExecutor` runs them in-process in order; a
+  distributed executor runs the same items elsewhere. Results must not depend on the executor:
+  ``fn`` gets everything it needs from its item and its bound arguments, and ``map`` returns results
+  in item order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from zoocompiler.core.atomic import check_out_dir, staged_dir, write_text_atomic
+from zoocompiler.core.jsonable import jsonable
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Progress = Callable[[str], None]
+
+
+class Executor(Protocol):
+    """Runs ``fn`` on every item; returns the results in item order."""
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]: ...
+
+
+class LocalExecutor:
+    """The default executor: in-process, one item after the other, in order."""
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        return [fn(item) for item in items]
+
+
+class PipelineConfig(Protocol):
+    """What :func:`run_staged` needs of a config: ``check()`` raises ``ZooError`` on any bad option."""
+
+    def check(self) -> None: ...
+
+
+def say(progress: Progress | None, text: str) -> None:
+    """Send one progress message (no-op without a callback)."""
+    if progress is not None:
+        progress(text)
+
+
+class Stages:
+    """Named stages and their wall times (seconds, keyed ``<name>_s``)."""
+
+    def __init__(self, progress: Progress | None = None):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, message: str | None = None) -> Iterator[None]:
+        if message is not None:
+            say(self.progress, message)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[f"{name}_s"] = self.timings.get(f"{name}_s", 0.0) + time.perf_counter() - start
+
+
+def write_report(out_dir: Path, report: dict[str, Any], name: str = "report.json") -> Path:
+    """Write ``report`` as indented JSON (sanitised by ``core.jsonable``) atomically into ``out_dir``."""
+    path = Path(out_dir) / name
+    write_text_atomic(path, json.dumps(jsonable(report), indent=2))
+    return path
+
+
+def run_staged(config: PipelineConfig, out: Path, force: bool, body: Callable[[Path], R]) -> R:
+    """Check ``config``, then run ``body(staging_dir)``; the staging directory becomes ``out`` on success.
+
+    A bad config or an existing ``out`` (without ``force``) fails before any work; a failing body
+    leaves ``out`` as it was.
+    """
+    config.check()
+    check_out_dir(out, force)
+    with staged_dir(out, force) as staging:
+        return body(staging)
