@@ -31,7 +31,7 @@ from ..base import Executor, LocalExecutor, Progress, Stages, say, write_report
 from ..zoo.members import ZooMember, load_members
 from ..zoo.similarity import ZooSimilarity, probe_batch, probe_data_key, zoo_similarity
 from .naswot import naswot
-from .problem import AssemblyOptions, assembly_options, partition_members
+from .problem import AssemblyOptions, Candidate, assembly_options, partition_members
 
 TUNE_MODES = ("frozen", "full", "none")
 PLAN_VERSION = 1
@@ -122,18 +122,6 @@ def _naswot_batches(train: DataSplit, config: AssembleConfig) -> list[torch.Tens
     g = torch.Generator().manual_seed(config.seed + 1)
     idx = torch.randperm(len(train), generator=g)[: config.naswot_batches * config.naswot_batch_size]
     return list(train.x[idx].split(config.naswot_batch_size))
-
-
-@dataclass
-class Candidate:
-    """One ILP assembly, its blocks and its NASWOT score on the stitched (untrained-head) network."""
-
-    assembly: Assembly
-    blocks: list[ChosenBlock]
-    naswot: float
-
-    def to_dict(self) -> dict:
-        return {"blocks": [b.key for b in self.blocks], "naswot": self.naswot, **self.assembly.to_dict()}
 
 
 def rank_candidates(

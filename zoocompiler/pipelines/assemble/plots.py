@@ -13,7 +13,7 @@ from zoocompiler.solvers.partition import Partition
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..zoo.similarity import ZooSimilarity
-    from .pipeline import Candidate
+    from .problem import Candidate
 
 
 def position_sets(sim: ZooSimilarity, partition: Partition) -> np.ndarray:

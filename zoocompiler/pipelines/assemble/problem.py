@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from zoocompiler.core.errors import ZooError
 from zoocompiler.passes.rewrite.compose import ChosenBlock, chosen, head_info, joins_directly, stitch_cost
-from zoocompiler.solvers.assembly_ilp import BlockOption, JoinCost
+from zoocompiler.solvers.assembly_ilp import Assembly, BlockOption, JoinCost
 from zoocompiler.solvers.partition import ModelPositions, Partition, partition_zoo
 
 from ..zoo.members import ZooMember
@@ -145,3 +145,15 @@ def assembly_options(
             params, macs = stitch_cost(by_name[b.model].positions[b.end].tensor, head_info(num_classes))
             heads[i] = JoinCost(float(params), float(macs), lat(macs))
     return AssemblyOptions(blocks, options, joins, forbidden, heads)
+
+
+@dataclass
+class Candidate:
+    """One ILP assembly, its blocks and its NASWOT score on the stitched (untrained-head) network."""
+
+    assembly: Assembly
+    blocks: list[ChosenBlock]
+    naswot: float
+
+    def to_dict(self) -> dict:
+        return {"blocks": [b.key for b in self.blocks], "naswot": self.naswot, **self.assembly.to_dict()}
