@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from architectures import ARCHS, block_output_nodes, traced  # noqa: E402
+from helpers.architectures import ARCHS, block_output_nodes, traced  # noqa: E402
 
 from zoocompiler.core.atomic import write_json_atomic  # noqa: E402
 from zoocompiler.ir import graph_info  # noqa: E402

@@ -1,7 +1,7 @@
 """Benchmark of the fuse pass: graph size and ONNX Runtime CPU latency before vs after fusion.
 
 Usage: ``python bench/fuse.py [--only ID,...] [--image-size 64] [--runs 10] [--rounds 3] [--threads 1]``.
-For each model (random weights; architecture ids from ``tests/architectures.py``): fx nodes and
+For each model (random weights; architecture ids from ``tests/helpers/architectures.py``): fx nodes and
 parameters before/after ``fuse``, ONNX nodes of both exports (parity-checked), and the median
 ONNX Runtime latency at batch 1 and 32 (``measure_latency``: warm-up, then ``--runs`` timed runs,
 intra-op threads fixed), in ``--rounds`` alternating before/after rounds; the median of the round
@@ -27,7 +27,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from architectures import ARCH_BY_ID  # noqa: E402
+from helpers.architectures import ARCH_BY_ID  # noqa: E402
 
 from zoocompiler.core.atomic import write_json_atomic  # noqa: E402
 from zoocompiler.exports.latency import measure_latency  # noqa: E402

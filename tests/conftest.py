@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, settings
 
 TESTS_DIR = Path(__file__).parent
 
-# Tests build tiny models through the ``python:`` source (e.g. python:models_for_tests:tiny_cnn).
+# Tests build tiny models through the ``python:`` source (e.g. python:models_for_tests:tiny_cnn), and import
+# their shared helpers as ``helpers.*`` (tests/helpers/; test modules never import one another).
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
@@ -30,3 +31,14 @@ def _seeded():
     """Every test starts from the same torch RNG state."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shared_architecture_cases_unchanged():
+    """The architecture matrix is built once per process and shared (helpers.architectures): at the end of the
+    session, fail if a test changed a shared model or graph in place instead of a copy."""
+    yield
+    from helpers.architectures import shared_cases_changed
+
+    changed = shared_cases_changed()
+    assert not changed, f"a test changed shared architecture cases in place (deep-copy them first): {changed}"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from architectures import ARCH_BY_ID, ARCH_IDS, block_output_nodes, traced
+from helpers.architectures import ARCH_BY_ID, ARCH_IDS, block_output_nodes, traced
 from torch.utils.flop_counter import FlopCounterMode
 
 from zoocompiler.ir import graph_info, node_info

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import assert_one_line_error
+from helpers.cli import subparsers as _subparsers
 
 from zoocompiler import cli
 from zoocompiler.ir import graph_info
@@ -27,21 +29,6 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def assert_one_line_error(err: str, fragment: str) -> None:
-    assert err.startswith("error: "), err
-    assert err.count("\n") == 1, err
-    assert "Traceback" not in err
-    assert fragment in err, err
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    found = {}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found.update(action.choices)
-    return found
 
 
 # ----------------------------------------------------------------------------- help
@@ -190,7 +177,7 @@ def test_internal_errors_exit_1_with_one_line(capsys, monkeypatch):
     def broken(args):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    monkeypatch.setattr("zoocompiler.cli.inspect.cmd_inspect", broken)
     code, out, err = run(capsys, "inspect", TINY)
     assert (code, out) == (1, "")
     assert err == "error: internal error: RuntimeError: boom second line (rerun with --debug)\n"

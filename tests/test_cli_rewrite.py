@@ -15,6 +15,9 @@ import torch
 from rich.console import Console
 
 from zoocompiler import cli
+from zoocompiler.cli import rewrite as cli_rewrite
+from zoocompiler.cli.common import EXAMPLE_SEED
+from zoocompiler.core.text import human
 from zoocompiler.ir import graph_info
 from zoocompiler.passes.analysis import plans, trace
 from zoocompiler.passes.rewrite.prune import prune
@@ -70,7 +73,7 @@ def resnet18(weights: Path) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def traced(weights) -> torch.fx.GraphModule:
     """The graph the CLI traces (same weights, same seeded example input); rewrites leave it untouched."""
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(cli.EXAMPLE_SEED))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(EXAMPLE_SEED))
     return trace(resnet18(weights), x)
 
 
@@ -142,9 +145,9 @@ def test_prune_plan_replay_gives_the_same_onnx_output(pruned, weights, tmp_path)
 def test_prune_table_summarises_the_run(pruned):
     _, data = pruned
     console = Console(record=True, width=200)
-    cli.render_prune(console, data)
+    cli_rewrite.render_prune(console, data)
     text = console.export_text()
-    assert f"{cli.human(data['prune']['params_before'])} → {cli.human(data['prune']['params_after'])}" in text
+    assert f"{human(data['prune']['params_before'])} → {human(data['prune']['params_after'])}" in text
     assert "ratio 0.5, l1 importance, union" in text
     assert "ONNX parity" in text
 
@@ -262,7 +265,7 @@ def test_fuse_writes_an_equal_model_with_fewer_nodes(weights, tmp_path):
     np.testing.assert_allclose(ort_output(path, x), expected, atol=1e-4, rtol=0)
 
     console = Console(record=True, width=200)
-    cli.render_fuse(console, data)
+    cli_rewrite.render_fuse(console, data)
     text = console.export_text()
     assert f"{f['nodes_before']} → {f['nodes_after']}" in text
     assert "20 BatchNorm" in text

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-from architectures import ARCH_BY_ID
+from helpers.architectures import ARCH_BY_ID, fresh_model
 from models_for_tests import tiny_cnn
 
 from zoocompiler.core.errors import ExportError, InputShapeError, ZooError
@@ -31,7 +31,6 @@ from zoocompiler.exports import (
 )
 from zoocompiler.exports import onnx_export as onnx_export_module
 from zoocompiler.exports.latency import has_fp16
-from zoocompiler.sources import load_model
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
@@ -60,8 +59,7 @@ def build(case_id: str) -> tuple[nn.Module, torch.Tensor]:
     """``<arch id>`` or ``<arch id>+fx`` (torch.fx.symbolic_trace of it) or ``<arch id>+zc`` (our tracer)."""
     arch_id, _, variant = case_id.partition("+")
     case = ARCH_BY_ID[arch_id]
-    torch.manual_seed(0)
-    model = randomize_norms(load_model(case.spec).eval())
+    model = randomize_norms(fresh_model(arch_id))  # seed 0, load_model(case.spec).eval(), a private copy
     x = torch.randn(2, *case.input_shape)
     if variant == "fx":
         model = torch.fx.symbolic_trace(model)

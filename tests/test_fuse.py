@@ -8,16 +8,15 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-from architectures import ARCH_BY_ID, ARCH_IDS
+from helpers.architectures import ARCH_BY_ID, ARCH_IDS, fresh_model
+from helpers.random_models import build_random_net, random_net_specs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from random_models import build_random_net, random_net_specs
 
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.ir import graph_info
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.rewrite.fuse import fuse, fuse_report
-from zoocompiler.sources import load_model
 
 REQUIRED = ["tv_resnet18", "tv_mobilenet_v3_small", "tv_efficientnet_b0", "tv_convnext_tiny", "timm_resnet18",
             "timm_vit_tiny"]
@@ -55,8 +54,7 @@ def randomize_affine_state(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def traced_random(arch_id: str) -> tuple[torch.fx.GraphModule, torch.Tensor]:
     case = ARCH_BY_ID[arch_id]
-    torch.manual_seed(0)
-    model = randomize_affine_state(load_model(case.spec))
+    model = randomize_affine_state(fresh_model(arch_id))  # seed 0, load_model(case.spec), a private copy
     x = torch.randn(2, *case.input_shape)
     return trace(model, x), x
 

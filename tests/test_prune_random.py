@@ -11,10 +11,11 @@ import random
 
 import pytest
 import torch
+from helpers.pruning import assert_close, expected_params, random_plan
+from helpers.random_models import build_random_net, random_net_specs
+from helpers.reached import at_least, reached
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from random_models import build_random_net, random_net_specs
-from test_prune import assert_close, expected_params, random_plan
 
 from zoocompiler.core.modules import count_params
 from zoocompiler.exports.onnx_export import export_onnx
@@ -24,7 +25,10 @@ from zoocompiler.passes.analysis.shapes import ShapePass
 from zoocompiler.passes.analysis.unit_groups import UnitGroupPass
 from zoocompiler.passes.rewrite.prune import masked_reference, prune
 
-CASES = {"equal": 0, "pad": 0, "onnx": 0}  # generated cases that passed (printed by -s)
+# Minimum examples per run that must get past the "plan prunes nothing" early return to the equality check
+# (helpers.reached): the stem's conv group is always prunable, so every generated net reaches it (300 of 300
+# sampled); at least 80 % of max_examples leaves room for hypothesis dropping duplicate inputs, and a
+# generator that stopped reaching the check (count 0) fails.
 
 
 def _case(spec, seed: int, strategy: str):
@@ -49,6 +53,7 @@ def _check_equal(gm, x, plan):
 STRATEGY = st.sampled_from(["union", "intersection"])
 
 
+@at_least(40)
 @settings(max_examples=50, deadline=None)
 @given(spec=random_net_specs(max_blocks=4), seed=st.integers(0, 10_000), strategy=STRATEGY)
 def test_random_prune_equals_masked_reference(spec, seed, strategy):
@@ -56,6 +61,7 @@ def test_random_prune_equals_masked_reference(spec, seed, strategy):
 
 
 @pytest.mark.slow
+@at_least(160)
 @settings(max_examples=200, deadline=None)
 @given(spec=random_net_specs(max_blocks=6), seed=st.integers(0, 10_000), strategy=st.sampled_from(STRATEGIES))
 def test_random_prune_many(spec, seed, strategy):
@@ -71,9 +77,10 @@ def _prune_case(spec, seed, strategy):
         return
     result, _ = _check_equal(gm, x, plan)
     assert count_params(result.module) == expected_params(gm, plan)
-    CASES["equal"] += 1
+    reached()
 
 
+@at_least(40)
 @settings(max_examples=50, deadline=None)
 @given(spec=random_net_specs(max_blocks=4), seed=st.integers(0, 10_000))
 def test_random_pad_equals_masked_reference(spec, seed):
@@ -88,9 +95,10 @@ def _pad_case(spec, seed):
     if plan.producer_keep:
         union = prune(gm, plan.with_strategy("union"), strategy_macs=False)
         assert result.report.macs_after <= union.report.macs_after
-    CASES["pad"] += 1
+    reached()
 
 
+@at_least(9)
 @settings(max_examples=12, deadline=None)
 @given(spec=random_net_specs(max_blocks=3), seed=st.integers(0, 10_000), strategy=st.sampled_from(["union", "pad"]))
 def test_random_pruned_exports_to_onnx(spec, seed, strategy, tmp_path_factory):
@@ -101,4 +109,4 @@ def test_random_pruned_exports_to_onnx(spec, seed, strategy, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / f"pruned_{random.getrandbits(32)}.onnx"
     report = export_onnx(result.module, x, path)
     assert report.max_abs_diff <= 1e-4 * max(1.0, scale)
-    CASES["onnx"] += 1
+    reached()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from helpers.architectures import traced
+from helpers.random_models import RandomNet, build_random_net, random_net_specs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from random_models import RandomNet, build_random_net, random_net_specs
 
 from zoocompiler.core.errors import InputShapeError, PassError, TraceError
 from zoocompiler.ir import Layout, graph_info, node_info
@@ -105,8 +106,8 @@ def test_layouts_of_a_vit():
 
 
 def test_layouts_of_swin_are_channels_last():
-    torchvision = pytest.importorskip("torchvision")
-    gm = trace(torchvision.models.swin_t(), torch.randn(1, 3, 64, 64))
+    pytest.importorskip("torchvision")
+    _, _, gm = traced("tv_swin_t")  # torchvision swin_t on 2×3×64×64, the shared trace
     kinds = {node_info(n).tensor.layout for n in gm.graph.nodes if node_info(n).cut_index is not None}
     assert Layout.MAP_NHWC in kinds
 

@@ -12,16 +12,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from architectures import ARCH_BY_ID, ARCH_IDS
+from helpers.architectures import ARCH_BY_ID, ARCH_IDS, fresh_model
+from helpers.random_models import build_random_net, random_net_specs
 from hypothesis import given, settings
-from random_models import build_random_net, random_net_specs
 from torch.fx.passes.shape_prop import ShapeProp
 
 from zoocompiler.ir import UnitGroup, graph_info, node_info
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.unit_groups import UnitGroupPass, find_unit_groups
 from zoocompiler.passes.analysis.unit_rules import CONSUMER_ROLES, PRODUCER_ROLES
-from zoocompiler.sources import load_model
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -232,8 +231,7 @@ def check_masking(gm: fx.GraphModule, groups: list[UnitGroup], x: torch.Tensor, 
 @pytest.mark.parametrize("arch_id", ARCH_IDS)
 def test_architecture_invariants_and_masking(arch_id):
     case = ARCH_BY_ID[arch_id]
-    torch.manual_seed(0)
-    model = load_model(case.spec).eval()
+    model = fresh_model(arch_id)  # torch.manual_seed(0); load_model(case.spec).eval(), a private copy
     randomize_norms(model)
     x = torch.randn(2, *case.input_shape)
     gm, groups = analyse(model, x)
@@ -250,7 +248,7 @@ def test_architecture_invariants_and_masking(arch_id):
 
 
 def test_resnet18_groups_are_exact():
-    gm, groups = analyse(load_model("torchvision:resnet18"), torch.randn(1, 3, 32, 32))
+    gm, groups = analyse(fresh_model("tv_resnet18"), torch.randn(1, 3, 32, 32))  # torchvision:resnet18
     # stem + layer1 residual stream; one group per block's inner conv; one residual stream per stage.
     assert [g.size for g in groups] == [3, 64, 64, 64, 128, 128, 128, 256, 256, 256, 512, 512, 512, 1000]
     stem = group_of(groups, "conv1.weight")
@@ -262,7 +260,7 @@ def test_resnet18_groups_are_exact():
 
 
 def test_vit_heads_are_units():
-    model = load_model("timm:vit_tiny_patch16_224,img_size=32")
+    model = fresh_model("timm_vit_tiny")  # timm:vit_tiny_patch16_224,img_size=32
     gm, groups = analyse(model, torch.randn(1, 3, 32, 32))
     heads = [g for g in groups if g.kind == "head"]
     assert len(heads) == 12
@@ -282,7 +280,7 @@ def test_vit_heads_are_units():
 
 
 def test_vit_zeroing_a_head_changes_only_that_head():
-    model = load_model("timm:vit_tiny_patch16_224,img_size=32").eval()
+    model = fresh_model("timm_vit_tiny")  # timm:vit_tiny_patch16_224,img_size=32, eval mode
     x = torch.randn(2, 3, 32, 32)
     gm, groups = analyse(model, x)
     g = [g for g in groups if g.kind == "head"][0]
@@ -301,7 +299,7 @@ def test_vit_zeroing_a_head_changes_only_that_head():
 
 
 def test_torchvision_mha_heads_pinned_with_reason():
-    gm, groups = analyse(load_model("torchvision:vit_b_16,image_size=32"), torch.randn(1, 3, 32, 32))
+    gm, groups = analyse(fresh_model("tv_vit_b_16"), torch.randn(1, 3, 32, 32))  # torchvision:vit_b_16
     heads = [g for g in groups if g.kind == "head"]
     assert len(heads) == 12 and all(g.size == 12 and g.pinned for g in heads)
     assert "MultiheadAttention" in heads[0].reasons[0]
@@ -310,7 +308,7 @@ def test_torchvision_mha_heads_pinned_with_reason():
 
 
 def test_export_graph_matches_fx_groups():
-    model = load_model("torchvision:resnet18").eval()
+    model = fresh_model("tv_resnet18")  # torchvision:resnet18, eval mode
     x = torch.randn(1, 3, 32, 32)
     _, fx_groups = analyse(model, x)
     from zoocompiler.tracing import _export_trace

@@ -24,6 +24,7 @@ _EXPORTS = {
     "export_onnx": "zoocompiler.exports.onnx_export",
     "measure_latency": "zoocompiler.exports.latency",
     "load_dataset": "zoocompiler.data",
+    "register_module_rule": "zoocompiler.passes.analysis.unit_rules",
     "ZooError": "zoocompiler.core.errors",
 }
 
@@ -35,6 +36,7 @@ __all__ = [
     "load_dataset",
     "load_model",
     "measure_latency",
+    "register_module_rule",
     "run_analysis",
     "trace",
 ]
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .exports.latency import measure_latency
     from .exports.onnx_export import export_onnx
     from .passes.analysis import run_analysis
+    from .passes.analysis.unit_rules import register_module_rule
     from .passes.rewrite.blocks import extract_block
     from .sources import load_model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 RATE_TOLERANCE = 1e-9  # two rates closer than this are the same rate
+DEFAULT_GROUPS = 16  # slice rates are multiples of 1/DEFAULT_GROUPS unless a model says otherwise
 
 
 def same_rate(a: float, b: float) -> bool:

@@ -1,7 +1,8 @@
 """Unit-group analysis: which channel / feature / head dimensions must be pruned together.
 
-``find_unit_groups(gm)`` walks the graph once with the per-op rules of :mod:`.unit_rules`,
-which move integer *unit elements* through every value (union-find over elements), then
+``find_unit_groups(gm)`` walks the graph once with the per-op rules of :mod:`.unit_rules` (looked
+up in its registry, which :func:`~.unit_rules.register_module_rule` extends), which move integer
+*unit elements* through every value (union-find over elements), then
 
 1. unites duplicate parameter records and makes every multi-dim unit table rectangular
    (a tensor can only lose whole slices, so units may vary along one of its unit dims only),
@@ -45,8 +46,7 @@ from .unit_rules import (
     Store,
     Table,
     TensorSpec,
-    function_rule,
-    module_rule,
+    apply_rule,
     op_name,
     unknown,
 )
@@ -155,27 +155,6 @@ def _valid(state: Any, spec: Any) -> bool:
     return tuple(state.ids.shape) == tuple(spec.shape[d] for d in dims)
 
 
-def _apply_rule(cx: Cx) -> Any:
-    node = cx.node
-    if node.op == "call_module":
-        return module_rule(cx)
-    if cx.op == "getattr" and isinstance(cx.out, TensorSpec):
-        attr = node.args[1]
-        if attr in ("T", "mT"):
-            from .unit_rules import permute_state
-
-            nd = len(cx.out.shape)
-            perm = list(range(nd))[::-1] if attr == "T" else list(range(nd - 2)) + [nd - 1, nd - 2]
-            return permute_state(cx.st(node.args[0]), perm)
-        return unknown(cx)
-    if cx.op == "getattr" and node.args[1] != "shape":
-        return None
-    rule = function_rule(cx.op)
-    if rule is None:
-        return unknown(cx)
-    return rule(cx)
-
-
 def propagate(
     gm: fx.GraphModule, metas: dict[fx.Node, Any], layernorm_streams: str = "pin"
 ) -> tuple[Store, dict[fx.Node, Any]]:
@@ -195,7 +174,7 @@ def propagate(
             cx = Cx(store, gm, node, states, metas, op_name(node), layernorm_streams)
             mark = (len(store.pairs), len(store.pins), len(store.heads), len(store.places), len(store.approx))
             try:
-                state = _apply_rule(cx)
+                state = apply_rule(cx)
                 if not _valid(state, spec):
                     raise RuleFailure(f"rule result does not match the value's shape at node {node.name}")
             except Exception as err:  # noqa: BLE001 - fail closed on any rule gap or bug, with a reason

@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from zoocompiler.core.errors import BudgetError, PassError
 from zoocompiler.core.modules import count_params
+from zoocompiler.core.rates import DEFAULT_GROUPS
 from zoocompiler.ir import UnitGroup, graph_info
 from zoocompiler.solvers.slice_rates import check_rate, valid_rates
 
@@ -37,7 +38,6 @@ from .prune import prune
 from .prune_layout import compute_layout, tensor_of
 
 RESCALE_MODES = ("dense", "none")
-DEFAULT_GROUPS = 16
 
 
 def kept_units(size: int, rate: float) -> int:

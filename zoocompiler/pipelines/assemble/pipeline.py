@@ -30,46 +30,11 @@ from zoocompiler.training import train as train_model
 from ..base import Executor, LocalExecutor, Progress, Stages, say, write_report
 from ..zoo.members import ZooMember, load_members
 from ..zoo.similarity import ZooSimilarity, probe_batch, probe_data_key, zoo_similarity
+from .config import AssembleConfig
 from .naswot import naswot
 from .problem import AssemblyOptions, Candidate, assembly_options, partition_members
 
-TUNE_MODES = ("frozen", "full", "none")
 PLAN_VERSION = 1
-
-
-@dataclass
-class AssembleConfig:
-    """Every option of ``zoocompile assemble`` (defaults: the paper's K=4, ε=0.2, R=200, NASWOT 5×32)."""
-
-    budget: Budget
-    zoo: str = "demo"
-    data: str = "mnist5k"
-    k: int = 4
-    eps: float = 0.2
-    restarts: int = 200
-    size: str = "params"
-    top: int = 20
-    tune: str = "frozen"
-    epochs: int = 3
-    lr: float = 1e-3
-    seed: int = 0
-    probe_fraction: float = 0.05
-    naswot_batches: int = 5
-    naswot_batch_size: int = 32
-    pool: str = "mean"
-    unbiased_cka: bool = False
-    cache_dir: Path | None = None
-    latency_runs: int = 30
-
-    def check(self) -> None:
-        if self.tune not in TUNE_MODES:
-            raise ZooError(f"unknown --tune {self.tune!r}", f"use one of: {', '.join(TUNE_MODES)}")
-        if self.epochs < 1 and self.tune != "none":
-            raise ZooError(f"--epochs must be >= 1, got {self.epochs}", "pass --epochs 3, or --tune none")
-        if self.top < 1:
-            raise ZooError(f"--top must be >= 1, got {self.top}", "pass --top 20 (candidates to re-rank)")
-        if not 0.0 < self.probe_fraction <= 1.0:
-            raise ZooError(f"probe fraction must be in (0, 1], got {self.probe_fraction}", "pass e.g. 0.05")
 
 
 def default_cache_dir() -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoocompiler.core.atomic import write_json_atomic
-from zoocompiler.core.errors import CheckpointError, DataError, InputShapeError, ZooError
+from zoocompiler.core.errors import CheckpointError, DataError, InputShapeError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.plots import pyplot, save_png
 from zoocompiler.core.rates import RATE_TOLERANCE
@@ -29,49 +29,17 @@ from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.plans import graph_fingerprint
 from zoocompiler.passes.rewrite.slicing import DEFAULT_GROUPS, SliceableModel, make_sliceable
-from zoocompiler.solvers.slice_rates import SCHEDULERS, RateScheduler, check_rate, make_scheduler, valid_rates
+from zoocompiler.solvers.slice_rates import RateScheduler, check_rate, make_scheduler, valid_rates
 from zoocompiler.sources import load_model
 from zoocompiler.tracing import check_input
 from zoocompiler.training import History, evaluate, seed_everything, train
 
 from ..base import Stages
+from .config import SliceTrainConfig
 
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
 WEIGHTS_FILE, RECORD_FILE, PLOT_FILE = "sliceable.safetensors", "slice.json", "accuracy.png"
 TRACE_BATCH = 2
-
-
-@dataclass
-class SliceTrainConfig:
-    """What ``zoocompile slice train`` does (defaults follow the paper: N(1, 1/3), lb 0.375)."""
-
-    spec: str
-    data: str = "mnist5k"
-    lb: float = 0.375
-    groups: int = DEFAULT_GROUPS
-    scheduler: str = "normal"
-    scheduler_options: dict[str, float] = field(default_factory=dict)
-    rescale: str = "dense"
-    sort_by: str | None = None
-    from_scratch: bool = False
-    checkpoint: str | None = None
-    epochs: int = 10
-    lr: float = 3e-3
-    batch_size: int = 128
-    weight_decay: float = 0.05
-    augment: bool = True
-    seed: int = 0
-
-    def check(self) -> None:
-        """Raise ``ZooError`` for options that cannot work, before anything slow runs."""
-        if self.scheduler not in SCHEDULERS:
-            raise ZooError(f"unknown scheduler '{self.scheduler}'", f"use one of: {', '.join(SCHEDULERS)}")
-        if not 0 < self.lb <= 1:
-            raise ZooError(f"lower bound {self.lb:g} is outside (0, 1]", "pass --lb in (0, 1], e.g. 0.375")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ZooError("epochs, batch size and learning rate must be positive", "fix --epochs/--batch-size/--lr")
-        if self.groups < 1:
-            raise ZooError(f"groups must be >= 1, got {self.groups}", "pass --groups 16 (rates in steps of 1/16)")
 
 
 # ----------------------------------------------------------------------------- build

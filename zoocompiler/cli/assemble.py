@@ -1,7 +1,7 @@
 """``zoocompile partition`` and ``zoocompile assemble``: Deep Model Reassembly on the command line.
 
-Registered by ``cli.build_parser``; the commands follow the same contract as the others (a JSON-able
-dict first, rendered as rich tables or printed with ``--json``; progress goes to stderr).
+Both build an ``AssembleConfig``; their options default to its field defaults. Progress goes to stderr;
+``assemble`` writes its output directory all or nothing.
 """
 
 from __future__ import annotations
@@ -10,22 +10,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from zoocompiler.core.text import human
+
+from ..pipelines.assemble.config import AssembleConfig
+from ..pipelines.base import run_staged
+from .common import default_of, json_option, out_dir_options, progress, table, written_files
+
+CONFIG = AssembleConfig
 ZOO_HELP = "'demo' (the built-in zoo) or comma-separated specs, e.g. zoo:resnet_s,zoo:vgg_s"
-
-
-def _progress(args: argparse.Namespace):
-    """Step messages on stderr (silent with --json)."""
-    if getattr(args, "json", False):
-        return None
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    return lambda text: console.print(f"[dim]·[/dim] {text}")
+TUNING_OPTIONS = ("top", "tune", "epochs")  # assemble only; partition leaves them at AssembleConfig's defaults
 
 
 def _config(args: argparse.Namespace, budget) -> Any:
-    from .pipelines.assemble.pipeline import AssembleConfig
-
     return AssembleConfig(
         budget=budget,
         zoo=args.zoo,
@@ -35,10 +31,8 @@ def _config(args: argparse.Namespace, budget) -> Any:
         restarts=args.restarts,
         size=args.size,
         seed=args.seed,
-        top=getattr(args, "top", 20),
-        tune=getattr(args, "tune", "frozen"),
-        epochs=getattr(args, "epochs", 3),
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        **{name: getattr(args, name) for name in TUNING_OPTIONS if hasattr(args, name)},
     )
 
 
@@ -65,10 +59,10 @@ def _set_rows(analysis) -> list[dict[str, Any]]:
 
 
 def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
-    from .core.budget import Budget
-    from .pipelines.assemble.pipeline import analyse_zoo
+    from zoocompiler.core.budget import Budget
+    from zoocompiler.pipelines.assemble.pipeline import analyse_zoo
 
-    analysis = analyse_zoo(_config(args, Budget()), _progress(args))
+    analysis = analyse_zoo(_config(args, Budget()), progress(args))
     part = analysis.partition
     return {
         "zoo": [m.spec for m in analysis.members],
@@ -84,25 +78,18 @@ def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_assemble(args: argparse.Namespace) -> dict[str, Any]:
-    from .core.atomic import check_out_dir, staged_dir
-    from .core.budget import Budget
-    from .pipelines.assemble.pipeline import assemble
+    from zoocompiler.core.budget import Budget
+    from zoocompiler.pipelines.assemble.pipeline import assemble
 
-    budget = Budget.parse(args.budget)
-    config = _config(args, budget)
-    config.check()
+    config = _config(args, Budget.parse(args.budget))
     out = Path(args.out)
-    check_out_dir(out, args.force)
-    with staged_dir(out, args.force) as staging:
-        report = assemble(config, staging, _progress(args))
-    report["files"] = {p.name: str(out / p.name) for p in sorted(out.iterdir())}
+    report = run_staged(config, out, args.force, lambda staging: assemble(config, staging, progress(args)))
+    report["files"] = written_files(out)
     report["export"]["path"] = str(out / "model.onnx")
     return report
 
 
 def render_partition(console, data: dict[str, Any]) -> None:
-    from .cli import _table, human
-
     rows = [
         [
             r["set"],
@@ -117,7 +104,7 @@ def render_partition(console, data: dict[str, Any]) -> None:
     title = f"equivalence sets (K={data['k']}, objective {data['objective']:.3f}, {data['restarts']} restarts, "
     title += f"{data['seconds']:.2f} s; ★ anchor)"
     console.print(
-        _table(title, ["set", "model", "stage", "cut range", "params", "MACs"], rows, right=("params", "MACs"))
+        table(title, ["set", "model", "stage", "cut range", "params", "MACs"], rows, right=("params", "MACs"))
     )
     relaxed = {k: v for k, v in data["effective_eps"].items() if v > data["eps"] + 1e-9}
     if relaxed:
@@ -126,13 +113,11 @@ def render_partition(console, data: dict[str, Any]) -> None:
 
 
 def render_assemble(console, data: dict[str, Any]) -> None:
-    from .cli import _table, human
-
     rows = [
         [b["stage"], b["set"], b["model"], f"{b['cut_range'][0]} → {b['cut_range'][1]}", human(b["params"])]
         for b in data["chosen"]
     ]
-    console.print(_table("chosen assembly", ["stage", "set", "model", "cut range", "params"], rows, right=("params",)))
+    console.print(table("chosen assembly", ["stage", "set", "model", "cut range", "params"], rows, right=("params",)))
     use = ", ".join(f"{k} {v:.0%}" for k, v in data["budget_use"].items())
     summary = [
         ["params / MACs", f"{human(data['params'])} / {human(data['macs'])}"],
@@ -147,34 +132,52 @@ def render_assemble(console, data: dict[str, Any]) -> None:
         ["ONNX parity", f"max |ORT - PyTorch| = {data['export']['max_abs_diff']:.3g}"],
         ["files", ", ".join(data["files"].values())],
     ]
-    console.print(_table("assemble", ["", ""], summary))
+    console.print(table("assemble", ["", ""], summary))
 
 
-def add_commands(commands, formatter: type[argparse.HelpFormatter], json_option) -> None:
-    """Register ``partition`` and ``assemble`` on the ``zoocompile`` sub-parser set."""
+def _zoo_options(parser: argparse.ArgumentParser) -> None:
+    """The options partition and assemble share (the zoo, the data and the partition)."""
+    parser.add_argument("--zoo", default=default_of(CONFIG, "zoo"), metavar="ZOO", help=ZOO_HELP)
+    parser.add_argument(
+        "--data",
+        default=default_of(CONFIG, "data"),
+        metavar="DATA",
+        help="task data: digits, mnist5k, npz:, imagefolder:",
+    )
+    parser.add_argument(
+        "-K", dest="k", type=int, default=default_of(CONFIG, "k"), help="blocks per model = equivalence sets"
+    )
+    parser.add_argument(
+        "--eps", type=float, default=default_of(CONFIG, "eps"), help="block size balance: |B| <= (1+eps)|M|/K"
+    )
+    parser.add_argument(
+        "--restarts", type=int, default=default_of(CONFIG, "restarts"), metavar="R", help="partition restarts (seeds)"
+    )
+    parser.add_argument(
+        "--size", choices=("params", "flops"), default=default_of(CONFIG, "size"), help="block size measure"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=default_of(CONFIG, "seed"), metavar="N", help="seed for probes, restarts, tuning"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=default_of(CONFIG, "cache_dir"),
+        metavar="DIR",
+        help="similarity cache (default: the zoocompiler cache dir)",
+    )
+    json_option(parser)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--zoo", default="demo", metavar="ZOO", help=ZOO_HELP)
-        p.add_argument(
-            "--data", default="mnist5k", metavar="DATA", help="task data: digits, mnist5k, npz:, imagefolder:"
-        )
-        p.add_argument("-K", dest="k", type=int, default=4, help="blocks per model = equivalence sets")
-        p.add_argument("--eps", type=float, default=0.2, help="block size balance: |B| <= (1+eps)|M|/K")
-        p.add_argument("--restarts", type=int, default=200, metavar="R", help="partition restarts (seeds)")
-        p.add_argument("--size", choices=("params", "flops"), default="params", help="block size measure")
-        p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for probes, restarts, tuning")
-        p.add_argument("--cache-dir", metavar="DIR", help="similarity cache (default: the zoocompiler cache dir)")
-        json_option(p)
 
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``partition`` and ``assemble`` to the ``zoocompile`` sub-parser set."""
     part = commands.add_parser(
         "partition",
         help="partition the zoo into K blocks per model and K equivalence sets (DeRy)",
         description="Compute the cut-point CKA similarity of every zoo model on probe images (cached), then "
         "partition each model into K blocks and group them into K equivalence sets.",
         epilog="example:\n  zoocompile partition --zoo demo -K 4 --eps 0.2 --restarts 200",
-        formatter_class=formatter,
     )
-    common(part)
+    _zoo_options(part)
     part.set_defaults(run=cmd_partition, render=render_partition)
 
     asm = commands.add_parser(
@@ -186,13 +189,15 @@ def add_commands(commands, formatter: type[argparse.HelpFormatter], json_option)
         epilog="examples:\n  zoocompile assemble --budget flops=5M --out out/asm\n"
         "  zoocompile assemble --zoo demo --data mnist5k --budget params=150k,flops=8M,latency=2ms "
         "--tune frozen --epochs 3 --out out/asm2",
-        formatter_class=formatter,
     )
     asm.add_argument("--budget", required=True, help="params=N,flops=N[,latency=Tms] with k/M/G suffixes")
-    asm.add_argument("--out", default="assembly", metavar="DIR", help="output directory (new, or --force)")
-    asm.add_argument("--force", action="store_true", help="replace an existing --out directory")
-    asm.add_argument("--top", type=int, default=20, metavar="M", help="ILP candidates to re-rank with NASWOT")
-    asm.add_argument("--tune", choices=("frozen", "full", "none"), default="frozen", help="tuning protocol")
-    asm.add_argument("--epochs", type=int, default=3, metavar="N", help="tuning epochs")
-    common(asm)
+    out_dir_options(asm, default="assembly")
+    asm.add_argument(
+        "--top", type=int, default=default_of(CONFIG, "top"), metavar="M", help="ILP candidates to re-rank with NASWOT"
+    )
+    asm.add_argument(
+        "--tune", choices=("frozen", "full", "none"), default=default_of(CONFIG, "tune"), help="tuning protocol"
+    )
+    asm.add_argument("--epochs", type=int, default=default_of(CONFIG, "epochs"), metavar="N", help="tuning epochs")
+    _zoo_options(asm)
     asm.set_defaults(run=cmd_assemble, render=render_assemble)

@@ -1,55 +1,29 @@
 """``zoocompile slice train`` and ``zoocompile slice export``: Model Slicing (paper 003) on the command line.
 
-Registered by ``cli.build_parser``; the commands follow the same contract as the others (a JSON-able
-dict first, rendered as rich tables or printed with ``--json``; progress goes to stderr; output
-directories are written all or nothing).
+``slice train`` builds a ``SliceTrainConfig``; its options default to the config's field defaults.
+Both commands print standard JSON with ``--json`` (NaN → null), send progress to stderr and write
+their output directory all or nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
-from .core.errors import ZooError
+from zoocompiler.core.atomic import check_out_dir, staged_dir
+from zoocompiler.core.errors import ZooError
+from zoocompiler.core.jsonable import jsonable
+from zoocompiler.core.text import human
 
-# The CLI defaults of `slice train` are SliceTrainConfig's (a test keeps them equal); they are spelled out
-# here so that `zoocompile --help` does not import torch.
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "data": "mnist5k",
-    "lb": 0.375,
-    "groups": 16,
-    "scheduler": "normal",
-    "rescale": "dense",
-    "epochs": 10,
-    "lr": 3e-3,
-    "batch_size": 128,
-    "seed": 0,
-}
+from ..pipelines.base import run_staged
+from ..pipelines.slice.config import SliceTrainConfig
+from .common import default_of, json_option, out_dir_options, say, table, written_files
+
+TRAIN_CONFIG = SliceTrainConfig
 SCHEDULER_CHOICES = ("normal", "uniform", "progressive-dynamic", "progressive-static")
 SCHEDULER_OPTIONS = ("mean", "std", "span", "warmup", "distribution")
-EXPORT_DEFAULTS: dict[str, Any] = {"latency_batch": 32, "runs": 30}
 EXPORT_SUBDIR = "export"
-
-
-def _strict_json(value: Any) -> Any:
-    """``value`` with NaN/infinite floats as None, so ``--json`` prints standard JSON whatever a record
-    holds (e.g. an unchecked export's NaN parity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict_json(v) for v in value]
-    return value
-
-
-def _say(args: argparse.Namespace):
-    """Step messages on stderr (silent with --json)."""
-    from .cli_assemble import _progress
-
-    return _progress(args) or (lambda _text: None)
 
 
 # ----------------------------------------------------------------------------- slice train
@@ -57,8 +31,6 @@ def _say(args: argparse.Namespace):
 
 def train_config(args: argparse.Namespace):
     """The ``SliceTrainConfig`` the command line asks for; scheduler options only where given."""
-    from .pipelines.slice.train import SliceTrainConfig
-
     return SliceTrainConfig(
         spec=args.spec,
         data=args.data,
@@ -78,26 +50,19 @@ def train_config(args: argparse.Namespace):
 
 
 def cmd_slice_train(args: argparse.Namespace) -> dict[str, Any]:
-    from .core.atomic import check_out_dir, staged_dir
-    from .pipelines.slice.train import train_to_dir
-    from .solvers.slice_rates import make_scheduler, valid_rates
+    from zoocompiler.pipelines.slice.train import train_to_dir
 
     config = train_config(args)
-    config.check()
-    make_scheduler(config.scheduler, valid_rates(config.groups, config.lb), **config.scheduler_options)  # fail fast
     out = Path(args.out)
-    check_out_dir(out, args.force)
-    with staged_dir(out, args.force) as staging:
-        record = train_to_dir(config, staging, progress=not args.json)
-    files = {p.name: str(out / p.name) for p in sorted(out.iterdir())}
-    return _strict_json({"out": str(out), **record, "files": files})
+    record = run_staged(config, out, args.force, lambda staging: train_to_dir(config, staging, progress=not args.json))
+    return jsonable({"out": str(out), **record, "files": written_files(out)}, finite=True)
 
 
 # ----------------------------------------------------------------------------- slice export
 
 
 def _parse_flops(text: str) -> list[float]:
-    from .pipelines.slice.export import parse_flops
+    from zoocompiler.pipelines.slice.export import parse_flops
 
     try:
         return parse_flops(text)
@@ -120,10 +85,9 @@ def _export_dir(directory: Path, out_arg: str | None) -> Path:
 
 
 def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
-    from .core.atomic import check_out_dir, staged_dir
-    from .pipelines.slice.export import export_rates
-    from .pipelines.slice.train import read_record
-    from .solvers.slice_rates import parse_rates
+    from zoocompiler.pipelines.slice.export import export_rates
+    from zoocompiler.pipelines.slice.train import read_record
+    from zoocompiler.solvers.slice_rates import parse_rates
 
     directory = Path(args.dir)
     record = read_record(directory)
@@ -144,10 +108,9 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
             flops=flops,
             latency_batch=args.latency_batch,
             runs=args.runs,
-            say=_say(args),
+            say=say(args),
         )
-    files = {p.name: str(out / p.name) for p in sorted(out.iterdir())}
-    return _strict_json({"out": str(out), **manifest, "files": files})
+    return jsonable({"out": str(out), **manifest, "files": written_files(out)}, finite=True)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -162,8 +125,6 @@ def _accuracy(value: float | None) -> str:
 
 
 def render_slice_train(console, data: dict[str, Any]) -> None:
-    from .cli import _table, human
-
     cfg = data["config"]
     full = next((r["macs"] for r in data["rates"] if abs(r["rate"] - 1.0) < 1e-9), None)
     rows = [
@@ -179,7 +140,7 @@ def render_slice_train(console, data: dict[str, Any]) -> None:
     ]
     title = f"slice train {cfg['spec']} on {cfg['data']} (G={cfg['groups']}, lb {cfg['lb']:g})"
     columns = ["rate", "params", "MACs", "% of full MACs", "test accuracy", "trained (≥ lb)"]
-    console.print(_table(title, columns, rows, right=columns[1:5]))
+    console.print(table(title, columns, rows, right=columns[1:5]))
     options = ", ".join(f"{k}={v}" for k, v in cfg["scheduler_options"].items())
     last = data["history"][-1] if data["history"] else None
     summary = [
@@ -193,12 +154,10 @@ def render_slice_train(console, data: dict[str, Any]) -> None:
         ],
         ["files", ", ".join(data["files"].values())],
     ]
-    console.print(_table("", ["", ""], summary))
+    console.print(table("", ["", ""], summary))
 
 
 def render_slice_export(console, data: dict[str, Any]) -> None:
-    from .cli import _table, human
-
     batch = data["latency_batch"]
     rows = [
         [
@@ -215,28 +174,26 @@ def render_slice_export(console, data: dict[str, Any]) -> None:
     ]
     columns = ["rate", "params", "MACs", "latency b1 (ms)", f"ms/sample b{batch}", "accuracy", "ONNX parity", "budget"]
     title = f"slice export {data['spec']} (G={data['groups']}, lb {data['lb']:g}) → {data['out']}"
-    console.print(_table(title, columns, rows, right=columns[1:7]))
+    console.print(table(title, columns, rows, right=columns[1:7]))
     summary = [
         ["source", data["source"]],
         ["timing", f"ONNX Runtime, {data['threads']} thread(s); per-sample time = median at batch {batch} / {batch}"],
         ["serve", f"ElasticModel.from_manifest('{data['out']}')"],
         ["files", ", ".join(data["files"].values())],
     ]
-    console.print(_table("", ["", ""], summary))
+    console.print(table("", ["", ""], summary))
 
 
 # ----------------------------------------------------------------------------- parser
 
 
-def add_commands(commands, formatter: type[argparse.HelpFormatter], json_option) -> None:
-    """Register ``slice train`` and ``slice export`` on the ``zoocompile`` sub-parser set."""
-    d = TRAIN_DEFAULTS
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``slice train`` and ``slice export`` to the ``zoocompile`` sub-parser set."""
     slice_cmd = commands.add_parser(
         "slice",
         help="model slicing: train a width-sliceable model, export one ONNX model per slice rate",
         description="Model Slicing (paper 003): train a model whose every prefix of units works at one global "
         "slice rate, then export the r-subnets with a manifest for run-time rate choice.",
-        formatter_class=formatter,
     )
     actions = slice_cmd.add_subparsers(dest="slice_command", metavar="ACTION", required=True)
 
@@ -249,15 +206,37 @@ def add_commands(commands, formatter: type[argparse.HelpFormatter], json_option)
         epilog="examples:\n"
         "  zoocompile slice train zoo:vgg_s --from-scratch --data mnist5k --lb 0.375 --epochs 10 --out vgg_sliced\n"
         "  zoocompile slice train zoo:resnet_s --sort-by l1 --scheduler progressive-dynamic --warmup 0.3 --out rs",
-        formatter_class=formatter,
     )
     train.add_argument(
         "spec", metavar="SPEC", help="model spec, e.g. zoo:vgg_s or timm:resnet18,in_chans=1,num_classes=10"
     )
-    train.add_argument("--data", default=d["data"], metavar="DATA", help="digits, mnist5k, npz:PATH, imagefolder:PATH")
-    train.add_argument("--lb", type=float, default=d["lb"], metavar="R", help="lowest trained slice rate, in (0, 1]")
-    train.add_argument("--groups", type=int, default=d["groups"], metavar="G", help="GroupNorm groups: rates j/G")
-    train.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=d["scheduler"], help="slice-rate scheduler")
+    train.add_argument(
+        "--data",
+        default=default_of(TRAIN_CONFIG, "data"),
+        metavar="DATA",
+        help="digits, mnist5k, npz:PATH, imagefolder:PATH",
+    )
+    train.add_argument(
+        "--lb",
+        type=float,
+        default=default_of(TRAIN_CONFIG, "lb"),
+        metavar="R",
+        help="lowest trained slice rate, in (0, 1]",
+    )
+    train.add_argument(
+        "--groups",
+        type=int,
+        default=default_of(TRAIN_CONFIG, "groups"),
+        metavar="G",
+        help="GroupNorm groups: rates j/G",
+    )
+    train.add_argument(
+        "--scheduler",
+        choices=SCHEDULER_CHOICES,
+        default=default_of(TRAIN_CONFIG, "scheduler"),
+        help="slice-rate scheduler",
+    )
+    # scheduler options: passed to the scheduler only where given (its own defaults, named in the help, apply)
     train.add_argument("--mean", type=float, help="normal scheduler: mean of r (default 1.0)")
     train.add_argument("--std", type=float, help="normal scheduler: standard deviation of r (default 1/3)")
     train.add_argument("--span", type=float, help="uniform scheduler: r ~ U(lb - span, 1 + span) (default 0)")
@@ -266,19 +245,45 @@ def add_commands(commands, formatter: type[argparse.HelpFormatter], json_option)
         "--distribution", choices=("normal", "uniform"), help="progressive-dynamic: r's distribution after warm-up"
     )
     train.add_argument(
-        "--rescale", choices=("dense", "none"), default=d["rescale"], help="rescale linear inputs M/kept"
+        "--rescale",
+        choices=("dense", "none"),
+        default=default_of(TRAIN_CONFIG, "rescale"),
+        help="rescale linear inputs M/kept",
     )
-    train.add_argument("--sort-by", choices=("l1", "l2"), help="reorder units by importance first (trained weights)")
-    train.add_argument("--from-scratch", action="store_true", help="re-initialise the weights before training")
-    train.add_argument("--checkpoint", metavar="FILE", help="start from these weights (.pt/.pth/.safetensors)")
-    train.add_argument("--epochs", type=int, default=d["epochs"], metavar="N", help="training epochs")
-    train.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (AdamW, one-cycle)")
-    train.add_argument("--batch-size", type=int, default=d["batch_size"], metavar="N", help="training batch size")
     train.add_argument(
-        "--seed", type=int, default=d["seed"], metavar="N", help="seed for data order and slice rates (default: 0)"
+        "--sort-by",
+        choices=("l1", "l2"),
+        default=default_of(TRAIN_CONFIG, "sort_by"),
+        help="reorder units by importance first (trained weights)",
     )
-    train.add_argument("--out", default="sliced", metavar="DIR", help="output directory (new, or --force)")
-    train.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    train.add_argument("--from-scratch", action="store_true", help="re-initialise the weights before training")
+    train.add_argument(
+        "--checkpoint",
+        default=default_of(TRAIN_CONFIG, "checkpoint"),
+        metavar="FILE",
+        help="start from these weights (.pt/.pth/.safetensors)",
+    )
+    train.add_argument(
+        "--epochs", type=int, default=default_of(TRAIN_CONFIG, "epochs"), metavar="N", help="training epochs"
+    )
+    train.add_argument(
+        "--lr", type=float, default=default_of(TRAIN_CONFIG, "lr"), help="peak learning rate (AdamW, one-cycle)"
+    )
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=default_of(TRAIN_CONFIG, "batch_size"),
+        metavar="N",
+        help="training batch size",
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=default_of(TRAIN_CONFIG, "seed"),
+        metavar="N",
+        help="seed for data order and slice rates (default: %(default)s)",  # 0 is not shown by default
+    )
+    out_dir_options(train, default="sliced")
     json_option(train)
     train.set_defaults(run=cmd_slice_train, render=render_slice_train)
 
@@ -292,24 +297,22 @@ def add_commands(commands, formatter: type[argparse.HelpFormatter], json_option)
         epilog="examples:\n"
         "  zoocompile slice export vgg_sliced --rates 0.375,0.5,0.75,1.0 --out vgg_rates\n"
         "  zoocompile slice export vgg_sliced --flops 1M,2M --json",
-        formatter_class=formatter,
     )
     export.add_argument("dir", metavar="DIR", help="a directory written by `zoocompile slice train`")
     export.add_argument("--rates", metavar="R,...", help="slice rates to export, e.g. 0.375,0.5,1 (each >= lb)")
     export.add_argument(
         "--flops", metavar="MACS,...", help="per-sample MAC budgets, e.g. 1M,2M: the largest rate within each"
     )
+    # --latency-batch and --runs are always passed on to export_rates (same values as its keyword defaults)
     export.add_argument(
         "--latency-batch",
         type=int,
-        default=EXPORT_DEFAULTS["latency_batch"],
+        default=32,
         metavar="N",
         help="batch for the per-sample time t(r) that ElasticModel uses",
     )
-    export.add_argument(
-        "--runs", type=int, default=EXPORT_DEFAULTS["runs"], metavar="N", help="timed ONNX Runtime runs at batch 1"
-    )
-    export.add_argument("--out", metavar="OUTDIR", help="output directory (default: DIR/export; new, or --force)")
-    export.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    export.add_argument("--runs", type=int, default=30, metavar="N", help="timed ONNX Runtime runs at batch 1")
+    # no --out default here: without one, _export_dir picks DIR/export
+    out_dir_options(export, metavar="OUTDIR", help="output directory (default: DIR/export; new, or --force)")
     json_option(export)
     export.set_defaults(run=cmd_slice_export, render=render_slice_export)

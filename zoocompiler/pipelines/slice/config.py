@@ -1,0 +1,44 @@
+"""The options of ``zoocompile slice train``; torch-free, so the CLI reads its defaults without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zoocompiler.core.errors import ZooError
+from zoocompiler.core.rates import DEFAULT_GROUPS
+
+
+@dataclass
+class SliceTrainConfig:
+    """What ``zoocompile slice train`` does (defaults follow the paper: N(1, 1/3), lb 0.375)."""
+
+    spec: str
+    data: str = "mnist5k"
+    lb: float = 0.375
+    groups: int = DEFAULT_GROUPS
+    scheduler: str = "normal"
+    scheduler_options: dict[str, float] = field(default_factory=dict)
+    rescale: str = "dense"
+    sort_by: str | None = None
+    from_scratch: bool = False
+    checkpoint: str | None = None
+    epochs: int = 10
+    lr: float = 3e-3
+    batch_size: int = 128
+    weight_decay: float = 0.05
+    augment: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise ``ZooError`` for options that cannot work, before anything slow runs."""
+        from zoocompiler.solvers.slice_rates import SCHEDULERS, make_scheduler, valid_rates  # scipy: not for --help
+
+        if self.scheduler not in SCHEDULERS:
+            raise ZooError(f"unknown scheduler '{self.scheduler}'", f"use one of: {', '.join(SCHEDULERS)}")
+        if not 0 < self.lb <= 1:
+            raise ZooError(f"lower bound {self.lb:g} is outside (0, 1]", "pass --lb in (0, 1], e.g. 0.375")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ZooError("epochs, batch size and learning rate must be positive", "fix --epochs/--batch-size/--lr")
+        if self.groups < 1:
+            raise ZooError(f"groups must be >= 1, got {self.groups}", "pass --groups 16 (rates in steps of 1/16)")
+        make_scheduler(self.scheduler, valid_rates(self.groups, self.lb), **self.scheduler_options)  # its options
