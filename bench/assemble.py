@@ -58,7 +58,8 @@ from rich.table import Table
 from scipy.stats import kendalltau
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
-from zoocompiler.core.budget import Budget
+from zoocompiler.core.budget import BUDGET_TOLERANCE, Budget
+from zoocompiler.core.modules import count_params
 from zoocompiler.passes.rewrite.compose import ChosenBlock, ProbeActivations, build_assembly, build_body
 from zoocompiler.pipelines.assemble.naswot import naswot
 from zoocompiler.pipelines.assemble.pipeline import (
@@ -80,7 +81,6 @@ from zoocompiler.zoo import get_entry
 RESULTS = Path(__file__).resolve().parent / "results"
 SCALING_TARGET_S = 10.0  # 30 models, partition + ILP top-20
 TARGET_MODELS = 30
-BUDGET_TOLERANCE = 1e-9  # the ILP's relative slack when re-checking budgets
 Log = Callable[[str], None]
 
 
@@ -392,7 +392,7 @@ def _tuned(net: nn.Module, analysis: ZooAnalysis, config: AssembleConfig) -> tup
 
 
 def _net_costs(net: nn.Module, analysis: ZooAnalysis) -> tuple[int, int]:
-    return sum(p.numel() for p in net.parameters()), model_macs(net, tuple(analysis.train.input_shape))
+    return count_params(net), model_macs(net, tuple(analysis.train.input_shape))
 
 
 def bench_kendall(analysis: ZooAnalysis, config: AssembleConfig, log: Log) -> dict[str, Any]:

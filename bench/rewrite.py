@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
-from zoocompiler.core.modules import count_macs
+from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.analysis import trace
 from zoocompiler.sources import load_model
@@ -179,7 +179,7 @@ def export_variant(module: nn.Module, x: torch.Tensor, path: Path, exporters: tu
     t0 = time.perf_counter()
     export = export_onnx(module, x, path, exporters=exporters)
     return {
-        "params": sum(p.numel() for p in module.parameters()),
+        "params": count_params(module),
         "macs": count_macs(module, x[:1]),
         "onnx_max_abs_diff": export.max_abs_diff,
         "onnx_nodes": export.onnx_nodes,

@@ -62,7 +62,7 @@ from rich.table import Table
 from timm.models.resnet import BasicBlock, ResNet
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
-from zoocompiler.core.modules import count_macs
+from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.core.rates import RATE_TOLERANCE, same_rate
 from zoocompiler.data import load_dataset
 from zoocompiler.exports.latency import measure_latency
@@ -291,7 +291,7 @@ def export_slices(
     path = folder / "bn_reference.onnx"
     report = export_onnx(reference.eval(), x, path, exporters=exporters)
     facts["bn"] = {
-        "params": sum(p.numel() for p in reference.parameters()),
+        "params": count_params(reference),
         "macs": count_macs(reference, x[:1]),
         "onnx_max_abs_diff": report.max_abs_diff,
         "onnx_nodes": report.onnx_nodes,

@@ -3,8 +3,8 @@
 Each model is a :class:`ZooRecipe` (architecture builder + training recipe). Trained weights live in
 ``zoocompiler/zoo_weights/<name>.safetensors``, described by ``zoo_weights/manifest.json``
 (spec, classes, dataset, input shape, test accuracy, params, MACs, sha256). A model whose shipped
-weights are missing is trained on first use into the cache dir (``$ZOOCOMPILER_CACHE/zoo``, default
-``~/.cache/zoocompiler/zoo``), so a fresh install never breaks.
+weights are missing is trained on first use into ``zoo/`` under the cache root (``core.cache.cache_dir()``:
+``$ZOOCOMPILER_CACHE``, ``$XDG_CACHE_HOME/zoocompiler`` or ``~/.cache/zoocompiler``), so a fresh install never breaks.
 """
 
 from __future__ import annotations

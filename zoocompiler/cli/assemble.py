@@ -12,7 +12,7 @@ from typing import Any
 
 from zoocompiler.core.text import human
 
-from ..pipelines.assemble.config import AssembleConfig
+from ..pipelines.assemble.config import TUNE_MODES, AssembleConfig
 from ..pipelines.base import run_staged
 from .common import default_of, json_option, out_dir_options, progress, table, written_files
 
@@ -196,7 +196,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--top", type=int, default=default_of(CONFIG, "top"), metavar="M", help="ILP candidates to re-rank with NASWOT"
     )
     asm.add_argument(
-        "--tune", choices=("frozen", "full", "none"), default=default_of(CONFIG, "tune"), help="tuning protocol"
+        "--tune", choices=TUNE_MODES, default=default_of(CONFIG, "tune"), help="tuning protocol"
     )
     asm.add_argument("--epochs", type=int, default=default_of(CONFIG, "epochs"), metavar="N", help="tuning epochs")
     _zoo_options(asm)

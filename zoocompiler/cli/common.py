@@ -11,17 +11,17 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from zoocompiler.core.errors import InputShapeError
 from zoocompiler.core.jsonable import jsonable
+from zoocompiler.pipelines.base import Progress
 
 EXAMPLE_SEED = 0
 SPEC_HELP = "model spec SOURCE:NAME[,key=value...], e.g. torchvision:resnet18 or timm:vit_tiny_patch16_224,img_size=32"
 
-Progress = Callable[[str], None]
 
 
 # ----------------------------------------------------------------------------- defaults from the config dataclasses
@@ -178,7 +178,7 @@ def progress(args: argparse.Namespace) -> Progress | None:
     return lambda text: stderr.print(f"[dim]·[/dim] {text}")
 
 
-def say(args: argparse.Namespace) -> Progress:
+def progress_or_silent(args: argparse.Namespace) -> Progress:
     """Like :func:`progress`, but a no-op instead of ``None`` with --json."""
     return progress(args) or (lambda _text: None)
 

@@ -7,7 +7,6 @@ is a bug in the rewrite, reported as an internal error.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from zoocompiler.core.atomic import check_out_dir, staged_dir
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.text import human
+from zoocompiler.pipelines.base import write_report
 
 from .common import SPEC_HELP, json_option, load_model_and_input, model_options, out_dir_options, table
 
@@ -123,7 +123,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
             "export": jsonable(export),
             "files": {name: str(out / name) for name in PRUNE_FILES},
         }
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(staging, report)
     return report
 
 

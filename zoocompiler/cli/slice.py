@@ -14,11 +14,12 @@ from typing import Any
 from zoocompiler.core.atomic import check_out_dir, staged_dir
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.jsonable import jsonable
+from zoocompiler.core.rates import same_rate
 from zoocompiler.core.text import human
 
 from ..pipelines.base import run_staged
-from ..pipelines.slice.config import SliceTrainConfig
-from .common import default_of, json_option, out_dir_options, say, table, written_files
+from ..pipelines.slice.config import SliceExportConfig, SliceTrainConfig
+from .common import default_of, json_option, out_dir_options, progress_or_silent, table, written_files
 
 TRAIN_CONFIG = SliceTrainConfig
 SCHEDULER_CHOICES = ("normal", "uniform", "progressive-dynamic", "progressive-static")
@@ -94,10 +95,7 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
     groups, lb = record["config"]["groups"], record["config"]["lb"]
     rates = parse_rates(args.rates, groups, lb=lb) if args.rates is not None else None
     flops = _parse_flops(args.flops) if args.flops is not None else None
-    if args.latency_batch < 1:
-        raise ZooError(f"bad --latency-batch {args.latency_batch}", "pass a positive batch size, e.g. 32")
-    if args.runs < 1:
-        raise ZooError(f"bad --runs {args.runs}", "pass a positive number of timed runs, e.g. 30")
+    SliceExportConfig(latency_batch=args.latency_batch, runs=args.runs).check()
     out = _export_dir(directory, args.out)
     check_out_dir(out, args.force)
     with staged_dir(out, args.force) as staging:
@@ -108,7 +106,7 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
             flops=flops,
             latency_batch=args.latency_batch,
             runs=args.runs,
-            say=say(args),
+            say=progress_or_silent(args),
         )
     return jsonable({"out": str(out), **manifest, "files": written_files(out)}, finite=True)
 
@@ -126,7 +124,7 @@ def _accuracy(value: float | None) -> str:
 
 def render_slice_train(console, data: dict[str, Any]) -> None:
     cfg = data["config"]
-    full = next((r["macs"] for r in data["rates"] if abs(r["rate"] - 1.0) < 1e-9), None)
+    full = next((r["macs"] for r in data["rates"] if same_rate(r["rate"], 1.0)), None)
     rows = [
         [
             f"{r['rate']:g}",
@@ -303,15 +301,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--flops", metavar="MACS,...", help="per-sample MAC budgets, e.g. 1M,2M: the largest rate within each"
     )
-    # --latency-batch and --runs are always passed on to export_rates (same values as its keyword defaults)
     export.add_argument(
         "--latency-batch",
         type=int,
-        default=32,
+        default=default_of(SliceExportConfig, "latency_batch"),
         metavar="N",
         help="batch for the per-sample time t(r) that ElasticModel uses",
     )
-    export.add_argument("--runs", type=int, default=30, metavar="N", help="timed ONNX Runtime runs at batch 1")
+    export.add_argument(
+        "--runs",
+        type=int,
+        default=default_of(SliceExportConfig, "runs"),
+        metavar="N",
+        help="timed ONNX Runtime runs at batch 1",
+    )
     # no --out default here: without one, _export_dir picks DIR/export
     out_dir_options(export, metavar="OUTDIR", help="output directory (default: DIR/export; new, or --force)")
     json_option(export)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .atomic import write_bytes_atomic, write_json_atomic
+from .atomic import write_json_atomic
 
 _LOG = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def weights_hash(model: nn.Module) -> str:
 class DiskCache:
     """A folder of cache entries, each a file named by (a prefix of) its key's digest.
 
-    ``path(key, suffix)`` is where an entry lives, ``write(key, suffix, data)`` stores it atomically.
+    ``path(key, suffix)`` is where an entry lives (its writer stores it with ``core.atomic``).
     ``read_map``/``write_map`` keep small ``key → number`` tables in one JSON file of the folder.
     """
 
@@ -68,13 +68,9 @@ class DiskCache:
     def path(self, key: str, suffix: str) -> Path:
         return self.folder / f"{self.prefix}{key[:16]}{suffix}"
 
-    def write(self, key: str, suffix: str, data: bytes) -> Path:
-        path = self.path(key, suffix)
-        write_bytes_atomic(path, data)
-        return path
-
-    def read_map(self, name: str) -> dict[str, float]:
-        """The ``key → number`` table in ``name`` (empty when missing; a corrupted one is logged and ignored)."""
+    def read_map(self, name: str, what: str = "cache table") -> dict[str, float]:
+        """The ``key → number`` table in ``name`` (empty when missing; a corrupted one is logged as ``what``
+        and ignored)."""
         path = self.folder / name
         try:
             data = json.loads(path.read_text())
@@ -82,7 +78,7 @@ class DiskCache:
         except FileNotFoundError:
             return {}
         except (ValueError, AttributeError, TypeError):
-            _LOG.warning("cache table %s is corrupted; recomputing its entries", path)
+            _LOG.warning("%s %s is corrupted; measuring again", what, path)
             return {}
 
     def write_map(self, name: str, table: dict[str, Any]) -> None:

@@ -51,3 +51,25 @@ class SolverError(ZooError):
 
 class BudgetError(ZooError):
     """A budget (MACs, latency) that no available option meets."""
+
+
+class InfeasibleBudgetError(SolverError):
+    """No assembly fits the budget; ``minimum`` holds the cheapest total per metric (each on its own)."""
+
+    def __init__(self, cause: str, fix: str, *, budget: object, minimum: dict[str, float]):
+        self.budget = budget
+        self.minimum = minimum
+        super().__init__(cause, fix)
+
+
+class LatencyBudgetError(BudgetError):
+    """No slice rate processes a batch within the latency budget; ``needed_s`` is the smallest budget that works."""
+
+    def __init__(self, cause: str, fix: str, *, needed_s: float, max_samples: int):
+        self.needed_s = needed_s
+        self.max_samples = max_samples
+        super().__init__(cause, fix)
+
+
+class UnknownRateError(ZooError):
+    """A slice rate for which no model was loaded."""

@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..core.atomic import write_json_atomic
-from ..core.errors import BudgetError, ExportError, InputShapeError, ZooError
+from ..core.errors import ExportError, InputShapeError, LatencyBudgetError, UnknownRateError, ZooError
 from ..core.rates import RATE_TOLERANCE, same_rate
 from ..core.text import first_line
 from .latency import ORT_INPUT_TYPES, measure_latency, ort_session
@@ -44,19 +44,6 @@ MANIFEST_NAME = "manifest.json"
 _EXACT = Context(prec=80)
 
 _ORT_TYPE_TO_NUMPY = {**ORT_INPUT_TYPES, "tensor(bool)": np.bool_}
-
-
-class LatencyBudgetError(BudgetError):
-    """No slice rate processes a batch within the latency budget; ``needed_s`` is the smallest budget that works."""
-
-    def __init__(self, cause: str, fix: str, *, needed_s: float, max_samples: int):
-        self.needed_s = needed_s
-        self.max_samples = max_samples
-        super().__init__(cause, fix)
-
-
-class UnknownRateError(ZooError):
-    """A slice rate for which no model was loaded."""
 
 
 @dataclass
@@ -229,9 +216,9 @@ class ElasticModel:
         except ZooError:
             raise
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-            first = first_line(err)
+            first = first_line(err, limit=200)
             raise ExportError(
-                f"ONNX Runtime cannot load the rate-{rate:g} model {self.paths[rate]} ({first[:200]})",
+                f"ONNX Runtime cannot load the rate-{rate:g} model {self.paths[rate]} ({first})",
                 "re-export the r-subnet with zoocompiler.exports.export_onnx",
             ) from err
 

@@ -17,14 +17,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from zoocompiler.core.atomic import check_out_dir, staged_dir, write_text_atomic
+from zoocompiler.core.atomic import check_out_dir, staged_dir, write_json_atomic
 from zoocompiler.core.jsonable import jsonable
 
 T = TypeVar("T")
@@ -78,9 +77,7 @@ class Stages:
 
 def write_report(out_dir: Path, report: dict[str, Any], name: str = "report.json") -> Path:
     """Write ``report`` as indented JSON (sanitised by ``core.jsonable``) atomically into ``out_dir``."""
-    path = Path(out_dir) / name
-    write_text_atomic(path, json.dumps(jsonable(report), indent=2))
-    return path
+    return write_json_atomic(Path(out_dir) / name, jsonable(report))
 
 
 def run_staged(config: PipelineConfig, out: Path, force: bool, body: Callable[[Path], R]) -> R:

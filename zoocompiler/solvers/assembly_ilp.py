@@ -17,7 +17,7 @@ With z integral, the flow constraints force y_ab = z_a·z_b exactly (exactly one
 are 1), so y is continuous and adds no branching. Pairs within one set are left out (they can never
 both be chosen). The paper replaces the task performance P_T by a training-free proxy; here the
 surrogate is linear (per-block quality plus pairwise compatibility) and candidates are re-ranked
-afterwards (e.g. by NASWOT, see ``naswot.py``).
+afterwards (e.g. by NASWOT, see ``pipelines/assemble/naswot.py``).
 
 Before CBC runs, blocks and pairs whose cheapest completion already exceeds a bound are fixed to 0 or left
 out (a lower bound by dynamic programming over the stage DAG, ignoring the sets; costs are non-negative).
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import pulp
 
 from ..core.budget import BUDGET_TOLERANCE, METRIC_KEY, METRIC_LABEL, METRICS, Budget, human_metric
-from ..core.errors import SolverError
+from ..core.errors import InfeasibleBudgetError, SolverError
 
 # Measured on a 30-model K=4 zoo: CBC's root heuristics, preprocessing, strong branching and cut generators cost
 # more than they save on these small programs (top-20 in ~2.7 s instead of ~16 s); optimality is still proven.
@@ -111,21 +111,17 @@ class SolverStats:
         return dict(self.__dict__)
 
 
-class InfeasibleBudgetError(SolverError):
-    """No assembly fits the budget; ``minimum`` holds the cheapest total per metric (each on its own)."""
-
-    def __init__(self, budget: Budget, minimum: dict[str, float]):
-        self.budget = budget
-        self.minimum = minimum
-        least = ", ".join(f"{METRIC_LABEL[m]}={human_metric(v, m, round_up=True)}" for m, v in minimum.items())
-        short = [m for m, v in budget.to_dict().items() if m in minimum and v < minimum[m]]
-        if short:
-            cause = f"no assembly fits the budget {budget}: the smallest for this zoo is {least} (each metric alone)"
-            fix = "raise the budget to at least that (together the metrics may need more) or add smaller models"
-        else:
-            cause = f"no assembly fits all of the budget {budget} at once (each metric alone fits: {least})"
-            fix = "raise one of the bounds or add smaller models"
-        super().__init__(cause, fix)
+def infeasible_budget(budget: Budget, minimum: dict[str, float]) -> InfeasibleBudgetError:
+    """The error for a budget no assembly fits, naming the cheapest total per metric (each on its own)."""
+    least = ", ".join(f"{METRIC_LABEL[m]}={human_metric(v, m, round_up=True)}" for m, v in minimum.items())
+    short = [m for m, v in budget.to_dict().items() if m in minimum and v < minimum[m]]
+    if short:
+        cause = f"no assembly fits the budget {budget}: the smallest for this zoo is {least} (each metric alone)"
+        fix = "raise the budget to at least that (together the metrics may need more) or add smaller models"
+    else:
+        cause = f"no assembly fits all of the budget {budget} at once (each metric alone fits: {least})"
+        fix = "raise one of the bounds or add smaller models"
+    return InfeasibleBudgetError(cause, fix, budget=budget, minimum=minimum)
 
 
 def solve_assemblies(
@@ -188,7 +184,7 @@ def solve_assemblies(
         raise SolverError(f"CBC found no assembly within time_limit={time_limit} s", "raise time_limit or drop it")
     if not found:
         minimum = {m: problem.cheapest(m) for m in METRICS if m != "latency_ms" or problem.has_latency()}
-        raise InfeasibleBudgetError(budget, minimum)
+        raise infeasible_budget(budget, minimum)
     stats = SolverStats(
         status=status,
         solves=solves,

@@ -2,7 +2,8 @@
 
 Paper: Model Slicing, §3.1 (Eq. 3), §3.5.2 (Eq. 10), §5.1. With GroupNorm of ``G`` groups the valid slice rates
 are the multiples of ``1/G``: ``r = j/G`` for ``j = 1..G``. Rates are plain floats ``j / G`` (the nearest float
-to the fraction); compare them with a tolerance of 1e-9 or as integers ``j = round(r * G)``.
+to the fraction); compare them with ``core.rates.same_rate`` (tolerance ``RATE_TOLERANCE``) or as integers
+``j = round(r * G)``.
 
 A scheduler gives, at each point of training (``progress`` = step / total_steps in [0, 1]), a categorical
 distribution over the valid rates in ``[lb, 1]`` and draws one rate per batch from it (Eq. 10). Everything here
@@ -23,7 +24,7 @@ import numpy as np
 from scipy import stats
 
 from ..core.errors import ZooError
-from ..core.rates import RATE_TOLERANCE
+from ..core.rates import RATE_TOLERANCE, same_rate
 
 SCHEDULERS: tuple[str, ...] = ("normal", "uniform", "progressive-dynamic", "progressive-static")
 DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform")
@@ -307,7 +308,8 @@ class ProgressiveStaticScheduler:
         object.__setattr__(self, "rates", _as_rates(self.rates))
 
     def stage(self, progress: float) -> int:
-        """The stage index at ``progress``: ``min(floor(progress * N), N - 1)`` (1e-9 slack at stage boundaries)."""
+        """The stage index at ``progress``: ``min(floor(progress * N), N - 1)`` (``RATE_TOLERANCE`` slack at
+        stage boundaries)."""
         n = len(self.rates)
         return min(math.floor(_check_progress(progress) * n + RATE_TOLERANCE), n - 1)
 
@@ -328,7 +330,7 @@ class ProgressiveStaticScheduler:
 
 
 def _same_rates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(abs(x - y) <= RATE_TOLERANCE for x, y in zip(a, b))
+    return len(a) == len(b) and all(map(same_rate, a, b))
 
 
 _OPTIONS: dict[str, tuple[str, ...]] = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.infra.pass_manager import PassManager
 
 from zoocompiler.tracing import trace_graph
 
@@ -26,26 +25,16 @@ def analysis_passes(*, layernorm_streams: str = "pin") -> list:
     return [ShapePass(), CostPass(), CutPointPass(), UnitGroupPass(layernorm_streams)]
 
 
-class _TypedPassManager(PassManager):
-    """``PassManager`` that lets a pass's own exception through unchanged.
-
-    torch.fx's manager re-raises every failure as a bare ``Exception`` with the pass name in
-    the message; a ``PassError`` must reach the CLI as itself (one line, exit 2).
-    """
-
-    def __call__(self, module: fx.GraphModule):
-        for fn in self.passes:
-            fn(module)
-        return module
-
-
 def run_analysis(gm: fx.GraphModule, *, layernorm_streams: str = "pin") -> fx.GraphModule:
     """Annotate ``gm`` with every analysis pass (needs ``gm.meta['zc'].example_input``).
 
     ``layernorm_streams``: ``"pin"`` (default) or ``"prune"``, see :class:`.unit_groups.UnitGroupPass`.
     Errors raised by a pass (``PassError``, ``InputShapeError``) propagate with their own type.
     """
-    _TypedPassManager(passes=analysis_passes(layernorm_streams=layernorm_streams))(gm)
+    for analysis_pass in analysis_passes(layernorm_streams=layernorm_streams):
+        # not torch.fx's PassManager: it re-raises every failure as a bare Exception, and a
+        # PassError must reach the CLI as itself (one line, exit 2)
+        analysis_pass(gm)
     return gm
 
 

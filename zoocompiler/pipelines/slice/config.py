@@ -42,3 +42,18 @@ class SliceTrainConfig:
         if self.groups < 1:
             raise ZooError(f"groups must be >= 1, got {self.groups}", "pass --groups 16 (rates in steps of 1/16)")
         make_scheduler(self.scheduler, valid_rates(self.groups, self.lb), **self.scheduler_options)  # its options
+
+
+@dataclass
+class SliceExportConfig:
+    """The options of ``zoocompile slice export`` that have defaults (rates and budgets have none)."""
+
+    latency_batch: int = 32  # batch of the per-sample time t(r) that ElasticModel uses
+    runs: int = 30  # timed ONNX Runtime runs at batch 1
+
+    def check(self) -> None:
+        """Raise ``ZooError`` for options that cannot work, before anything slow runs."""
+        if self.latency_batch < 1:
+            raise ZooError(f"bad --latency-batch {self.latency_batch}", "pass a positive batch size, e.g. 32")
+        if self.runs < 1:
+            raise ZooError(f"bad --runs {self.runs}", "pass a positive number of timed runs, e.g. 30")

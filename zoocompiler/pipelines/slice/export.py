@@ -26,6 +26,7 @@ from zoocompiler.passes.rewrite.slicing import SliceableModel, rate_for_budget
 from zoocompiler.training import evaluate
 
 from ..base import Executor, LocalExecutor, Stages
+from .config import SliceExportConfig
 from .train import load_trained, plot_accuracy, requested_rates
 
 PLOT_FILE = "rates.png"
@@ -53,8 +54,8 @@ def export_rates(
     *,
     rates: list[float] | None = None,
     flops: list[float] | None = None,
-    latency_batch: int = 32,
-    runs: int = 30,
+    latency_batch: int = SliceExportConfig.latency_batch,
+    runs: int = SliceExportConfig.runs,
     say: Callable[[str], None] = lambda _msg: None,
     executor: Executor | None = None,
 ) -> dict[str, Any]:

@@ -20,21 +20,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoocompiler.core.atomic import write_json_atomic
 from zoocompiler.core.errors import CheckpointError, DataError, InputShapeError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.plots import pyplot, save_png
-from zoocompiler.core.rates import RATE_TOLERANCE
+from zoocompiler.core.rates import DEFAULT_GROUPS, RATE_TOLERANCE
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.plans import graph_fingerprint
-from zoocompiler.passes.rewrite.slicing import DEFAULT_GROUPS, SliceableModel, make_sliceable
+from zoocompiler.passes.rewrite.slicing import SliceableModel, make_sliceable
 from zoocompiler.solvers.slice_rates import RateScheduler, check_rate, make_scheduler, valid_rates
 from zoocompiler.sources import load_model
 from zoocompiler.tracing import check_input
 from zoocompiler.training import History, evaluate, seed_everything, train
 
-from ..base import Stages
+from ..base import Stages, write_report
 from .config import SliceTrainConfig
 
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
@@ -227,7 +226,7 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
     }
     save_file({k: v.detach().contiguous() for k, v in model.gm.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
     plot_accuracy(record["rates"], out_dir / PLOT_FILE, f"{config.spec} (lb {config.lb:g}, {config.scheduler})")
-    write_json_atomic(out_dir / RECORD_FILE, record)
+    write_report(out_dir, record, RECORD_FILE)
     return record
 
 

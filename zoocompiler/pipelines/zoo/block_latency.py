@@ -66,7 +66,7 @@ def block_latencies(
     """Latency (ms) of every block of ``partition``, keyed like ``ChosenBlock.key``."""
     cache_file = cache_file or latency_cache_file()
     store = DiskCache(cache_file.parent)
-    cache = store.read_map(cache_file.name)
+    cache = store.read_map(cache_file.name, what="latency cache")
     out: dict[str, float] = {}
     dirty = False
     for ref in partition.blocks():
