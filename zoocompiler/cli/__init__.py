@@ -2,7 +2,9 @@
 
 Every command builds a JSON-able dict first and then either prints it (``--json``, nothing
 else on stdout) or renders it as rich tables. Exit codes: 0 success, 1 internal error,
-2 user error (any ``ZooError`` or a bad command line), 130 interrupted.
+2 user error (any ``ZooError`` or a bad command line), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM). Ctrl-C and SIGTERM unwind the stack: staging directories, partial files and temporary
+directories are removed before the exit.
 
 Layout: this module holds :func:`main`, the top-level parser and the error handling;
 ``common`` the shared helpers; one module per command group (``inspect``: inspect, export;
@@ -31,10 +33,11 @@ from typing import Any
 
 from zoocompiler import __version__
 from zoocompiler.core.errors import ZooError
+from zoocompiler.core.signals import Terminated, sigterm_raises
 
 from .common import Parser, console, one_line, print_json
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 # command modules of this package, in the order `zoocompile --help` lists their commands
 COMMANDS = ("inspect", "zoo", "rewrite", "assemble", "slice")
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="zoocompile",
         description="Compile model zoos: trace, analyse (cut points, unit groups), export to ONNX.",
-        epilog="exit codes: 0 ok, 1 internal error, 2 user error (message names cause and fix), 130 interrupted",
+        epilog="exit codes: 0 ok, 1 internal error, 2 user error (message names cause and fix), 130 interrupted, "
+        "143 terminated",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -75,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], dict[str, Any]] = args.run
     as_json = getattr(args, "json", False)
     try:
-        with _stdout_to_stderr(as_json):
+        with sigterm_raises(), _stdout_to_stderr(as_json):
             data = run(args)
         if as_json:
             print_json(data)
@@ -90,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("error: terminated (SIGTERM); partial output removed", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:
             traceback.print_exc()

@@ -3,12 +3,18 @@
 Every writer goes to a fresh temporary name in the destination's directory (same file
 system, so the final ``os.replace`` is atomic) and removes it if anything fails. An
 existing file at the destination is left untouched unless the write succeeds.
+
+Temporary names carry the writer's pid (``.NAME.<pid>-<random>.tmp``). A run killed with
+SIGKILL cannot clean up, so the next write to the same target removes the temporaries of
+writers whose pid is gone (:func:`remove_leftovers`); a live writer's files are never touched.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -18,9 +24,52 @@ from typing import Any
 
 from .errors import ZooError
 
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{12}\.(?P<kind>tmp|old)$")
+
+
+def _tag() -> str:
+    """``<pid>-<random>``: unique, and it says which process a temporary belongs to."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
 
 def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    return path.with_name(f".{path.name}.{_tag()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_leftovers(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries next to ``target`` that a killed run left (their pid is no longer running).
+
+    A leftover ``.old`` is the previous output a killed run had moved aside: it is put back when
+    ``target`` is missing, else removed. Returns what was removed or restored.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    found = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        match = _LEFTOVER.match(path.name)
+        if match is None or match["name"] != target.name or _pid_alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not target.exists():
+            os.replace(path, target)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        found.append(path)
+    return found
 
 
 @contextmanager
@@ -34,6 +83,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final)
     tmp = _temp_sibling(final)
     try:
         yield tmp
@@ -80,10 +130,13 @@ def check_out_dir(out: Path, force: bool) -> None:
 def staged_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield a fresh temp directory next to ``out``; on success it becomes ``out`` (replacing it with ``force``).
 
-    On failure the temp directory is removed and ``out`` is left as it was.
+    On failure (an exception, Ctrl-C, or SIGTERM under :func:`zoocompiler.core.signals.sigterm_raises`)
+    the temp directory is removed and ``out`` is left as it was; leftovers of a killed run on the same
+    ``out`` are removed first.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
+    remove_leftovers(out)
+    tag = _tag()
     staging, old = out.with_name(f".{out.name}.{tag}.tmp"), out.with_name(f".{out.name}.{tag}.old")
     staging.mkdir()
     try:

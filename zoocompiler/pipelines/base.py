@@ -6,7 +6,9 @@
   pipeline's progress callback and records the stage's wall time as ``timings["ilp_s"]``, which the
   report carries.
 * **All-or-nothing output.** :func:`run_staged` gives the body a fresh staging directory next to
-  ``out`` and renames it onto ``out`` only when the body returns (``core.atomic.staged_dir``).
+  ``out`` and renames it onto ``out`` only when the body returns (``core.atomic.staged_dir``); an
+  error, Ctrl-C or SIGTERM (``core.signals.sigterm_raises``) removes it, and leftovers of a killed
+  run on the same ``out`` are removed by the next one.
 * **One report writer.** :func:`write_report` writes ``report.json`` through the one JSON sanitiser.
 * **An executor seam.** Loops whose items are independent (per model, per candidate, per rate) go
   through ``Executor.map(fn, items)``. :class:`LocalExecutor` runs them in-process in order; a
@@ -25,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from zoocompiler.core.atomic import check_out_dir, staged_dir, write_json_atomic
 from zoocompiler.core.jsonable import jsonable
+from zoocompiler.core.signals import sigterm_raises
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -83,10 +86,10 @@ def write_report(out_dir: Path, report: dict[str, Any], name: str = "report.json
 def run_staged(config: PipelineConfig, out: Path, force: bool, body: Callable[[Path], R]) -> R:
     """Check ``config``, then run ``body(staging_dir)``; the staging directory becomes ``out`` on success.
 
-    A bad config or an existing ``out`` (without ``force``) fails before any work; a failing body
-    leaves ``out`` as it was.
+    A bad config or an existing ``out`` (without ``force``) fails before any work; a failing body,
+    Ctrl-C or SIGTERM (raised as ``core.signals.Terminated``) leaves ``out`` as it was.
     """
     config.check()
     check_out_dir(out, force)
-    with staged_dir(out, force) as staging:
+    with sigterm_raises(), staged_dir(out, force) as staging:
         return body(staging)
