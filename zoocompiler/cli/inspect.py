@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+from zoocompiler.core.atomic import check_out_file
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.text import human
@@ -227,6 +229,11 @@ def render_zoo_summary(console, data: dict[str, Any]) -> None:
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from zoocompiler.tracing import check_input
 
+    check_out_file(Path(args.out))  # before the slow load and export
+    if args.runs < 0:
+        raise ZooError(f"bad --runs {args.runs}", "pass 0 (no timing) or a positive number of timed runs")
+    if args.threads < 0:
+        raise ZooError(f"bad --threads {args.threads}", "pass 1, or 0 for ONNX Runtime's default")
     model, x = load_model_and_input(args)
     check_input(model, x)  # a shape the model rejects is a one-line InputShapeError, not an exporter trace
     from zoocompiler.exports.onnx_export import export_onnx

@@ -118,12 +118,37 @@ def write_json_atomic(
     return write_text_atomic(path, text)
 
 
+def check_writable_parent(path: Path, flag: str = "--out") -> None:
+    """The nearest existing ancestor of ``path`` is a directory this process can create entries in."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ZooError(f"{flag} {path}: {parent} is a file, not a directory", f"pass a {flag} inside a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ZooError(f"{flag} {path}: cannot write to {parent} (permission denied)",
+                       f"pass a {flag} in a directory you can write to")
+
+
 def check_out_dir(out: Path, force: bool) -> None:
-    """``out`` may be created: it does not exist, or ``force`` allows replacing the directory there."""
+    """``out`` may be created: it does not exist, or ``force`` allows replacing the directory there; its
+    parent is writable; and it is neither the working directory nor one of its ancestors."""
     if out.exists() and not out.is_dir():
         raise ZooError(f"--out {out} exists and is not a directory", "pass a directory path for --out")
+    cwd, resolved = Path.cwd().resolve(), out.resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ZooError(f"--out {out} is the working directory or contains it, which a run would replace",
+                       "pass a new directory for --out, e.g. --out out/run1")
     if out.exists() and not force:
         raise ZooError(f"output directory {out} already exists", "pass --force to replace it, or another --out")
+    check_writable_parent(out)
+
+
+def check_out_file(path: Path) -> None:
+    """``path`` can become a file: it is not a directory and its parent is writable."""
+    if path.is_dir():
+        raise ZooError(f"--out {path} is a directory", f"pass a file path, e.g. --out {path / 'model.onnx'}")
+    check_writable_parent(path)
 
 
 @contextmanager

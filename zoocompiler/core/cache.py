@@ -77,9 +77,16 @@ class DiskCache:
             return {str(k): float(v) for k, v in data.items()}
         except FileNotFoundError:
             return {}
+        except OSError as err:  # e.g. a file where the cache folder should be
+            _LOG.warning("cannot read %s %s (%s); measuring again", what, path, err)
+            return {}
         except (ValueError, AttributeError, TypeError):
             _LOG.warning("%s %s is corrupted; measuring again", what, path)
             return {}
 
     def write_map(self, name: str, table: dict[str, Any]) -> None:
-        write_json_atomic(self.folder / name, table)
+        """Store the table; a cache that cannot be written is logged and skipped (the run goes on)."""
+        try:
+            write_json_atomic(self.folder / name, table)
+        except OSError as err:
+            _LOG.warning("cannot write the cache table %s (%s); continuing without it", self.folder / name, err)

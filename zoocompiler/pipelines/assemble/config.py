@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from zoocompiler.core.atomic import check_writable_parent
 from zoocompiler.core.budget import Budget
 from zoocompiler.core.errors import ZooError
 
@@ -45,3 +46,7 @@ class AssembleConfig:
             raise ZooError(f"--top must be >= 1, got {self.top}", "pass --top 20 (candidates to re-rank)")
         if not 0.0 < self.probe_fraction <= 1.0:
             raise ZooError(f"probe fraction must be in (0, 1], got {self.probe_fraction}", "pass e.g. 0.05")
+        if self.cache_dir is not None:  # the user named it: it must work (the default cache degrades instead)
+            if Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+                raise ZooError(f"--cache-dir {self.cache_dir} is a file", "pass a directory for --cache-dir")
+            check_writable_parent(Path(self.cache_dir) / "similarity.npz", flag="--cache-dir")

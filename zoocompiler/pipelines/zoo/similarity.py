@@ -250,7 +250,10 @@ def zoo_similarity(
         executor=executor,
     )
     if path is not None:
-        _save_cached(path, key, rows_json, options, matrix)
+        try:
+            _save_cached(path, key, rows_json, options, matrix)
+        except OSError as err:  # a cache that cannot be written is no cache, not a failed run
+            _LOG.warning("cannot write the similarity cache %s (%s); continuing without it", path, err)
     return ZooSimilarity(models, matrix, options, key)
 
 
