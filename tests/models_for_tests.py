@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -41,6 +42,13 @@ def sliceable_mlp_cnn(num_classes: int = 10, width: int = 16, in_chans: int = 1)
     )
     model.input_shape = (in_chans, 8, 8)
     return model
+
+
+def seeded_mlp_cnn(num_classes: int = 10, width: int = 16, seed: int = 0) -> nn.Module:
+    """``sliceable_mlp_cnn`` initialised from ``seed`` (the same weights on every call; global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return sliceable_mlp_cnn(num_classes=num_classes, width=width)
 
 
 def not_a_model() -> str:

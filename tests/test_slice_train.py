@@ -1,6 +1,7 @@
 """Slicing training and the trained-directory round trip (pipelines.slice_train / slice_export).
 
-Training runs on ``digits`` with a tiny conv+dense net (python:models_for_tests:sliceable_mlp_cnn).
+Training runs on ``digits`` with a tiny conv+dense net (python:models_for_tests:sliceable_mlp_cnn); a
+directory trained from a ``python:`` spec is rebuilt with ``trust_code=True`` (tests/test_trusted_specs.py).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def test_trained_directory_round_trip(trained_dir, digits):
     _, test = digits
     assert {p.name for p in out.iterdir()} == {WEIGHTS_FILE, RECORD_FILE, "accuracy.png"}
     assert read_record(out) == json.loads((out / RECORD_FILE).read_text())
-    model, rec = load_trained(out)
+    model, rec = load_trained(out, trust_code=True)
     rows = {r["rate"]: r for r in rec["rates"]}
     assert sorted(rows) == [0.25, 0.5, 0.75, 1.0]
     assert [rows[r]["trained"] for r in sorted(rows)] == [False, True, True, True]
@@ -151,9 +152,9 @@ def test_trained_directory_round_trip(trained_dir, digits):
 
 def test_export_rates_and_serve(trained_dir, tmp_path):
     out, _ = trained_dir
-    model, _ = load_trained(out)
+    model, _ = load_trained(out, trust_code=True)
     budget = (model.macs_at(0.75) + model.macs_at(1.0)) / 2
-    manifest = export_rates(out, tmp_path, rates=[0.5], flops=[budget], latency_batch=8, runs=5)
+    manifest = export_rates(out, tmp_path, rates=[0.5], flops=[budget], latency_batch=8, runs=5, trust_code=True)
     rows = {r["rate"]: r for r in manifest["rates"]}
     assert sorted(rows) == [0.5, 0.75] and rows[0.75]["budget_macs"] == budget
     assert rows[0.5]["macs"] == model.macs_at(0.5) and all(r["max_abs_diff"] < 1e-4 for r in rows.values())
@@ -178,7 +179,9 @@ def test_export_does_not_depend_on_the_executor(trained_dir, tmp_path):
     docs = []
     for name, executor in (("local", None), ("reversed", Reversed())):
         (tmp_path / name).mkdir()
-        doc = export_rates(out, tmp_path / name, rates=[0.5, 1.0], latency_batch=4, runs=5, executor=executor)
+        doc = export_rates(
+            out, tmp_path / name, rates=[0.5, 1.0], latency_batch=4, runs=5, executor=executor, trust_code=True
+        )
         docs.append([{k: v for k, v in row.items() if k not in measured} for row in doc["rates"]])
         assert [r["rate"] for r in doc["rates"]] == [0.5, 1.0]
     assert docs[0] == docs[1]
@@ -189,9 +192,9 @@ def test_export_does_not_depend_on_the_executor(trained_dir, tmp_path):
 def test_export_refuses_rates_below_lb_and_tiny_budgets(trained_dir, tmp_path):
     out, _ = trained_dir
     with pytest.raises(ZooError, match="below the lower bound 0.5"):
-        export_rates(out, tmp_path, rates=[0.25])
+        export_rates(out, tmp_path, rates=[0.25], trust_code=True)
     with pytest.raises(BudgetError, match="below the smallest slice"):
-        export_rates(out, tmp_path, flops=[10])
+        export_rates(out, tmp_path, flops=[10], trust_code=True)
     assert not any(tmp_path.iterdir())
     assert parse_flops("10M, 2.5k") == [10e6, 2.5e3]
     with pytest.raises(ZooError):
@@ -201,13 +204,13 @@ def test_export_refuses_rates_below_lb_and_tiny_budgets(trained_dir, tmp_path):
 def test_load_trained_rejects_foreign_or_damaged_directories(trained_dir, tmp_path):
     out, record = trained_dir
     with pytest.raises(CheckpointError, match="slice.json"):
-        load_trained(tmp_path)
+        load_trained(tmp_path, trust_code=True)
     (tmp_path / RECORD_FILE).write_text(json.dumps({**record, "fingerprint": "0" * 16}))
     with pytest.raises(CheckpointError, match="another structure"):
-        load_trained(tmp_path)
+        load_trained(tmp_path, trust_code=True)
     (tmp_path / RECORD_FILE).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=WEIGHTS_FILE):
-        load_trained(tmp_path)
+        load_trained(tmp_path, trust_code=True)
     (tmp_path / RECORD_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_record(tmp_path)

@@ -10,6 +10,11 @@ anything else is kept as a string. Sources:
 
 Checkpoints (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``, ``.safetensors``)
 are matched key by key against the model; any mismatch is a :class:`CheckpointError`.
+
+Specs read back from files (``slice.json``, an assembly ``plan.json``) go through
+:func:`check_spec_from_file` first: a ``python:`` spec imports and calls code, so one found in a file is
+refused unless the caller trusts the file (``trust_code=True``, ``--trust-code``) — the policy
+``--allow-pickle`` applies to checkpoints. ``torchvision:``, ``timm:`` and ``zoo:`` specs are data.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from .core.errors import CheckpointError, InputShapeError, UnknownModelError, Zo
 from .core.text import first_line
 
 SOURCES = ("torchvision", "timm", "python", "zoo")
+CODE_SOURCES = ("python",)  # sources whose specs import and call code: refused in files unless trusted
+TRUST_CODE_FIX = "pass --trust-code (trust_code=True) only if you wrote that file yourself"
+SHOWN_SPEC = 120  # characters of an untrusted spec quoted in an error
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 TOLERATED_MISSING = ("num_batches_tracked",)  # BatchNorm fills these in for old checkpoints
@@ -134,6 +142,25 @@ def parse_spec(spec: str) -> ModelSpec:
             )
         kwargs[key] = _parse_value(value.strip())
     return ModelSpec(source, name, kwargs)
+
+
+def check_spec_from_file(spec: object, where: str, *, trust_code: bool = False, fix: str = TRUST_CODE_FIX) -> ModelSpec:
+    """Parse a model spec read from a file, refusing one that would import code unless ``trust_code``.
+
+    ``where`` names the file (and field) in the error, e.g. ``"sliced/slice.json (config.spec)"``;
+    ``fix`` is the error's advice. A ``python:`` spec (see ``CODE_SOURCES``) raises ``ZooError`` before
+    anything is imported; a value that is not a spec string raises ``UnknownModelError``. Nothing is
+    imported or built here: pass the returned spec to :func:`load_model`.
+    """
+    if not isinstance(spec, str):
+        raise UnknownModelError(f"{where} holds {type(spec).__name__}, not a model spec", "re-create the file")
+    parsed = parse_spec(spec)
+    if parsed.source in CODE_SOURCES and not trust_code:
+        shown = spec.strip() if len(spec.strip()) <= SHOWN_SPEC else spec.strip()[: SHOWN_SPEC - 3] + "..."
+        raise ZooError(
+            f"{where} names the code spec {shown!r}; a spec read from a file may not import and run code", fix
+        )
+    return parsed
 
 
 # ----------------------------------------------------------------------------- builders

@@ -6,6 +6,10 @@ bit-identical weights: it seeds python/numpy/torch, fixes ``torch.set_num_thread
 its duration, and draws shuffling and augmentation from dedicated seeded generators.
 
 Pipelines that need another objective (random slice rates, extra losses) pass ``loss_fn``.
+
+Divergence stops a run: a non-finite loss (checked every step, before the update), non-finite
+weights (checked after every epoch) or non-finite outputs in :func:`evaluate` raise
+:class:`~zoocompiler.core.errors.TrainingError` naming the epoch (and step) and the likely cause.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core.modules import eval_mode
+from .core.errors import TrainingError
+from .core.modules import eval_mode, nonfinite_weights
 from .data import DataSplit
 
 # One intra-op thread by default: results do not depend on the machine's core count, and small models gain
@@ -31,6 +36,7 @@ from .data import DataSplit
 DEFAULT_THREADS = 1
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+DIVERGED_FIX = "retrain with a lower learning rate, or check the data for NaN/inf values"
 
 
 @dataclass
@@ -92,6 +98,57 @@ def random_shift(max_shift: int = 2) -> Augment:
     return shift
 
 
+def _nonfinite_data(data: torch.Tensor | None) -> str | None:
+    """Describe the NaN/inf in ``data`` (N×...), e.g. "12 non-finite values in 3 samples"; None when all finite."""
+    if data is None or not (data.is_floating_point() or data.is_complex()):
+        return None
+    bad = ~torch.isfinite(data)
+    n = int(bad.sum())
+    if not n:
+        return None
+    samples = int(bad.reshape(len(data), -1).any(1).sum()) if data.dim() > 1 else n
+    return f"{n:,} non-finite value{'s' if n > 1 else ''} in {samples:,} sample{'s' if samples > 1 else ''}"
+
+
+def _diverged(where: str, what: str, lr: float | None, data: torch.Tensor | None) -> TrainingError:
+    """The error for a run that diverged: blames the data when it holds NaN/inf, else the learning rate."""
+    in_data = _nonfinite_data(data)
+    if in_data is not None:
+        return TrainingError(
+            f"{where}: {what}; the training data has {in_data}", "remove or replace the NaN/inf values in the data"
+        )
+    rate = f"the learning rate {lr:g} is likely too high" if lr is not None else "the learning rate is likely too high"
+    return TrainingError(f"{where}: {what} ({rate})", DIVERGED_FIX)
+
+
+def check_finite_loss(
+    loss: torch.Tensor, epoch: int, step: int, *, lr: float | None = None, data: torch.Tensor | None = None
+) -> float:
+    """``loss`` as a float; raises :class:`TrainingError` naming ``epoch`` and ``step`` (1-based) when it is
+    NaN or inf. The message blames the data when ``data`` (the training inputs) holds NaN/inf, else
+    the learning rate ``lr``. Every training loop calls this once per step, before ``backward``."""
+    value = float(loss.detach().float().sum()) if loss.numel() != 1 else float(loss.item())
+    if math.isfinite(value):
+        return value
+    where = f"training diverged at epoch {epoch}, step {step}"
+    if epoch == 1 and step == 1 and _nonfinite_data(data) is None:  # no update yet: not the learning rate
+        raise TrainingError(
+            f"{where}: the loss is {value} before any update (the model overflows on this data)",
+            "check the model's initial weights and ops that can overflow (exp, log, division)",
+        )
+    raise _diverged(where, f"the loss is {value}", lr, data)
+
+
+def check_finite_weights(
+    model: nn.Module, epoch: int, *, lr: float | None = None, data: torch.Tensor | None = None
+) -> None:
+    """Raise :class:`TrainingError` naming ``epoch`` when ``model``'s parameters or buffers hold NaN or inf
+    (e.g. a last update that overflowed, or weights no step's loss depends on)."""
+    where = nonfinite_weights(model)
+    if where is not None:
+        raise _diverged(f"training diverged in epoch {epoch}", f"the weights became non-finite ({where})", lr, data)
+
+
 def train(
     model: nn.Module,
     train_split: DataSplit,
@@ -118,7 +175,8 @@ def train(
     "cosine" (from ``lr`` to 0). ``augment=True`` applies ±2 px random shifts. ``loss_fn(model, x, y)``
     replaces the cross-entropy objective. ``eval_split`` adds per-epoch eval accuracy;
     ``max_steps`` stops early (tests); ``on_epoch`` is called with each epoch's stats. Leaves the
-    model in eval mode.
+    model in eval mode. A non-finite loss or weights raise :class:`TrainingError` (see the module
+    docstring); the model is then left with the weights it had when the run stopped.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -128,6 +186,12 @@ def train(
     drop_last = len(train_split) > batch_size  # avoid a size-1 last batch (BatchNorm)
     history = History()
     start = time.perf_counter()
+    initial = nonfinite_weights(model)
+    if initial is not None:
+        raise TrainingError(
+            f"cannot train: the model has non-finite weights before training ({initial})",
+            "load or initialise finite weights (a diverged checkpoint cannot be trained further)",
+        )
     with fixed_threads(threads):
         seed_everything(seed)
         loader = train_split.loader(batch_size, shuffle=True, seed=seed, drop_last=drop_last)
@@ -138,47 +202,50 @@ def train(
         scheduler = _scheduler(optimizer, schedule, lr, total_steps)
         step = 0
         bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, unit="step")
-        for epoch in range(epochs):
-            model.train()
-            t0 = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            for x, y in loader:
+        try:
+            for epoch in range(epochs):
+                model.train()
+                t0 = time.perf_counter()
+                loss_sum, correct, seen = 0.0, 0, 0
+                for epoch_step, (x, y) in enumerate(loader, start=1):
+                    if step >= total_steps:
+                        break
+                    if shift is not None:
+                        x = shift(x, aug_generator)
+                    optimizer.zero_grad(set_to_none=True)
+                    if loss_fn is None:
+                        logits = model(x)
+                        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+                        correct += int((logits.argmax(1) == y).sum())
+                    else:
+                        loss = loss_fn(model, x, y)
+                    loss_value = check_finite_loss(loss, epoch + 1, epoch_step, lr=lr, data=train_split.x)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    loss_sum += loss_value * len(y)
+                    seen += len(y)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.3f}")
+                check_finite_weights(model, epoch + 1, lr=lr, data=train_split.x)
+                eval_acc = evaluate(model, eval_split, threads=None) if eval_split is not None else None
+                stats = EpochStats(
+                    epoch=epoch + 1,
+                    loss=loss_sum / max(seen, 1),
+                    train_accuracy=correct / max(seen, 1) if loss_fn is None else math.nan,
+                    eval_accuracy=eval_acc,
+                    lr=optimizer.param_groups[0]["lr"],
+                    seconds=time.perf_counter() - t0,
+                )
+                history.epochs.append(stats)
+                if on_epoch is not None:
+                    on_epoch(stats)
                 if step >= total_steps:
                     break
-                if shift is not None:
-                    x = shift(x, aug_generator)
-                optimizer.zero_grad(set_to_none=True)
-                if loss_fn is None:
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-                    correct += int((logits.argmax(1) == y).sum())
-                else:
-                    loss = loss_fn(model, x, y)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_value = loss.item()
-                loss_sum += loss_value * len(y)
-                seen += len(y)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.3f}")
-            eval_acc = evaluate(model, eval_split, threads=None) if eval_split is not None else None
-            stats = EpochStats(
-                epoch=epoch + 1,
-                loss=loss_sum / max(seen, 1),
-                train_accuracy=correct / max(seen, 1) if loss_fn is None else math.nan,
-                eval_accuracy=eval_acc,
-                lr=optimizer.param_groups[0]["lr"],
-                seconds=time.perf_counter() - t0,
-            )
-            history.epochs.append(stats)
-            if on_epoch is not None:
-                on_epoch(stats)
-            if step >= total_steps:
-                break
-        bar.close()
-    model.eval()
+        finally:
+            bar.close()
+            model.eval()
     history.seconds = time.perf_counter() - start
     return history
 
@@ -199,9 +266,29 @@ def predict_logits(
     return torch.cat(outputs) if outputs else torch.zeros(0, split.num_classes)
 
 
+def check_finite_outputs(model: nn.Module, outputs: torch.Tensor, split: DataSplit) -> None:
+    """Raise :class:`TrainingError` when ``outputs`` (``model``'s, on ``split``) hold NaN or inf: an accuracy
+    computed from them (argmax of NaN) would be meaningless. Names the likely cause: non-finite weights
+    (a diverged training), NaN/inf in the data, or else values that overflow in the model."""
+    bad = ~torch.isfinite(outputs)
+    if not bool(bad.any()):
+        return
+    rows = int(bad.reshape(len(outputs), -1).any(1).sum()) if outputs.dim() > 1 else int(bad.sum())
+    what = f"the model's outputs on '{split.name}' are non-finite for {rows:,} of {len(outputs):,} samples"
+    in_data = _nonfinite_data(split.x)
+    if in_data is not None:
+        raise TrainingError(f"{what}: the data has {in_data}", "remove or replace the NaN/inf values in the data")
+    weights = nonfinite_weights(model)
+    if weights is not None:
+        raise TrainingError(f"{what}: the model has non-finite weights ({weights})", DIVERGED_FIX)
+    raise TrainingError(f"{what}, with finite weights and data (values overflow inside the model)", DIVERGED_FIX)
+
+
 def evaluate(model: nn.Module, split: DataSplit, batch_size: int = 500, threads: int | None = None) -> float:
-    """Top-1 accuracy of ``model`` on ``split`` as a fraction in [0, 1]."""
+    """Top-1 accuracy of ``model`` on ``split`` as a fraction in [0, 1]. Non-finite outputs raise
+    :class:`TrainingError` instead of an accuracy (see :func:`check_finite_outputs`)."""
     if len(split) == 0:
         raise ValueError("cannot evaluate on an empty split")
     logits = predict_logits(model, split, batch_size, threads)
+    check_finite_outputs(model, logits, split)
     return int((logits.argmax(1) == split.y).sum()) / len(split)  # exact ratio, not a float32 mean

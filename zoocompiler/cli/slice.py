@@ -87,11 +87,12 @@ def _export_dir(directory: Path, out_arg: str | None) -> Path:
 
 def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
     from zoocompiler.pipelines.slice.export import export_rates
-    from zoocompiler.pipelines.slice.train import read_record
+    from zoocompiler.pipelines.slice.train import read_record, record_spec
     from zoocompiler.solvers.slice_rates import parse_rates
 
     directory = Path(args.dir)
     record = read_record(directory)
+    record_spec(record, directory, trust_code=args.trust_code)  # refuse a python: spec before anything is written
     groups, lb = record["config"]["groups"], record["config"]["lb"]
     rates = parse_rates(args.rates, groups, lb=lb) if args.rates is not None else None
     flops = _parse_flops(args.flops) if args.flops is not None else None
@@ -107,6 +108,7 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
             latency_batch=args.latency_batch,
             runs=args.runs,
             say=progress_or_silent(args),
+            trust_code=args.trust_code,
         )
     return jsonable({"out": str(out), **manifest, "files": written_files(out)}, finite=True)
 
@@ -294,7 +296,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "(all or nothing).",
         epilog="examples:\n"
         "  zoocompile slice export vgg_sliced --rates 0.375,0.5,0.75,1.0 --out vgg_rates\n"
-        "  zoocompile slice export vgg_sliced --flops 1M,2M --json",
+        "  zoocompile slice export vgg_sliced --flops 1M,2M --json\n"
+        "  zoocompile slice export my_sliced --trust-code   # trained from a python: spec",
     )
     export.add_argument("dir", metavar="DIR", help="a directory written by `zoocompile slice train`")
     export.add_argument("--rates", metavar="R,...", help="slice rates to export, e.g. 0.375,0.5,1 (each >= lb)")
@@ -314,6 +317,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=default_of(SliceExportConfig, "runs"),
         metavar="N",
         help="timed ONNX Runtime runs at batch 1",
+    )
+    export.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow a python: model spec in DIR/slice.json (imports and runs its code: only for directories "
+        "you trained yourself)",
     )
     # no --out default here: without one, _export_dir picks DIR/export
     out_dir_options(export, metavar="OUTDIR", help="output directory (default: DIR/export; new, or --force)")

@@ -41,6 +41,11 @@ class ExportError(ZooError):
     """ONNX export failed or the exported model does not match PyTorch."""
 
 
+class TrainingError(ZooError):
+    """Training diverged or a model computes non-finite values: a NaN/inf loss, weights or outputs
+    (usually a learning rate that is too high, or NaN/inf values in the data)."""
+
+
 class PassError(ZooError):
     """An analysis or rewrite pass was given a graph it cannot handle."""
 

@@ -1,8 +1,9 @@
-"""Small facts about torch modules: eval mode for a while, parameter and MAC counts."""
+"""Small facts about torch modules: eval mode for a while, parameter and MAC counts, non-finite weights."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -44,3 +45,22 @@ def count_macs(module: nn.Module, x: torch.Tensor | Sequence[int], *, eval: bool
         counter = stack.enter_context(FlopCounterMode(display=False))
         module(x)
     return int(counter.get_total_flops()) // 2
+
+
+def nonfinite_weights(module: nn.Module) -> str | None:
+    """Where ``module``'s floating-point parameters and buffers hold NaN or inf, in words
+    ("3 of 6,282 values, in 'fc.weight' and 1 other tensor"); ``None`` when every value is finite."""
+    bad, total, names = 0, 0, []
+    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        total += t.numel()
+        n = int((~torch.isfinite(t.detach())).sum())
+        if n:
+            bad += n
+            names.append(name)
+    if not names:
+        return None
+    others = len(names) - 1
+    where = f"'{names[0]}'" + (f" and {others} other tensor{'s' if others > 1 else ''}" if others else "")
+    return f"{bad:,} of {total:,} values, in {where}"

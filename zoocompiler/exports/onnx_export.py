@@ -8,7 +8,8 @@ or if its outputs differ from PyTorch beyond the tolerance; the next one is then
 Parity is checked on the example input and on a second batch size (when ``dynamic_batch``),
 against the fp32 PyTorch model in eval mode. The tolerance is scale-aware: an output passes
 when ``max|onnx - torch| <= atol * max(1, max|torch|)``. The file is written only after every
-check has passed (atomically), so a failed export leaves ``path`` as it was.
+check has passed (atomically), so a failed export leaves ``path`` as it was. A model with NaN/inf
+weights (e.g. from a diverged training) or NaN/inf reference outputs is refused before any export.
 
 fp16: the model is cast to half precision in PyTorch and wrapped so the graph takes and
 returns float32 (a Cast at each end); weights and all intermediate tensors are fp16.
@@ -33,7 +34,7 @@ import torch.utils._pytree as pytree
 
 from ..core.atomic import write_bytes_atomic
 from ..core.errors import ExportError, InputShapeError
-from ..core.modules import eval_mode
+from ..core.modules import eval_mode, nonfinite_weights
 from ..core.text import first_line
 from .latency import ort_session, resolve_providers
 
@@ -197,6 +198,36 @@ def _second_batch(example: torch.Tensor, size: int) -> torch.Tensor:
         std = example.std() if example.numel() > 1 else torch.tensor(1.0, dtype=example.dtype)
         return noise * std + example.mean()
     return example[torch.arange(size) % example.shape[0]]
+
+
+NONFINITE_FIX = "retrain with a lower learning rate, or check the training data for NaN/inf values"
+
+
+def _check_finite_weights(module: nn.Module, fp16: bool) -> None:
+    """Refuse NaN/inf parameters or buffers (before the fp16 cast), or values the fp16 cast overflows (after)."""
+    where = nonfinite_weights(module)
+    if where is None:
+        return
+    if fp16:
+        raise ExportError(
+            f"model weights overflow fp16 ({where} become inf in half precision)", "export in fp32 (fp16=False)"
+        )
+    raise ExportError(f"model has non-finite weights ({where}): refusing to export NaN/inf", NONFINITE_FIX)
+
+
+def _check_finite_refs(refs: Sequence[np.ndarray], batches: Sequence[torch.Tensor]) -> None:
+    """Refuse a model whose PyTorch output is NaN/inf: parity against it is meaningless."""
+    for i, (ref, x) in enumerate(zip(refs, batches)):
+        bad = int((~np.isfinite(ref)).sum())
+        if bad:
+            what = "the example input" if i == 0 else f"a second batch of {x.shape[0]} (the dynamic-batch check)"
+            nan_input = x.is_floating_point() and not bool(torch.isfinite(x).all())
+            fix = (
+                "pass an example input without NaN/inf"
+                if nan_input
+                else "check the model for ops that overflow or produce NaN (log, division, exp) on such inputs"
+            )
+            raise ExportError(f"the PyTorch output on {what} has {bad:,} non-finite values of {ref.size:,}", fix)
 
 
 def _run_eager(model: nn.Module, x: torch.Tensor, what: str = "example input") -> object:
@@ -364,23 +395,27 @@ def export_onnx(
 
     ``opset=None`` lets each exporter choose. ``atol`` defaults to 1e-4 (fp32) or 1e-2 (fp16)
     and scales with the output magnitude (see the module docstring). ``check=False`` skips the
-    checker and parity runs (the report then has NaN diffs). Raises ``ExportError`` if no
-    exporter yields a checked model within tolerance; ``path`` is then left untouched.
+    checker and parity runs (the report then has NaN diffs). Raises ``ExportError`` if the model has
+    NaN/inf weights (or, with ``check``, NaN/inf outputs), or if no exporter yields a checked model
+    within tolerance; ``path`` is then left untouched.
     """
     unknown = [e for e in exporters if e not in EXPORTERS]
     if unknown or not exporters:
         raise ExportError(f"unknown exporters {unknown or list(exporters)}", f"use some of: {', '.join(EXPORTERS)}")
     atol = atol if atol is not None else (DEFAULT_ATOL_FP16 if fp16 else DEFAULT_ATOL)
     resolve_providers(providers)  # fail fast, with the install hint, on an unavailable provider
+    _check_finite_weights(model, fp16=False)
     with eval_mode(model):
         first_out, leaf, note = first_tensor(_run_eager(model, example_input))
         batches = [example_input]
         if dynamic_batch:
             batches.append(_second_batch(example_input, 3 if example_input.shape[0] != 3 else 2))
         refs = [_as_numpy(first_out), *_reference_outputs(model, batches[1:])] if check else []
+        _check_finite_refs(refs, batches)
         module: nn.Module = model if note is None else _SelectLeaf(model, leaf)
         if fp16:
             module = _HalfPrecision(module)
+            _check_finite_weights(module, fp16=True)
         errors: dict[str, BaseException] = {}
         for exporter in exporters:
             try:

@@ -2,7 +2,8 @@
 
 ``assemble(config, out_dir)`` writes ``model.onnx`` (parity checked), ``report.json``, ``plan.json``,
 ``assembly.safetensors`` (the tuned weights) and two PNG plots into ``out_dir`` and returns the
-report. ``rebuild(plan)`` rebuilds the untuned assembly from the zoo and the data.
+report. ``rebuild(plan)`` rebuilds the untuned assembly from the zoo and the data (a ``python:`` zoo spec
+in the plan is refused unless ``trust_code``: a plan file is data and may not import code).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.rewrite.compose import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
 from zoocompiler.solvers.assembly_ilp import Assembly, solve_assemblies
 from zoocompiler.solvers.partition import Partition
+from zoocompiler.sources import check_spec_from_file
 from zoocompiler.training import train as train_model
 
 from ..base import Executor, LocalExecutor, Progress, Stages, say, write_report
@@ -35,6 +37,7 @@ from .naswot import naswot
 from .problem import AssemblyOptions, Candidate, assembly_options, partition_members
 
 PLAN_VERSION = 1
+TRUST_FIX = "pass trust_code=True only if you made that plan yourself from a zoo with this python: spec"
 
 
 def default_cache_dir() -> Path:
@@ -187,12 +190,22 @@ def plan_dict(analysis: ZooAnalysis, blocks: list[ChosenBlock], config: Assemble
     }
 
 
-def rebuild(plan: dict, progress: Progress | None = None) -> AssembledNet:
-    """The untuned assembly of ``plan`` (stitches and head refitted exactly as ``assemble`` did before tuning)."""
+def rebuild(plan: dict, progress: Progress | None = None, *, trust_code: bool = False) -> AssembledNet:
+    """The untuned assembly of ``plan`` (stitches and head refitted exactly as ``assemble`` did before tuning).
+
+    ``plan`` is data (``plan.json``): every zoo spec is checked before anything is loaded, and a
+    ``python:`` spec (it imports and calls code) is a ``ZooError`` unless ``trust_code`` — pass it only
+    for a plan you made yourself from such a zoo."""
     from ..zoo.members import load_member
 
-    if plan.get("version") != PLAN_VERSION:
-        raise ZooError(f"plan version {plan.get('version')!r} is not {PLAN_VERSION}", "re-run zoocompile assemble")
+    if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
+        found = plan.get("version") if isinstance(plan, dict) else type(plan).__name__
+        raise ZooError(f"plan version {found!r} is not {PLAN_VERSION}", "re-run zoocompile assemble")
+    zoo = plan.get("zoo")
+    if not isinstance(zoo, list) or not all(isinstance(entry, dict) for entry in zoo):
+        raise ZooError("the plan's 'zoo' is not a list of models", "re-run zoocompile assemble")
+    for i, entry in enumerate(zoo):
+        check_spec_from_file(entry.get("spec"), f"plan.json zoo[{i}].spec", trust_code=trust_code, fix=TRUST_FIX)
     train = load_dataset(plan["data"], "train")
     members = {}
     for entry in plan["zoo"]:

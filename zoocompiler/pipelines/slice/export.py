@@ -58,12 +58,14 @@ def export_rates(
     runs: int = SliceExportConfig.runs,
     say: Callable[[str], None] = lambda _msg: None,
     executor: Executor | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Write ``rate_*.onnx``, ``manifest.json`` and ``rates.png`` for the trained ``directory`` into
     ``out_dir`` (a fresh staging directory) and return the manifest. Without ``rates``/``flops``:
     every valid rate ≥ the training lower bound. Each rate is an independent item of ``executor``
-    (default: in-process, in order)."""
-    model, record = load_trained(directory)
+    (default: in-process, in order). ``trust_code``: see :func:`~.train.load_trained` (a ``python:``
+    spec in ``slice.json`` is refused without it)."""
+    model, record = load_trained(directory, trust_code=trust_code)
     lb = record["config"]["lb"]
     budgets: dict[float, float] = {}
     if flops:

@@ -5,6 +5,8 @@ A trained directory holds ``sliceable.safetensors`` (the converted model's weigh
 (everything needed to rebuild it: spec, input shape, groups, rescale, lb, training options,
 history, per-rate accuracy and size) and ``accuracy.png``. :func:`load_trained` rebuilds the
 :class:`~zoocompiler.passes.rewrite.slicing.SliceableModel` from it and checks its structure fingerprint.
+A ``python:`` spec in ``slice.json`` would import and call code, so rebuilding one needs ``trust_code``
+(``slice export --trust-code``); ``slice train`` itself trusts the spec it is given on its command line.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.plans import graph_fingerprint
 from zoocompiler.passes.rewrite.slicing import SliceableModel, make_sliceable
 from zoocompiler.solvers.slice_rates import RateScheduler, check_rate, make_scheduler, valid_rates
-from zoocompiler.sources import load_model
+from zoocompiler.sources import check_spec_from_file, load_model
 from zoocompiler.tracing import check_input
 from zoocompiler.training import History, evaluate, seed_everything, train
 
@@ -39,6 +41,8 @@ from .config import SliceTrainConfig
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
 WEIGHTS_FILE, RECORD_FILE, PLOT_FILE = "sliceable.safetensors", "slice.json", "accuracy.png"
 TRACE_BATCH = 2
+TRUST_FIX = ("pass --trust-code (trust_code=True) only if you trained that directory yourself "
+             "from this python: spec")
 
 
 # ----------------------------------------------------------------------------- build
@@ -245,13 +249,26 @@ def read_record(directory: str | Path) -> dict[str, Any]:
     return record
 
 
-def load_trained(directory: str | Path) -> tuple[SliceableModel, dict[str, Any]]:
-    """Rebuild the trained sliceable model of ``directory`` (weights loaded, fingerprint checked)."""
+def record_spec(record: dict[str, Any], directory: str | Path, *, trust_code: bool = False) -> str:
+    """The model spec of a ``slice.json`` record, checked before anything is built: a ``python:`` spec
+    (it imports and calls code) is a ``ZooError`` unless ``trust_code``."""
+    cfg = record.get("config")
+    spec = cfg.get("spec") if isinstance(cfg, dict) else None
+    check_spec_from_file(spec, f"{Path(directory) / RECORD_FILE} (config.spec)", trust_code=trust_code, fix=TRUST_FIX)
+    return spec
+
+
+def load_trained(directory: str | Path, *, trust_code: bool = False) -> tuple[SliceableModel, dict[str, Any]]:
+    """Rebuild the trained sliceable model of ``directory`` (weights loaded, fingerprint checked).
+
+    ``slice.json`` is data: a ``python:`` spec in it is refused (``ZooError``, nothing imported) unless
+    ``trust_code`` — pass it only for a directory you trained yourself from that spec."""
     from safetensors.torch import load_file
 
     record = read_record(directory)
+    spec = record_spec(record, directory, trust_code=trust_code)
     cfg = record["config"]
-    model = build_sliceable(cfg["spec"], tuple(record["input_shape"]), groups=cfg["groups"], rescale=cfg["rescale"])
+    model = build_sliceable(spec, tuple(record["input_shape"]), groups=cfg["groups"], rescale=cfg["rescale"])
     if graph_fingerprint(model.gm) != record["fingerprint"]:
         raise CheckpointError(f"{directory}: the rebuilt '{cfg['spec']}' has another structure than the trained one",
                               "use the zoocompiler and model versions the directory was trained with")
