@@ -347,12 +347,15 @@ def write_raw_manifest(root: Path, doc: object) -> None:
 @pytest.mark.parametrize(
     "doc, pattern",
     [
-        ("{not json", "cannot be read as JSON"),
-        ({"format": "other/1", "rates": []}, "format is 'other/1'"),
-        ([1, 2], "format is 'list'"),
+        ("{not json", "is not valid JSON"),
+        ({"format": "other/1", "rates": []}, 'format must be .*, found "other/1"'),
+        ([1, 2], r"\(top level\) must be an object, found a list"),
         ({"format": MANIFEST_FORMAT, "rates": []}, "non-empty list"),
-        ({"format": MANIFEST_FORMAT, "rates": [{"rate": 0.5}]}, r"rates\[0\] needs"),
-        ({"format": MANIFEST_FORMAT, "rates": [{"rate": "half", "onnx": "a.onnx"}]}, "not a number"),
+        ({"format": MANIFEST_FORMAT, "rates": [{"rate": 0.5}]}, r"rates\[0\]\.onnx must be a string, missing"),
+        (
+            {"format": MANIFEST_FORMAT, "rates": [{"rate": "half", "onnx": "a.onnx"}]},
+            r'rates\[0\]\.rate must be a number, found "half"',
+        ),
         ({"format": MANIFEST_FORMAT, "rates": [{"rate": 1.5, "onnx": "a.onnx"}]}, r"outside \(0, 1\]"),
     ],
 )

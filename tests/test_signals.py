@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from zoocompiler.core.atomic import remove_leftovers, staged_dir, write_bytes_atomic
-from zoocompiler.core.signals import Terminated, sigterm_raises
+from zoocompiler.core.signals import Interrupted, Terminated, stop_signals_raise
 
 TESTS_DIR = Path(__file__).parent
 ROOT = TESTS_DIR.parent
@@ -60,13 +60,15 @@ def test_partial_files_of_dead_writers_are_removed(tmp_path):
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
-def test_sigterm_raises_terminated_and_restores_the_handler():
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Terminated), sigterm_raises():
-        os.kill(os.getpid(), signal.SIGTERM)
+@pytest.mark.parametrize(("sig", "kind"), [(signal.SIGTERM, Terminated), (signal.SIGINT, Interrupted)])
+def test_stop_signals_raise_and_the_handlers_are_restored(sig, kind):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(kind), stop_signals_raise():
+        os.kill(os.getpid(), sig)
         for _ in range(100):  # the handler runs between bytecodes
             time.sleep(0.01)
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert issubclass(Interrupted, KeyboardInterrupt) and Interrupted is not KeyboardInterrupt
 
 
 def _train_in_subprocess(out: Path) -> subprocess.Popen:

@@ -9,6 +9,7 @@ stratified 80/20 train/test split, so the same spec gives the same samples on ev
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -236,6 +237,9 @@ def _tree_stamp(root: Path) -> str:
 @lru_cache(maxsize=4)
 def _npz(path: str, image_size: int | None, stamp: object) -> _RawData:
     """An .npz file's ``x``/``y`` (``image_size`` is applied later by ``load_dataset``; ``stamp`` keys the memo)."""
+    if not zipfile.is_zipfile(path):  # np.load would return a bare array for a .npy payload
+        raise DataError(f"cannot read {path} as .npz: it is not an .npz archive (a .npy array or another format)",
+                        "write it with np.savez(path, x=images, y=labels)")
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f.files or "y" not in f.files:

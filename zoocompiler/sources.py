@@ -373,6 +373,9 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read the tensors of a ``.safetensors`` or ``torch.save`` checkpoint (CPU); no model needed."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a directory, not a checkpoint file",
+                              "pass the .safetensors/.pt file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist", "check the path")
     if path.suffix.lower() == ".safetensors":

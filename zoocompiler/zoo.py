@@ -37,6 +37,7 @@ from .core.atomic import write_bytes_atomic
 from .core.cache import cache_dir, digest
 from .core.errors import CheckpointError, UnknownModelError
 from .core.modules import count_macs, count_params
+from .core.schema import NUMBER, ListOf, OneOf, load_json
 from .core.text import first_line
 from .data import load_dataset
 from .training import evaluate, train
@@ -438,16 +439,21 @@ def _train_recipe(recipe: ZooRecipe, progress: bool) -> tuple[dict[str, Any], by
     }, data
 
 
+MANIFEST_SCHEMA = {
+    "version": OneOf((MANIFEST_VERSION,)),
+    "models": ListOf({"name": str, "file": str, "sha256": str, "test_accuracy?": NUMBER, "params?": int,
+                      "macs?": int}),
+}
+
+
 def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    """The manifest records in ``folder`` by model name (empty when there is no manifest)."""
+    """The manifest records in ``folder`` by model name (empty when there is no manifest); a malformed
+    manifest (not UTF-8 JSON, or not :data:`MANIFEST_SCHEMA`) is a ``CheckpointError`` naming the field."""
     path = folder / MANIFEST_NAME
     if not path.exists():
         return {}
-    try:
-        content = json.loads(path.read_text())
-        return {m["name"]: m for m in content["models"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path} is not a valid zoo manifest ({err})", _REBUILD_HINT) from err
+    content = load_json(path, MANIFEST_SCHEMA, what="zoo manifest", error=CheckpointError, fix=_REBUILD_HINT)
+    return {m["name"]: m for m in content["models"]}
 
 
 def _write_manifest(folder: Path, records: dict[str, dict[str, Any]]) -> None:

@@ -33,10 +33,11 @@ from typing import Any
 
 from zoocompiler import __version__
 from zoocompiler.core.errors import ZooError
-from zoocompiler.core.signals import Terminated, sigterm_raises
+from zoocompiler.core.signals import Terminated, stop_signals_raise
 
 from .common import Parser, console, one_line, print_json
 
+DEBUG_HELP = "show full tracebacks on errors (before or after the command)"
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 # command modules of this package, in the order `zoocompile --help` lists their commands
@@ -52,11 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
         "143 terminated",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:  # a name of this package's modules, or a full dotted module path
         importlib.import_module(name if "." in name else f"{__name__}.{name}").register(commands)
+    _debug_everywhere(parser)
     return parser
+
+
+def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after a (sub)command too (``zoocompile inspect SPEC --debug``): every sub-parser gets it,
+    with a ``SUPPRESS`` default so that a sub-parser never resets the top-level ``--debug`` to False."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in {id(p): p for p in action.choices.values()}.values():  # aliases share a parser
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+            _debug_everywhere(sub)
 
 
 @contextlib.contextmanager
@@ -79,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], dict[str, Any]] = args.run
     as_json = getattr(args, "json", False)
     try:
-        with sigterm_raises(), _stdout_to_stderr(as_json):
+        with stop_signals_raise(), _stdout_to_stderr(as_json):
             data = run(args)
         if as_json:
             print_json(data)

@@ -14,7 +14,7 @@ from zoocompiler.core.text import human
 
 from ..pipelines.assemble.config import TUNE_MODES, AssembleConfig
 from ..pipelines.base import run_staged
-from .common import default_of, json_option, out_dir_options, progress, table, written_files
+from .common import check_at_least, default_of, json_option, out_dir_options, progress, table, written_files
 
 CONFIG = AssembleConfig
 ZOO_HELP = "'demo' (the built-in zoo) or comma-separated specs, e.g. zoo:resnet_s,zoo:vgg_s"
@@ -22,6 +22,8 @@ TUNING_OPTIONS = ("top", "tune", "epochs")  # assemble only; partition leaves th
 
 
 def _config(args: argparse.Namespace, budget) -> Any:
+    check_at_least(args, 1, "k", "restarts", "top")  # before the zoo loads (AssembleConfig.check runs later)
+    check_at_least(args, 0, "eps", "seed")
     return AssembleConfig(
         budget=budget,
         zoo=args.zoo,
@@ -195,9 +197,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     asm.add_argument(
         "--top", type=int, default=default_of(CONFIG, "top"), metavar="M", help="ILP candidates to re-rank with NASWOT"
     )
-    asm.add_argument(
-        "--tune", choices=TUNE_MODES, default=default_of(CONFIG, "tune"), help="tuning protocol"
-    )
+    asm.add_argument("--tune", choices=TUNE_MODES, default=default_of(CONFIG, "tune"), help="tuning protocol")
     asm.add_argument("--epochs", type=int, default=default_of(CONFIG, "epochs"), metavar="N", help="tuning epochs")
     _zoo_options(asm)
     asm.set_defaults(run=cmd_assemble, render=render_assemble)

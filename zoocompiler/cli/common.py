@@ -15,13 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zoocompiler.core.errors import InputShapeError
+from zoocompiler.core.errors import InputShapeError, ZooError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.pipelines.base import Progress
 
 EXAMPLE_SEED = 0
 SPEC_HELP = "model spec SOURCE:NAME[,key=value...], e.g. torchvision:resnet18 or timm:vit_tiny_patch16_224,img_size=32"
-
 
 
 # ----------------------------------------------------------------------------- defaults from the config dataclasses
@@ -37,11 +36,14 @@ def default_of(config: type, name: str) -> Any:
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps example epilogs as written; shows a default only where it carries information."""
+    """Keeps example epilogs as written; shows every default (0 and 0.0 included) except None, False
+    (an unset option, an off flag) and ``argparse.SUPPRESS``."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        # identity, not ``in (None, False, ...)``: 0 == False, and a default of 0 must show
+        hidden = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if not hidden and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -114,6 +116,17 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     if len(dims) != 3 or min(dims) < 1:
         raise InputShapeError(f"bad --input-shape '{text}'", "write C,H,W as three positive integers, e.g. 3,224,224")
     return dims  # type: ignore[return-value]
+
+
+def check_at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
+    """Raise ``ZooError`` naming the flag and the value typed when an option ``names`` is below ``minimum``
+    (options left at ``None`` are skipped); call it before anything slow or anything written."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            flag = "-K" if name == "k" else "--" + name.replace("_", "-")
+            at_least = f">= {minimum:g}" if minimum else "a number >= 0"
+            raise ZooError(f"bad {flag} {value}", f"pass {flag} {at_least}")
 
 
 def check_batch(batch: int) -> int:

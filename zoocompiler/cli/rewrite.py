@@ -76,6 +76,33 @@ def _plan_for(args: argparse.Namespace, gm):
     )
 
 
+def _check_prunes_something(args: argparse.Namespace, gm, plan) -> None:
+    """A computed plan that keeps every unit of every group would write an unpruned model: refuse it."""
+    from zoocompiler.passes.analysis import plans
+
+    groups = plans.groups_by_key(gm)
+    sizes = {key: groups[key].size for key in plan.keep if key in groups}
+    if any(len(keep) < sizes.get(key, 0) for key, keep in plan.keep.items()):
+        return
+    if any(len(kept) < sizes.get(key, 0) for key, per in plan.producer_keep.items() for kept in per.values()):
+        return
+    largest = max(sizes.values(), default=0)
+    if not sizes:
+        raise ZooError(f"{args.spec} has no prunable unit group: the plan prunes nothing", "prune another model")
+    if args.round_to is not None and args.round_to >= largest:
+        raise ZooError(
+            f"--round-to {args.round_to} is not smaller than any prunable group (the largest has {largest} units): "
+            "the plan prunes nothing",
+            f"pass a --round-to below {largest}, or drop it",
+        )
+    raise ZooError(
+        f"--ratio {args.ratio} removes no unit from any group"
+        + (f" with --round-to {args.round_to}" if args.round_to is not None else "")
+        + ": the plan prunes nothing",
+        "pass a larger --ratio" + (" or a smaller --round-to" if args.round_to is not None else ""),
+    )
+
+
 def _scope(args: argparse.Namespace) -> str:
     # not plan_by_importance's default ("producer"): the CLI ranks per group for union, like Torch-Pruning
     return args.scope or ("group" if (args.strategy or "union") == "union" else "producer")
@@ -100,6 +127,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     model, x = load_model_and_input(args)
     gm = run_analysis(trace(model, x, analyze=False), layernorm_streams=ln_mode or "pin")
     plan = _plan_for(args, gm)
+    if not args.plan:
+        _check_prunes_something(args, gm, plan)
     result = prune(gm, plan)
     masked_diff = _check_equal("pruned model vs masked reference", result.module, masked_reference(gm, plan), x)
     with staged_dir(out, args.force) as staging:

@@ -19,7 +19,7 @@ from zoocompiler.core.text import human
 
 from ..pipelines.base import run_staged
 from ..pipelines.slice.config import SliceExportConfig, SliceTrainConfig
-from .common import default_of, json_option, out_dir_options, progress_or_silent, table, written_files
+from .common import check_at_least, default_of, json_option, out_dir_options, progress_or_silent, table, written_files
 
 TRAIN_CONFIG = SliceTrainConfig
 SCHEDULER_CHOICES = ("normal", "uniform", "progressive-dynamic", "progressive-static")
@@ -32,6 +32,7 @@ EXPORT_SUBDIR = "export"
 
 def train_config(args: argparse.Namespace):
     """The ``SliceTrainConfig`` the command line asks for; scheduler options only where given."""
+    check_at_least(args, 0, "seed")
     return SliceTrainConfig(
         spec=args.spec,
         data=args.data,
@@ -47,6 +48,7 @@ def train_config(args: argparse.Namespace):
         lr=args.lr,
         batch_size=args.batch_size,
         seed=args.seed,
+        allow_pickle=args.allow_pickle,
     )
 
 
@@ -94,7 +96,7 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
     record = read_record(directory)
     record_spec(record, directory, trust_code=args.trust_code)  # refuse a python: spec before anything is written
     groups, lb = record["config"]["groups"], record["config"]["lb"]
-    rates = parse_rates(args.rates, groups, lb=lb) if args.rates is not None else None
+    rates = parse_rates(args.rates, groups, lb=lb, strict=True) if args.rates is not None else None
     flops = _parse_flops(args.flops) if args.flops is not None else None
     SliceExportConfig(latency_batch=args.latency_batch, runs=args.runs).check()
     out = _export_dir(directory, args.out)
@@ -264,6 +266,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="start from these weights (.pt/.pth/.safetensors)",
     )
     train.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a --checkpoint that contains pickled Python objects (runs their code: only for trusted files)",
+    )
+    train.add_argument(
         "--epochs", type=int, default=default_of(TRAIN_CONFIG, "epochs"), metavar="N", help="training epochs"
     )
     train.add_argument(
@@ -281,7 +288,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=default_of(TRAIN_CONFIG, "seed"),
         metavar="N",
-        help="seed for data order and slice rates (default: %(default)s)",  # 0 is not shown by default
+        help="seed for data order and slice rates",
     )
     out_dir_options(train, default="sliced")
     json_option(train)

@@ -155,7 +155,7 @@ def check_out_file(path: Path) -> None:
 def staged_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield a fresh temp directory next to ``out``; on success it becomes ``out`` (replacing it with ``force``).
 
-    On failure (an exception, Ctrl-C, or SIGTERM under :func:`zoocompiler.core.signals.sigterm_raises`)
+    On failure (an exception, Ctrl-C, or SIGTERM under :func:`zoocompiler.core.signals.stop_signals_raise`)
     the temp directory is removed and ``out`` is left as it was; leftovers of a killed run on the same
     ``out`` are removed first.
     """

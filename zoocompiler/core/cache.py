@@ -10,7 +10,6 @@ recomputes it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import torch.nn as nn
 
 from .atomic import write_json_atomic
+from .errors import ZooError
+from .schema import NON_NEGATIVE, MapOf, load_json
 
 _LOG = logging.getLogger(__name__)
 
@@ -69,20 +70,18 @@ class DiskCache:
         return self.folder / f"{self.prefix}{key[:16]}{suffix}"
 
     def read_map(self, name: str, what: str = "cache table") -> dict[str, float]:
-        """The ``key → number`` table in ``name`` (empty when missing; a corrupted one is logged as ``what``
-        and ignored)."""
+        """The ``key → number`` table in ``name`` (empty when missing). A file that cannot be read, is not
+        JSON, or holds anything but finite numbers >= 0 (latencies, sizes) is logged as ``what``, naming the
+        file and the bad field, and ignored: its entries are computed again."""
         path = self.folder / name
+        if not path.exists():
+            return {}
         try:
-            data = json.loads(path.read_text())
-            return {str(k): float(v) for k, v in data.items()}
-        except FileNotFoundError:
+            data = load_json(path, MapOf(NON_NEGATIVE), what=what)
+        except ZooError as err:
+            _LOG.warning("%s; measuring again", err)
             return {}
-        except OSError as err:  # e.g. a file where the cache folder should be
-            _LOG.warning("cannot read %s %s (%s); measuring again", what, path, err)
-            return {}
-        except (ValueError, AttributeError, TypeError):
-            _LOG.warning("%s %s is corrupted; measuring again", what, path)
-            return {}
+        return {str(k): float(v) for k, v in data.items()}
 
     def write_map(self, name: str, table: dict[str, Any]) -> None:
         """Store the table; a cache that cannot be written is logged and skipped (the run goes on)."""

@@ -18,7 +18,6 @@ relative to the directory, with optional costs (``params``, ``macs``, ``latency_
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -34,11 +33,13 @@ import onnxruntime as ort
 from ..core.atomic import write_json_atomic
 from ..core.errors import ExportError, InputShapeError, LatencyBudgetError, UnknownRateError, ZooError
 from ..core.rates import RATE_TOLERANCE, same_rate
+from ..core.schema import NUMBER, ListOf, OneOf, load_json
 from ..core.text import first_line
 from .latency import ORT_INPUT_TYPES, measure_latency, ort_session
 
 MANIFEST_FORMAT = "zoocompiler.slice-manifest/1"
 MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = {"format": OneOf((MANIFEST_FORMAT,)), "rates": ListOf({"rate": NUMBER, "onnx": str}, 1)}
 # Budgets are compared in exact decimal arithmetic on the numbers as written (their shortest repr),
 # so n·t(r) == T/2 is a tie whether t and T are binary (2**-10) or decimal (0.004) values.
 _EXACT = Context(prec=80)
@@ -438,20 +439,11 @@ def read_manifest(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
             f"no {MANIFEST_NAME} in {Path(directory)}",
             "point to the directory the slice export wrote (it holds manifest.json and one ONNX file per rate)",
         )
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _manifest_error(path, f"cannot be read as JSON ({err})") from err
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise _manifest_error(path, f"format is {found!r}, expected {MANIFEST_FORMAT!r}")
-    entries = doc.get("rates")
-    if not isinstance(entries, list) or not entries:
-        raise _manifest_error(path, "'rates' must be a non-empty list")
+    doc = load_json(path, MANIFEST_SCHEMA, what="slice manifest", error=ExportError,
+                    fix=f"write it with write_manifest ({MANIFEST_FORMAT})")
+    entries = doc["rates"]
     checked = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("onnx"), str) or "rate" not in entry:
-            raise _manifest_error(path, f"rates[{i}] needs a numeric 'rate' and a string 'onnx'")
         try:
             rate = _check_rate(entry["rate"], f"rates[{i}]")
         except ZooError as err:

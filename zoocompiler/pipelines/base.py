@@ -7,7 +7,7 @@
   report carries.
 * **All-or-nothing output.** :func:`run_staged` gives the body a fresh staging directory next to
   ``out`` and renames it onto ``out`` only when the body returns (``core.atomic.staged_dir``); an
-  error, Ctrl-C or SIGTERM (``core.signals.sigterm_raises``) removes it, and leftovers of a killed
+  error, Ctrl-C or SIGTERM (``core.signals.stop_signals_raise``) removes it, and leftovers of a killed
   run on the same ``out`` are removed by the next one.
 * **One report writer.** :func:`write_report` writes ``report.json`` through the one JSON sanitiser.
 * **An executor seam.** Loops whose items are independent (per model, per candidate, per rate) go
@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from zoocompiler.core.atomic import check_out_dir, staged_dir, write_json_atomic
 from zoocompiler.core.jsonable import jsonable
-from zoocompiler.core.signals import sigterm_raises
+from zoocompiler.core.signals import stop_signals_raise
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -91,5 +91,5 @@ def run_staged(config: PipelineConfig, out: Path, force: bool, body: Callable[[P
     """
     config.check()
     check_out_dir(out, force)
-    with sigterm_raises(), staged_dir(out, force) as staging:
+    with stop_signals_raise(), staged_dir(out, force) as staging:
         return body(staging)

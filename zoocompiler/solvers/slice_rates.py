@@ -101,11 +101,34 @@ def check_rate(r: float, groups: int, lb: float | None = None) -> float:
     return snapped
 
 
-def parse_rates(text: str, groups: int, *, lb: float | None = None) -> list[float]:
+def _grid_text(j: int, g: int) -> str:
+    """The rate ``j/g`` as a user can type it: ``0.75``, or ``1/3`` where the short decimal is not on the grid."""
+    text = _rate_text(j / g)
+    return text if same_rate(float(text), j / g) else f"{j}/{g}"
+
+
+def _check_on_grid(value: float, token: str, text: str, g: int, lb: float | None) -> None:
+    """Raise ``ZooError`` quoting ``token`` when ``value`` is not a multiple of ``1/g`` (within ``RATE_TOLERANCE``),
+    naming the nearest valid rates (those >= ``lb`` when given)."""
+    if same_rate(value, round(value * g) / g):
+        return
+    grid = [round(r * g) for r in valid_rates(g, lb)]
+    below = [j for j in grid if j / g < value][-1:]
+    above = [j for j in grid if j / g > value][:1]
+    nearest = " or ".join(_grid_text(j, g) for j in below + above)
+    raise ZooError(
+        f"slice rate {token!r} in {text!r} is not a valid rate (multiples of 1/{g})",
+        f"pass a rate on the grid, e.g. {nearest}",
+    )
+
+
+def parse_rates(text: str, groups: int, *, lb: float | None = None, strict: bool = False) -> list[float]:
     """Rates from a CLI list such as ``"0.375,0.5,1"`` (fractions like ``3/8`` too): snapped, sorted, unique.
 
     Each token goes through ``check_rate`` (so with ``lb`` given, rates below it raise). A token that is not a
-    number, or not in (0, 1], raises ``ZooError`` naming the token; an empty list raises too.
+    number, or not in (0, 1], raises ``ZooError`` naming the token; an empty list raises too. With ``strict``
+    (what the CLI uses for rates a user typed) a token that is not a multiple of ``1/groups`` within
+    ``RATE_TOLERANCE`` raises ``ZooError`` quoting it and naming the nearest valid rates, instead of snapping.
     """
     g = _check_groups(groups)
     tokens = [t.strip() for t in str(text).split(",")]
@@ -127,6 +150,8 @@ def parse_rates(text: str, groups: int, *, lb: float | None = None) -> list[floa
                 f"slice rate {token!r} in {text!r} is not in (0, 1]",
                 "pass comma-separated rates in (0, 1], e.g. 0.375,0.5,1",
             )
+        if strict:
+            _check_on_grid(value, token, text, g, lb)
         snapped.add(round(check_rate(value, g, lb) * g))
     return [j / g for j in sorted(snapped)]
 

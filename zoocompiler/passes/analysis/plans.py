@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from zoocompiler.core.atomic import write_json_atomic
 from zoocompiler.core.errors import PassError
+from zoocompiler.core.schema import ListOf, MapOf, OneOf, load_json, parse_json
 from zoocompiler.ir import UnitGroup, UnitMember, graph_info
 
 from .unit_groups import layernorm_streams_of
@@ -36,6 +37,15 @@ PLAN_FORMAT = "zoocompiler.plan/1"
 STRATEGIES = ("union", "intersection", "pad")
 IMPORTANCES = ("l1", "l2", "random")
 SOURCE_ROLES = ("conv_out", "linear_out", "embedding_out")  # members that create a group's units
+PLAN_SCHEMA = {
+    "format?": OneOf((PLAN_FORMAT,)),
+    "strategy?": str,
+    "strategies?": MapOf(str),
+    "keep?": MapOf(ListOf(int)),
+    "producer_keep?": MapOf(MapOf(ListOf(int))),
+    "meta?": dict,
+}
+PLAN_FIX = "pass a plan.json written by zoocompile prune or Plan.save (format: docs/prune.md)"
 
 
 # ----------------------------------------------------------------------------- keys
@@ -139,27 +149,19 @@ class Plan:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        """Parse a plan; malformed JSON or fields raise ``PassError``."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PassError(f"plan is not valid JSON ({err.msg} at line {err.lineno})", "pass a plan.json") from err
-        if not isinstance(data, dict) or data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
-            raise PassError("plan has an unknown format", f"expected a JSON object with format '{PLAN_FORMAT}'")
-        try:
-            keep = {str(k): [int(i) for i in v] for k, v in data.get("keep", {}).items()}
-            pk = {
-                str(k): {str(p): [int(i) for i in v] for p, v in d.items()}
-                for k, d in data.get("producer_keep", {}).items()
-            }
-            strategies = {str(k): str(v) for k, v in data.get("strategies", {}).items()}
-        except (AttributeError, TypeError, ValueError) as err:
-            raise PassError(
-                f"plan fields are malformed ({err})",
-                "keep: {group: [ints]}, producer_keep: {group: {producer: [ints]}}",
-            ) from err
-        return cls(keep, pk, str(data.get("strategy", "union")), strategies, dict(data.get("meta", {})))
+    def from_json(cls, text: str | bytes, source: str | Path = "(text)") -> Plan:
+        """Parse a plan read from ``source``; non-UTF-8 or invalid JSON, malformed fields and a plan that
+        keeps nothing (no ``keep`` nor ``producer_keep`` entry) raise ``PassError`` (one line)."""
+        return cls._from_doc(parse_json(text, source, PLAN_SCHEMA, what="plan", error=PassError, fix=PLAN_FIX), source)
+
+    @classmethod
+    def _from_doc(cls, data: dict[str, Any], source: str | Path) -> Plan:
+        keep, pk = data.get("keep", {}), data.get("producer_keep", {})
+        if not keep and not pk:
+            raise PassError(f"plan {source} is empty (no 'keep' or 'producer_keep' entry): it would prune nothing",
+                            PLAN_FIX)
+        return cls({k: list(v) for k, v in keep.items()}, _copy_pk(pk), data.get("strategy", "union"),
+                   dict(data.get("strategies", {})), dict(data.get("meta", {})))
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON, atomically."""
@@ -167,11 +169,8 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise PassError(f"cannot read plan '{path}' ({err.strerror})", "pass an existing plan.json") from err
-        return cls.from_json(text)
+        """Read a plan file (see :meth:`from_json`); a missing or unreadable file is a ``PassError``."""
+        return cls._from_doc(load_json(path, PLAN_SCHEMA, what="plan", error=PassError, fix=PLAN_FIX), path)
 
 
 def _copy_pk(pk: dict[str, dict[str, list[int]]]) -> dict[str, dict[str, list[int]]]:

@@ -22,6 +22,7 @@ from zoocompiler.core.budget import Budget
 from zoocompiler.core.cache import cache_dir, weights_hash
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.modules import count_macs, count_params
+from zoocompiler.core.schema import NUMBER, ListOf, OneOf, Where, check, load_json
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.rewrite.compose import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
 from zoocompiler.solvers.assembly_ilp import Assembly, solve_assemblies
@@ -190,20 +191,40 @@ def plan_dict(analysis: ZooAnalysis, blocks: list[ChosenBlock], config: Assemble
     }
 
 
-def rebuild(plan: dict, progress: Progress | None = None, *, trust_code: bool = False) -> AssembledNet:
+_INDEX = Where(int, lambda i: i >= 0, "an integer >= 0")
+PLAN_SCHEMA = {
+    "version": OneOf((PLAN_VERSION,)),
+    "zoo": ListOf({"name": str, "spec": str, "weights_sha256": str}, 1),
+    "data": str,
+    "num_classes": Where(int, lambda n: n >= 2, "an integer >= 2"),
+    "probe": {"fraction": Where(NUMBER, lambda f: 0 < f <= 1, "a fraction in (0, 1]"), "seed": int},
+    "blocks": ListOf({"model": str, "stage": _INDEX, "start": _INDEX, "end": _INDEX, "start_node": str,
+                      "end_node": str}, 1),
+}
+PLAN_FIX = "pass the plan.json written by zoocompile assemble, or re-run it"
+
+
+def read_plan(path: str | Path) -> dict:
+    """``plan.json`` read and checked against :data:`PLAN_SCHEMA` (``ZooError`` naming the file and field)."""
+    return load_json(path, PLAN_SCHEMA, what="assembly plan", fix=PLAN_FIX)
+
+
+def rebuild(plan: dict, progress: Progress | None = None, *, trust_code: bool = False,
+            source: str | Path = "plan.json") -> AssembledNet:
     """The untuned assembly of ``plan`` (stitches and head refitted exactly as ``assemble`` did before tuning).
 
-    ``plan`` is data (``plan.json``): every zoo spec is checked before anything is loaded, and a
-    ``python:`` spec (it imports and calls code) is a ``ZooError`` unless ``trust_code`` — pass it only
-    for a plan you made yourself from such a zoo."""
+    ``plan`` is data (``plan.json``, read from ``source``): it is checked against :data:`PLAN_SCHEMA` and every
+    zoo spec is checked before anything is loaded; a ``python:`` spec (it imports and calls code) is a
+    ``ZooError`` unless ``trust_code`` — pass it only for a plan you made yourself from such a zoo."""
     from ..zoo.members import load_member
 
-    if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
-        found = plan.get("version") if isinstance(plan, dict) else type(plan).__name__
-        raise ZooError(f"plan version {found!r} is not {PLAN_VERSION}", "re-run zoocompile assemble")
-    zoo = plan.get("zoo")
-    if not isinstance(zoo, list) or not all(isinstance(entry, dict) for entry in zoo):
-        raise ZooError("the plan's 'zoo' is not a list of models", "re-run zoocompile assemble")
+    check(plan, PLAN_SCHEMA, source, what="assembly plan", fix=PLAN_FIX)
+    zoo = plan["zoo"]
+    names = {entry["name"] for entry in zoo}
+    for i, b in enumerate(plan["blocks"]):
+        if b["model"] not in names:
+            raise ZooError(f"assembly plan {source} is malformed: blocks[{i}].model {b['model']!r} is not in its zoo",
+                           PLAN_FIX)
     for i, entry in enumerate(zoo):
         check_spec_from_file(entry.get("spec"), f"plan.json zoo[{i}].spec", trust_code=trust_code, fix=TRUST_FIX)
     train = load_dataset(plan["data"], "train")
@@ -222,6 +243,9 @@ def rebuild(plan: dict, progress: Progress | None = None, *, trust_code: bool = 
     blocks = [ChosenBlock(b["model"], b["stage"], b["start"], b["end"]) for b in plan["blocks"]]
     for b, raw in zip(blocks, plan["blocks"], strict=True):
         m = members[b.model]
+        if max(b.start, b.end) >= len(m.positions):
+            raise ZooError(f"block {b.key} of {source} has cut points beyond the {len(m.positions)} of {b.model}",
+                           PLAN_FIX)
         if (m.positions[b.start].node, m.positions[b.end].node) != (raw["start_node"], raw["end_node"]):
             raise ZooError(f"block {b.key} no longer starts/ends at the plan's cut points", "re-run assemble")
     probe = probe_batch(train, plan["probe"]["fraction"], seed=plan["probe"]["seed"])

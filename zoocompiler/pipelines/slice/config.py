@@ -22,6 +22,7 @@ class SliceTrainConfig:
     sort_by: str | None = None
     from_scratch: bool = False
     checkpoint: str | None = None
+    allow_pickle: bool = False  # a pickled --checkpoint may run code: only for files the user trusts
     epochs: int = 10
     lr: float = 3e-3
     batch_size: int = 128

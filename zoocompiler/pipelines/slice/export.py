@@ -137,6 +137,8 @@ def _export_rate(
 
 def read_manifest_doc(directory: Path) -> dict[str, Any]:
     """The whole manifest document (the runtime's ``read_manifest`` returns its rate entries only)."""
-    import json
+    from zoocompiler.core.errors import ExportError
+    from zoocompiler.core.schema import load_json
+    from zoocompiler.exports.elastic import MANIFEST_SCHEMA
 
-    return json.loads((directory / MANIFEST_NAME).read_text())
+    return load_json(directory / MANIFEST_NAME, MANIFEST_SCHEMA, what="slice manifest", error=ExportError)

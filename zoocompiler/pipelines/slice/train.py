@@ -11,7 +11,6 @@ A ``python:`` spec in ``slice.json`` would import and call code, so rebuilding o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -26,12 +25,13 @@ from zoocompiler.core.errors import CheckpointError, DataError, InputShapeError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.plots import pyplot, save_png
 from zoocompiler.core.rates import DEFAULT_GROUPS, RATE_TOLERANCE
+from zoocompiler.core.schema import NUMBER, ListOf, OneOf, Where, load_json
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.plans import graph_fingerprint
 from zoocompiler.passes.rewrite.slicing import SliceableModel, make_sliceable
 from zoocompiler.solvers.slice_rates import RateScheduler, check_rate, make_scheduler, valid_rates
-from zoocompiler.sources import check_spec_from_file, load_model
+from zoocompiler.sources import check_spec_from_file, load_model, read_state_dict
 from zoocompiler.tracing import check_input
 from zoocompiler.training import History, evaluate, seed_everything, train
 
@@ -80,11 +80,12 @@ def build_sliceable(
     sort_by: str | None = None,
     from_scratch: bool = False,
     checkpoint: str | None = None,
+    allow_pickle: bool = False,
     num_classes: int | None = None,
 ) -> SliceableModel:
     """Load ``spec`` (optionally a local checkpoint, or re-initialised), trace it at ``input_shape`` and
     make it sliceable. ``num_classes`` checks the classifier width against the data."""
-    model = load_model(spec, checkpoint=checkpoint)
+    model = load_model(spec, checkpoint=checkpoint, allow_pickle=allow_pickle)
     if from_scratch:
         torch.manual_seed(0)
         reset_parameters(model)
@@ -205,7 +206,8 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
         shape = tuple(train_split.input_shape)
         model = build_sliceable(config.spec, shape, groups=config.groups, rescale=config.rescale,
                                 sort_by=config.sort_by, from_scratch=config.from_scratch,
-                                checkpoint=config.checkpoint, num_classes=train_split.num_classes)
+                                checkpoint=config.checkpoint, allow_pickle=config.allow_pickle,
+                                num_classes=train_split.num_classes)
     with stages("train"):
         rates = valid_rates(config.groups, config.lb)
         scheduler = make_scheduler(config.scheduler, rates, **config.scheduler_options)
@@ -234,18 +236,41 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
     return record
 
 
+_RATE = Where(NUMBER, lambda r: 0 < r <= 1 + RATE_TOLERANCE, "a rate in (0, 1]")
+RECORD_SCHEMA = {
+    "format": OneOf((TRAINED_FORMAT,)),
+    "config": {
+        "spec": str,
+        "data": str,
+        "lb": _RATE,
+        "groups": Where(int, lambda g: g >= 1, "an integer >= 1"),
+        "rescale": str,
+    },
+    "input_shape": ListOf(Where(int, lambda d: d >= 1, "a positive integer"), 1),
+    "fingerprint": str,
+    "rates": ListOf({"rate": _RATE, "trained": bool}),
+}
+RECORD_FIX = "re-run `zoocompile slice train` (slice.json is written by it; see docs/slice.md)"
+
+
 def read_record(directory: str | Path) -> dict[str, Any]:
-    """``slice.json`` of a trained directory; a missing or foreign file is a ``CheckpointError``."""
+    """``slice.json`` of a trained directory, checked against :data:`RECORD_SCHEMA`; a missing, foreign or
+    malformed file, or a ``config.lb`` below the lower bound the rates were trained with, is a ``CheckpointError``."""
     path = Path(directory) / RECORD_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {RECORD_FILE}",
                               "pass a directory written by `zoocompile slice train`")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err.msg})", "re-run `zoocompile slice train`") from err
-    if not isinstance(record, dict) or record.get("format") != TRAINED_FORMAT:
-        raise CheckpointError(f"{path} is not a sliceable-model record", f"expected format '{TRAINED_FORMAT}'")
+    record = load_json(path, RECORD_SCHEMA, what="sliceable-model record", error=CheckpointError, fix=RECORD_FIX)
+    lb = record["config"]["lb"]
+    untrained = [row["rate"] for row in record["rates"] if not row["trained"] and row["rate"] >= lb - RATE_TOLERANCE]
+    if untrained:
+        trained = [row["rate"] for row in record["rates"] if row["trained"]]
+        low = f"{min(trained):g}" if trained else "none"
+        raise CheckpointError(
+            f"{path}: config.lb {lb:g} is below the lowest trained rate ({low}); "
+            f"rate {max(untrained):g} was not trained",
+            f"restore config.lb to {low}, or re-run `zoocompile slice train --lb {lb:g}`",
+        )
     return record
 
 
@@ -263,8 +288,6 @@ def load_trained(directory: str | Path, *, trust_code: bool = False) -> tuple[Sl
 
     ``slice.json`` is data: a ``python:`` spec in it is refused (``ZooError``, nothing imported) unless
     ``trust_code`` — pass it only for a directory you trained yourself from that spec."""
-    from safetensors.torch import load_file
-
     record = read_record(directory)
     spec = record_spec(record, directory, trust_code=trust_code)
     cfg = record["config"]
@@ -275,7 +298,7 @@ def load_trained(directory: str | Path, *, trust_code: bool = False) -> tuple[Sl
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}", "re-run `zoocompile slice train`")
-    state = load_file(str(weights))
+    state = read_state_dict(weights)
     missing, unexpected = model.gm.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{weights}: {len(missing)} missing and {len(unexpected)} unexpected tensors",
