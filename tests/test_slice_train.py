@@ -239,3 +239,12 @@ def test_build_from_a_local_checkpoint(tmp_path):
     torch.save({"0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError):
         build_sliceable(SPEC, SHAPE, groups=4, checkpoint=str(tmp_path / "bad.pt"))
+
+
+def test_outputs_have_one_file_mode(trained_dir, tmp_path):
+    """Every file of a trained directory has the mode any atomic write gets (the umask), weights included."""
+    from zoocompiler.core.atomic import write_bytes_atomic
+
+    out, _ = trained_dir
+    reference = write_bytes_atomic(tmp_path / "probe.bin", b"x").stat().st_mode & 0o777
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: reference for p in out.iterdir()}

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,14 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
     return Path(path)
+
+
+def write_state_dict_atomic(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+    """Save tensors as safetensors atomically, with the file mode of every other output (the umask;
+    ``safetensors.torch.save_file`` would create it 0600)."""
+    from safetensors.torch import save
+
+    return write_bytes_atomic(path, save({k: v.detach().contiguous() for k, v in state.items()}))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
-from zoocompiler.core.atomic import write_text_atomic
+from zoocompiler.core.atomic import write_state_dict_atomic, write_text_atomic
 from zoocompiler.core.budget import Budget
 from zoocompiler.core.cache import cache_dir, weights_hash
 from zoocompiler.core.errors import ZooError
@@ -351,7 +350,7 @@ def assemble(
         "zoo": [m.spec for m in analysis.members],
         "timings": stages.timings,
     }
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(out_dir / "assembly.safetensors"))
+    write_state_dict_atomic(out_dir / "assembly.safetensors", net.state_dict())
     write_text_atomic(out_dir / "plan.json", json.dumps(plan, indent=2))
     plot_similarity(analysis.similarity, analysis.partition, out_dir / "similarity.png")
     plot_candidates(candidates, best, out_dir / "candidates.png")

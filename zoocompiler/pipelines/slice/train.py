@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoocompiler.core.atomic import write_state_dict_atomic
 from zoocompiler.core.errors import CheckpointError, DataError, InputShapeError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.plots import pyplot, save_png
@@ -196,8 +197,6 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Build, train and evaluate per :class:`SliceTrainConfig`; write the trained directory into
     ``out_dir`` (an empty staging directory) and return the record written to ``slice.json``."""
-    from safetensors.torch import save_file
-
     config.check()
     stages = Stages()
     with stages("build"):
@@ -230,7 +229,7 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
         ],
         "timings": stages.timings,
     }
-    save_file({k: v.detach().contiguous() for k, v in model.gm.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
+    write_state_dict_atomic(out_dir / WEIGHTS_FILE, model.gm.state_dict())
     plot_accuracy(record["rates"], out_dir / PLOT_FILE, f"{config.spec} (lb {config.lb:g}, {config.scheduler})")
     write_report(out_dir, record, RECORD_FILE)
     return record
