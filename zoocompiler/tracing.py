@@ -147,7 +147,7 @@ def check_input(model: nn.Module, example_input: torch.Tensor) -> None:
     except (RuntimeError, ValueError, AssertionError, TypeError) as err:
         raise InputShapeError(
             f"model rejects input of shape {tuple(example_input.shape)} ({first_line(err)})",
-            "pass --input-shape C,H,W matching the model (e.g. 3,224,224)",
+            "give an input shape the model accepts (inspect/export: --input-shape C,H,W, e.g. 3,224,224)",
         ) from err
 
 
