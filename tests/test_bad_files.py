@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.cli import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 
-import zoocompiler.cli as cli
 from zoocompiler.core.cache import DiskCache
 from zoocompiler.core.errors import CheckpointError, DataError, ExportError, PassError, ZooError
 from zoocompiler.core.schema import NUMBER, ListOf, MapOf, OneOf, Where, check, load_json
@@ -37,14 +37,9 @@ def one_line(err: BaseException, *fragments: str) -> str:
     return text
 
 
-def _cli(capsys, *argv: object) -> tuple[int, str]:
-    code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def _cli_one_line(err: str, fragment: str) -> None:
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert fragment in err, err
+def _err(*argv: object) -> tuple[int, str]:
+    code, _, err = run_cli(*argv)
+    return code, err
 
 
 # ----------------------------------------------------------------------------- the checker itself
@@ -112,13 +107,13 @@ def test_a_plan_directory_is_named_as_such(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [(NOT_UTF8, "not UTF-8"), (b"{}", "is empty")])
-def test_cli_prune_with_a_malformed_plan_exits_2_and_writes_nothing(tmp_path, capsys, content, message):
+def test_cli_prune_with_a_malformed_plan_exits_2_and_writes_nothing(tmp_path, content, message):
     plan, out = tmp_path / "plan.json", tmp_path / "out"
     plan.write_bytes(content)
-    code, err = _cli(capsys, "prune", "torchvision:resnet18", "--input-shape", "3,32,32", "--plan", plan,
+    code, err = _err("prune", "torchvision:resnet18", "--input-shape", "3,32,32", "--plan", plan,
                      "--out", out)
     assert code == 2
-    _cli_one_line(err, message)
+    assert_one_line_error(err, message)
     assert str(plan) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
@@ -173,12 +168,12 @@ def test_malformed_slice_records_are_one_line_checkpoint_errors(tmp_path, record
     one_line(info.value, str(tmp_path / RECORD_FILE), message)
 
 
-def test_cli_slice_export_with_a_malformed_record_exits_2_and_writes_nothing(tmp_path, capsys):
+def test_cli_slice_export_with_a_malformed_record_exits_2_and_writes_nothing(tmp_path):
     trained = tmp_path / "trained"
     _write_record(trained, _record(config={**_record()["config"], "lb": 0.25}))
-    code, err = _cli(capsys, "slice", "export", trained, "--out", tmp_path / "export")
+    code, err = _err("slice", "export", trained, "--out", tmp_path / "export")
     assert code == 2
-    _cli_one_line(err, "below the lowest trained rate")
+    assert_one_line_error(err, "below the lowest trained rate")
     assert str(trained / RECORD_FILE) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trained"]
     assert sorted(p.name for p in trained.iterdir()) == [RECORD_FILE]
@@ -363,7 +358,7 @@ def test_a_directory_passed_as_a_checkpoint_is_named_as_such(tmp_path):
     assert "does not exist" not in text
 
 
-def test_cli_inspect_with_a_directory_checkpoint_exits_2(tmp_path, capsys):
-    code, err = _cli(capsys, "inspect", "torchvision:resnet18", "--input-shape", "3,32,32", "--checkpoint", tmp_path)
+def test_cli_inspect_with_a_directory_checkpoint_exits_2(tmp_path):
+    code, err = _err("inspect", "torchvision:resnet18", "--input-shape", "3,32,32", "--checkpoint", tmp_path)
     assert code == 2
-    _cli_one_line(err, "is a directory")
+    assert_one_line_error(err, "is a directory")

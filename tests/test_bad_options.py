@@ -3,15 +3,13 @@ help shows every default; a fix never names a flag the command lacks."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers.cli import assert_one_line_error, subparsers
+from helpers.cli import assert_nothing_written, assert_one_line_error, run_cli, subparsers
 
 from zoocompiler import cli
 from zoocompiler.core.errors import ZooError
@@ -21,21 +19,12 @@ TINY = "python:models_for_tests:tiny_cnn"  # two conv groups of 8 units
 TESTS = Path(__file__).resolve().parent
 
 
-def run(*argv: str) -> tuple[int, str, str]:
-    """``cli.main`` in process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
 def assert_user_error(argv: list, fragment: str, out_dir: Path | None = None) -> None:
-    code, out, err = run(*argv)
+    code, out, err = run_cli(*argv)
     assert (code, out) == (2, ""), err
     assert_one_line_error(err, fragment)
     if out_dir is not None:
-        assert not out_dir.exists()
-        assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.")]
+        assert_nothing_written(out_dir)
 
 
 def _never(*_args, **_kwargs):
@@ -60,7 +49,7 @@ def test_prune_plan_that_prunes_nothing(tmp_path, extra, fragment):
 
 
 def test_prune_round_to_that_still_prunes_is_fine(tmp_path):
-    code, _, err = run("prune", TINY, "--ratio", "0.5", "--round-to", "4", "--out", tmp_path / "p", "--json")
+    code, _, err = run_cli("prune", TINY, "--ratio", "0.5", "--round-to", "4", "--out", tmp_path / "p", "--json")
     assert code == 0, err
 
 
@@ -135,7 +124,7 @@ def test_negative_slice_train_seed(monkeypatch, tmp_path):
 
 
 def test_debug_after_the_command():
-    code, out, err = run("inspect", "timm:resnet1800", "--debug")
+    code, out, err = run_cli("inspect", "timm:resnet1800", "--debug")
     assert (code, out) == (2, "")
     assert "Traceback" in err
     assert err.strip().splitlines()[-1].startswith("error: unknown timm model")
@@ -144,10 +133,10 @@ def test_debug_after_the_command():
 def test_debug_after_the_command_on_internal_errors(monkeypatch, tmp_path):
     monkeypatch.setattr("zoocompiler.pipelines.slice.export.export_rates", _never)
     monkeypatch.setattr("zoocompiler.pipelines.slice.train.read_record", _never)
-    code, _, err = run("slice", "export", tmp_path, "--debug")
+    code, _, err = run_cli("slice", "export", tmp_path, "--debug")
     assert code == 1
     assert "Traceback" in err and "rerun with --debug" not in err
-    code, _, err = run("slice", "export", tmp_path)
+    code, _, err = run_cli("slice", "export", tmp_path)
     assert code == 1
     assert err.endswith("(rerun with --debug)\n") and "Traceback" not in err
 

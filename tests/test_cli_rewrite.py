@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers.cli import assert_nothing_written, assert_one_line_error, run_cli
 from rich.console import Console
 
 from zoocompiler import cli
@@ -26,26 +25,6 @@ from zoocompiler.sources import load_model
 SPEC = "torchvision:resnet18"
 SHAPE = "3,32,32"
 TINY = "python:models_for_tests:tiny_cnn"
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    """``cli.main`` in process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(err: str, fragment: str) -> None:
-    assert err.startswith("error: "), err
-    assert err.count("\n") == 1, err
-    assert "Traceback" not in err
-    assert fragment in err, err
-
-
-def assert_nothing_written(out_dir: Path) -> None:
-    assert not out_dir.exists()
-    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.")]
 
 
 def ort_output(path: str | Path, x: torch.Tensor) -> np.ndarray:
@@ -78,7 +57,7 @@ def traced(weights) -> torch.fx.GraphModule:
 
 
 def run_resnet18(command: str, weights: Path, *argv: str) -> tuple[int, str, str]:
-    return run(command, SPEC, "--input-shape", SHAPE, "--checkpoint", str(weights), *argv)
+    return run_cli(command, SPEC, "--input-shape", SHAPE, "--checkpoint", str(weights), *argv)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +145,7 @@ def test_prune_table_summarises_the_run(pruned):
 )
 def test_prune_bad_options_exit_2_before_loading(tmp_path, extra, fragment):
     out_dir = tmp_path / "out"
-    code, out, err = run("prune", SPEC, "--input-shape", SHAPE, "--out", str(out_dir), *extra)
+    code, out, err = run_cli("prune", SPEC, "--input-shape", SHAPE, "--out", str(out_dir), *extra)
     assert (code, out) == (2, "")
     assert_one_line_error(err, fragment)
     assert_nothing_written(out_dir)
@@ -176,12 +155,12 @@ def test_prune_keeps_an_existing_dir_unless_forced(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "mine.txt").write_text("keep me")
-    code, _, err = run("prune", TINY, "--ratio", "0.5", "--out", str(out_dir))
+    code, _, err = run_cli("prune", TINY, "--ratio", "0.5", "--out", str(out_dir))
     assert code == 2
     assert_one_line_error(err, "already exists")
     assert [p.name for p in out_dir.iterdir()] == ["mine.txt"]
 
-    code, out, err = run("prune", TINY, "--ratio", "0.5", "--out", str(out_dir), "--force", "--json")
+    code, out, err = run_cli("prune", TINY, "--ratio", "0.5", "--out", str(out_dir), "--force", "--json")
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "plan.json", "report.json"]
     assert json.loads(out)["prune"]["params_after"] < json.loads(out)["prune"]["params_before"]
@@ -191,7 +170,7 @@ def test_prune_keeps_an_existing_dir_unless_forced(tmp_path):
 def test_prune_plan_for_another_model_is_rejected(pruned, tmp_path):
     out_dir, _ = pruned
     target = tmp_path / "out"
-    code, out, err = run("prune", TINY, "--plan", str(out_dir / "plan.json"), "--out", str(target))
+    code, out, err = run_cli("prune", TINY, "--plan", str(out_dir / "plan.json"), "--out", str(target))
     assert (code, out) == (2, "")
     assert_one_line_error(err, "plan was made for another model")
     assert_nothing_written(target)
@@ -240,7 +219,7 @@ def test_prune_failure_while_writing_leaves_nothing(monkeypatch, tmp_path):
 
     monkeypatch.setattr(onnx_export, "export_onnx", failing_export)
     out_dir = tmp_path / "out"
-    code, _, err = run("prune", TINY, "--ratio", "0.5", "--out", str(out_dir))
+    code, _, err = run_cli("prune", TINY, "--ratio", "0.5", "--out", str(out_dir))
     assert code == 2
     assert_one_line_error(err, "exporter exploded — try again")
     assert list(tmp_path.iterdir()) == []
@@ -273,7 +252,7 @@ def test_fuse_writes_an_equal_model_with_fewer_nodes(weights, tmp_path):
 
 def test_fuse_bad_input_shape_is_one_line(tmp_path):
     path = tmp_path / "fused.onnx"
-    code, _, err = run("fuse", SPEC, "--input-shape", "3,32", "--out", str(path))
+    code, _, err = run_cli("fuse", SPEC, "--input-shape", "3,32", "--out", str(path))
     assert code == 2
     assert_one_line_error(err, "bad --input-shape '3,32'")
     assert not path.exists()
@@ -282,7 +261,7 @@ def test_fuse_bad_input_shape_is_one_line(tmp_path):
 def test_prune_options_reach_the_plan(tmp_path):
     out_dir = tmp_path / "out"
     argv = ["--ratio", "0.6", "--importance", "l2", "--strategy", "pad", "--round-to", "4", "--out", str(out_dir)]
-    code, out, err = run("prune", TINY, *argv, "--json")
+    code, out, err = run_cli("prune", TINY, *argv, "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["plan"] == {
@@ -306,7 +285,7 @@ def test_help_documents_every_option(command):
         for action in cli.build_parser()._actions
         if isinstance(action, argparse._SubParsersAction)
     )
-    code, out, _ = run(command, "--help")
+    code, out, _ = run_cli(command, "--help")
     assert code == 0
     assert out.startswith(f"usage: zoocompile {command}")
     for action in parser._actions:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import io
 import json
@@ -13,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers.cli import assert_one_line_error
+from helpers.cli import assert_one_line_error, run_cli
 from helpers.cli import subparsers as _subparsers
 from rich.console import Console
 from torch import nn
@@ -34,14 +33,6 @@ ATOL = 1e-4
 def linear_only() -> nn.Module:
     """A 1×28×28 → 10 classifier with no hidden units: every unit group is pinned (input or classes)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """``cli.main(argv)`` in process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def _no_constants(name: str):

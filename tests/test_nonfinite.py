@@ -4,19 +4,16 @@ with ``TrainingError`` (epoch, step, likely cause), the CLI exits 2 with one lin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.cli import assert_one_line_error
+from helpers.cli import assert_one_line_error, run_cli
 from models_for_tests import sliceable_mlp_cnn, tiny_cnn
 from torch import nn
 
-from zoocompiler import cli
 from zoocompiler.core.budget import Budget
 from zoocompiler.core.errors import ExportError, TrainingError, ZooError
 from zoocompiler.data import load_dataset
@@ -31,13 +28,6 @@ SPEC = "python:models_for_tests:sliceable_mlp_cnn"  # a tiny conv+dense net; 1 e
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", "train"), load_dataset("digits", "test")
-
-
-def run_cli(*argv: object) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def with_nan(split, rows=(5,)):

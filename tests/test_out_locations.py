@@ -9,19 +9,14 @@ import logging
 
 import pytest
 import torch
+from helpers.cli import assert_one_line_error, run_cli
 
-import zoocompiler.cli as cli
 from zoocompiler.core.cache import DiskCache
 
 
-def _run(capsys, *argv: str) -> tuple[int, str]:
-    code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def _one_line(err: str, fragment: str) -> None:
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert fragment in err, err
+def _err(*argv: object) -> tuple[int, str]:
+    code, _, err = run_cli(*argv)
+    return code, err
 
 
 @pytest.fixture
@@ -34,56 +29,56 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr("zoocompiler.sources.load_model", refuse)
 
 
-def test_export_to_an_existing_directory(tmp_path, capsys, no_model_loading):
-    code, err = _run(capsys, "export", "zoo:vgg_s", "--out", tmp_path)
+def test_export_to_an_existing_directory(tmp_path, no_model_loading):
+    code, err = _err("export", "zoo:vgg_s", "--out", tmp_path)
     assert code == 2
-    _one_line(err, "is a directory")
+    assert_one_line_error(err, "is a directory")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(("option", "value"), [("--threads", "-1"), ("--runs", "-1")])
-def test_export_rejects_bad_timing_options_before_writing(tmp_path, capsys, no_model_loading, option, value):
+def test_export_rejects_bad_timing_options_before_writing(tmp_path, no_model_loading, option, value):
     out = tmp_path / "m.onnx"
-    code, err = _run(capsys, "export", "zoo:vgg_s", "--out", out, option, value)
+    code, err = _err("export", "zoo:vgg_s", "--out", out, option, value)
     assert code == 2
-    _one_line(err, f"bad {option} {value}")
+    assert_one_line_error(err, f"bad {option} {value}")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_out_below_a_file(tmp_path, capsys, no_model_loading):
+def test_out_below_a_file(tmp_path, no_model_loading):
     (tmp_path / "file").write_text("x")
-    code, err = _run(capsys, "export", "zoo:vgg_s", "--out", tmp_path / "file" / "m.onnx")
+    code, err = _err("export", "zoo:vgg_s", "--out", tmp_path / "file" / "m.onnx")
     assert code == 2
-    _one_line(err, "is a file, not a directory")
-    code, err = _run(capsys, "slice", "train", "zoo:vgg_s", "--data", "digits", "--out", tmp_path / "file" / "run")
+    assert_one_line_error(err, "is a file, not a directory")
+    code, err = _err("slice", "train", "zoo:vgg_s", "--data", "digits", "--out", tmp_path / "file" / "run")
     assert code == 2
-    _one_line(err, "is a file, not a directory")
+    assert_one_line_error(err, "is a file, not a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 @pytest.mark.parametrize("out", [".", ".."])
-def test_the_working_directory_is_never_an_output(tmp_path, capsys, monkeypatch, no_model_loading, out):
+def test_the_working_directory_is_never_an_output(tmp_path, monkeypatch, no_model_loading, out):
     work = tmp_path / "work"
     work.mkdir()
     (work / "mine.txt").write_text("keep")
     monkeypatch.chdir(work)
-    code, err = _run(capsys, "slice", "train", "zoo:vgg_s", "--data", "digits", "--out", out, "--force")
+    code, err = _err("slice", "train", "zoo:vgg_s", "--data", "digits", "--out", out, "--force")
     assert code == 2
-    _one_line(err, "is the working directory or contains it")
+    assert_one_line_error(err, "is the working directory or contains it")
     assert (work / "mine.txt").read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
 
 
-def test_cache_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
+def test_cache_dir_that_is_a_file(tmp_path, monkeypatch):
     (tmp_path / "cache").write_text("not a directory")
 
     def refuse(*args, **kwargs):
         raise AssertionError("the zoo was analysed before --cache-dir was checked")
 
     monkeypatch.setattr("zoocompiler.pipelines.assemble.pipeline.analyse_zoo", refuse)
-    code, err = _run(capsys, "assemble", "--budget", "flops=3M", "--cache-dir", tmp_path / "cache",
+    code, err = _err("assemble", "--budget", "flops=3M", "--cache-dir", tmp_path / "cache",
                      "--out", tmp_path / "asm")  # fmt: skip
     assert code == 2
-    _one_line(err, "--cache-dir")
+    assert_one_line_error(err, "--cache-dir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 

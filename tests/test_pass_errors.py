@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from helpers.cli import assert_one_line_error
 
 from zoocompiler.core.errors import PassError, TraceError
 from zoocompiler.passes.analysis import run_analysis, trace
@@ -46,11 +47,6 @@ def untraceable() -> nn.Module:
     return DataDependentControlFlow()
 
 
-def _one_line_error(err: str, fragment: str) -> None:
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert fragment in err, err
-
-
 def test_pass_error_keeps_its_type_through_run_analysis():
     gm = trace_graph(ConstantOutput(), torch.randn(2, 1, 8, 8))
     with pytest.raises(PassError, match="output does not depend on the input"):
@@ -74,4 +70,4 @@ def test_cli_reports_pass_and_trace_errors_in_one_line(capsys, factory, fragment
     code = main(["inspect", f"python:test_pass_errors:{factory}", "--input-shape", "1,8,8"])
     err = capsys.readouterr().err
     assert code == 2
-    _one_line_error(err, fragment)
+    assert_one_line_error(err, fragment)

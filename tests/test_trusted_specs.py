@@ -10,16 +10,13 @@ resolve it.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import assert_one_line_error
+from helpers.cli import assert_one_line_error, run_cli
 
-from zoocompiler import cli
 from zoocompiler.core.cache import weights_hash
 from zoocompiler.core.errors import UnknownModelError, ZooError
 from zoocompiler.exports.elastic import MANIFEST_NAME, ElasticModel
@@ -37,13 +34,6 @@ FAST_TIMING = ("--runs", "3", "--latency-batch", "4")
 def evil_spec(marker: Path) -> str:
     """A python: spec whose 'factory' creates ``marker``: importing and calling it is the attack."""
     return f"python:os:mkdir,path={str(marker)!r}"
-
-
-def run_cli(*argv: object) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_refused(err: BaseException, flag: str = "--trust-code") -> None:

@@ -1,8 +1,22 @@
-"""Command-line test helpers: the one-line error format and the sub-commands of a parser."""
+"""Command-line test helpers: running ``zoocompile`` in process, the one-line error format, an output
+location left untouched, and the sub-commands of a parser."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+from pathlib import Path
+
+
+def run_cli(*argv: object) -> tuple[int, str, str]:
+    """``zoocompiler.cli.main(argv)`` in process (arguments ``str``-ed); returns (exit code, stdout, stderr)."""
+    from zoocompiler import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(err: str, fragment: str) -> None:
@@ -10,6 +24,12 @@ def assert_one_line_error(err: str, fragment: str) -> None:
     assert err.count("\n") == 1, err
     assert "Traceback" not in err
     assert fragment in err, err
+
+
+def assert_nothing_written(out_dir: Path) -> None:
+    """Neither ``out_dir`` nor any staging sibling of it (``.NAME.*``) exists."""
+    assert not out_dir.exists()
+    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.")]
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
