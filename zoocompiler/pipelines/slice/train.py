@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoocompiler.core.atomic import write_state_dict_atomic
-from zoocompiler.core.errors import CheckpointError, DataError, InputShapeError
+from zoocompiler.core.errors import CheckpointError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.plots import pyplot, save_png
 from zoocompiler.core.rates import DEFAULT_GROUPS, RATE_TOLERANCE
@@ -32,44 +32,20 @@ from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.plans import graph_fingerprint
 from zoocompiler.passes.rewrite.slicing import SliceableModel, make_sliceable
 from zoocompiler.solvers.slice_rates import RateScheduler, check_rate, make_scheduler, valid_rates
-from zoocompiler.sources import check_spec_from_file, load_model, read_state_dict
-from zoocompiler.tracing import check_input
+from zoocompiler.sources import check_spec_from_file, read_state_dict
 from zoocompiler.training import History, evaluate, seed_everything, train
 
 from ..base import Stages, write_report
+from ..zoo.trainable import TRACE_BATCH, load_trainable
 from .config import SliceTrainConfig
 
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
 WEIGHTS_FILE, RECORD_FILE, PLOT_FILE = "sliceable.safetensors", "slice.json", "accuracy.png"
-TRACE_BATCH = 2
 TRUST_FIX = ("pass --trust-code (trust_code=True) only if you trained that directory yourself "
              "from this python: spec")
 
 
 # ----------------------------------------------------------------------------- build
-
-
-def reset_parameters(model: nn.Module) -> nn.Module:
-    """Re-initialise every submodule that has ``reset_parameters`` (training from scratch)."""
-    for m in model.modules():
-        if m is not model and callable(getattr(m, "reset_parameters", None)):
-            m.reset_parameters()
-    return model
-
-
-def _check_classes(model: nn.Module, shape: tuple[int, ...], num_classes: int, spec: str) -> None:
-    x = torch.zeros(TRACE_BATCH, *shape)
-    try:
-        check_input(model, x)
-    except InputShapeError as err:
-        raise DataError(f"model '{spec}' does not accept the dataset's {'×'.join(map(str, shape))} images "
-                        f"({err.cause})", "build the model for this input (e.g. in_chans=1 in the spec)") from err
-    with torch.no_grad():
-        out = model(x)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise DataError(f"model '{spec}' outputs {got}, the dataset has {num_classes} classes",
-                        f"build the model with {num_classes} outputs (e.g. num_classes={num_classes} in the spec)")
 
 
 def build_sliceable(
@@ -86,12 +62,8 @@ def build_sliceable(
 ) -> SliceableModel:
     """Load ``spec`` (optionally a local checkpoint, or re-initialised), trace it at ``input_shape`` and
     make it sliceable. ``num_classes`` checks the classifier width against the data."""
-    model = load_model(spec, checkpoint=checkpoint, allow_pickle=allow_pickle)
-    if from_scratch:
-        torch.manual_seed(0)
-        reset_parameters(model)
-    if num_classes is not None:
-        _check_classes(model, tuple(input_shape), num_classes, spec)
+    model = load_trainable(spec, tuple(input_shape), from_scratch=from_scratch, checkpoint=checkpoint,
+                           allow_pickle=allow_pickle, num_classes=num_classes)
     x = torch.randn(TRACE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
     return make_sliceable(trace(model, x), groups=groups, rescale=rescale, sort_by=sort_by)
 

@@ -1,0 +1,339 @@
+"""Modularizing while Training (paper 004, Fig. 2): mask generators on every producer of every prunable
+unit group, kernel probes for standard models, and per-class module extraction through the prune pass.
+
+* :func:`gate_points` (analysis, no rewrite): one :class:`GatePoint` per producer (conv filters, linear
+  neurons) of each prunable group: where its mask is computed (the layer's input) and where it
+  multiplies (the end of the layer's chain: the layer plus the norms right after it). A depthwise conv
+  of a single-producer group is *re-gated* with the same mask after its own chain, so a masked-out
+  channel stays 0 through the depthwise BatchNorm. Input and classifier (pinned groups) are never gated.
+* :func:`insert_mask_generators`: a :class:`ModularNet` whose graph returns ``(logits, masks)``,
+  ``masks`` the per-sample masks of every gate point concatenated ``[B, kernels]``, values in [0, 1).
+  With every mask 1 it computes the original model.
+* :func:`insert_kernel_probes`: the standard model returning ``(logits, activity)``; a kernel is active
+  for a sample when its output (after a following ReLU) has a non-zero element (paper §4.2).
+* :func:`module_plan` + :func:`extract_module`: a per-class (or mixed) module. Every producer keeps its
+  own kernels; multi-producer groups (residual adds) use the prune pass's ``pad`` strategy. ``static``
+  drops the generators (the paper's modules); ``gated`` keeps them on the kept kernels, so the module
+  equals the modular model with that module's binary mask applied (:meth:`ModularNet.set_module_mask`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoocompiler.core.errors import PassError
+from zoocompiler.ir import graph_info, output_value
+
+from ..analysis.plans import Plan, group_keys, producers, validate_plan
+from ..analysis.unit_rules import op_name
+from .prune import build_pruned
+from .prune_layout import PruneLayout, old_shape, producer_chains
+
+SEMANTICS = ("gated", "static")
+MAX_HIDDEN = 128  # hidden width of a generator: min(kernels, MAX_HIDDEN) keeps wide layers' generators small
+_RELU_FUNCTIONS = {"relu", "relu_", "relu6", "hardtanh"}
+
+
+@dataclass(frozen=True)
+class GatePoint:
+    """One producer's gate: generator input ``source`` (the producer ``layer``'s input, channels on
+    ``in_dim``), mask applied after ``end`` (and after each of ``regate``) along ``dim``; ``units`` kernels.
+    ``probe``: the value whose non-zeros mark active kernels in the standard model."""
+
+    producer: str
+    group: str
+    layer: str
+    source: str
+    end: str
+    dim: int
+    units: int
+    in_dim: int
+    in_channels: int
+    probe: str
+    regate: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GatePoints:
+    """The gate points of a graph and the producers of prunable groups that got none (with why)."""
+
+    points: list[GatePoint] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kernels(self) -> int:
+        return sum(p.units for p in self.points)
+
+    def offsets(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` of every point in the concatenated mask vector."""
+        out, start = [], 0
+        for p in self.points:
+            out.append((start, start + p.units))
+            start += p.units
+        return out
+
+
+def _value_member(group, node: str):
+    return next((m for m in group.members if m.param is None and m.node == node), None)
+
+
+def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), (nn.ReLU, nn.ReLU6))
+    return n.op in ("call_function", "call_method") and op_name(n) in _RELU_FUNCTIONS
+
+
+def _in_dim(gm: fx.GraphModule, layer: fx.Node) -> int | None:
+    kind = type(gm.get_submodule(layer.target)) if layer.op == "call_module" else None
+    name = op_name(layer) if layer.op == "call_function" else ""
+    if (kind is not None and issubclass(kind, nn.modules.conv._ConvNd)) or name.startswith("conv"):
+        return 1
+    if kind is nn.Linear or name == "linear":
+        return -1
+    return None
+
+
+def gate_points(gm: fx.GraphModule) -> GatePoints:
+    """Where the mask generators of an analysed ``gm`` go (see the module docstring). Raises ``PassError``
+    when no prunable group has a gateable producer."""
+    keys = group_keys(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found = GatePoints()
+    for g in graph_info(gm).unit_groups:
+        if not g.prunable:
+            continue
+        owners = producers(g)
+        for weight in owners:
+            chains = producer_chains(gm, weight)
+            if len(chains) != 1:
+                found.skipped[weight] = f"its layer runs {len(chains)} times"
+                continue
+            chain = chains[0]
+            layer, end = chain[0], chain[-1]
+            member = _value_member(g, end.name)
+            shape, in_dim = old_shape(end), _in_dim(gm, layer)
+            source = layer.args[0] if layer.args and isinstance(layer.args[0], fx.Node) else None
+            if member is None or shape is None or in_dim is None or source is None or old_shape(source) is None:
+                found.skipped[weight] = "not a conv/linear layer on one tensor"
+                continue
+            if [list(ix) for ix in member.indices] != [[u] for u in range(shape[member.dim])]:
+                found.skipped[weight] = "its output holds other groups' units too"
+                continue
+            users = list(end.users)
+            probe = users[0].name if len(users) == 1 and _is_relu(gm, users[0]) else end.name
+            regate: list[str] = []
+            if len(owners) == 1:
+                for m in g.members:
+                    if m.role == "conv_dw" and m.param is not None and not m.param.endswith("bias"):
+                        regate += [c[-1].name for c in producer_chains(gm, m.param)]
+            in_shape = old_shape(source)
+            found.points.append(GatePoint(
+                producer=weight, group=keys[g.gid], layer=layer.name, source=source.name, end=end.name,
+                dim=member.dim, units=shape[member.dim], in_dim=in_dim % len(in_shape),
+                in_channels=in_shape[in_dim], probe=probe, regate=tuple(regate),
+            ))
+    if not found.points:
+        raise PassError("the model has no prunable conv/linear group to modularize",
+                        "use a model with prunable layers (see `zoocompile inspect SPEC`: unit groups)")
+    order = {name: i for i, name in enumerate(nodes)}
+    found.points.sort(key=lambda p: order[p.layer])
+    return found
+
+
+# ----------------------------------------------------------------------------- generators and gates
+
+
+class MaskGenerator(nn.Module):
+    """Input average-pooled to its channels → Linear → ReLU → Linear (bias 1) → Tanh → ReLU: a mask in
+    [0, 1) per sample and kernel, times the buffer ``module_mask`` (all ones until a module mask is set)."""
+
+    def __init__(self, in_channels: int, units: int, in_dim: int = 1, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or min(units, MAX_HIDDEN)
+        self.in_dim = in_dim
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, units)
+        nn.init.constant_(self.fc2.bias, 1.0)
+        self.register_buffer("module_mask", torch.ones(units))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [d for d in range(1, x.dim()) if d != self.in_dim]
+        pooled = x.mean(dims) if dims else x
+        return F.relu(torch.tanh(self.fc2(F.relu(self.fc1(pooled))))) * self.module_mask
+
+    @torch.no_grad()
+    def restricted(self, kept_in: Sequence[int] | None, kept_out: Sequence[int] | None) -> MaskGenerator:
+        """A copy reading only input channels ``kept_in`` and producing only kernels ``kept_out`` (None: all)."""
+        new = copy.deepcopy(self)
+        if kept_in is not None:
+            idx = torch.tensor(list(kept_in), dtype=torch.long)
+            new.fc1.weight = nn.Parameter(self.fc1.weight[:, idx].clone())
+            new.fc1.in_features = len(idx)
+        if kept_out is not None:
+            idx = torch.tensor(list(kept_out), dtype=torch.long)
+            new.fc2.weight = nn.Parameter(self.fc2.weight[idx].clone())
+            new.fc2.bias = nn.Parameter(self.fc2.bias[idx].clone())
+            new.fc2.out_features = len(idx)
+            new.module_mask = self.module_mask[idx].clone()
+        return new
+
+
+def apply_mask(y: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``y`` times a per-sample mask ``[B, K]`` broadcast along ``y``'s unit dim ``dim`` (static shapes)."""
+    dim = dim % y.dim()
+    for d in range(1, y.dim()):
+        if d != dim:
+            mask = mask.unsqueeze(d)
+    return y * mask
+
+
+def unit_activity(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """1.0 where a unit of ``v`` (units on ``dim``) has a non-zero element for that sample, else 0.0: ``[B, K]``."""
+    moved = v.detach().movedim(dim % v.dim(), 1)
+    return (moved.reshape(moved.shape[0], moved.shape[1], -1) != 0).any(-1).to(v.dtype)
+
+
+def _generator_name(i: int) -> str:
+    return f"zc_mask_{i}"
+
+
+def _insert_gates(gm: fx.GraphModule, points: Sequence[GatePoint], generators: Sequence[nn.Module]) -> list[fx.Node]:
+    """Add each generator as a submodule and multiply its mask in after the point's end(s); the mask nodes."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    masks = []
+    for i, (p, gen) in enumerate(zip(points, generators, strict=True)):
+        gm.add_submodule(_generator_name(i), gen)
+        layer = nodes[p.layer]
+        with gm.graph.inserting_before(layer):
+            mask = gm.graph.call_module(_generator_name(i), (layer.args[0],))
+        for end_name in (p.end, *p.regate):
+            end = nodes[end_name]
+            with gm.graph.inserting_after(end):
+                gated = gm.graph.call_function(apply_mask, (end, mask, p.dim))
+            end.replace_all_uses_with(gated, delete_user_cb=lambda u, keep=gated: u is not keep)
+        masks.append(mask)
+    return masks
+
+
+def _return_with(gm: fx.GraphModule, extra: list[fx.Node]) -> None:
+    """Make ``gm`` return ``(logits, cat(extra, 1))``."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    logits = output_value(gm)
+    with gm.graph.inserting_before(out):
+        joined = gm.graph.call_function(torch.cat, (list(extra), 1))
+    out.args = ((logits, joined),)
+    gm.graph.lint()
+    gm.recompile()
+
+
+class ModularNet(nn.Module):
+    """A modular model: ``forward(x) -> (logits, masks [B, kernels])``; the generators are ``gm.zc_mask_<i>``."""
+
+    def __init__(self, gm: fx.GraphModule, points: GatePoints):
+        super().__init__()
+        self.gm = gm
+        self.points = points
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gm(x)
+
+    def generators(self) -> list[MaskGenerator]:
+        return [self.gm.get_submodule(_generator_name(i)) for i in range(len(self.points.points))]
+
+    @torch.no_grad()
+    def set_module_mask(self, mask: torch.Tensor | None) -> None:
+        """Apply a binary module mask (``[kernels]``, the concatenated per-point masks); None: all ones."""
+        for gen, (a, b) in zip(self.generators(), self.points.offsets(), strict=True):
+            gen.module_mask.copy_(torch.ones(b - a) if mask is None else mask[a:b].to(gen.module_mask.dtype))
+
+
+def insert_mask_generators(gm: fx.GraphModule, points: GatePoints | None = None, *, seed: int = 0) -> ModularNet:
+    """A :class:`ModularNet` over a copy of the analysed ``gm`` (generators initialised from ``seed``;
+    ``gm`` is not modified)."""
+    points = points or gate_points(gm)
+    new = copy.deepcopy(gm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gens = [MaskGenerator(p.in_channels, p.units, p.in_dim) for p in points.points]
+    _return_with(new, _insert_gates(new, points.points, gens))
+    return ModularNet(new, points)
+
+
+def insert_kernel_probes(gm: fx.GraphModule, points: GatePoints | None = None) -> fx.GraphModule:
+    """A copy of ``gm`` returning ``(logits, activity [B, kernels])`` (see :func:`unit_activity`);
+    ``gm``'s parameters are shared, so training the copy trains ``gm``."""
+    points = points or gate_points(gm)
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    nodes = {n.name: n for n in new.graph.nodes}
+    out = next(n for n in reversed(new.graph.nodes) if n.op == "output")
+    probes = []
+    with new.graph.inserting_before(out):
+        for p in points.points:
+            probes.append(new.graph.call_function(unit_activity, (nodes[p.probe], p.dim)))
+    _return_with(new, probes)
+    return new
+
+
+def plain_state(modular: ModularNet) -> dict[str, torch.Tensor]:
+    """The modular model's weights without its generators: loads into the analysed original graph."""
+    prefix = "zc_mask_"
+    return {k: v for k, v in modular.gm.state_dict().items() if not k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def module_plan(gm: fx.GraphModule, points: GatePoints, kept: Sequence[Sequence[int]]) -> Plan:
+    """The prune plan keeping ``kept[i]`` kernels of gate point ``i``: single-producer groups keep them,
+    multi-producer groups get ``producer_keep`` with the ``pad`` strategy (producers without a gate keep all)."""
+    by_group: dict[str, dict[str, list[int]]] = {}
+    for p, k in zip(points.points, kept, strict=True):
+        if not k:
+            raise PassError(f"module keeps no kernel of '{p.producer}'", "lower the threshold for that layer")
+        by_group.setdefault(p.group, {})[p.producer] = sorted(int(u) for u in k)
+    plan = Plan(meta={"strategy": "pad", "source": "modularize"})
+    groups = {key: g for g in graph_info(gm).unit_groups if (key := group_keys(gm)[g.gid]) in by_group}
+    for key, own in by_group.items():
+        owners = producers(groups[key])
+        if len(owners) == 1:
+            plan.keep[key] = own[next(iter(owners))]
+        else:
+            plan.producer_keep[key] = {w: own.get(w, list(range(groups[key].size))) for w in owners}
+            plan.strategies[key] = "pad"
+    return plan
+
+
+def _kept(layout: PruneLayout, name: str, prefer_pre: bool) -> list[int] | None:
+    found = (layout.pre_values.get(name) if prefer_pre else None) or layout.values.get(name)
+    return None if found is None else found[1]
+
+
+def extract_module(
+    plain: fx.GraphModule, modular: ModularNet, plan: Plan, semantics: str = "gated"
+) -> fx.GraphModule:
+    """The module ``plan`` cuts from ``plain`` (the analysed original graph carrying the modular model's
+    weights, :func:`plain_state`): ``static`` without generators,
+    ``gated`` with ``modular``'s generators restricted to the kept channels and kernels (the module
+    then equals ``modular`` with the module's binary mask applied)."""
+    if semantics not in SEMANTICS:
+        raise PassError(f"unknown module semantics '{semantics}'", f"use one of: {', '.join(SEMANTICS)}")
+    validate_plan(plain, plan)
+    module, layout, _, _ = build_pruned(plain, plan)
+    if semantics == "static":
+        return module
+    gens = [gen.restricted(_kept(layout, p.source, False), _kept(layout, p.end, True))
+            for p, gen in zip(modular.points.points, modular.generators(), strict=True)]
+    _insert_gates(module, modular.points.points, gens)
+    module.graph.lint()
+    module.recompile()
+    return module

@@ -1,0 +1,1 @@
+"""Modularizing while Training (paper 004): `zoocompile modularize train | extract | reuse`."""

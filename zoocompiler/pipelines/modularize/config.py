@@ -1,0 +1,116 @@
+"""The options of ``zoocompile modularize train | extract | reuse``; torch-free, so the CLI reads its
+defaults without importing torch. ``check()`` raises ``ZooError`` before any work."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from zoocompiler.core.errors import ZooError
+
+HEADS = ("slice", "new")
+SEMANTICS = ("gated", "static")  # mirrors passes.rewrite.mask_generators.SEMANTICS (that module imports torch)
+
+
+def _check_threshold(threshold: float) -> None:
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 < threshold <= 1):
+        raise ZooError(f"threshold {threshold} is outside (0, 1]",
+                       "pass --threshold in (0, 1], e.g. 0.9 (the paper's τ)")
+
+
+def _check_semantics(semantics: str) -> None:
+    if semantics not in SEMANTICS:
+        raise ZooError(f"unknown module semantics '{semantics}'", f"use one of: {', '.join(SEMANTICS)}")
+
+
+def parse_classes(text: str) -> list[int]:
+    """``"1,3,7"`` → ``[1, 3, 7]``; not integers, negative or repeated ids are a ``ZooError``."""
+    items = [t.strip() for t in str(text).split(",")]
+    try:
+        classes = [int(t) for t in items]
+    except ValueError:
+        raise ZooError(f"bad class list {text!r}", "pass comma-separated class ids, e.g. --classes 1,3,7") from None
+    return check_classes(classes)
+
+
+def check_classes(classes: list[int], num_classes: int | None = None) -> list[int]:
+    """``classes`` unchanged if they are distinct ids in ``[0, num_classes)`` (≥ 1 of them), else ``ZooError``."""
+    if not classes:
+        raise ZooError("no classes given", "pass at least one class id, e.g. --classes 1,3,7")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise ZooError(f"class {repeated[0]} is listed twice", "list every class once, e.g. --classes 1,3,7")
+    bad = [c for c in classes if c < 0 or (num_classes is not None and c >= num_classes)]
+    if bad:
+        limit = f"0..{num_classes - 1}" if num_classes is not None else "≥ 0"
+        raise ZooError(f"class {bad[0]} is out of range (the model has classes {limit})",
+                       f"pass class ids in {limit}")
+    return classes
+
+
+@dataclass
+class ModularizeTrainConfig:
+    """What ``zoocompile modularize train`` does (defaults: the paper's α = 0.5, β = 1.5)."""
+
+    spec: str
+    data: str = "mnist5k"
+    alpha: float = 0.5
+    beta: float = 1.5
+    epochs: int = 10
+    lr: float = 3e-3
+    batch_size: int = 128
+    weight_decay: float = 0.05
+    from_scratch: bool = False
+    checkpoint: str | None = None
+    allow_pickle: bool = False  # a pickled --checkpoint may run code: only for files the user trusts
+    standard: bool = True  # also train the standard model (same epochs) the tables compare with
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ZooError(f"{name} must be a finite number >= 0, got {value}",
+                               f"pass --{name} >= 0 (the paper: alpha 0.5, beta 1.5)")
+        if self.epochs < 1 or self.batch_size < 2 or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ZooError("epochs and learning rate must be positive and the batch size at least 2",
+                           "fix --epochs/--batch-size/--lr (the losses compare samples within a batch)")
+
+
+@dataclass
+class ModularizeExtractConfig:
+    """What ``zoocompile modularize extract`` does: one module per class at threshold τ."""
+
+    threshold: float = 0.9
+    semantics: str = "gated"
+    trust_code: bool = False
+
+    def check(self) -> None:
+        _check_threshold(self.threshold)
+        _check_semantics(self.semantics)
+
+
+@dataclass
+class ModularizeReuseConfig:
+    """What ``zoocompile modularize reuse`` does: the mixed module of ``classes`` with a new or sliced head."""
+
+    classes: list[int] = field(default_factory=list)
+    head: str = "slice"
+    finetune_epochs: int = 5
+    lr: float = 1e-3
+    threshold: float = 0.9
+    semantics: str = "gated"
+    runs: int = 30  # timed ONNX Runtime runs at batch 1
+    seed: int = 0
+    trust_code: bool = False
+
+    def check(self) -> None:
+        check_classes(list(self.classes))
+        _check_threshold(self.threshold)
+        _check_semantics(self.semantics)
+        if self.head not in HEADS:
+            raise ZooError(f"unknown head '{self.head}'", f"use one of: {', '.join(HEADS)}")
+        if self.finetune_epochs < 1 or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ZooError("fine-tuning epochs and learning rate must be positive", "fix --finetune-epochs/--lr")
+        if self.runs < 1:
+            raise ZooError(f"bad --runs {self.runs}", "pass a positive number of timed runs, e.g. 30")

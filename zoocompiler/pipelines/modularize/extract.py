@@ -1,0 +1,182 @@
+"""Modularizing (paper 004 §3.3): per-class module masks at threshold τ, Table 2's metrics, and one
+extracted module per class written as a verified ONNX model.
+
+Kernel sets come from the whole training split: mask > 0 for the modular model, a non-zero output for
+the standard model (the same rule applied to it gives the "modularize a standard model" baseline).
+A module keeps kernel ``k`` when more than τ of its class's training samples use it; a layer left empty
+gets τ lowered by 0.05 for that layer (reported). Every module is cut by the prune pass
+(:func:`~zoocompiler.passes.rewrite.mask_generators.extract_module`); a ``gated`` module is checked
+against the modular model with the module's mask applied (``gated_parity``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from zoocompiler.core.atomic import write_json_atomic
+from zoocompiler.core.errors import DataError
+from zoocompiler.core.modules import count_macs, count_params, eval_mode
+from zoocompiler.data import DataSplit, load_dataset
+from zoocompiler.exports.onnx_export import export_onnx
+from zoocompiler.passes.rewrite.mask_generators import (
+    GatePoints,
+    extract_module,
+    insert_kernel_probes,
+    module_plan,
+)
+from zoocompiler.training import fixed_threads
+
+from ..base import Executor, LocalExecutor, Stages, write_report
+from .config import ModularizeExtractConfig
+from .metrics import ModuleMasks, module_masks, module_table
+from .plots import plot_overlap
+from .train import TrainedModularization, load_trained
+
+MODULES_FILE, OVERLAP_PLOT = "modules.json", "overlap.png"
+MODULES_FORMAT = "zoocompiler.modules/1"
+PARITY_SAMPLES = 64
+
+
+@dataclass
+class KernelSets:
+    """Per-sample kernel sets ``[samples, kernels]`` (bool) of a split and the samples' labels."""
+
+    sets: np.ndarray
+    labels: np.ndarray
+
+    def by_class(self, num_classes: int) -> list[np.ndarray]:
+        return [self.sets[self.labels == c] for c in range(num_classes)]
+
+    def masks(self, num_classes: int, threshold: float, points: GatePoints) -> ModuleMasks:
+        counts = np.stack([s.sum(0) for s in self.by_class(num_classes)])
+        totals = np.bincount(self.labels, minlength=num_classes)
+        empty = [c for c in range(num_classes) if totals[c] == 0]
+        if empty:
+            raise DataError(f"class {empty[0]} has no training sample, so it has no module",
+                            "train on a dataset with samples of every class the model predicts")
+        return module_masks(counts, totals, threshold, points.offsets())
+
+
+@torch.no_grad()
+def kernel_sets(net: nn.Module, split: DataSplit, batch_size: int = 500) -> KernelSets:
+    """The kernel sets of ``net`` (returning ``(logits, masks or activity)``) on every sample of ``split``."""
+    rows = []
+    with eval_mode(net), fixed_threads(None):
+        for x, _ in split.loader(batch_size, shuffle=False):
+            rows.append((net(x)[1] > 0).numpy())
+    return KernelSets(np.concatenate(rows), split.y.numpy())
+
+
+def standard_kernel_sets(trained: TrainedModularization, split: DataSplit) -> KernelSets | None:
+    if trained.standard is None:
+        return None
+    return kernel_sets(insert_kernel_probes(trained.standard, trained.points), split)
+
+
+def kept_per_point(mask: np.ndarray, points: GatePoints) -> list[list[int]]:
+    """A module's binary mask over all kernels → the kept kernel indices of every gate point."""
+    return [np.flatnonzero(mask[a:b]).tolist() for a, b in points.offsets()]
+
+
+def cut_module(trained: TrainedModularization, mask: np.ndarray, semantics: str) -> fx.GraphModule:
+    """The module keeping the kernels of ``mask`` (bool ``[kernels]``), in eval mode."""
+    plan = module_plan(trained.plain, trained.points, kept_per_point(mask, trained.points))
+    return extract_module(trained.plain, trained.modular, plan, semantics).eval()
+
+
+@torch.no_grad()
+def gated_parity(trained: TrainedModularization, module: nn.Module, mask: np.ndarray, x: torch.Tensor) -> float:
+    """max |module(x) − modular model with ``mask`` applied (x)|: 0 up to rounding for a gated module."""
+    try:
+        trained.modular.set_module_mask(torch.from_numpy(mask.astype(np.float32)))
+        want = trained.modular(x)[0]
+    finally:
+        trained.modular.set_module_mask(None)
+    return float((module(x) - want).abs().max())
+
+
+def _class_module(
+    c: int, *, trained: TrainedModularization, masks: ModuleMasks, test: DataSplit, semantics: str, out_dir: Path,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Cut, check, export and measure the module of class ``c``; its report row."""
+    say(f"class {c}: cut, check, export")
+    mask = masks.masks[c]
+    own = test.x[test.y == c][:PARITY_SAMPLES]
+    shape = tuple(test.x.shape[1:])
+    row: dict[str, Any] = {"class": c, "kernels": int(mask.sum()), "lowered": masks.lowered.get(c, {})}
+    for sem in ("gated", "static"):
+        module = cut_module(trained, mask, sem)
+        with torch.no_grad():
+            recall = float((module(own).argmax(1) == c).float().mean()) if len(own) else float("nan")
+        row[sem] = {"macs": count_macs(module, shape, eval=True), "params": count_params(module), "recall": recall}
+        if sem == "gated":
+            row[sem]["parity"] = gated_parity(trained, module, mask, own if len(own) else test.x[:8])
+        if sem == semantics:
+            path = out_dir / f"class_{c}.onnx"
+            row["onnx"] = path.name
+            row["onnx_max_abs_diff"] = export_onnx(module, test.x[:2].clone(), path).max_abs_diff
+    return row
+
+
+def extract_to_dir(directory: str | Path, out_dir: Path, config: ModularizeExtractConfig,
+                   say: Callable[[str], None] = lambda _msg: None, executor: Executor | None = None) -> dict[str, Any]:
+    """Write ``class_<c>.onnx`` (``config.semantics``), ``modules.json``, ``overlap.png`` and ``report.json``
+    for the trained ``directory`` into ``out_dir`` (a fresh staging directory); return the report."""
+    config.check()
+    stages = Stages(say)
+    with stages("load", f"load {directory}"):
+        trained = load_trained(directory, trust_code=config.trust_code)
+        train_split, test = load_dataset(trained.data, "train"), load_dataset(trained.data, "test")
+    with stages("modularize", f"module masks at threshold {config.threshold:g}"):
+        n = trained.num_classes
+        modular_sets = kernel_sets(trained.modular, train_split)
+        masks = modular_sets.masks(n, config.threshold, trained.points)
+        table = module_table(masks.masks, modular_sets.by_class(n))
+        standard_sets = standard_kernel_sets(trained, train_split)
+        standard_table = None
+        if standard_sets is not None:
+            standard_table = module_table(standard_sets.masks(n, config.threshold, trained.points).masks,
+                                          standard_sets.by_class(n))
+    cut = functools.partial(_class_module, trained=trained, masks=masks, test=test, semantics=config.semantics,
+                            out_dir=out_dir, say=say)
+    with stages("extract"):
+        rows = (executor or LocalExecutor()).map(cut, list(range(n)))
+    shape = tuple(test.x.shape[1:])
+    whole = {"macs": count_macs(trained.plain, shape, eval=True), "params": count_params(trained.plain),
+             "kernels": trained.points.kernels}
+    report = {
+        "source": str(directory),
+        "spec": trained.record["config"]["spec"],
+        "data": trained.data,
+        "threshold": config.threshold,
+        "semantics": config.semantics,
+        "model": whole,
+        "accuracy": {"standard": (trained.record.get("standard") or {}).get("accuracy"),
+                     "modular": trained.record["modular"]["accuracy"]},
+        "modules": {k: v for k, v in table.items() if k != "overlap"},
+        "standard_modules": {k: v for k, v in standard_table.items() if k != "overlap"} if standard_table else None,
+        "overlap": table["overlap"],
+        "per_class": rows,
+        "lowered": {str(c): v for c, v in masks.lowered.items()},
+        "timings": stages.timings,
+    }
+    names = [str(c) for c in range(n)]
+    title = f"module overlap, {report['spec']} (τ {config.threshold:g})"
+    plot_overlap(table["overlap"], names, out_dir / OVERLAP_PLOT, title)
+    write_json_atomic(out_dir / MODULES_FILE, {
+        "format": MODULES_FORMAT, "threshold": config.threshold, "semantics": config.semantics,
+        "points": [p.producer for p in trained.points.points],
+        "modules": [{"class": c, "keep": kept_per_point(masks.masks[c], trained.points)} for c in range(n)],
+    })
+    write_report(out_dir, report)
+    return report
