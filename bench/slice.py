@@ -69,7 +69,8 @@ from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.rewrite.slicing import SliceableModel, make_sliceable
-from zoocompiler.pipelines.slice.train import evaluate_rates, reset_parameters, train_sliceable
+from zoocompiler.pipelines.slice.train import evaluate_rates, train_sliceable
+from zoocompiler.pipelines.zoo.trainable import reset_parameters
 from zoocompiler.solvers.slice_rates import make_scheduler, valid_rates
 from zoocompiler.training import evaluate, train
 from zoocompiler.zoo import VGGClassifier

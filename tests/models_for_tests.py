@@ -51,6 +51,13 @@ def seeded_mlp_cnn(num_classes: int = 10, width: int = 16, seed: int = 0) -> nn.
         return sliceable_mlp_cnn(num_classes=num_classes, width=width)
 
 
+def classifier_only(num_classes: int = 10) -> nn.Module:
+    """Flatten → Linear(64, classes) on 1×8×8 (digits): no hidden unit, so no prunable unit group."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+    model.input_shape = (1, 8, 8)
+    return model
+
+
 def not_a_model() -> str:
     """A factory that returns something other than a module."""
     return "not a model"

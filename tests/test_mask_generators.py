@@ -227,6 +227,10 @@ def test_gated_module_equals_masked_modular_on_generated_graphs(spec, seed):
     net = build_random_net(kwargs, seed=seed)
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(seed))
     gm = trace(net, x[:2])
+    try:
+        gate_points(gm)
+    except PassError:  # every group pinned (e.g. a flatten head over split channels): nothing to modularize
+        return
     got, want, scale, _, _ = _gated_matches(gm, x, seed=seed)
     assert_close(got, want, scale)
     reached()

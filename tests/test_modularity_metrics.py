@@ -65,6 +65,18 @@ def test_losses_equal_a_direct_implementation_of_eqs_4_and_5(seed, batch, kernel
     assert coupling_loss(masks, labels).item() == pytest.approx(_direct_coupling_loss(masks, labels), abs=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), cut=st.integers(1, 7))
+def test_layered_losses_are_the_mean_over_layers(seed, cut):
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.relu(torch.rand(10, 8, generator=g) - 0.3)
+    labels = torch.randint(0, 3, (10,), generator=g)
+    layers = [(0, cut), (cut, 8)]
+    for loss, direct in ((cohesion_loss, _direct_cohesion_loss), (coupling_loss, _direct_coupling_loss)):
+        want = np.mean([direct(masks[:, a:b], labels) for a, b in layers])
+        assert loss(masks, labels, layers).item() == pytest.approx(want, abs=1e-5)
+
+
 def test_losses_at_their_extremes_and_gradients_flow():
     labels = torch.tensor([0, 0, 1, 1])
     disjoint = torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], requires_grad=True)

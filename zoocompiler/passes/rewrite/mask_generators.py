@@ -155,7 +155,8 @@ def gate_points(gm: fx.GraphModule) -> GatePoints:
 
 class MaskGenerator(nn.Module):
     """Input average-pooled to its channels → Linear → ReLU → Linear (bias 1) → Tanh → ReLU: a mask in
-    [0, 1) per sample and kernel, times the buffer ``module_mask`` (all ones until a module mask is set)."""
+    [0, 1) per sample and kernel, times the buffer ``module_mask`` (all ones until a module mask is set).
+    Weights are He-initialised: near-identical initial masks are a stationary point of the coupling loss."""
 
     def __init__(self, in_channels: int, units: int, in_dim: int = 1, hidden: int | None = None):
         super().__init__()
@@ -163,6 +164,8 @@ class MaskGenerator(nn.Module):
         self.in_dim = in_dim
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, units)
+        nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")  # He init: masks start diverse enough
+        nn.init.kaiming_normal_(self.fc2.weight, nonlinearity="relu")  # for the coupling loss to separate them
         nn.init.constant_(self.fc2.bias, 1.0)
         self.register_buffer("module_mask", torch.ones(units))
 

@@ -15,6 +15,7 @@ never imports code: a ``python:`` spec in ``modularize.json`` needs ``trust_code
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,12 +82,13 @@ def build_graph(spec: str, shape: tuple[int, ...], **load: Any) -> fx.GraphModul
 # ----------------------------------------------------------------------------- training
 
 
-def _modularity_loss(alpha: float, beta: float, tracker: dict[str, Any]) -> Callable:
+def _modularity_loss(alpha: float, beta: float, layers: list[tuple[int, int]], tracker: dict[str, Any]) -> Callable:
     """The ``loss_fn`` of modular training; accumulates the epoch's metrics in ``tracker``."""
 
     def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits, masks = net(x)
-        ce, l_ch, l_cp = F.cross_entropy(logits, y), cohesion_loss(masks, y), coupling_loss(masks, y)
+        ce = F.cross_entropy(logits, y)
+        l_ch, l_cp = cohesion_loss(masks, y, layers), coupling_loss(masks, y, layers)
         _track(tracker, logits, masks, y, ce=ce.item(), cohesion_loss=l_ch.item(), coupling_loss=l_cp.item())
         return ce + alpha * l_ch + beta * l_cp
 
@@ -155,8 +157,8 @@ def train_to_dir(config: ModularizeTrainConfig, out_dir: Path, progress: bool = 
         modular = insert_mask_generators(gm, points, seed=config.seed)
     what = f"modular training: {config.epochs} epochs, alpha {config.alpha:g}, beta {config.beta:g}"
     with stages("modular_train", what):
-        modular_rows = _fit(modular, lambda t: _modularity_loss(config.alpha, config.beta, t), train_split,
-                            test_split, config, "modular", progress)
+        loss = functools.partial(_modularity_loss, config.alpha, config.beta, points.offsets())
+        modular_rows = _fit(modular, loss, train_split, test_split, config, "modular", progress)
     standard_rows = None
     if standard is not None:
         with stages("standard_train", f"standard training: {config.epochs} epochs"):
