@@ -234,3 +234,33 @@ def test_gated_module_equals_masked_modular_on_generated_graphs(spec, seed):
     got, want, scale, _, _ = _gated_matches(gm, x, seed=seed)
     assert_close(got, want, scale)
     reached()
+
+
+class _DepthwiseOnResidualStream(torch.nn.Module):
+    """A depthwise conv + BN reading a residual sum: no single mask can re-gate it."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.branch(x)
+        return self.fc(self.pw(self.dw(x)).mean((2, 3)))
+
+
+def test_depthwise_on_a_residual_stream_is_not_gated_and_modules_stay_exact():
+    model = _DepthwiseOnResidualStream().eval()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gm = trace(model, x[:2])
+    points = gate_points(gm)
+    assert {"stem.0.weight", "branch.0.weight"} <= set(points.skipped)
+    assert "re-creates the merged units" in points.skipped["stem.0.weight"]
+    assert [p.producer for p in points.points] == ["pw.0.weight"]
+    got, want, scale, _, _ = _gated_matches(gm, x)
+    assert_close(got, want, scale)

@@ -3,9 +3,11 @@ unit group, kernel probes for standard models, and per-class module extraction t
 
 * :func:`gate_points` (analysis, no rewrite): one :class:`GatePoint` per producer (conv filters, linear
   neurons) of each prunable group: where its mask is computed (the layer's input) and where it
-  multiplies (the end of the layer's chain: the layer plus the norms right after it). A depthwise conv
-  of a single-producer group is *re-gated* with the same mask after its own chain, so a masked-out
-  channel stays 0 through the depthwise BatchNorm. Input and classifier (pinned groups) are never gated.
+  multiplies (the end of the layer's chain: the layer plus the norms right after it). A channel-wise
+  layer of a single-producer group outside that chain (a depthwise conv, a norm after an activation) is
+  *re-gated* with the same mask after its own chain, so a masked-out channel stays 0 through its bias. A
+  multi-producer group with such a layer (a depthwise conv on a residual stream) gets no gates (listed in
+  ``skipped``): no single mask could re-gate it. Input and classifier (pinned groups) are never gated.
 * :func:`insert_mask_generators`: a :class:`ModularNet` whose graph returns ``(logits, masks)``,
   ``masks`` the per-sample masks of every gate point concatenated ``[B, kernels]``, values in [0, 1).
   With every mask 1 it computes the original model.
@@ -34,11 +36,12 @@ from zoocompiler.ir import graph_info, output_value
 from ..analysis.plans import Plan, group_keys, producers, validate_plan
 from ..analysis.unit_rules import op_name
 from .prune import build_pruned
-from .prune_layout import PruneLayout, old_shape, producer_chains
+from .prune_layout import PruneLayout, node_params, old_shape, producer_chains
 
 SEMANTICS = ("gated", "static")
 MAX_HIDDEN = 128  # hidden width of a generator: min(kernels, MAX_HIDDEN) keeps wide layers' generators small
 _RELU_FUNCTIONS = {"relu", "relu_", "relu6", "hardtanh"}
+_CHANNELWISE_ROLES = ("conv_dw", "norm")  # members that compute per unit from a bias: f(0) != 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,23 @@ def _in_dim(gm: fx.GraphModule, layer: fx.Node) -> int | None:
     return None
 
 
+def _holds_only(group, node: fx.Node) -> bool:
+    """``node``'s value carries exactly the group's units, one position each, in order, on its unit dim."""
+    member, shape = _value_member(group, node.name), old_shape(node)
+    return (member is not None and shape is not None
+            and [list(ix) for ix in member.indices] == [[u] for u in range(shape[member.dim])])
+
+
+def _loose_channelwise_ends(gm: fx.GraphModule, group, chain_params: set[str]) -> list[str]:
+    """Chain ends of the group's channel-wise layers outside every producer chain (a depthwise conv, a norm
+    after an activation): they turn a masked 0 into a non-zero, so they must be re-gated."""
+    ends: list[str] = []
+    for m in group.members:
+        if m.role in _CHANNELWISE_ROLES and m.param is not None and m.param not in chain_params:
+            ends += [c[-1].name for c in producer_chains(gm, m.param) if c[-1].name not in ends]
+    return ends
+
+
 def gate_points(gm: fx.GraphModule) -> GatePoints:
     """Where the mask generators of an analysed ``gm`` go (see the module docstring). Raises ``PassError``
     when no prunable group has a gateable producer."""
@@ -113,6 +133,15 @@ def gate_points(gm: fx.GraphModule) -> GatePoints:
         if not g.prunable:
             continue
         owners = producers(g)
+        chain_params = {q for w in owners for c in producer_chains(gm, w) for n in c for q in node_params(gm, n)}
+        loose = _loose_channelwise_ends(gm, g, chain_params)
+        mixed = [e for e in loose if not _holds_only(g, nodes[e])]
+        if (loose and len(owners) > 1) or mixed:
+            why = (f"'{mixed[0]}' holds other groups' units too" if mixed else
+                   f"'{loose[0]}' re-creates the merged units of several producers")
+            for weight in owners:
+                found.skipped[weight] = f"{why} (no single mask can re-gate it)"
+            continue
         for weight in owners:
             chains = producer_chains(gm, weight)
             if len(chains) != 1:
@@ -126,21 +155,16 @@ def gate_points(gm: fx.GraphModule) -> GatePoints:
             if member is None or shape is None or in_dim is None or source is None or old_shape(source) is None:
                 found.skipped[weight] = "not a conv/linear layer on one tensor"
                 continue
-            if [list(ix) for ix in member.indices] != [[u] for u in range(shape[member.dim])]:
+            if not _holds_only(g, end):
                 found.skipped[weight] = "its output holds other groups' units too"
                 continue
             users = list(end.users)
             probe = users[0].name if len(users) == 1 and _is_relu(gm, users[0]) else end.name
-            regate: list[str] = []
-            if len(owners) == 1:
-                for m in g.members:
-                    if m.role == "conv_dw" and m.param is not None and not m.param.endswith("bias"):
-                        regate += [c[-1].name for c in producer_chains(gm, m.param)]
             in_shape = old_shape(source)
             found.points.append(GatePoint(
                 producer=weight, group=keys[g.gid], layer=layer.name, source=source.name, end=end.name,
                 dim=member.dim, units=shape[member.dim], in_dim=in_dim % len(in_shape),
-                in_channels=in_shape[in_dim], probe=probe, regate=tuple(regate),
+                in_channels=in_shape[in_dim], probe=probe, regate=tuple(loose),
             ))
     if not found.points:
         raise PassError("the model has no prunable conv/linear group to modularize",
