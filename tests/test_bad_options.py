@@ -188,6 +188,7 @@ def test_slice_train_allow_pickle_reaches_the_model_loader(monkeypatch, tmp_path
     """``slice train --allow-pickle`` (which the checkpoint error's fix names) reaches ``load_model``."""
     from zoocompiler.cli import slice as cli_slice
     from zoocompiler.pipelines.slice import train as slice_train
+    from zoocompiler.pipelines.zoo import trainable
 
     args = cli.build_parser().parse_args(["slice", "train", "zoo:vgg_s", "--allow-pickle", "--out", str(tmp_path)])
     config = cli_slice.train_config(args)
@@ -198,7 +199,7 @@ def test_slice_train_allow_pickle_reaches_the_model_loader(monkeypatch, tmp_path
         seen.update(kwargs)
         raise _Stop
 
-    monkeypatch.setattr(slice_train, "load_model", load_model)
+    monkeypatch.setattr(trainable, "load_model", load_model)
     with pytest.raises(_Stop):
         slice_train.build_sliceable("zoo:vgg_s", (1, 28, 28), allow_pickle=config.allow_pickle)
     assert seen["allow_pickle"] is True
