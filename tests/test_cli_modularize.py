@@ -172,6 +172,14 @@ def test_reuse_writes_module_and_whole(reused, head):
     assert "mixed module (gated)" in text and "whole model (standard)" in text and f"{head}:" in text
 
 
+def test_reuse_with_union_residuals_and_rounding(trained, tmp_path):
+    out = tmp_path / "union8"
+    data = run_json("modularize", "reuse", trained[0], "--classes", "2,5", "--residual", "union", "--round-to", "8",
+                    TRUST, *FAST_TIMING, "--out", out)
+    assert (data["residual"], data["round_to"]) == ("union", 8)
+    assert data["module"]["onnx_max_abs_diff"] <= 1e-4
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -223,6 +231,8 @@ EXTRACT_ERRORS = {
     "threshold zero": (["--threshold", "0"], "threshold 0.0 is outside (0, 1]"),
     "threshold above one": (["--threshold", "1.5"], "threshold 1.5 is outside (0, 1]"),
     "semantics": (["--semantics", "bogus"], "unknown module semantics 'bogus'"),
+    "residual": (["--residual", "bogus"], "unknown residual layout 'bogus'"),
+    "round to": (["--round-to", "0"], "bad --round-to 0"),
     "python spec untrusted": ([], "may not import and run code — pass --trust-code"),
 }
 

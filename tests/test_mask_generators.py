@@ -73,16 +73,16 @@ def _random_module(points, seed: int, fraction: float = 0.4) -> tuple[list[list[
     return kept, mask
 
 
-def _gated_matches(gm, x, seed: int = 0):
-    """(gated module output, modular output with the module mask, scale, modular, plan)."""
+def _gated_matches(gm, x, seed: int = 0, residual: str = "pad", round_to: int = 1):
+    """(gated module output, modular output with the module mask, scale, plain graph, plan)."""
     points = gate_points(gm)
     modular = insert_mask_generators(gm, points, seed=seed).eval()
     _trained_like(modular)
     plain = copy.deepcopy(gm)
     plain.load_state_dict(plain_state(modular))
     kept, mask = _random_module(points, seed)
-    plan = module_plan(gm, points, kept)
-    module = extract_module(plain, modular, plan, "gated").eval()
+    plan = module_plan(gm, points, kept, residual=residual, round_to=round_to)
+    module = extract_module(plain, modular, plan, "gated", own=kept).eval()
     modular.set_module_mask(mask)
     with torch.no_grad():
         want = modular(x)[0]
@@ -182,6 +182,32 @@ def test_gated_module_equals_masked_modular_model(name):
     assert (got - want).abs().max().item() <= 1e-5 * scale + 1e-6
     if name != "vgg":
         assert plan.producer_keep and set(plan.strategies.values()) == {"pad"}  # residual adds: pad
+
+
+@pytest.mark.parametrize("name", sorted(DEMO))
+@pytest.mark.parametrize(("residual", "round_to"), [("pad", 8), ("union", 1), ("union", 8)])
+def test_gated_module_with_union_and_rounding_still_equals_masked_modular(name, residual, round_to):
+    gm, x = _demo(name)
+    got, want, scale, _, plan = _gated_matches(gm, x, residual=residual, round_to=round_to)
+    assert_close(got, want, scale)
+    sizes = [len(k) for k in plan.keep.values()]
+    if residual == "union":
+        assert not plan.producer_keep and set(plan.strategies.values()) <= {"union"}
+    if round_to == 8 and residual == "union":
+        from zoocompiler.passes.analysis.plans import groups_by_key
+
+        full = {k: g.size for k, g in groups_by_key(gm).items()}
+        assert all(n % 8 == 0 or n == full[k] for k, n in zip(plan.keep, sizes, strict=True))
+
+
+def test_rounding_grows_by_score():
+    gm, _ = _demo("vgg")
+    points = gate_points(gm)
+    kept = [[0] for _ in points.points]
+    scores = [np.arange(p.units, dtype=float) for p in points.points]  # higher index, higher score
+    plan = module_plan(gm, points, kept, round_to=4, scores=scores)
+    first = plan.keep[points.points[0].group]
+    assert first == sorted([0, *range(points.points[0].units - 3, points.points[0].units)])
 
 
 @pytest.mark.parametrize("name", sorted(DEMO))

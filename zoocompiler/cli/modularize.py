@@ -20,6 +20,7 @@ from zoocompiler.core.text import human
 from ..pipelines.base import run_staged
 from ..pipelines.modularize.config import (
     HEADS,
+    RESIDUAL_LAYOUTS,
     SEMANTICS,
     ModularizeExtractConfig,
     ModularizeReuseConfig,
@@ -109,7 +110,8 @@ def out_beside(directory: Path, out_arg: str) -> Path:
 
 
 def extract_config(args: argparse.Namespace) -> ModularizeExtractConfig:
-    return ModularizeExtractConfig(threshold=args.threshold, semantics=args.semantics, trust_code=args.trust_code)
+    return ModularizeExtractConfig(threshold=args.threshold, semantics=args.semantics, residual=args.residual,
+                                   round_to=args.round_to, trust_code=args.trust_code)
 
 
 def cmd_modularize_extract(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,6 +139,8 @@ def reuse_config(args: argparse.Namespace) -> ModularizeReuseConfig:
         lr=args.lr,
         threshold=args.threshold,
         semantics=args.semantics,
+        residual=args.residual,
+        round_to=args.round_to,
         runs=args.runs,
         seed=args.seed,
         trust_code=args.trust_code,
@@ -293,6 +297,21 @@ def _module_options(parser: argparse.ArgumentParser, config: type) -> None:
         metavar="|".join(SEMANTICS),
         help="gated: keep the mask generators on the kept kernels (equals the modular model with the module's "
         "mask); static: drop them (the paper's modules)",
+    )
+    parser.add_argument(
+        "--residual",
+        default=default_of(config, "residual"),
+        metavar="|".join(RESIDUAL_LAYOUTS),
+        help="residual adds: pad (each producer keeps its own kernels, zero-padded into the union before the add; "
+        "fewest MACs) or union (every producer keeps the union: no scatter ops)",
+    )
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=default_of(config, "round_to"),
+        metavar="N",
+        help="grow every kept kernel set to a multiple of N with the next most used kernels (8: channel counts "
+        "ONNX Runtime's blocked conv kernels need); 1 keeps the exact sets",
     )
     parser.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 

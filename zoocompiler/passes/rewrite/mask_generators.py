@@ -25,6 +25,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -39,6 +40,7 @@ from .prune import build_pruned
 from .prune_layout import PruneLayout, node_params, old_shape, producer_chains
 
 SEMANTICS = ("gated", "static")
+RESIDUAL_LAYOUTS = ("pad", "union")
 MAX_HIDDEN = 128  # hidden width of a generator: min(kernels, MAX_HIDDEN) keeps wide layers' generators small
 _RELU_FUNCTIONS = {"relu", "relu_", "relu6", "hardtanh"}
 _CHANNELWISE_ROLES = ("conv_dw", "norm")  # members that compute per unit from a bias: f(0) != 0
@@ -320,22 +322,54 @@ def plain_state(modular: ModularNet) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- modules
 
 
-def module_plan(gm: fx.GraphModule, points: GatePoints, kept: Sequence[Sequence[int]]) -> Plan:
-    """The prune plan keeping ``kept[i]`` kernels of gate point ``i``: single-producer groups keep them,
-    multi-producer groups get ``producer_keep`` with the ``pad`` strategy (producers without a gate keep all)."""
+def _rounded(units: list[int], size: int, round_to: int, score: np.ndarray | None) -> list[int]:
+    """``units`` grown to a multiple of ``round_to`` (at most ``size``) by the highest-``score`` others."""
+    want = min(size, -(-len(units) // round_to) * round_to)
+    others = sorted(set(range(size)) - set(units), key=lambda u: (-float(score[u]) if score is not None else 0.0, u))
+    return sorted(units + others[: max(0, want - len(units))])
+
+
+def module_plan(
+    gm: fx.GraphModule,
+    points: GatePoints,
+    kept: Sequence[Sequence[int]],
+    *,
+    residual: str = "pad",
+    round_to: int = 1,
+    scores: Sequence[np.ndarray] | None = None,
+) -> Plan:
+    """The prune plan keeping ``kept[i]`` kernels of gate point ``i``. Single-producer groups keep them;
+    multi-producer groups (residual adds) use ``residual``: ``pad`` (each producer keeps its own kernels,
+    scattered into the union before the add) or ``union`` (every producer keeps the union: more MACs, no
+    scatter). Producers without a gate keep all. ``round_to`` grows every kept set (pad: each producer's;
+    otherwise the group's) to a multiple of it with the highest-``scores`` kernels (per point; e.g. usage
+    frequencies): channel counts that vectorised conv kernels prefer."""
+    if residual not in RESIDUAL_LAYOUTS:
+        raise PassError(f"unknown residual layout '{residual}'", f"use one of: {', '.join(RESIDUAL_LAYOUTS)}")
+    if round_to < 1:
+        raise PassError(f"round_to must be >= 1, got {round_to}", "pass 1 (exact sets) or e.g. 8")
     by_group: dict[str, dict[str, list[int]]] = {}
-    for p, k in zip(points.points, kept, strict=True):
+    score_of: dict[str, np.ndarray | None] = {}
+    for i, (p, k) in enumerate(zip(points.points, kept, strict=True)):
         if not k:
             raise PassError(f"module keeps no kernel of '{p.producer}'", "lower the threshold for that layer")
         by_group.setdefault(p.group, {})[p.producer] = sorted(int(u) for u in k)
-    plan = Plan(meta={"strategy": "pad", "source": "modularize"})
+        score_of[p.producer] = None if scores is None else np.asarray(scores[i], dtype=np.float64)
+    plan = Plan(meta={"strategy": residual, "round_to": round_to, "source": "modularize"})
     groups = {key: g for g in graph_info(gm).unit_groups if (key := group_keys(gm)[g.gid]) in by_group}
     for key, own in by_group.items():
-        owners = producers(groups[key])
+        size, owners = groups[key].size, producers(groups[key])
+        full = list(range(size))
         if len(owners) == 1:
-            plan.keep[key] = own[next(iter(owners))]
+            w = next(iter(owners))
+            plan.keep[key] = _rounded(own[w], size, round_to, score_of[w])
+        elif residual == "union":
+            union = sorted(set().union(*(own.get(w, full) for w in owners)))
+            known = [score_of[w] for w in owners if score_of.get(w) is not None]
+            plan.keep[key] = _rounded(union, size, round_to, np.max(known, axis=0) if known else None)
+            plan.strategies[key] = "union"
         else:
-            plan.producer_keep[key] = {w: own.get(w, list(range(groups[key].size))) for w in owners}
+            plan.producer_keep[key] = {w: _rounded(own.get(w, full), size, round_to, score_of.get(w)) for w in owners}
             plan.strategies[key] = "pad"
     return plan
 
@@ -346,20 +380,32 @@ def _kept(layout: PruneLayout, name: str, prefer_pre: bool) -> list[int] | None:
 
 
 def extract_module(
-    plain: fx.GraphModule, modular: ModularNet, plan: Plan, semantics: str = "gated"
+    plain: fx.GraphModule,
+    modular: ModularNet,
+    plan: Plan,
+    semantics: str = "gated",
+    own: Sequence[Sequence[int]] | None = None,
 ) -> fx.GraphModule:
     """The module ``plan`` cuts from ``plain`` (the analysed original graph carrying the modular model's
     weights, :func:`plain_state`): ``static`` without generators,
     ``gated`` with ``modular``'s generators restricted to the kept channels and kernels (the module
-    then equals ``modular`` with the module's binary mask applied)."""
+    then equals ``modular`` with the module's binary mask applied). ``own``: the module's kernels per gate
+    point when the plan keeps more (``union``, ``round_to``): the extra kernels' masks are multiplied by 0."""
     if semantics not in SEMANTICS:
         raise PassError(f"unknown module semantics '{semantics}'", f"use one of: {', '.join(SEMANTICS)}")
     validate_plan(plain, plan)
     module, layout, _, _ = build_pruned(plain, plan)
     if semantics == "static":
         return module
-    gens = [gen.restricted(_kept(layout, p.source, False), _kept(layout, p.end, True))
-            for p, gen in zip(modular.points.points, modular.generators(), strict=True)]
+    gens = []
+    for i, (p, gen) in enumerate(zip(modular.points.points, modular.generators(), strict=True)):
+        kept_out = _kept(layout, p.end, True)
+        gens.append(gen.restricted(_kept(layout, p.source, False), kept_out))
+        if own is not None:
+            mine = set(own[i])
+            rows = kept_out if kept_out is not None else range(p.units)
+            with torch.no_grad():
+                gens[-1].module_mask.mul_(torch.tensor([float(u in mine) for u in rows]))
     _insert_gates(module, modular.points.points, gens)
     module.graph.lint()
     module.recompile()

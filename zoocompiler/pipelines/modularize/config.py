@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from zoocompiler.core.errors import ZooError
 
 HEADS = ("slice", "new")
-SEMANTICS = ("gated", "static")  # mirrors passes.rewrite.mask_generators.SEMANTICS (that module imports torch)
+SEMANTICS = ("gated", "static")  # mirror passes.rewrite.mask_generators' (that module imports torch)
+RESIDUAL_LAYOUTS = ("pad", "union")
 
 
 def _check_threshold(threshold: float) -> None:
@@ -18,9 +19,13 @@ def _check_threshold(threshold: float) -> None:
                        "pass --threshold in (0, 1], e.g. 0.9 (the paper's τ)")
 
 
-def _check_semantics(semantics: str) -> None:
+def _check_cut(semantics: str, residual: str, round_to: int) -> None:
     if semantics not in SEMANTICS:
         raise ZooError(f"unknown module semantics '{semantics}'", f"use one of: {', '.join(SEMANTICS)}")
+    if residual not in RESIDUAL_LAYOUTS:
+        raise ZooError(f"unknown residual layout '{residual}'", f"use one of: {', '.join(RESIDUAL_LAYOUTS)}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ZooError(f"bad --round-to {round_to}", "pass 1 (the exact kernel sets) or a channel multiple such as 8")
 
 
 def parse_classes(text: str) -> list[int]:
@@ -83,11 +88,13 @@ class ModularizeExtractConfig:
 
     threshold: float = 0.9
     semantics: str = "gated"
+    residual: str = "pad"  # multi-producer groups: each producer keeps its own kernels (pad) or the union
+    round_to: int = 1  # grow kept sets to a multiple of this (e.g. 8: vectorised conv kernels)
     trust_code: bool = False
 
     def check(self) -> None:
         _check_threshold(self.threshold)
-        _check_semantics(self.semantics)
+        _check_cut(self.semantics, self.residual, self.round_to)
 
 
 @dataclass
@@ -100,6 +107,8 @@ class ModularizeReuseConfig:
     lr: float = 1e-3
     threshold: float = 0.9
     semantics: str = "gated"
+    residual: str = "pad"
+    round_to: int = 1
     runs: int = 30  # timed ONNX Runtime runs at batch 1
     seed: int = 0
     trust_code: bool = False
@@ -107,7 +116,7 @@ class ModularizeReuseConfig:
     def check(self) -> None:
         check_classes(list(self.classes))
         _check_threshold(self.threshold)
-        _check_semantics(self.semantics)
+        _check_cut(self.semantics, self.residual, self.round_to)
         if self.head not in HEADS:
             raise ZooError(f"unknown head '{self.head}'", f"use one of: {', '.join(HEADS)}")
         if self.finetune_epochs < 1 or not (math.isfinite(self.lr) and self.lr > 0):

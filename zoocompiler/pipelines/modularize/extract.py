@@ -87,10 +87,14 @@ def kept_per_point(mask: np.ndarray, points: GatePoints) -> list[list[int]]:
     return [np.flatnonzero(mask[a:b]).tolist() for a, b in points.offsets()]
 
 
-def cut_module(trained: TrainedModularization, mask: np.ndarray, semantics: str) -> fx.GraphModule:
-    """The module keeping the kernels of ``mask`` (bool ``[kernels]``), in eval mode."""
-    plan = module_plan(trained.plain, trained.points, kept_per_point(mask, trained.points))
-    return extract_module(trained.plain, trained.modular, plan, semantics).eval()
+def cut_module(trained: TrainedModularization, mask: np.ndarray, semantics: str, *, residual: str = "pad",
+               round_to: int = 1, scores: np.ndarray | None = None) -> fx.GraphModule:
+    """The module keeping the kernels of ``mask`` (bool ``[kernels]``), in eval mode; ``residual``,
+    ``round_to`` and ``scores`` (per kernel) as in :func:`~zoocompiler.passes.rewrite.mask_generators.module_plan`."""
+    kept = kept_per_point(mask, trained.points)
+    per_point = None if scores is None else [scores[a:b] for a, b in trained.points.offsets()]
+    plan = module_plan(trained.plain, trained.points, kept, residual=residual, round_to=round_to, scores=per_point)
+    return extract_module(trained.plain, trained.modular, plan, semantics, own=kept).eval()
 
 
 @torch.no_grad()
@@ -105,8 +109,8 @@ def gated_parity(trained: TrainedModularization, module: nn.Module, mask: np.nda
 
 
 def _class_module(
-    c: int, *, trained: TrainedModularization, masks: ModuleMasks, test: DataSplit, semantics: str, out_dir: Path,
-    say: Callable[[str], None],
+    c: int, *, trained: TrainedModularization, masks: ModuleMasks, test: DataSplit, semantics: str, residual: str,
+    round_to: int, out_dir: Path, say: Callable[[str], None],
 ) -> dict[str, Any]:
     """Cut, check, export and measure the module of class ``c``; its report row."""
     say(f"class {c}: cut, check, export")
@@ -115,7 +119,7 @@ def _class_module(
     shape = tuple(test.x.shape[1:])
     row: dict[str, Any] = {"class": c, "kernels": int(mask.sum()), "lowered": masks.lowered.get(c, {})}
     for sem in ("gated", "static"):
-        module = cut_module(trained, mask, sem)
+        module = cut_module(trained, mask, sem, residual=residual, round_to=round_to, scores=masks.scores([c]))
         with torch.no_grad():
             recall = float((module(own).argmax(1) == c).float().mean()) if len(own) else float("nan")
         row[sem] = {"macs": count_macs(module, shape, eval=True), "params": count_params(module), "recall": recall}
@@ -148,7 +152,7 @@ def extract_to_dir(directory: str | Path, out_dir: Path, config: ModularizeExtra
             standard_table = module_table(standard_sets.masks(n, config.threshold, trained.points).masks,
                                           standard_sets.by_class(n))
     cut = functools.partial(_class_module, trained=trained, masks=masks, test=test, semantics=config.semantics,
-                            out_dir=out_dir, say=say)
+                            residual=config.residual, round_to=config.round_to, out_dir=out_dir, say=say)
     with stages("extract"):
         rows = (executor or LocalExecutor()).map(cut, list(range(n)))
     shape = tuple(test.x.shape[1:])
@@ -160,6 +164,8 @@ def extract_to_dir(directory: str | Path, out_dir: Path, config: ModularizeExtra
         "data": trained.data,
         "threshold": config.threshold,
         "semantics": config.semantics,
+        "residual": config.residual,
+        "round_to": config.round_to,
         "model": whole,
         "accuracy": {"standard": (trained.record.get("standard") or {}).get("accuracy"),
                      "modular": trained.record["modular"]["accuracy"]},

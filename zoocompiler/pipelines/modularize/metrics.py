@@ -85,10 +85,15 @@ class ModuleMasks:
     masks: np.ndarray
     threshold: float
     lowered: dict[int, dict[int, float]] = field(default_factory=dict)
+    freq: np.ndarray | None = None  # [classes, kernels]: fraction of the class's samples using the kernel
 
     def union(self, classes: Sequence[int]) -> np.ndarray:
         """The mixed module of ``classes``: the union of their kernel sets."""
         return self.masks[list(classes)].any(0)
+
+    def scores(self, classes: Sequence[int]) -> np.ndarray | None:
+        """Per kernel, the highest usage frequency over ``classes`` (which extra kernels rounding adds first)."""
+        return None if self.freq is None else self.freq[list(classes)].max(0)
 
 
 LOWER_STEP = 0.05  # the reference code's rule for an empty layer: lower τ by this much for that layer
@@ -112,7 +117,7 @@ def module_masks(counts: np.ndarray, totals: np.ndarray, threshold: float,
                 lowered.setdefault(c, {})[i] = tau
                 if tau < 0:  # no sample of the class uses the layer: keep its most used kernel
                     masks[c, a + int(np.argmax(freq[c, a:b]))] = True
-    return ModuleMasks(masks, threshold, lowered)
+    return ModuleMasks(masks, threshold, lowered, freq)
 
 
 def module_table(masks: np.ndarray, sets_by_class: Sequence[np.ndarray]) -> dict[str, object]:

@@ -94,11 +94,13 @@ def _measure(net: nn.Module, name: str, out_dir: Path, test: DataSplit, runs: in
     }
 
 
-def mixed_mask(trained: TrainedModularization, classes: list[int], threshold: float) -> tuple[Any, dict]:
-    """The union of ``classes``' module masks at ``threshold`` and the layers whose τ was lowered."""
+def mixed_mask(trained: TrainedModularization, classes: list[int], threshold: float) -> tuple[Any, Any, dict]:
+    """The union of ``classes``' module masks at ``threshold``, its kernels' usage scores and the layers
+    whose τ was lowered."""
     sets = kernel_sets(trained.modular, load_dataset(trained.data, "train"))
     masks = sets.masks(trained.num_classes, threshold, trained.points)
-    return masks.union(classes), {str(c): masks.lowered[c] for c in classes if c in masks.lowered}
+    lowered = {str(c): masks.lowered[c] for c in classes if c in masks.lowered}
+    return masks.union(classes), masks.scores(classes), lowered
 
 
 def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseConfig,
@@ -113,8 +115,9 @@ def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseCo
         sub_train = load_dataset(trained.data, "train", classes=config.classes)
         sub_test = load_dataset(trained.data, "test", classes=config.classes)
     with stages("modularize", f"mixed module of classes {','.join(map(str, config.classes))}"):
-        mask, lowered = mixed_mask(trained, list(config.classes), config.threshold)
-        body = cut_module(trained, mask, config.semantics)
+        mask, scores, lowered = mixed_mask(trained, list(config.classes), config.threshold)
+        body = cut_module(trained, mask, config.semantics, residual=config.residual, round_to=config.round_to,
+                          scores=scores)
     whole_body = trained.standard if trained.standard is not None else trained.plain
     with stages("head", f"head: {config.head}"):
         module = with_head(body, config, trained.num_classes, sub_train, progress)
@@ -129,6 +132,8 @@ def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseCo
         "classes": list(config.classes),
         "head": config.head,
         "semantics": config.semantics,
+        "residual": config.residual,
+        "round_to": config.round_to,
         "threshold": config.threshold,
         "finetune_epochs": config.finetune_epochs if config.head == "new" else 0,
         "whole_model": "standard" if trained.standard is not None else "modular (no standard model trained)",
