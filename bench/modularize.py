@@ -96,6 +96,26 @@ def _latency(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int, r
     return {name: float(np.median(v)) for name, v in medians.items()}
 
 
+def _tau_sweep(trained, sets, classes: list[int], sub_test, whole_slice, shape, whole_macs: int,
+               args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The 2-class mixed module of ``classes`` at every ``--taus`` threshold: KRR, MAC ratio, slice-head accuracy."""
+    n, out = trained.num_classes, []
+    sliced = ModularizeReuseConfig(classes=classes, head="slice")
+    for tau in args.taus:
+        masks = sets.masks(n, tau, trained.points)
+        mask = masks.union(classes)
+        gated = cut_module(trained, mask, "gated")
+        calibrated = cut_module(trained, mask, "calibrated", scale=masks.scale(classes))
+        out.append({
+            "tau": tau, "classes": classes, "krr": float(mask.mean()),
+            "mac_ratio": count_macs(cut_module(trained, mask, "static"), shape, eval=True) / whole_macs,
+            "acc_gated": evaluate(with_head(gated, sliced, n, None, False), sub_test),
+            "acc_calibrated": evaluate(with_head(calibrated, sliced, n, None, False), sub_test),
+            "acc_whole": evaluate(whole_slice, sub_test),
+        })
+    return out
+
+
 def run_case(dataset: str, model: str, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     spec = MODELS[model]
     work = Path(tempfile.mkdtemp(prefix="zc_mwt_"))
@@ -122,14 +142,17 @@ def run_case(dataset: str, model: str, args: argparse.Namespace, console: Consol
     whole_macs = count_macs(trained.standard, shape, eval=True)
 
     rng = np.random.default_rng(args.seed)
-    rows, latency_rows = [], []
+    rows, latency_rows, tau_rows = [], [], []
     console.print(f"  sub-tasks: M = {args.sizes[0]}..{args.sizes[-1]}, {args.draws} draws each")
     for m in args.sizes:
         for d, classes in enumerate(_draws(rng, n, m, args.draws)):
             classes = list(classes)
             mask = masks.union(classes)
             static, gated = cut_module(trained, mask, "static"), cut_module(trained, mask, "gated")
-            aligned = cut_module(trained, mask, "static", residual="union", round_to=8, scores=masks.scores(classes))
+            scale = masks.scale(classes)
+            calibrated = cut_module(trained, mask, "calibrated", scale=scale)
+            aligned = cut_module(trained, mask, "calibrated", residual="union", round_to=8,
+                                 scores=masks.scores(classes), scale=scale)
             sub_train = load_dataset(dataset, "train", classes=classes)
             sub_test = load_dataset(dataset, "test", classes=classes)
             sliced = ModularizeReuseConfig(classes=classes, head="slice")
@@ -137,6 +160,7 @@ def run_case(dataset: str, model: str, args: argparse.Namespace, console: Consol
             static_slice = with_head(static, sliced, n, sub_train, False)
             whole_slice = with_head(trained.standard, sliced, n, sub_train, False)
             aligned_slice = with_head(aligned, sliced, n, sub_train, False)
+            calibrated_slice = with_head(calibrated, sliced, n, sub_train, False)
             row = {
                 "m": m, "classes": classes, "krr": float(mask.mean()),
                 "macs_static": count_macs(static, shape, eval=True), "macs_gated": count_macs(gated, shape, eval=True),
@@ -144,17 +168,21 @@ def run_case(dataset: str, model: str, args: argparse.Namespace, console: Consol
                 "acc_slice_aligned": evaluate(aligned_slice, sub_test),
                 "acc_slice_module": evaluate(module_slice, sub_test),
                 "acc_slice_static": evaluate(static_slice, sub_test),
+                "acc_slice_calibrated": evaluate(calibrated_slice, sub_test),
                 "acc_slice_whole": evaluate(whole_slice, sub_test),
             }
             if d < args.new_draws:
                 new = ModularizeReuseConfig(classes=classes, head="new", finetune_epochs=args.finetune_epochs, seed=d)
-                row["acc_new_module"] = evaluate(with_head(static, new, n, sub_train, False), sub_test)
+                row["acc_new_module"] = evaluate(with_head(gated, new, n, sub_train, False), sub_test)
+                row["acc_new_static"] = evaluate(with_head(static, new, n, sub_train, False), sub_test)
                 row["acc_new_whole"] = evaluate(with_head(trained.standard, new, n, sub_train, False), sub_test)
             rows.append(row)
             if m == 2 and d < args.latency_draws:
                 lat = _latency({"static": static_slice, "aligned": aligned_slice, "gated": module_slice,
                                 "whole": whole_slice}, test.x, args.rounds, args.runs)
                 latency_rows.append({"classes": classes, **{f"{k}_ms": v for k, v in lat.items()}})
+            if m == 2 and d < args.tau_draws:
+                tau_rows.extend(_tau_sweep(trained, sets, classes, sub_test, whole_slice, shape, whole_macs, args))
     modular, standard = record["modular"], record["standard"]
     return {
         "dataset": dataset, "model": model, "spec": spec, "kernels": trained.points.kernels,
@@ -166,7 +194,7 @@ def run_case(dataset: str, model: str, args: argparse.Namespace, console: Consol
         "seconds_per_epoch": {"modular": modular["seconds_per_epoch"], "standard": standard["seconds_per_epoch"]},
         "modularize_s": modularize_s, "extract_s_per_module": extract_s,
         "history": {"modular": modular["history"], "standard": standard["history"]},
-        "subtasks": rows, "latency": latency_rows,
+        "subtasks": rows, "latency": latency_rows, "tau_sweep": tau_rows,
     }
 
 
@@ -190,6 +218,8 @@ def by_size(case: dict[str, Any]) -> list[dict[str, Any]]:
             "acc_slice_aligned": _mean(rows, "acc_slice_aligned"),
             "macs_static_m": _mean(rows, "macs_static") / 1e6,
             "acc_slice_module": _mean(rows, "acc_slice_module"), "acc_slice_static": _mean(rows, "acc_slice_static"),
+            "acc_slice_calibrated": _mean(rows, "acc_slice_calibrated"),
+            "acc_new_static": _mean(rows, "acc_new_static"),
             "acc_slice_whole": _mean(rows, "acc_slice_whole"),
             "acc_new_module": _mean(rows, "acc_new_module"), "acc_new_whole": _mean(rows, "acc_new_whole"),
             "new_draws": sum("acc_new_module" in r for r in rows),
@@ -213,13 +243,18 @@ def targets(case: dict[str, Any]) -> dict[str, dict[str, Any]]:
         values["two_class_macs"] = (two["mac_ratio_static"], "<=")
         values["two_class_accuracy"] = (100 * (two["acc_new_whole"] - two["acc_new_module"]), "<=")
         values["two_class_accuracy_slice"] = (100 * (two["acc_slice_whole"] - two["acc_slice_module"]), "<=")
+        values["two_class_accuracy_static"] = (100 * (two["acc_new_whole"] - two["acc_new_static"]), "<=")
+        values["two_class_accuracy_calibrated"] = (100 * (two["acc_slice_whole"] - two["acc_slice_calibrated"]), "<=")
     if lat:
         values["two_class_latency"] = (ratio("static"), "<=")
         values["two_class_latency_gated"] = (ratio("gated"), "<=")
         values["two_class_latency_aligned"] = (ratio("aligned"), "<=")
     out = {}
     for key, (value, op) in values.items():
-        bound = TARGETS[key.removesuffix("_slice").removesuffix("_gated").removesuffix("_aligned")]
+        base = key
+        for suffix in ("_slice", "_gated", "_aligned", "_static", "_calibrated"):
+            base = base.removesuffix(suffix)
+        bound = TARGETS[base]
         met = value <= bound if op == "<=" else value >= bound
         out[key] = {"value": value, "target": f"{op} {bound:g}", "met": bool(met)}
     return out
@@ -248,16 +283,30 @@ def render(doc: dict[str, Any], console: Console) -> None:
     console.print(t4)
     for c in cases:
         t5 = Table(title=f"Tables 5–7 shape, {c['dataset']} · {c['model']} (model {c['whole_macs'] / 1e6:.2f} M MACs)")
-        for col in ("M", "draws", "KRR", "MACs (M)", "MAC red.", "gated MAC red.", "union8 MAC red.", "slice: module",
-                    "slice: union8", "slice: whole", "new: module", "new: whole", "new draws"):
+        for col in ("M", "draws", "KRR", "MACs (M)", "MAC red.", "gated MAC red.", "union8 MAC red.", "slice: gated",
+                    "slice: calib.", "slice: union8", "slice: whole", "new: gated", "new: static", "new: whole",
+                    "new draws"):
             t5.add_column(col, justify="right")
         for s in by_size(c):
             t5.add_row(str(s["m"]), str(s["draws"]), f"{100 * s['krr']:.1f}%", f"{s['macs_static_m']:.3f}",
                        f"{100 * (1 - s['mac_ratio_static']):.1f}%", f"{100 * (1 - s['mac_ratio_gated']):.1f}%",
                        f"{100 * (1 - s['mac_ratio_aligned']):.1f}%", f"{100 * s['acc_slice_module']:.2f}",
-                       f"{100 * s['acc_slice_aligned']:.2f}", f"{100 * s['acc_slice_whole']:.2f}",
-                       f"{100 * s['acc_new_module']:.2f}", f"{100 * s['acc_new_whole']:.2f}", str(s["new_draws"]))
+                       f"{100 * s['acc_slice_calibrated']:.2f}", f"{100 * s['acc_slice_aligned']:.2f}",
+                       f"{100 * s['acc_slice_whole']:.2f}", f"{100 * s['acc_new_module']:.2f}",
+                       f"{100 * s['acc_new_static']:.2f}", f"{100 * s['acc_new_whole']:.2f}", str(s["new_draws"]))
         console.print(t5)
+        sweep = c.get("tau_sweep") or []
+        if sweep:
+            tt_ = Table(title=f"2-class mixed modules against τ, {c['dataset']} · {c['model']} (slice head, "
+                              f"{len({tuple(r['classes']) for r in sweep})} draws)")
+            for col in ("τ", "KRR", "MACs / model", "gated acc", "calibrated acc", "whole acc"):
+                tt_.add_column(col, justify="right")
+            for tau in sorted({r["tau"] for r in sweep}, reverse=True):
+                rs = [r for r in sweep if r["tau"] == tau]
+                tt_.add_row(f"{tau:g}", f"{100 * _mean(rs, 'krr'):.1f}%", f"{_mean(rs, 'mac_ratio'):.3f}",
+                            f"{100 * _mean(rs, 'acc_gated'):.2f}", f"{100 * _mean(rs, 'acc_calibrated'):.2f}",
+                            f"{100 * _mean(rs, 'acc_whole'):.2f}")
+            console.print(tt_)
     tt = Table(title="Targets (issue 12)")
     for col in ("data", "model", "target", "measured", "bound", "met"):
         tt.add_column(col, justify="right")
@@ -310,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-draws", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--latency-draws", type=int, default=5)
+    parser.add_argument("--tau-draws", type=int, default=5)
+    parser.add_argument("--taus", default="0.9,0.7,0.5,0.3")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -324,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         plot(doc, args.out.with_suffix(".png"))
         return 0
     args.sizes = [2, 5] if args.quick else list(range(2, 10))
+    args.taus = [float(t) for t in str(args.taus).split(",")]
     if args.quick:
         args.epochs, args.draws, args.new_draws, args.finetune_epochs = 2, 2, 1, 1
-        args.latency_draws, args.rounds, args.runs = 1, 2, 20
+        args.latency_draws, args.rounds, args.runs, args.tau_draws = 1, 2, 20, 1
     start = time.perf_counter()
     cases = [run_case(d, m, args, console) for d in args.datasets.split(",") for m in args.models.split(",")]
     doc = {

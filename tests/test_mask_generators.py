@@ -290,3 +290,27 @@ def test_depthwise_on_a_residual_stream_is_not_gated_and_modules_stay_exact():
     assert [p.producer for p in points.points] == ["pw.0.weight"]
     got, want, scale, _, _ = _gated_matches(gm, x)
     assert_close(got, want, scale)
+
+
+@pytest.mark.parametrize("name", sorted(DEMO))
+def test_calibrated_module_with_constant_masks_equals_the_masked_modular_model(name):
+    """Masks that do not depend on the sample: scaling each kept kernel by its mask is the modular model."""
+    gm, x = _demo(name)
+    points = gate_points(gm)
+    modular = insert_mask_generators(gm, points).eval()
+    _trained_like(modular)
+    rng = np.random.default_rng(5)
+    constants = [torch.from_numpy(rng.uniform(0.2, 0.9, p.units).astype(np.float32)) for p in points.points]
+    for gen, c in zip(modular.generators(), constants, strict=True):
+        gen.forward = functools.partial(lambda g, c, inp: c.expand(inp.shape[0], -1) * g.module_mask, gen, c)
+    plain = copy.deepcopy(gm)
+    plain.load_state_dict(plain_state(modular))
+    kept, mask = _random_module(points, 2)
+    plan = module_plan(gm, points, kept)
+    module = extract_module(plain, modular, plan, "calibrated", own=kept, scales=[c.numpy() for c in constants])
+    modular.set_module_mask(mask)
+    with torch.no_grad():
+        want = modular(x)[0]
+        assert_close(module.eval()(x), want, max(1e-3, float(want.abs().max())))
+    with pytest.raises(PassError, match="mean masks"):
+        extract_module(plain, modular, plan, "calibrated")

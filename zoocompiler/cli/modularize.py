@@ -296,7 +296,8 @@ def _module_options(parser: argparse.ArgumentParser, config: type) -> None:
         default=default_of(config, "semantics"),
         metavar="|".join(SEMANTICS),
         help="gated: keep the mask generators on the kept kernels (equals the modular model with the module's "
-        "mask); static: drop them (the paper's modules)",
+        "mask); static: drop them (the paper's modules); calibrated: drop them and scale each kept kernel by its "
+        "mean mask over the module's classes' training samples (no generator cost)",
     )
     parser.add_argument(
         "--residual",

@@ -39,7 +39,7 @@ from ..analysis.unit_rules import op_name
 from .prune import build_pruned
 from .prune_layout import PruneLayout, node_params, old_shape, producer_chains
 
-SEMANTICS = ("gated", "static")
+SEMANTICS = ("gated", "static", "calibrated")
 RESIDUAL_LAYOUTS = ("pad", "union")
 MAX_HIDDEN = 128  # hidden width of a generator: min(kernels, MAX_HIDDEN) keeps wide layers' generators small
 _RELU_FUNCTIONS = {"relu", "relu_", "relu6", "hardtanh"}
@@ -374,6 +374,29 @@ def module_plan(
     return plan
 
 
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@torch.no_grad()
+def _scale_output(gm: fx.GraphModule, name: str, dim: int, factor: torch.Tensor, index: int) -> None:
+    """Multiply node ``name``'s output by ``factor`` along ``dim``: folded into a conv/linear/BatchNorm module's
+    weight and bias (exact: they are linear in them), else a multiply by a constant buffer."""
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if type(mod) in _FOLDABLE and mod.weight is not None and mod.weight.shape[0] == len(factor):
+        mod.weight.mul_(factor.view(-1, *[1] * (mod.weight.dim() - 1)))
+        if mod.bias is not None:
+            mod.bias.mul_(factor)
+        return
+    buf = f"_zc_calibration_{index}_{name}"
+    gm.register_buffer(buf, factor.clone().unsqueeze(0))  # [1, K]: broadcasts over the batch like a mask
+    with gm.graph.inserting_after(node):
+        const = gm.graph.get_attr(buf)
+    with gm.graph.inserting_after(const):
+        scaled = gm.graph.call_function(apply_mask, (node, const, dim))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+
+
 def _kept(layout: PruneLayout, name: str, prefer_pre: bool) -> list[int] | None:
     found = (layout.pre_values.get(name) if prefer_pre else None) or layout.values.get(name)
     return None if found is None else found[1]
@@ -385,17 +408,31 @@ def extract_module(
     plan: Plan,
     semantics: str = "gated",
     own: Sequence[Sequence[int]] | None = None,
+    scales: Sequence[np.ndarray] | None = None,
 ) -> fx.GraphModule:
     """The module ``plan`` cuts from ``plain`` (the analysed original graph carrying the modular model's
     weights, :func:`plain_state`): ``static`` without generators,
     ``gated`` with ``modular``'s generators restricted to the kept channels and kernels (the module
     then equals ``modular`` with the module's binary mask applied). ``own``: the module's kernels per gate
-    point when the plan keeps more (``union``, ``round_to``): the extra kernels' masks are multiplied by 0."""
+    point when the plan keeps more (``union``, ``round_to``): the extra kernels' masks are multiplied by 0.
+    ``calibrated``: static, with every kept kernel multiplied by ``scales[i][k]`` (its mean mask over the
+    module's classes' training samples), folded into the chain end's weights where that is exact."""
     if semantics not in SEMANTICS:
         raise PassError(f"unknown module semantics '{semantics}'", f"use one of: {', '.join(SEMANTICS)}")
     validate_plan(plain, plan)
     module, layout, _, _ = build_pruned(plain, plan)
     if semantics == "static":
+        return module
+    if semantics == "calibrated":
+        if scales is None:
+            raise PassError("a calibrated module needs the kernels' mean masks", "pass scales= (ModuleMasks.scale)")
+        for i, p in enumerate(modular.points.points):
+            kept_out = _kept(layout, p.end, True)
+            factor = np.asarray(scales[i], dtype=np.float32)[kept_out if kept_out is not None else slice(None)]
+            for end in (p.end, *p.regate):
+                _scale_output(module, end, p.dim, torch.from_numpy(np.ascontiguousarray(factor)), i)
+        module.graph.lint()
+        module.recompile()
         return module
     gens = []
     for i, (p, gen) in enumerate(zip(modular.points.points, modular.generators(), strict=True)):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from zoocompiler.core.errors import ZooError
 
 HEADS = ("slice", "new")
-SEMANTICS = ("gated", "static")  # mirror passes.rewrite.mask_generators' (that module imports torch)
+SEMANTICS = ("gated", "static", "calibrated")  # mirror passes.rewrite.mask_generators' (that module imports torch)
 RESIDUAL_LAYOUTS = ("pad", "union")
 
 

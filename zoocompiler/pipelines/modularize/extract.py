@@ -28,6 +28,7 @@ from zoocompiler.core.modules import count_macs, count_params, eval_mode
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.rewrite.mask_generators import (
+    SEMANTICS,
     GatePoints,
     extract_module,
     insert_kernel_probes,
@@ -48,10 +49,12 @@ PARITY_SAMPLES = 64
 
 @dataclass
 class KernelSets:
-    """Per-sample kernel sets ``[samples, kernels]`` (bool) of a split and the samples' labels."""
+    """Per-sample kernel sets ``[samples, kernels]`` (bool) of a split, the samples' labels and, per class,
+    the sum of the mask values ``[classes, kernels]``."""
 
     sets: np.ndarray
     labels: np.ndarray
+    value_sums: np.ndarray
 
     def by_class(self, num_classes: int) -> list[np.ndarray]:
         return [self.sets[self.labels == c] for c in range(num_classes)]
@@ -63,17 +66,24 @@ class KernelSets:
         if empty:
             raise DataError(f"class {empty[0]} has no training sample, so it has no module",
                             "train on a dataset with samples of every class the model predicts")
-        return module_masks(counts, totals, threshold, points.offsets())
+        masks = module_masks(counts, totals, threshold, points.offsets())
+        masks.mean = self.value_sums[:num_classes] / np.maximum(totals, 1)[:, None]
+        masks.totals = totals
+        return masks
 
 
 @torch.no_grad()
 def kernel_sets(net: nn.Module, split: DataSplit, batch_size: int = 500) -> KernelSets:
     """The kernel sets of ``net`` (returning ``(logits, masks or activity)``) on every sample of ``split``."""
-    rows = []
+    rows, sums = [], None
     with eval_mode(net), fixed_threads(None):
-        for x, _ in split.loader(batch_size, shuffle=False):
-            rows.append((net(x)[1] > 0).numpy())
-    return KernelSets(np.concatenate(rows), split.y.numpy())
+        for x, y in split.loader(batch_size, shuffle=False):
+            values = net(x)[1]
+            rows.append((values > 0).numpy())
+            if sums is None:
+                sums = torch.zeros(split.num_classes, values.shape[1], dtype=torch.float64)
+            sums.index_add_(0, y, values.double())
+    return KernelSets(np.concatenate(rows), split.y.numpy(), sums.numpy())
 
 
 def standard_kernel_sets(trained: TrainedModularization, split: DataSplit) -> KernelSets | None:
@@ -88,13 +98,16 @@ def kept_per_point(mask: np.ndarray, points: GatePoints) -> list[list[int]]:
 
 
 def cut_module(trained: TrainedModularization, mask: np.ndarray, semantics: str, *, residual: str = "pad",
-               round_to: int = 1, scores: np.ndarray | None = None) -> fx.GraphModule:
+               round_to: int = 1, scores: np.ndarray | None = None, scale: np.ndarray | None = None) -> fx.GraphModule:
     """The module keeping the kernels of ``mask`` (bool ``[kernels]``), in eval mode; ``residual``,
-    ``round_to`` and ``scores`` (per kernel) as in :func:`~zoocompiler.passes.rewrite.mask_generators.module_plan`."""
+    ``round_to`` and ``scores`` (per kernel) as in :func:`~zoocompiler.passes.rewrite.mask_generators.module_plan`;
+    ``scale`` (per kernel, ``ModuleMasks.scale``) is what a ``calibrated`` module multiplies its kernels by."""
     kept = kept_per_point(mask, trained.points)
-    per_point = None if scores is None else [scores[a:b] for a, b in trained.points.offsets()]
+    offsets = trained.points.offsets()
+    per_point = None if scores is None else [scores[a:b] for a, b in offsets]
     plan = module_plan(trained.plain, trained.points, kept, residual=residual, round_to=round_to, scores=per_point)
-    return extract_module(trained.plain, trained.modular, plan, semantics, own=kept).eval()
+    scales = None if scale is None else [scale[a:b] for a, b in offsets]
+    return extract_module(trained.plain, trained.modular, plan, semantics, own=kept, scales=scales).eval()
 
 
 @torch.no_grad()
@@ -118,8 +131,9 @@ def _class_module(
     own = test.x[test.y == c][:PARITY_SAMPLES]
     shape = tuple(test.x.shape[1:])
     row: dict[str, Any] = {"class": c, "kernels": int(mask.sum()), "lowered": masks.lowered.get(c, {})}
-    for sem in ("gated", "static"):
-        module = cut_module(trained, mask, sem, residual=residual, round_to=round_to, scores=masks.scores([c]))
+    for sem in SEMANTICS:
+        module = cut_module(trained, mask, sem, residual=residual, round_to=round_to, scores=masks.scores([c]),
+                            scale=masks.scale([c]))
         with torch.no_grad():
             recall = float((module(own).argmax(1) == c).float().mean()) if len(own) else float("nan")
         row[sem] = {"macs": count_macs(module, shape, eval=True), "params": count_params(module), "recall": recall}

@@ -86,6 +86,8 @@ class ModuleMasks:
     threshold: float
     lowered: dict[int, dict[int, float]] = field(default_factory=dict)
     freq: np.ndarray | None = None  # [classes, kernels]: fraction of the class's samples using the kernel
+    mean: np.ndarray | None = None  # [classes, kernels]: the class's mean mask value per kernel
+    totals: np.ndarray | None = None  # [classes]: training samples per class
 
     def union(self, classes: Sequence[int]) -> np.ndarray:
         """The mixed module of ``classes``: the union of their kernel sets."""
@@ -94,6 +96,13 @@ class ModuleMasks:
     def scores(self, classes: Sequence[int]) -> np.ndarray | None:
         """Per kernel, the highest usage frequency over ``classes`` (which extra kernels rounding adds first)."""
         return None if self.freq is None else self.freq[list(classes)].max(0)
+
+    def scale(self, classes: Sequence[int]) -> np.ndarray | None:
+        """Per kernel, the mean mask value over the training samples of ``classes`` (``calibrated`` modules)."""
+        if self.mean is None or self.totals is None:
+            return None
+        weights = self.totals[list(classes)].astype(np.float64)
+        return (self.mean[list(classes)] * weights[:, None]).sum(0) / max(weights.sum(), 1.0)
 
 
 LOWER_STEP = 0.05  # the reference code's rule for an empty layer: lower τ by this much for that layer

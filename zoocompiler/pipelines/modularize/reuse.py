@@ -94,13 +94,16 @@ def _measure(net: nn.Module, name: str, out_dir: Path, test: DataSplit, runs: in
     }
 
 
-def mixed_mask(trained: TrainedModularization, classes: list[int], threshold: float) -> tuple[Any, Any, dict]:
-    """The union of ``classes``' module masks at ``threshold``, its kernels' usage scores and the layers
-    whose τ was lowered."""
+def mixed_module(trained: TrainedModularization, config: ModularizeReuseConfig) -> tuple[fx.GraphModule, Any, dict]:
+    """The mixed module of ``config.classes`` (cut per ``config``), its kernel mask and the layers whose τ
+    was lowered."""
     sets = kernel_sets(trained.modular, load_dataset(trained.data, "train"))
-    masks = sets.masks(trained.num_classes, threshold, trained.points)
-    lowered = {str(c): masks.lowered[c] for c in classes if c in masks.lowered}
-    return masks.union(classes), masks.scores(classes), lowered
+    masks = sets.masks(trained.num_classes, config.threshold, trained.points)
+    classes = list(config.classes)
+    mask = masks.union(classes)
+    body = cut_module(trained, mask, config.semantics, residual=config.residual, round_to=config.round_to,
+                      scores=masks.scores(classes), scale=masks.scale(classes))
+    return body, mask, {str(c): masks.lowered[c] for c in classes if c in masks.lowered}
 
 
 def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseConfig,
@@ -115,9 +118,7 @@ def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseCo
         sub_train = load_dataset(trained.data, "train", classes=config.classes)
         sub_test = load_dataset(trained.data, "test", classes=config.classes)
     with stages("modularize", f"mixed module of classes {','.join(map(str, config.classes))}"):
-        mask, scores, lowered = mixed_mask(trained, list(config.classes), config.threshold)
-        body = cut_module(trained, mask, config.semantics, residual=config.residual, round_to=config.round_to,
-                          scores=scores)
+        body, mask, lowered = mixed_module(trained, config)
     whole_body = trained.standard if trained.standard is not None else trained.plain
     with stages("head", f"head: {config.head}"):
         module = with_head(body, config, trained.num_classes, sub_train, progress)
