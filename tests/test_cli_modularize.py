@@ -3,7 +3,6 @@ JSON output, tables, and one-line errors that write nothing."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -11,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.cli import assert_nothing_written, assert_one_line_error, run_cli
-from helpers.cli import subparsers as _subparsers
+from helpers.cli import assert_help_documents_every_option, assert_nothing_written, assert_one_line_error, run_cli
 from rich.console import Console
 
 from zoocompiler import cli
@@ -330,15 +328,4 @@ COMMANDS = [["modularize"], ["modularize", "train"], ["modularize", "extract"], 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_help_documents_every_option(command):
-    parser = cli.build_parser()
-    for word in command:
-        parser = _subparsers(parser)[word]
-    code, out, _ = run_cli(*command, "--help")
-    assert code == 0
-    assert out.startswith(f"usage: zoocompile {' '.join(command)}")
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            assert all(name in out for name in action.choices)
-            continue
-        assert action.help, f"{action.dest} has no help text"
-        assert all(flag in out for flag in action.option_strings)
+    assert_help_documents_every_option(command)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -12,8 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers.cli import assert_one_line_error, run_cli
-from helpers.cli import subparsers as _subparsers
+from helpers.cli import assert_help_documents_every_option, assert_one_line_error, run_cli
 from rich.console import Console
 from torch import nn
 
@@ -305,15 +303,4 @@ def _render(render, data: dict) -> str:
 
 @pytest.mark.parametrize("command", [["slice"], ["slice", "train"], ["slice", "export"]], ids=" ".join)
 def test_help_documents_every_option(command):
-    parser = cli.build_parser()
-    for word in command:
-        parser = _subparsers(parser)[word]
-    code, out, _ = run_cli(*command, "--help")
-    assert code == 0
-    assert out.startswith(f"usage: zoocompile {' '.join(command)}")
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            assert all(name in out for name in action.choices)
-            continue
-        assert action.help, f"{action.dest} has no help text"
-        assert all(flag in out for flag in action.option_strings)
+    assert_help_documents_every_option(command)

@@ -1,5 +1,5 @@
 """Command-line test helpers: running ``zoocompile`` in process, the one-line error format, an output
-location left untouched, and the sub-commands of a parser."""
+location left untouched, the sub-commands of a parser and their help."""
 
 from __future__ import annotations
 
@@ -30,6 +30,24 @@ def assert_nothing_written(out_dir: Path) -> None:
     """Neither ``out_dir`` nor any staging sibling of it (``.NAME.*``) exists."""
     assert not out_dir.exists()
     assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.")]
+
+
+def assert_help_documents_every_option(command: list[str]) -> None:
+    """``zoocompile COMMAND --help`` exits 0, and every option (and sub-command) of that parser is in it with help."""
+    from zoocompiler import cli
+
+    parser = cli.build_parser()
+    for word in command:
+        parser = subparsers(parser)[word]
+    code, out, _ = run_cli(*command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: zoocompile {' '.join(command)}")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            assert all(name in out for name in action.choices)
+            continue
+        assert action.help, f"{action.dest} has no help text"
+        assert all(flag in out for flag in action.option_strings)
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -80,6 +80,35 @@ def model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def training_options(parser: argparse.ArgumentParser, config: type, *, min_batch: int = 1) -> None:
+    """The options of a training run whose ``config`` dataclass has ``checkpoint``, ``epochs``, ``lr`` and
+    ``batch_size``: ``--from-scratch``, ``--checkpoint FILE``, ``--allow-pickle``, ``--epochs``, ``--lr``,
+    ``--batch-size``."""
+    parser.add_argument("--from-scratch", action="store_true", help="re-initialise the weights before training")
+    parser.add_argument(
+        "--checkpoint",
+        default=default_of(config, "checkpoint"),
+        metavar="FILE",
+        help="start from these weights (.pt/.pth/.safetensors)",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a --checkpoint that contains pickled Python objects (runs their code: only for trusted files)",
+    )
+    parser.add_argument("--epochs", type=int, default=default_of(config, "epochs"), metavar="N", help="training epochs")
+    parser.add_argument(
+        "--lr", type=float, default=default_of(config, "lr"), help="peak learning rate (AdamW, one-cycle)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=default_of(config, "batch_size"),
+        metavar="N",
+        help="training batch size" + (f" (>= {min_batch})" if min_batch > 1 else ""),
+    )
+
+
 def json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout (and nothing else)")
 

@@ -35,6 +35,7 @@ from .common import (
     out_dir_options,
     progress_or_silent,
     table,
+    training_options,
     written_files,
 )
 
@@ -354,41 +355,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--beta", type=float, default=default_of(TRAIN_CONFIG, "beta"), help="weight of the coupling loss (Eq. 5)"
     )
-    train.add_argument(
-        "--epochs",
-        type=int,
-        default=default_of(TRAIN_CONFIG, "epochs"),
-        metavar="N",
-        help="training epochs (each model)",
-    )
-    train.add_argument(
-        "--lr", type=float, default=default_of(TRAIN_CONFIG, "lr"), help="peak learning rate (AdamW, one-cycle)"
-    )
-    train.add_argument(
-        "--batch-size",
-        type=int,
-        default=default_of(TRAIN_CONFIG, "batch_size"),
-        metavar="N",
-        help="training batch size (>= 2)",
-    )
+    training_options(train, TRAIN_CONFIG, min_batch=2)
     train.add_argument(
         "--weight-decay",
         type=float,
         default=default_of(TRAIN_CONFIG, "weight_decay"),
         metavar="WD",
         help="AdamW weight decay",
-    )
-    train.add_argument("--from-scratch", action="store_true", help="re-initialise the weights before training")
-    train.add_argument(
-        "--checkpoint",
-        default=default_of(TRAIN_CONFIG, "checkpoint"),
-        metavar="FILE",
-        help="start from these weights (.pt/.pth/.safetensors)",
-    )
-    train.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow a --checkpoint that contains pickled Python objects (runs their code: only for trusted files)",
     )
     train.add_argument(
         "--no-standard",

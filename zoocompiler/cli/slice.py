@@ -19,7 +19,16 @@ from zoocompiler.core.text import human
 
 from ..pipelines.base import run_staged
 from ..pipelines.slice.config import SliceExportConfig, SliceTrainConfig
-from .common import check_at_least, default_of, json_option, out_dir_options, progress_or_silent, table, written_files
+from .common import (
+    check_at_least,
+    default_of,
+    json_option,
+    out_dir_options,
+    progress_or_silent,
+    table,
+    training_options,
+    written_files,
+)
 
 TRAIN_CONFIG = SliceTrainConfig
 SCHEDULER_CHOICES = ("normal", "uniform", "progressive-dynamic", "progressive-static")
@@ -258,31 +267,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=default_of(TRAIN_CONFIG, "sort_by"),
         help="reorder units by importance first (trained weights)",
     )
-    train.add_argument("--from-scratch", action="store_true", help="re-initialise the weights before training")
-    train.add_argument(
-        "--checkpoint",
-        default=default_of(TRAIN_CONFIG, "checkpoint"),
-        metavar="FILE",
-        help="start from these weights (.pt/.pth/.safetensors)",
-    )
-    train.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow a --checkpoint that contains pickled Python objects (runs their code: only for trusted files)",
-    )
-    train.add_argument(
-        "--epochs", type=int, default=default_of(TRAIN_CONFIG, "epochs"), metavar="N", help="training epochs"
-    )
-    train.add_argument(
-        "--lr", type=float, default=default_of(TRAIN_CONFIG, "lr"), help="peak learning rate (AdamW, one-cycle)"
-    )
-    train.add_argument(
-        "--batch-size",
-        type=int,
-        default=default_of(TRAIN_CONFIG, "batch_size"),
-        metavar="N",
-        help="training batch size",
-    )
+    training_options(train, TRAIN_CONFIG)
     train.add_argument(
         "--seed",
         type=int,
