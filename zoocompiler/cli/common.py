@@ -35,6 +35,13 @@ def default_of(config: type, name: str) -> Any:
     return default
 
 
+def config_from_args(config: type, args: argparse.Namespace, **values: Any) -> Any:
+    """An instance of the config dataclass ``config`` whose fields take the parsed option of the same name
+    (``--batch-size`` → ``batch_size``), ``values`` overriding; fields without an option keep their default."""
+    parsed = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)}
+    return config(**{**parsed, **values})
+
+
 class Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps example epilogs as written; shows every default (0 and 0.0 included) except None, False
     (an unset option, an off flag) and ``argparse.SUPPRESS``."""

@@ -30,6 +30,7 @@ from ..pipelines.modularize.config import (
 )
 from .common import (
     check_at_least,
+    config_from_args,
     default_of,
     json_option,
     out_dir_options,
@@ -52,21 +53,7 @@ TRUST_HELP = (
 def train_config(args: argparse.Namespace) -> ModularizeTrainConfig:
     """The ``ModularizeTrainConfig`` the command line asks for."""
     check_at_least(args, 0, "seed", "weight_decay")
-    return ModularizeTrainConfig(
-        spec=args.spec,
-        data=args.data,
-        alpha=args.alpha,
-        beta=args.beta,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        from_scratch=args.from_scratch,
-        checkpoint=args.checkpoint,
-        allow_pickle=args.allow_pickle,
-        standard=not args.no_standard,
-        seed=args.seed,
-    )
+    return config_from_args(ModularizeTrainConfig, args, standard=not args.no_standard)
 
 
 def cmd_modularize_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,8 +98,7 @@ def out_beside(directory: Path, out_arg: str) -> Path:
 
 
 def extract_config(args: argparse.Namespace) -> ModularizeExtractConfig:
-    return ModularizeExtractConfig(threshold=args.threshold, semantics=args.semantics, residual=args.residual,
-                                   round_to=args.round_to, trust_code=args.trust_code)
+    return config_from_args(ModularizeExtractConfig, args)
 
 
 def cmd_modularize_extract(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,19 +119,7 @@ def cmd_modularize_extract(args: argparse.Namespace) -> dict[str, Any]:
 
 def reuse_config(args: argparse.Namespace) -> ModularizeReuseConfig:
     check_at_least(args, 0, "seed")
-    return ModularizeReuseConfig(
-        classes=parse_classes(args.classes),
-        head=args.head,
-        finetune_epochs=args.finetune_epochs,
-        lr=args.lr,
-        threshold=args.threshold,
-        semantics=args.semantics,
-        residual=args.residual,
-        round_to=args.round_to,
-        runs=args.runs,
-        seed=args.seed,
-        trust_code=args.trust_code,
-    )
+    return config_from_args(ModularizeReuseConfig, args, classes=parse_classes(args.classes))
 
 
 def cmd_modularize_reuse(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from ..pipelines.base import run_staged
 from ..pipelines.slice.config import SliceExportConfig, SliceTrainConfig
 from .common import (
     check_at_least,
+    config_from_args,
     default_of,
     json_option,
     out_dir_options,
@@ -42,23 +43,8 @@ EXPORT_SUBDIR = "export"
 def train_config(args: argparse.Namespace):
     """The ``SliceTrainConfig`` the command line asks for; scheduler options only where given."""
     check_at_least(args, 0, "seed")
-    return SliceTrainConfig(
-        spec=args.spec,
-        data=args.data,
-        lb=args.lb,
-        groups=args.groups,
-        scheduler=args.scheduler,
-        scheduler_options={k: getattr(args, k) for k in SCHEDULER_OPTIONS if getattr(args, k) is not None},
-        rescale=args.rescale,
-        sort_by=args.sort_by,
-        from_scratch=args.from_scratch,
-        checkpoint=args.checkpoint,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        allow_pickle=args.allow_pickle,
-    )
+    options = {k: getattr(args, k) for k in SCHEDULER_OPTIONS if getattr(args, k) is not None}
+    return config_from_args(SliceTrainConfig, args, scheduler_options=options)
 
 
 def cmd_slice_train(args: argparse.Namespace) -> dict[str, Any]:
