@@ -2,8 +2,8 @@
 
 Usage::
 
-    python bench/modularize.py                    # full run (~20 min on 2 cores; see docs/bench_modularize.md)
-    python bench/modularize.py --quick            # smoke version (< 3 min)
+    python bench/modularize.py                    # full run (~18 min on 2 cores; see docs/bench_modularize.md)
+    python bench/modularize.py --quick            # smoke version (< 1 min)
     python bench/modularize.py --models vgg --datasets digits --epochs 10
     python bench/modularize.py --models vgg,resnet,mobilenet   # + the MobileNetV2-style net (depthwise convs)
     python bench/modularize.py --render-only      # re-print the tables, verdicts and plot from the JSON
@@ -17,13 +17,13 @@ epoch, modularizing time, extraction time per module). Sub-tasks (Tables 5–7):
 ``--draws`` distinct random class sets (seeded); each gets its mixed module (union of the M modules, cut by
 the prune pass): KRR, MACs of the ``static`` and ``gated`` module vs the whole model, and accuracy on the
 sub-task's test samples for both heads against reusing the whole standard model the same way:
-``slice`` (keep the M rows of the classifier, no training; gated module) and ``new`` (random N→M layer,
-fine-tuned ``--finetune-epochs`` on the M classes' training samples; static module, the paper's setting;
-the first ``--new-draws`` draws per M); ``union8`` is the static module with ``--residual union --round-to 8``
-(no scatter ops, channel counts in multiples of 8). Latency: for the 2-class draws, the sliced-head static
-(pad), union8 and gated modules and the whole model are exported to ONNX (parity checked) and timed by ONNX
-Runtime at batch 1
-(1 thread), interleaved over ``--rounds`` rounds; the ratio is of the medians. Writes
+``slice`` (keep the M rows of the classifier, no training; gated, calibrated and union8 modules) and ``new``
+(random N→M layer, fine-tuned ``--finetune-epochs`` on the M classes' training samples; gated module, and
+static module as in the paper; the first ``--new-draws`` draws per M); ``union8`` is the calibrated module
+with ``--residual union --round-to 8`` (no scatter ops, channel counts in multiples of 8). Latency: for the
+2-class draws, the sliced-head static (pad), union8 and gated modules and the whole model are exported to ONNX
+(parity checked) and timed by ONNX Runtime at batch 1 (1 thread), interleaved over ``--rounds`` rounds; the
+ratio is of the medians. ``--tau-draws`` 2-class draws are also cut at every ``--taus`` threshold. Writes
 ``bench/results/modularize.json`` and ``bench/results/modularize.png``.
 """
 
@@ -118,10 +118,10 @@ def _tau_sweep(trained, sets, classes: list[int], sub_test, whole_slice, shape, 
 
 def run_case(dataset: str, model: str, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     spec = MODELS[model]
-    work = Path(tempfile.mkdtemp(prefix="zc_mwt_"))
+    work = Path(tempfile.mkdtemp(prefix="zc_mwt_"))  # the trained directory, kept for inspection (printed)
     config = ModularizeTrainConfig(spec, data=dataset, alpha=args.alpha, beta=args.beta, epochs=args.epochs, lr=args.lr,
                                    from_scratch=True, seed=0)
-    console.print(f"[bold]{dataset} · {model}[/]: training modular and standard, {args.epochs} epochs")
+    console.print(f"[bold]{dataset} · {model}[/]: training modular and standard, {args.epochs} epochs → {work}")
     record = train_to_dir(config, work, progress=False)
     trained = load_trained(work)
     n = trained.num_classes

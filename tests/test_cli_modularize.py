@@ -170,7 +170,8 @@ def test_reuse_writes_module_and_whole(reused, head):
     assert "mixed module (gated)" in text and "whole model (standard)" in text and f"{head}:" in text
 
 
-def test_reuse_with_union_residuals_and_rounding(trained, tmp_path):
+def test_reuse_passes_residual_and_round_to_through(trained, tmp_path):
+    """The options reach the report (their effect on residual nets is tested in test_mask_generators.py)."""
     out = tmp_path / "union8"
     data = run_json("modularize", "reuse", trained[0], "--classes", "2,5", "--residual", "union", "--round-to", "8",
                     TRUST, *FAST_TIMING, "--out", out)

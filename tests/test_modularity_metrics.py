@@ -131,6 +131,12 @@ def test_module_masks_threshold_and_empty_layer_rule():
     assert mm.union([0, 1]).tolist() == [True, True, True, True, True]
 
 
+def test_a_layer_no_sample_uses_keeps_one_kernel():
+    mm = module_masks(np.array([[5, 5, 0, 0, 0]]), np.array([10]), 0.9, [(0, 2), (2, 5)])
+    assert mm.masks[0, 2:].tolist() == [True, False, False] and mm.lowered[0][1] == 0.0
+    assert mm.masks[0, :2].tolist() == [True, True] and mm.lowered[0][0] == pytest.approx(0.45)
+
+
 def test_module_table_reports_krr_cohesion_coupling():
     masks = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=bool)
     sets = [np.array([[1, 1, 0, 0], [1, 1, 0, 0]], dtype=bool), np.array([[0, 0, 1, 1], [0, 0, 1, 0]], dtype=bool)]
@@ -139,3 +145,11 @@ def test_module_table_reports_krr_cohesion_coupling():
     assert table["coupling"] == 0.0
     assert table["per_module"][0]["cohesion"] == 1.0 and table["per_module"][1]["cohesion"] == pytest.approx(0.5)
     assert table["cohesion"] == pytest.approx(0.75)
+
+
+def test_the_torch_free_config_mirrors_the_pass_choices():
+    from zoocompiler.passes.rewrite import mask_generators
+    from zoocompiler.pipelines.modularize import config
+
+    assert config.SEMANTICS == mask_generators.SEMANTICS
+    assert config.RESIDUAL_LAYOUTS == mask_generators.RESIDUAL_LAYOUTS

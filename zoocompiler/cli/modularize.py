@@ -227,7 +227,7 @@ def render_modularize_extract(console, data: dict[str, Any]) -> None:
 
 def render_modularize_reuse(console, data: dict[str, Any]) -> None:
     module, whole = data["module"], data["whole"]
-    total = round(data["kernels"] / data["krr"]) if data["krr"] else None
+    total = data["total_kernels"]
     columns = ["model", "kernels", "KRR", "params", "MACs", "latency b1 (ms)", "accuracy", "ONNX parity"]
     rows = [
         [f"mixed module ({data['semantics']})", data["kernels"], _pct(data["krr"]), human(module["params"]),
@@ -358,7 +358,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="cut one module per class out of a trained directory; ONNX per module, Table 2 metrics",
         description="Compute every class's kernel set on the training split, keep the kernels more than TAU of "
         "the class's samples use (a layer left empty lowers TAU by 0.05 for that layer), cut each module with "
-        "the prune pass (pad strategy), check it, and write OUTDIR/class_<c>.onnx, OUTDIR/modules.json, "
+        "the prune pass (--residual pad or union), check it, and write OUTDIR/class_<c>.onnx, OUTDIR/modules.json, "
         "OUTDIR/overlap.png and OUTDIR/report.json (all or nothing).",
         epilog="examples:\n"
         "  zoocompile modularize extract vgg_mwt --out vgg_modules\n"

@@ -14,9 +14,11 @@ unit group, kernel probes for standard models, and per-class module extraction t
 * :func:`insert_kernel_probes`: the standard model returning ``(logits, activity)``; a kernel is active
   for a sample when its output (after a following ReLU) has a non-zero element (paper §4.2).
 * :func:`module_plan` + :func:`extract_module`: a per-class (or mixed) module. Every producer keeps its
-  own kernels; multi-producer groups (residual adds) use the prune pass's ``pad`` strategy. ``static``
-  drops the generators (the paper's modules); ``gated`` keeps them on the kept kernels, so the module
-  equals the modular model with that module's binary mask applied (:meth:`ModularNet.set_module_mask`).
+  own kernels; multi-producer groups (residual adds) use the prune pass's ``pad`` strategy (or ``union``).
+  ``static`` drops the generators (the paper's modules); ``gated`` keeps them on the kept kernels, so the
+  module equals the modular model with that module's binary mask applied (:meth:`ModularNet.set_module_mask`)
+  as long as every op between a gate and the group's consumers keeps a masked 0 at 0 (the pipelines check
+  this numerically and refuse otherwise); ``calibrated`` is static with each kernel scaled by its mean mask.
 """
 
 from __future__ import annotations
@@ -182,7 +184,8 @@ def gate_points(gm: fx.GraphModule) -> GatePoints:
 class MaskGenerator(nn.Module):
     """Input average-pooled to its channels → Linear → ReLU → Linear (bias 1) → Tanh → ReLU: a mask in
     [0, 1) per sample and kernel, times the buffer ``module_mask`` (all ones until a module mask is set).
-    Weights are He-initialised: near-identical initial masks are a stationary point of the coupling loss."""
+    Weights are He-initialised: near-identical initial masks are a stationary point of the coupling loss
+    (the price: a few kernels start closed for some samples)."""
 
     def __init__(self, in_channels: int, units: int, in_dim: int = 1, hidden: int | None = None):
         super().__init__()

@@ -23,10 +23,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from zoocompiler.core.atomic import write_json_atomic
-from zoocompiler.core.errors import DataError
+from zoocompiler.core.errors import DataError, PassError
 from zoocompiler.core.modules import count_macs, count_params, eval_mode
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.exports.onnx_export import export_onnx
+from zoocompiler.ir import graph_info
 from zoocompiler.passes.rewrite.mask_generators import (
     SEMANTICS,
     GatePoints,
@@ -45,6 +46,7 @@ from .train import TrainedModularization, load_trained
 MODULES_FILE, OVERLAP_PLOT = "modules.json", "overlap.png"
 MODULES_FORMAT = "zoocompiler.modules/1"
 PARITY_SAMPLES = 64
+PARITY_TOLERANCE = 1e-4  # relative to the output's magnitude, as for ONNX parity
 
 
 @dataclass
@@ -107,18 +109,38 @@ def cut_module(trained: TrainedModularization, mask: np.ndarray, semantics: str,
     per_point = None if scores is None else [scores[a:b] for a, b in offsets]
     plan = module_plan(trained.plain, trained.points, kept, residual=residual, round_to=round_to, scores=per_point)
     scales = None if scale is None else [scale[a:b] for a, b in offsets]
-    return extract_module(trained.plain, trained.modular, plan, semantics, own=kept, scales=scales).eval()
+    module = extract_module(trained.plain, trained.modular, plan, semantics, own=kept, scales=scales).eval()
+    if semantics == "gated":
+        check_gated(trained, module, mask)
+    return module
 
 
 @torch.no_grad()
 def gated_parity(trained: TrainedModularization, module: nn.Module, mask: np.ndarray, x: torch.Tensor) -> float:
     """max |module(x) − modular model with ``mask`` applied (x)|: 0 up to rounding for a gated module."""
+    return float((module(x) - _masked_modular(trained, mask, x)).abs().max())
+
+
+def _masked_modular(trained: TrainedModularization, mask: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     try:
         trained.modular.set_module_mask(torch.from_numpy(mask.astype(np.float32)))
-        want = trained.modular(x)[0]
+        return trained.modular(x)[0]
     finally:
         trained.modular.set_module_mask(None)
-    return float((module(x) - want).abs().max())
+
+
+@torch.no_grad()
+def check_gated(trained: TrainedModularization, module: nn.Module, mask: np.ndarray) -> None:
+    """Fail closed: a gated module must equal the masked modular model (on the trace's example input). It does
+    unless an op after a gate turns a masked 0 into a non-zero that reaches a consumer (e.g. a sigmoid or a
+    parameter added to a pruned channel); then this raises ``PassError`` instead of writing an inexact module."""
+    x = graph_info(trained.plain).example_input
+    want = _masked_modular(trained, mask, x)
+    diff = float((module(x) - want).abs().max())
+    if diff > PARITY_TOLERANCE * max(1.0, float(want.abs().max())):
+        raise PassError(f"the gated module differs from the masked modular model by {diff:.3g}: an op after a "
+                        "mask turns a masked-out 0 into a non-zero this model's gate points do not re-gate",
+                        "use --semantics static, or report the model (docs/modularize.md, gate points)")
 
 
 def _class_module(

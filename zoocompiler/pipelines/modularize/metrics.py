@@ -113,7 +113,8 @@ def module_masks(counts: np.ndarray, totals: np.ndarray, threshold: float,
     """Module masks from ``counts[c, k]`` (samples of class ``c`` whose set holds kernel ``k``) and
     ``totals[c]`` (samples of class ``c``): kernel ``k`` is in module ``c`` when ``counts/totals > τ``.
     A layer (``offsets`` ranges) left empty gets τ lowered by 0.05 until a kernel passes (the rule of
-    the reference code), recorded in ``lowered``."""
+    the reference code), recorded in ``lowered``; a layer no sample of the class uses keeps its first kernel
+    (a module needs one per layer), recorded as τ 0."""
     freq = counts / np.maximum(totals, 1)[:, None]
     masks = freq > threshold
     lowered: dict[int, dict[int, float]] = {}
@@ -122,10 +123,12 @@ def module_masks(counts: np.ndarray, totals: np.ndarray, threshold: float,
             tau = threshold
             while not masks[c, a:b].any():
                 tau = round(tau - LOWER_STEP, 10)
+                if tau < 0:  # no sample of the class uses the layer: keep its first kernel only
+                    masks[c, a] = True
+                    lowered.setdefault(c, {})[i] = 0.0
+                    break
                 masks[c, a:b] = freq[c, a:b] > tau
                 lowered.setdefault(c, {})[i] = tau
-                if tau < 0:  # no sample of the class uses the layer: keep its most used kernel
-                    masks[c, a + int(np.argmax(freq[c, a:b]))] = True
     return ModuleMasks(masks, threshold, lowered, freq)
 
 

@@ -139,6 +139,7 @@ def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseCo
         "finetune_epochs": config.finetune_epochs if config.head == "new" else 0,
         "whole_model": "standard" if trained.standard is not None else "modular (no standard model trained)",
         "kernels": int(mask.sum()),
+        "total_kernels": trained.points.kernels,
         "krr": float(mask.mean()),
         "lowered": lowered,
         "module": module_row,

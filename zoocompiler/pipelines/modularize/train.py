@@ -42,11 +42,11 @@ from zoocompiler.passes.rewrite.mask_generators import (
     insert_mask_generators,
     plain_state,
 )
-from zoocompiler.sources import check_spec_from_file, read_state_dict
+from zoocompiler.sources import check_spec_from_file, check_state_dict, read_state_dict
 from zoocompiler.training import EpochStats, evaluate, seed_everything, train
 
 from ..base import Stages, write_report
-from ..zoo.trainable import TRACE_BATCH, load_trainable
+from ..zoo.trainable import example_input, load_trainable
 from .config import ModularizeTrainConfig
 from .losses import cohesion_loss, coupling_loss
 from .metrics import EpochModularity
@@ -67,11 +67,6 @@ class FirstOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)[0]
-
-
-def example_input(shape: tuple[int, ...]) -> torch.Tensor:
-    """The (seeded) example input every modularize graph is traced with."""
-    return torch.randn(TRACE_BATCH, *shape, generator=torch.Generator().manual_seed(0))
 
 
 def build_graph(spec: str, shape: tuple[int, ...], **load: Any) -> fx.GraphModule:
@@ -246,10 +241,9 @@ def read_record(directory: str | Path) -> dict[str, Any]:
 def _load_weights(module: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path.parent} has no {path.name}", "re-run `zoocompile modularize train`")
-    missing, unexpected = module.load_state_dict(read_state_dict(path), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: {len(missing)} missing and {len(unexpected)} unexpected tensors",
-                              "re-run `zoocompile modularize train` with this zoocompiler version")
+    state = read_state_dict(path)
+    check_state_dict(module, state, label=str(path))
+    module.load_state_dict(state)
 
 
 def load_trained(directory: str | Path, *, trust_code: bool = False) -> TrainedModularization:
@@ -263,8 +257,8 @@ def load_trained(directory: str | Path, *, trust_code: bool = False) -> TrainedM
         raise CheckpointError(f"{directory}: the rebuilt '{spec}' has another structure than the trained one",
                               "use the zoocompiler and model versions the directory was trained with")
     points = gate_points(gm)
-    if points.kernels != record["kernels"]:
-        raise CheckpointError(f"{directory}: {points.kernels} kernels found, the record has {record['kernels']}",
+    if jsonable([p.to_dict() for p in points.points]) != record.get("points"):
+        raise CheckpointError(f"{directory}: the gate points of the rebuilt model differ from the record's",
                               "use the zoocompiler version the directory was trained with")
     standard = None
     if (directory / STANDARD_FILE).is_file():

@@ -36,7 +36,7 @@ from zoocompiler.sources import check_spec_from_file, read_state_dict
 from zoocompiler.training import History, evaluate, seed_everything, train
 
 from ..base import Stages, write_report
-from ..zoo.trainable import TRACE_BATCH, load_trainable
+from ..zoo.trainable import example_input, load_trainable
 from .config import SliceTrainConfig
 
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
@@ -64,8 +64,8 @@ def build_sliceable(
     make it sliceable. ``num_classes`` checks the classifier width against the data."""
     model = load_trainable(spec, tuple(input_shape), from_scratch=from_scratch, checkpoint=checkpoint,
                            allow_pickle=allow_pickle, num_classes=num_classes)
-    x = torch.randn(TRACE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
-    return make_sliceable(trace(model, x), groups=groups, rescale=rescale, sort_by=sort_by)
+    return make_sliceable(trace(model, example_input(tuple(input_shape))), groups=groups, rescale=rescale,
+                          sort_by=sort_by)
 
 
 # ----------------------------------------------------------------------------- train

@@ -13,6 +13,12 @@ from zoocompiler.tracing import check_input
 TRACE_BATCH = 2
 
 
+def example_input(shape: tuple[int, ...]) -> torch.Tensor:
+    """The seeded example input (batch ``TRACE_BATCH``) a trained model is traced with, so a rebuilt model's
+    trace (and its structure fingerprint) is the trained one's."""
+    return torch.randn(TRACE_BATCH, *shape, generator=torch.Generator().manual_seed(0))
+
+
 def reset_parameters(model: nn.Module) -> nn.Module:
     """Re-initialise every submodule that has ``reset_parameters`` (training from scratch)."""
     for m in model.modules():
