@@ -342,15 +342,29 @@ class _SigmoidAfterNorm(torch.nn.Module):
         return self.fc(torch.relu(self.b2(self.c2(torch.sigmoid(self.b1(self.c1(x)))))).mean((2, 3)))
 
 
-def test_an_inexact_gated_module_is_refused_not_written():
+def test_an_op_that_breaks_zeros_skips_its_group():
+    model = _SigmoidAfterNorm().eval()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gm = trace(model, x[:2])
+    points = gate_points(gm)
+    assert "c1.weight" in points.skipped and "sigmoid" in points.skipped["c1.weight"]
+    assert [p.producer for p in points.points] == ["c2.weight"]
+    got, want, scale, _, _ = _gated_matches(gm, x)
+    assert_close(got, want, scale)
+
+
+def test_an_inexact_gated_module_is_refused_not_written(monkeypatch):
+    """Should the gate points miss an op that breaks zeros, the pipeline's parity check refuses the module."""
+    from zoocompiler.passes.rewrite import mask_generators
     from zoocompiler.pipelines.modularize.extract import cut_module
     from zoocompiler.pipelines.modularize.train import TrainedModularization
 
+    monkeypatch.setattr(mask_generators, "_first_unclean", lambda *args: None)  # the analysis misses it
     model = _SigmoidAfterNorm().eval()
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     gm = trace(model, x[:2])
     got, want, scale, plain, _ = _gated_matches(gm, x)
-    assert (got - want).abs().max().item() > 1e-3 * scale  # the pass alone cannot make this one exact
+    assert (got - want).abs().max().item() > 1e-3 * scale  # now inexact
     points = gate_points(gm)
     modular = insert_mask_generators(gm, points).eval()
     trained = TrainedModularization({}, points, plain, modular, None)
@@ -358,3 +372,29 @@ def test_an_inexact_gated_module_is_refused_not_written():
     with pytest.raises(PassError, match="differs from the masked modular model"):
         cut_module(trained, mask, "gated")
     cut_module(trained, mask, "static")  # static modules make no such claim
+
+
+class _ParameterShiftAfterNorm(torch.nn.Module):
+    """conv → BN → + a learned per-channel shift → ReLU → conv: the shift re-creates masked channels."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.shift = nn.Parameter(torch.full((1, 8, 1, 1), 0.3))
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)) + self.shift)
+        return self.fc(torch.relu(self.b2(self.c2(y))).mean((2, 3)))
+
+
+def test_a_parameter_added_after_the_gate_skips_its_group():
+    model = _ParameterShiftAfterNorm().eval()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gm = trace(model, x[:2])
+    points = gate_points(gm)
+    assert "c1.weight" in points.skipped
+    got, want, scale, _, _ = _gated_matches(gm, x)
+    assert_close(got, want, scale)

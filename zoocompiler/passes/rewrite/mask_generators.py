@@ -7,7 +7,9 @@ unit group, kernel probes for standard models, and per-class module extraction t
   layer of a single-producer group outside that chain (a depthwise conv, a norm after an activation) is
   *re-gated* with the same mask after its own chain, so a masked-out channel stays 0 through its bias. A
   multi-producer group with such a layer (a depthwise conv on a residual stream) gets no gates (listed in
-  ``skipped``): no single mask could re-gate it. Input and classifier (pinned groups) are never gated.
+  ``skipped``): no single mask could re-gate it. Nor does a group where any other op can turn a masked 0
+  into a non-zero that a consumer reads (a sigmoid after the norm, a parameter added to a channel:
+  :func:`_first_unclean`). Input and classifier (pinned groups) are never gated.
 * :func:`insert_mask_generators`: a :class:`ModularNet` whose graph returns ``(logits, masks)``,
   ``masks`` the per-sample masks of every gate point concatenated ``[B, kernels]``, values in [0, 1).
   With every mask 1 it computes the original model.
@@ -17,15 +19,17 @@ unit group, kernel probes for standard models, and per-class module extraction t
   own kernels; multi-producer groups (residual adds) use the prune pass's ``pad`` strategy (or ``union``).
   ``static`` drops the generators (the paper's modules); ``gated`` keeps them on the kept kernels, so the
   module equals the modular model with that module's binary mask applied (:meth:`ModularNet.set_module_mask`)
-  as long as every op between a gate and the group's consumers keeps a masked 0 at 0 (the pipelines check
-  this numerically and refuse otherwise); ``calibrated`` is static with each kernel scaled by its mean mask.
+  (gate points only gate groups where that holds; the pipelines also check it numerically and refuse
+  otherwise); ``calibrated`` is static with each kernel scaled by its mean mask.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoocompiler.core.errors import PassError
-from zoocompiler.ir import graph_info, output_value
+from zoocompiler.core.modules import eval_mode
+from zoocompiler.ir import graph_info, node_info, output_value
 
 from ..analysis.plans import Plan, group_keys, producers, validate_plan
 from ..analysis.unit_rules import op_name
@@ -127,6 +132,85 @@ def _loose_channelwise_ends(gm: fx.GraphModule, group, chain_params: set[str]) -
     return ends
 
 
+_MUL = {"mul", "mul_", "__mul__"}
+
+
+def _probe_value(gm: fx.GraphModule, a: fx.Node, zero: set[str], probed: dict[str, Any]) -> Any:
+    """A stand-in for node ``a`` when probing an op: zeros for the group's clean values, ones for any other
+    tensor (conservative), the probed output of a clean tuple, the parameter for ``get_attr``, the recorded
+    value for shape nodes."""
+    if a.name in probed:
+        return probed[a.name]
+    if a.op == "get_attr":
+        return functools.reduce(getattr, a.target.split("."), gm)
+    shape = old_shape(a)
+    if shape is not None:
+        return torch.zeros(shape) if a.name in zero else torch.ones(shape)
+    value = node_info(a).shape_value
+    if value is None:
+        raise LookupError(a.name)
+    return value
+
+
+@torch.no_grad()
+def _probe(gm: fx.GraphModule, n: fx.Node, zero: set[str], probed: dict[str, Any]) -> Any:
+    """Run op ``n`` on stand-ins (:func:`_probe_value`); None when it cannot be run that way."""
+    try:
+        args = fx.node.map_arg(n.args, lambda a: _probe_value(gm, a, zero, probed))
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: _probe_value(gm, a, zero, probed))
+        if n.op == "call_module":
+            with eval_mode(gm.get_submodule(n.target)):
+                return gm.get_submodule(n.target)(*args, **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - an op we cannot probe is not known to keep zeros
+        return None
+
+
+def _zero_at(out: Any, member) -> bool:
+    """``out`` (a probe's output) is 0 at the positions of the group's units (``member``: its value member)."""
+    if not isinstance(out, torch.Tensor):
+        return False
+    positions = torch.tensor([p for ix in member.indices for p in ix], dtype=torch.long)
+    return not bool(out.index_select(member.dim, positions).ne(0).any())
+
+
+def _first_unclean(gm: fx.GraphModule, group, gated_ends: set[str], chain_nodes: set[str]) -> str | None:
+    """The first value of ``group`` that can be non-zero at a unit all its gates zeroed and that a consumer
+    outside the group's values reads, or None when masked units stay 0 up to every consumer. Multiplies are
+    clean when one factor is; any other op when its inputs are and a probe maps zeros to zeros there;
+    tuples (split, unbind) pass through when every tensor in them is clean."""
+    members = {m.node: m for m in group.members if m.param is None}
+    clean: set[str] = set()
+    probed: dict[str, Any] = {}
+    for n in gm.graph.nodes:
+        if n.name in gated_ends:
+            clean.add(n.name)
+            continue
+        if n.name in chain_nodes or n.op in ("placeholder", "get_attr", "output"):
+            continue
+        inputs = [a for a in n.all_input_nodes if a.name in members or a.name in probed]
+        if n.name not in members:
+            if inputs and old_shape(n) is None and all(a.name in clean for a in inputs):  # a tuple of clean values
+                out = _probe(gm, n, clean, probed)
+                if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+                    probed[n.name] = out
+                    clean.add(n.name)
+            continue
+        name = op_name(n) if n.op != "call_module" else ""
+        if inputs and n.op in ("call_function", "call_method") and name in _MUL:
+            ok = any(a.name in clean for a in inputs)
+        else:
+            ok = (bool(inputs) and all(a.name in clean for a in inputs)
+                  and _zero_at(_probe(gm, n, clean, probed), members[n.name]))
+        if ok:
+            clean.add(n.name)
+        elif any(u.name not in members and u.name not in probed for u in n.users) or not n.users:
+            return n.name
+    return None
+
+
 def gate_points(gm: fx.GraphModule) -> GatePoints:
     """Where the mask generators of an analysed ``gm`` go (see the module docstring). Raises ``PassError``
     when no prunable group has a gateable producer."""
@@ -146,8 +230,16 @@ def gate_points(gm: fx.GraphModule) -> GatePoints:
             for weight in owners:
                 found.skipped[weight] = f"{why} (no single mask can re-gate it)"
             continue
+        chains_of = {w: producer_chains(gm, w) for w in owners}
+        chain_nodes = {n.name for cs in chains_of.values() for c in cs for n in c}
+        ends = {c[-1].name for cs in chains_of.values() for c in cs} | set(loose)
+        unclean = _first_unclean(gm, g, ends, chain_nodes)
+        if unclean is not None:
+            for weight in owners:
+                found.skipped[weight] = f"'{unclean}' can turn a masked-out 0 into a non-zero that a consumer reads"
+            continue
         for weight in owners:
-            chains = producer_chains(gm, weight)
+            chains = chains_of[weight]
             if len(chains) != 1:
                 found.skipped[weight] = f"its layer runs {len(chains)} times"
                 continue
