@@ -4,14 +4,20 @@ JSON output, tables, and one-line errors that write nothing."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.cli import assert_help_documents_every_option, assert_nothing_written, assert_one_line_error, run_cli
-from rich.console import Console
+from helpers.cli import (
+    assert_help_documents_every_option,
+    assert_nothing_written,
+    assert_one_line_error,
+    rendered,
+    run_cli,
+    run_json,
+    strict_json,
+)
 
 from zoocompiler import cli
 from zoocompiler.cli import modularize as cli_modularize
@@ -30,16 +36,6 @@ FAST_TIMING = ("--runs", "3")
 TRAIN_FILES = ["modular.safetensors", "modularize.json", "standard.safetensors", "training.png"]
 REUSE_FILES = ["module.onnx", "report.json", "whole.onnx"]
 PARITY = 1e-5
-
-
-def _no_constants(name: str):
-    raise AssertionError(f"--json printed {name}, which is not standard JSON")
-
-
-def run_json(*argv: object) -> dict:
-    code, out, err = run_cli(*argv, "--json")
-    assert code == 0, err
-    return json.loads(out, parse_constant=_no_constants)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +75,7 @@ def test_train_writes_the_directory(trained):
     assert data["files"] == {name: str(out / name) for name in TRAIN_FILES}
     assert data["out"] == str(out)
     record = read_record(out)
-    strict = json.loads(json.dumps(record), parse_constant=lambda _name: None)  # NaN → null, as --json prints
+    strict = strict_json(record)  # NaN → null, as --json prints
     assert {k: v for k, v in data.items() if k not in ("out", "files")} == strict
     cfg = record["config"]
     assert (cfg["spec"], cfg["data"], cfg["epochs"], cfg["standard"]) == (SPEC, "digits", 1, True)
@@ -129,7 +125,7 @@ def test_extract_writes_one_onnx_module_per_class(extracted):
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     assert data["files"] == {name: str(out / name) for name in sorted(names)}
     report = json.loads((out / "report.json").read_text())
-    strict = json.loads(json.dumps(report), parse_constant=lambda _name: None)
+    strict = strict_json(report)
     assert {k: v for k, v in data.items() if k not in ("out", "files")} == strict
     assert (data["semantics"], data["threshold"], data["model"]["kernels"]) == ("gated", 0.9, 80)
     assert [row["class"] for row in data["per_class"]] == list(range(10))
@@ -319,9 +315,7 @@ def test_class_without_training_samples(tmp_path):
 
 
 def _render(render, data: dict) -> str:
-    buffer = io.StringIO()
-    render(Console(file=buffer, width=200, soft_wrap=False), data)
-    return " ".join(buffer.getvalue().split())  # whitespace runs as one space: a title wider than its table wraps
+    return " ".join(rendered(render, data).split())  # whitespace runs as one space: a title wider than its table wraps
 
 
 COMMANDS = [["modularize"], ["modularize", "train"], ["modularize", "extract"], ["modularize", "reuse"]]

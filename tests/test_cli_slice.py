@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
@@ -11,8 +10,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers.cli import assert_help_documents_every_option, assert_one_line_error, run_cli
-from rich.console import Console
+from helpers.cli import (
+    assert_help_documents_every_option,
+    assert_one_line_error,
+    rendered,
+    run_cli,
+    run_json,
+    strict_json,
+)
 from torch import nn
 
 from zoocompiler import cli
@@ -31,21 +36,6 @@ ATOL = 1e-4
 def linear_only() -> nn.Module:
     """A 1×28×28 → 10 classifier with no hidden units: every unit group is pinned (input or classes)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
-
-
-def _no_constants(name: str):
-    raise AssertionError(f"--json printed {name}, which is not standard JSON")
-
-
-def run_json(*argv: str) -> dict:
-    code, out, err = run_cli(*argv, "--json")
-    assert code == 0, err
-    return json.loads(out, parse_constant=_no_constants)
-
-
-def _strict(value):
-    """A record as --json prints it: NaN (an unmeasured metric) becomes null."""
-    return json.loads(json.dumps(value), parse_constant=lambda _name: None)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,7 @@ def test_train_writes_the_directory_and_reports_every_rate(trained, model):
     assert data["files"] == {name: str(out / name) for name in ("accuracy.png", "slice.json", "sliceable.safetensors")}
     assert data["out"] == str(out)
     record = read_record(out)
-    assert {k: v for k, v in data.items() if k not in ("out", "files")} == _strict(record)
+    assert {k: v for k, v in data.items() if k not in ("out", "files")} == strict_json(record)
     cfg = record["config"]
     assert (cfg["spec"], cfg["groups"], cfg["lb"], cfg["epochs"], cfg["from_scratch"]) == (SPEC, 4, 0.375, 1, True)
     assert cfg["scheduler_options"] == {}
@@ -109,7 +99,7 @@ def test_train_passes_only_the_scheduler_options_given():
 
 
 def test_train_table(trained):
-    text = _render(cli_slice.render_slice_train, trained[1])
+    text = rendered(cli_slice.render_slice_train, trained[1])
     assert "slice train zoo:vgg_s on mnist5k (G=4, lb 0.375)" in text
     for rate, share in (("0.25", "7%"), ("0.5", "26%"), ("0.75", "57%"), ("1 ", "100%")):
         assert rate in text and share in text
@@ -187,7 +177,7 @@ def test_export_flops_and_rates_together(trained, exported, model, tmp_path):
 
 
 def test_export_table(exported):
-    text = _render(cli_slice.render_slice_export, exported[1])
+    text = rendered(cli_slice.render_slice_export, exported[1])
     assert "slice export zoo:vgg_s (G=4, lb 0.375)" in text
     assert "ms/sample b4" in text and "ONNX parity" in text
     assert "(26%)" in text and "(100%)" in text
@@ -293,12 +283,6 @@ def test_export_existing_out_needs_force(trained, exported):
 
 
 # ----------------------------------------------------------------------------- help
-
-
-def _render(render, data: dict) -> str:
-    buffer = io.StringIO()
-    render(Console(file=buffer, width=200, soft_wrap=False), data)
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("command", [["slice"], ["slice", "train"], ["slice", "export"]], ids=" ".join)

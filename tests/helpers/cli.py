@@ -1,12 +1,14 @@
 """Command-line test helpers: running ``zoocompile`` in process, the one-line error format, an output
-location left untouched, the sub-commands of a parser and their help."""
+location left untouched, the sub-commands of a parser and their help, JSON output and rendered tables."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import json
 from pathlib import Path
+from typing import Any
 
 
 def run_cli(*argv: object) -> tuple[int, str, str]:
@@ -17,6 +19,31 @@ def run_cli(*argv: object) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
+
+
+def _no_constants(name: str):
+    raise AssertionError(f"--json printed {name}, which is not standard JSON")
+
+
+def run_json(*argv: object) -> dict:
+    """``zoocompile ARGV --json`` in process: it must exit 0 and print standard JSON (no NaN/Infinity)."""
+    code, out, err = run_cli(*argv, "--json")
+    assert code == 0, err
+    return json.loads(out, parse_constant=_no_constants)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` as ``--json`` prints it: NaN (an unmeasured metric) becomes null."""
+    return json.loads(json.dumps(value), parse_constant=lambda _name: None)
+
+
+def rendered(render, data: dict) -> str:
+    """What a command's table renderer prints for ``data`` on a 200-column console."""
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    render(Console(file=buffer, width=200, soft_wrap=False), data)
+    return buffer.getvalue()
 
 
 def assert_one_line_error(err: str, fragment: str) -> None:

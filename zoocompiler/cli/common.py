@@ -88,9 +88,15 @@ def model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def training_options(parser: argparse.ArgumentParser, config: type, *, min_batch: int = 1) -> None:
-    """The options of a training run whose ``config`` dataclass has ``checkpoint``, ``epochs``, ``lr`` and
-    ``batch_size``: ``--from-scratch``, ``--checkpoint FILE``, ``--allow-pickle``, ``--epochs``, ``--lr``,
-    ``--batch-size``."""
+    """The options of a training run whose ``config`` dataclass has ``data``, ``checkpoint``, ``epochs``, ``lr``
+    and ``batch_size``: ``SPEC``, ``--data``, ``--from-scratch``, ``--checkpoint FILE``, ``--allow-pickle``,
+    ``--epochs``, ``--lr``, ``--batch-size``."""
+    parser.add_argument(
+        "spec", metavar="SPEC", help="model spec, e.g. zoo:vgg_s or timm:resnet18,in_chans=1,num_classes=10"
+    )
+    parser.add_argument(
+        "--data", default=default_of(config, "data"), metavar="DATA", help="digits, mnist5k, npz:PATH, imagefolder:PATH"
+    )
     parser.add_argument("--from-scratch", action="store_true", help="re-initialise the weights before training")
     parser.add_argument(
         "--checkpoint",

@@ -314,22 +314,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "  zoocompile modularize train zoo:vgg_s --from-scratch --data mnist5k --epochs 10 --out vgg_mwt\n"
         "  zoocompile modularize train zoo:resnet_s --alpha 0.5 --beta 1.5 --no-standard --out rs_mwt --json",
     )
-    train.add_argument(
-        "spec", metavar="SPEC", help="model spec, e.g. zoo:vgg_s or timm:resnet18,in_chans=1,num_classes=10"
-    )
-    train.add_argument(
-        "--data",
-        default=default_of(TRAIN_CONFIG, "data"),
-        metavar="DATA",
-        help="digits, mnist5k, npz:PATH, imagefolder:PATH",
-    )
+    training_options(train, TRAIN_CONFIG, min_batch=2)
     train.add_argument(
         "--alpha", type=float, default=default_of(TRAIN_CONFIG, "alpha"), help="weight of the cohesion loss (Eq. 4)"
     )
     train.add_argument(
         "--beta", type=float, default=default_of(TRAIN_CONFIG, "beta"), help="weight of the coupling loss (Eq. 5)"
     )
-    training_options(train, TRAIN_CONFIG, min_batch=2)
     train.add_argument(
         "--weight-decay",
         type=float,

@@ -204,15 +204,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "  zoocompile slice train zoo:vgg_s --from-scratch --data mnist5k --lb 0.375 --epochs 10 --out vgg_sliced\n"
         "  zoocompile slice train zoo:resnet_s --sort-by l1 --scheduler progressive-dynamic --warmup 0.3 --out rs",
     )
-    train.add_argument(
-        "spec", metavar="SPEC", help="model spec, e.g. zoo:vgg_s or timm:resnet18,in_chans=1,num_classes=10"
-    )
-    train.add_argument(
-        "--data",
-        default=default_of(TRAIN_CONFIG, "data"),
-        metavar="DATA",
-        help="digits, mnist5k, npz:PATH, imagefolder:PATH",
-    )
+    training_options(train, TRAIN_CONFIG)
     train.add_argument(
         "--lb",
         type=float,
@@ -253,7 +245,6 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=default_of(TRAIN_CONFIG, "sort_by"),
         help="reorder units by importance first (trained weights)",
     )
-    training_options(train, TRAIN_CONFIG)
     train.add_argument(
         "--seed",
         type=int,
