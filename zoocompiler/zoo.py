@@ -135,6 +135,7 @@ class ZooRecipe:
     batch_size: int = 128
     augment: bool = True
     seed: int = 0
+    collection: str = "demo"
 
 
 @dataclass(frozen=True)
@@ -156,25 +157,20 @@ class ZooEntry:
     weights_file: Path
     macs: int | None = None
     sha256: str | None = None
+    collection: str = "demo"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
+_RESNET_SPEC = "timm.models.resnet.ResNet(BasicBlock, layers=(1,1,1,1), channels=(16,32,64,128), stem_width=16)"
+_VGG_SPEC = "torchvision.models.vgg.make_layers([16,M,32,M,64,64,M], batch_norm=True) + avgpool + MLP(64,128)"
+_CONVNEXT_SPEC = ("timm.models.convnext.ConvNeXt(depths=(1,1,2,1), dims=(16,32,64,128), patch_size=2, "
+                  "output_stride=16, ls_init_value=1.0)")
 _RECIPES: tuple[ZooRecipe, ...] = (
-    ZooRecipe(
-        "resnet_s",
-        "timm.models.resnet.ResNet(BasicBlock, layers=(1,1,1,1), channels=(16,32,64,128), stem_width=16)",
-        _resnet,
-        epochs=12,
-    ),
-    ZooRecipe(
-        "vgg_s",
-        "torchvision.models.vgg.make_layers([16,M,32,M,64,64,M], batch_norm=True) + avgpool + MLP(64,128)",
-        _vgg,
-        epochs=10,
-    ),
+    ZooRecipe("resnet_s", _RESNET_SPEC, _resnet, epochs=12),
+    ZooRecipe("vgg_s", _VGG_SPEC, _vgg, epochs=10),
     ZooRecipe(
         "vit_t",
         "timm.models.vision_transformer.VisionTransformer(img_size=28, patch_size=7, embed_dim=96, depth=4, "
@@ -186,8 +182,7 @@ _RECIPES: tuple[ZooRecipe, ...] = (
     ),
     ZooRecipe(
         "convnext_t",
-        "timm.models.convnext.ConvNeXt(depths=(1,1,2,1), dims=(16,32,64,128), patch_size=2, output_stride=16, "
-        "ls_init_value=1.0)",
+        _CONVNEXT_SPEC,
         _convnext,
         epochs=15,
         lr=5e-3,
@@ -212,7 +207,13 @@ _RECIPES: tuple[ZooRecipe, ...] = (
         lr=5e-3,
         batch_size=64,
     ),
+    # The Slice-and-Pack source zoo (`zoocompile pack`): three architectures with disjoint abilities.
+    ZooRecipe("vgg_s_0to3", _VGG_SPEC, _vgg, classes=(0, 1, 2, 3), epochs=10, collection="pack"),
+    ZooRecipe("resnet_s_4to6", _RESNET_SPEC, _resnet, classes=(4, 5, 6), epochs=12, collection="pack"),
+    ZooRecipe("convnext_t_7to9", _CONVNEXT_SPEC, _convnext, classes=(7, 8, 9), epochs=30, lr=3e-3, batch_size=64,
+              collection="pack"),
 )
+COLLECTIONS = ("demo", "pack")
 
 
 def recipes() -> dict[str, ZooRecipe]:
@@ -225,9 +226,10 @@ def zoo_cache_dir() -> Path:
     return cache_dir() / "zoo"
 
 
-def list_entries() -> list[ZooEntry]:
-    """Every demo-zoo model, in zoo order."""
-    return [_entry(r) for r in _RECIPES]
+def list_entries(collection: str | None = None) -> list[ZooEntry]:
+    """Every zoo model (of ``collection`` when given: ``demo`` for reassembly, ``pack`` the
+    Slice-and-Pack sources), in zoo order."""
+    return [_entry(r) for r in _RECIPES if collection is None or r.collection == collection]
 
 
 def get_entry(name: str) -> ZooEntry:
@@ -350,6 +352,7 @@ def _make_entry(recipe: ZooRecipe, path: Path, record: dict[str, Any]) -> ZooEnt
         weights_file=path,
         macs=record.get("macs"),
         sha256=record.get("sha256"),
+        collection=recipe.collection,
     )
 
 

@@ -128,7 +128,7 @@ def inspect_zoo(zoo: str) -> dict[str, Any]:
     if zoo != "demo":
         raise ZooError(f"unknown zoo '{zoo}'", "use --zoo demo (the built-in zoo)")
     rows = []
-    for entry in list_entries():
+    for entry in list_entries("demo"):
         model = load_model(f"zoo:{entry.name}")
         x = torch.randn(1, *entry.input_shape, generator=torch.Generator().manual_seed(EXAMPLE_SEED))
         summary = inspect_graph(trace(model, x), model, f"zoo:{entry.name}")["summary"]

@@ -59,7 +59,7 @@ def zoo_specs(zoo: str) -> list[str]:
     from zoocompiler.zoo import list_entries
 
     if zoo == "demo":
-        return [f"zoo:{e.name}" for e in list_entries()]
+        return [f"zoo:{e.name}" for e in list_entries("demo")]
     specs = split_zoo_spec(zoo)
     if len(specs) < 2:
         raise ZooError(
