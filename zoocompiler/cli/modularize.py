@@ -17,6 +17,7 @@ from zoocompiler.core.errors import ZooError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.text import human
 
+from ..core.classes import check_classes, parse_classes
 from ..pipelines.base import run_staged
 from ..pipelines.modularize.config import (
     HEADS,
@@ -25,8 +26,6 @@ from ..pipelines.modularize.config import (
     ModularizeExtractConfig,
     ModularizeReuseConfig,
     ModularizeTrainConfig,
-    check_classes,
-    parse_classes,
 )
 from .common import (
     check_at_least,

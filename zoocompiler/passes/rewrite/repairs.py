@@ -135,7 +135,9 @@ def _pads(gm: fx.GraphModule, site: RepairSite) -> bool:
     return isinstance(mod.padding, str) or any(int(p) for p in mod.padding)
 
 
-def _repair_sites(gm: fx.GraphModule, group, features: str, order: dict[str, int]) -> tuple[list[RepairSite], str | None]:
+def _repair_sites(
+    gm: fx.GraphModule, group, features: str, order: dict[str, int]
+) -> tuple[list[RepairSite], str | None]:
     """The sites of a single-producer group, or ``([], why)`` when its dropped units must be zeroed."""
     values = {m.node for m in group.members if m.param is None}
     consumers = {m.node for m in group.members if m.role in ("conv_in", "linear_in")}
@@ -155,6 +157,8 @@ def _repair_sites(gm: fx.GraphModule, group, features: str, order: dict[str, int
             sites.append(site)
     if not sites:
         return [], "no layer reads its units"
+    if len({s.dim for s in sites}) > 1:  # one Repair (one unit dim) stands in at every site
+        return [], "its sites read its units along different dims (e.g. a conv and a linear on a permuted view)"
     return sites, None
 
 
@@ -395,8 +399,8 @@ def materialize_repairs(gm: fx.GraphModule, net: SliceNet) -> fx.GraphModule:
             continue
         p, b = repair.matrix()
         for j, site in enumerate(layer.sites):
-            u = p.shape[0]
-            mod: nn.Module = nn.Linear(u, u, bias=b is not None) if site.linear else nn.Conv2d(u, u, 1, bias=b is not None)
+            u, has_bias = p.shape[0], b is not None
+            mod: nn.Module = nn.Linear(u, u, bias=has_bias) if site.linear else nn.Conv2d(u, u, 1, bias=has_bias)
             mod.weight.copy_(p if site.linear else p[:, :, None, None])
             if b is not None:
                 mod.bias.copy_(b)

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from zoocompiler.core.classes import check_classes
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.exports.latency import measure_latency
@@ -26,7 +27,7 @@ from zoocompiler.ir import output_value
 from zoocompiler.training import evaluate, train
 
 from ..base import Stages, write_report
-from .config import ModularizeReuseConfig, check_classes
+from .config import ModularizeReuseConfig
 from .extract import cut_module, kernel_sets
 from .train import TrainedModularization, load_trained
 

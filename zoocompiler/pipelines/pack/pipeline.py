@@ -1,0 +1,330 @@
+"""``pack slice`` (sources → fragment store) and ``pack build`` (store + classes → one packed ONNX model).
+
+Slicing a store that exists adds the sources it lacks: the new store is staged next to it with the
+existing files hard-linked (untouched) and replaces it only when every new fragment is written, so a
+failure or Ctrl-C leaves the old store as it was. Every source is sliced from its own seed (its name),
+so a store built in two runs equals one built at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from zoocompiler.core.atomic import write_bytes_atomic, write_state_dict_atomic
+from zoocompiler.core.cache import digest
+from zoocompiler.core.errors import DataError, PassError, ZooError
+from zoocompiler.core.modules import count_macs, count_params
+from zoocompiler.data import DataSplit, load_dataset
+from zoocompiler.exports.latency import measure_latency
+from zoocompiler.exports.onnx_export import export_onnx
+from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.rewrite.repairs import SliceLayers, slice_layers
+
+from ..base import LocalExecutor, Stages, run_staged, say, write_report
+from ..zoo.trainable import example_input
+from .config import PackBuildConfig, PackSliceConfig
+from .packing import PackedModel, PackSettings, fragment_features, train_pack
+from .samples import draw_samples, source_seed
+from .slicing import SliceSettings, slice_class
+from .store import STORE_FILE, STORE_FORMAT, Store, is_store, read_store, rebuild_fragment, samples_bytes
+
+PACKED_ONNX = "packed.onnx"
+Tick = Callable[[str, str], None]  # (what finished, its description): progress bars
+
+
+def source_names(zoo: str) -> list[str]:
+    """The zoo model names ``--zoo`` names: ``pack`` (the demo source zoo) or comma-separated names."""
+    from zoocompiler.zoo import get_entry, list_entries
+
+    if zoo == "pack":
+        return [e.name for e in list_entries("pack")]
+    names = [n.strip().removeprefix("zoo:") for n in zoo.split(",") if n.strip()]
+    if not names:
+        raise ZooError(f"--zoo {zoo!r} names no model", "pass --zoo pack or comma-separated zoo model names")
+    if len(set(names)) != len(names):
+        raise ZooError(f"--zoo {zoo!r} names a model twice", "list each source once")
+    for name in names:
+        get_entry(name)  # UnknownModelError with close matches
+    return names
+
+
+def _source_graph(name: str, shape: tuple[int, ...]) -> fx.GraphModule:
+    from zoocompiler.sources import load_model
+
+    return trace(load_model(f"zoo:{name}").eval(), example_input(shape))
+
+
+def _check_sources(names: list[str], config: PackSliceConfig, existing: Store | None) -> list[str]:
+    """The sources to slice: their data fits, their classes are new, the store's settings match."""
+    from zoocompiler.zoo import get_entry
+
+    if existing is not None:
+        mismatched = {k: v for k, v in config.settings().items() if existing.settings.get(k) != v}
+        if mismatched:
+            key = sorted(mismatched)[0]
+            raise ZooError(f"store {existing.root} was sliced with {key}={existing.settings.get(key)!r}, "
+                           f"not {mismatched[key]!r}", f"pass the store's settings (--{key} "
+                           f"{existing.settings.get(key)}) or a new --out")
+        names = [n for n in names if n not in existing.sources]
+        if not names:
+            raise ZooError(f"every source is already in store {existing.root}",
+                           "name other --zoo models to add, or slice into a new --out")
+    offered = {c: f["source"] for c, f in existing.fragments.items()} if existing is not None else {}
+    for name in names:
+        entry = get_entry(name)
+        for c in entry.classes:
+            if c in offered:
+                raise ZooError(f"class {c} of {name} is already offered by {offered[c]}",
+                               "slice sources with disjoint classes into one store")
+            offered[c] = name
+    return names
+
+
+Sliceable = tuple[fx.GraphModule, SliceLayers]  # a source's analysed trace and its S&P layers
+
+
+def _source_split(name: str, config: PackSliceConfig) -> DataSplit:
+    """Source ``name``'s own training split of ``--data`` (its classes), checked against its input shape."""
+    from zoocompiler.zoo import get_entry
+
+    entry = get_entry(name)
+    split = load_dataset(config.data, "train", classes=list(entry.classes))
+    shape = tuple(split.x.shape[1:])
+    if tuple(entry.input_shape) != shape:
+        raise DataError(f"source {name} takes {tuple(entry.input_shape)} inputs but --data {config.data} has {shape}",
+                        "slice with the data the source was trained on (the pack zoo: mnist5k)")
+    return split
+
+
+def _sliceable(name: str, shape: tuple[int, ...]) -> Sliceable:
+    """Source ``name`` traced with its S&P layers; a source without prunable layers is a ``PassError`` naming it."""
+    gm = _source_graph(name, shape)
+    try:
+        return gm, slice_layers(gm)
+    except PassError as err:
+        raise PassError(f"zoo model {name} cannot be sliced: {err.cause}",
+                        "slice zoo models with prunable units (see `zoocompile inspect zoo:NAME`)") from None
+
+
+def _preflight(names: list[str], config: PackSliceConfig) -> dict[str, Sliceable]:
+    """Before anything is sliced or written: every source's data fits and has ``k`` samples of each of its
+    classes (``draw_samples``' check), and it has prunable layers. Returns the analysed traces."""
+    graphs = {}
+    for name in names:
+        split = _source_split(name, config)
+        draw_samples(split, config.k, config.seed, name)
+        graphs[name] = _sliceable(name, tuple(split.x.shape[1:]))
+    return graphs
+
+
+def _link_existing(store: Store, staging: Path) -> None:
+    """Hard-link (copy where links fail) every file of ``store`` but its index into ``staging``."""
+    for path in store.root.rglob("*"):
+        if path.is_file() and path.name != STORE_FILE:
+            target = staging / path.relative_to(store.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+
+
+def _slice_source(name: str, config: PackSliceConfig, staging: Path, tick: Tick | None,
+                  progress: Callable[[str], None] | None,
+                  traced: Sliceable | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Slice every class of source ``name`` into ``staging/<name>/``; its source and fragment entries.
+    ``traced``: its analysed trace and layers when already made (:func:`_preflight`)."""
+    from zoocompiler.zoo import get_entry
+
+    entry = get_entry(name)
+    split = _source_split(name, config)
+    shape = tuple(split.x.shape[1:])
+    samples = draw_samples(split, config.k, config.seed, name)
+    gm, layers = traced if traced is not None else _sliceable(name, shape)
+    folder = staging / name
+    folder.mkdir(parents=True, exist_ok=True)
+    data = samples_bytes(samples.x, samples.y)
+    write_bytes_atomic(folder / "samples.npz", data)
+    data_sha = digest(data)
+    settings = SliceSettings(select=config.select, beta=config.resolved_beta, alpha=config.alpha,
+                             gamma=config.gamma, pool_steps=config.steps, adapt_steps=config.steps,
+                             combine_steps=config.steps, lr=config.lr, seed=source_seed(config.seed, name))
+    fragments = []
+    for label, cls in enumerate(entry.classes):
+        say(progress, f"slicing {name}, class {cls}: {len(layers.layers)} layers")
+        done = (lambda stage, name=name, cls=cls: tick(stage, f"{name} class {cls}")) if tick else None
+        sliced = slice_class(gm, layers, samples.x, samples.y, label, settings, done)
+        module = sliced.fragment.module
+        stem = f"{name}/class_{cls}"
+        write_state_dict_atomic(staging / f"{stem}.safetensors", module.state_dict())
+        export = export_onnx(module, samples.x[:2].clone(), staging / f"{stem}.onnx")
+        fragments.append({
+            "source": name, "class": int(cls), "label": label,
+            "weights": f"{stem}.safetensors", "weights_sha256": digest((staging / f"{stem}.safetensors").read_bytes()),
+            "onnx": f"{stem}.onnx", "onnx_sha256": digest((staging / f"{stem}.onnx").read_bytes()),
+            "units": {layer.point.producer: kept for layer, kept in zip(layers.layers, sliced.kept, strict=True)},
+            "kept_units": sum(len(k) for k in sliced.kept), "total_units": sum(sliced.units),
+            "features": sliced.fragment.features, "feature_dim": len(sliced.fragment.features),
+            "params": count_params(module), "macs": count_macs(module, shape, eval=True),
+            "data_sha256": data_sha, "slice_seconds": round(sliced.seconds, 3),
+            "onnx_max_abs_diff": export.max_abs_diff, "repairs_left": sliced.fragment.repairs_left,
+            "repair_residual": sliced.repair_residual,
+            "latency_ms": measure_latency(staging / f"{stem}.onnx", (1, *shape), runs=config.runs).median_ms
+            if config.runs else None,
+        })
+        if tick is not None:
+            tick("class", f"{name} class {cls}")
+    source = {"name": name, "spec": f"zoo:{name}", "classes": [int(c) for c in entry.classes],
+              "samples": f"{name}/samples.npz", "samples_sha256": data_sha, "layers": len(layers.layers),
+              "repaired_layers": sum(1 for layer in layers.layers if layer.repaired),
+              "zeroed": {layer.point.producer: layer.zeroed for layer in layers.layers if not layer.repaired},
+              "skipped": layers.skipped, "params": count_params(gm), "macs": count_macs(gm, shape, eval=True)}
+    return source, fragments
+
+
+def slice_to_store(config: PackSliceConfig, out: Path, *, progress: Callable[[str], None] | None = None,
+                   tick: Tick | None = None, executor: Any = None) -> dict[str, Any]:
+    """Slice the sources of ``config`` into the store ``out`` (created, or extended when it is a store).
+    Returns the report (also ``out/report.json``)."""
+    config.check()
+    out = Path(out)
+    if out.exists() and not is_store(out):
+        raise ZooError(f"--out {out} exists and is not a fragment store (no {STORE_FILE})",
+                       "pass a new --out, or a store written by `zoocompile pack slice` to add sources to")
+    existing = read_store(out) if is_store(out) else None
+    if existing is not None:
+        existing.check_files()  # a corrupted store is refused before anything is linked into the new one
+    names = _check_sources(source_names(config.zoo), config, existing)
+    graphs = _preflight(names, config)
+    executor = executor or LocalExecutor()
+
+    def body(staging: Path) -> dict[str, Any]:
+        stages = Stages(progress)
+        doc = existing.doc if existing is not None else {
+            "format": STORE_FORMAT, "settings": config.settings(), "input_shape": [], "sources": [], "fragments": []}
+        doc = {**doc, "sources": list(doc["sources"]), "fragments": list(doc["fragments"])}
+        if existing is not None:
+            _link_existing(existing, staging)
+        with stages("slice", f"slicing {len(names)} source(s) into {out}"):
+            results = executor.map(
+                lambda name: _slice_source(name, config, staging, tick, progress, graphs.get(name)), names)
+        for source, fragments in results:
+            doc["sources"].append(source)
+            doc["fragments"].extend(fragments)
+        doc["input_shape"] = list(load_dataset(config.data, "test").x.shape[1:])
+        doc["fragments"].sort(key=lambda f: f["class"])
+        write_report(staging, doc, STORE_FILE)
+        report = {"store": str(out), "added_sources": names, "fragments_added": sum(len(f) for _, f in results),
+                  "fragments": len(doc["fragments"]), "timings": stages.timings,
+                  "slice_seconds": {s["name"]: round(sum(f["slice_seconds"] for f in fr), 2) for s, fr in results}}
+        write_report(staging, report)
+        return report
+
+    return run_staged(config, out, existing is not None, body)
+
+
+def list_store(path: Path) -> dict[str, Any]:
+    """What a store offers: settings, sources and one row per fragment (every file checked by its sha256)."""
+    store = read_store(path)
+    store.check_files()
+    rows = [{k: f[k] for k in ("class", "source", "params", "macs", "feature_dim", "slice_seconds")}
+            | {"units": f"{f.get('kept_units', '?')}/{f.get('total_units', '?')}", "data_sha256": f["data_sha256"][:12]}
+            for f in store.doc["fragments"]]
+    return {"store": str(path), "settings": store.settings,
+            "sources": [{k: s[k] for k in ("name", "classes", "params", "macs", "layers")}
+                        for s in store.doc["sources"]],
+            "fragments": rows}
+
+
+def check_build_classes(store: Store, classes: list[int]) -> None:
+    offered = store.fragments
+    missing = [c for c in classes if c not in offered]
+    if missing:
+        raise ZooError(f"class {missing[0]} is not offered by any source in {store.root}",
+                       f"pack classes the store offers: {', '.join(map(str, sorted(offered)))}")
+
+
+def load_fragments(store: Store, classes: list[int]) -> tuple[list[torch.nn.Module], torch.Tensor, torch.Tensor]:
+    """The rebuilt fragments of ``classes`` and their training samples ``(x, y)`` (``y``: index in ``classes``)."""
+    graphs: dict[str, fx.GraphModule] = {}
+    modules, xs, ys = [], [], []
+    for i, c in enumerate(classes):
+        entry = store.fragments[c]
+        source = entry["source"]
+        if source not in graphs:
+            graphs[source] = _source_graph(source, store.input_shape)
+        modules.append(rebuild_fragment(store, graphs[source], entry))
+        x, y = store.samples(source)
+        if store.sources[source]["samples_sha256"] != entry["data_sha256"]:
+            raise ZooError(f"fragment of class {c} was sliced from other samples than {source}'s in the store",
+                           "re-slice that source")
+        mine = x[y == entry["label"]]
+        xs.append(mine)
+        ys.append(torch.full((len(mine),), i, dtype=torch.long))
+    return modules, torch.cat(xs), torch.cat(ys)
+
+
+def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: bool = False,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Pack the fragments of ``config.classes`` from the store into ``out`` (``packed.onnx`` + report)."""
+    config.check()
+    store = read_store(store_path)
+    check_build_classes(store, config.classes)
+    source, target = Path(store_path).resolve(), Path(out).resolve()
+    if target == source or target in source.parents:
+        raise ZooError(f"--out {out} would replace the fragment store {store_path}",
+                       f"pass another --out, e.g. {Path(store_path).parent / 'packed'}")
+    for c in config.classes:  # missing or edited files: refused before --out is touched
+        entry = store.fragments[c]
+        store.verified_bytes(entry["weights"], entry["weights_sha256"])
+        source_entry = store.sources[entry["source"]]
+        store.verified_bytes(source_entry["samples"], source_entry["samples_sha256"])
+
+    def body(staging: Path) -> dict[str, Any]:
+        stages = Stages(progress)
+        start = time.perf_counter()
+        with stages("load", f"loading {len(config.classes)} fragment(s)"):
+            fragments, x, y = load_fragments(store, config.classes)
+        hashes = [digest(*(t.detach().numpy().tobytes() for t in f.state_dict().values())) for f in fragments]
+        with stages("pack", "packing: encoder, decoders and head"):
+            features = fragment_features(fragments, x)
+            trained = train_pack(features, y, len(config.classes),
+                                 PackSettings(delta=config.delta, width=config.width, steps=config.steps,
+                                              lr=config.lr, seed=config.seed))
+            model = PackedModel(fragments, trained.encoder, trained.head, config.classes).eval()
+        pack_seconds = time.perf_counter() - start
+        if [digest(*(t.detach().numpy().tobytes() for t in f.state_dict().values())) for f in fragments] != hashes:
+            raise ZooError("packing changed a fragment's weights", "report this: fragments must stay frozen")
+        test = load_dataset(store.settings["data"], "test", classes=config.classes)
+        with stages("export", "exporting and verifying the packed model"):
+            export = export_onnx(model, test.x[:2].clone(), staging / PACKED_ONNX)
+            latency = measure_latency(staging / PACKED_ONNX, (1, *store.input_shape), runs=config.runs).median_ms
+        with torch.no_grad():
+            accuracy = float((model(test.x).argmax(1) == test.y).float().mean())
+        entries = [store.fragments[c] for c in config.classes]
+        report = {
+            "store": str(store_path), "classes": config.classes,
+            "fragments": [{"class": e["class"], "source": e["source"], "params": e["params"], "macs": e["macs"],
+                           "feature_dim": e["feature_dim"]} for e in entries],
+            "sources": sorted({e["source"] for e in entries}),
+            "params": count_params(model), "macs": count_macs(model, store.input_shape, eval=True),
+            "encoder_width": trained.encoder.out_features, "latency_ms": latency,
+            "test_accuracy": accuracy, "test_samples": len(test), "train_samples": len(x),
+            "onnx": PACKED_ONNX, "onnx_max_abs_diff": export.max_abs_diff,
+            "pack_seconds": round(pack_seconds, 3),
+            "slice_seconds": round(sum(e["slice_seconds"] for e in entries), 3),
+            "final_loss": trained.losses[-1], "settings": vars(config) | {"classes": config.classes},
+            "timings": stages.timings,
+        }
+        write_report(staging, report)
+        return report
+
+    return run_staged(config, out, force, body)
