@@ -481,6 +481,23 @@ def fold_affine_chains(gm: fx.GraphModule) -> int:
     return folded
 
 
+def fold_into(gm: fx.GraphModule, consumers: set[str]) -> int:
+    """Fold the conv / linear right before each node named in ``consumers`` into it (conv → conv,
+    linear → linear, under the same exactness and cost rules), before any other fold can change either
+    layer; in place; returns how many. For a rewrite that inserts a layer meant to vanish into its
+    consumer (S&P's repairs), where ``fuse``'s graph-order sweep could first fold the inserted layer
+    into its own producer (e.g. giving it a bias a padded consumer cannot take)."""
+    _refresh_shapes(gm)
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.name in consumers and node.graph is gm.graph:
+            calls = _module_calls(gm)
+            folded += _fold_conv_pair(gm, node, calls) or _fold_linear_pair(gm, node, calls)
+    gm.graph.lint()
+    gm.recompile()
+    return folded
+
+
 # --- the pass -----------------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from zoocompiler.ir import Layout, graph_info, node_info
 
 from ..analysis.plans import Plan, group_keys, producers
 from ..analysis.unit_rules import op_name
-from .fuse import fuse
+from .fuse import fold_into, fuse
 from .mask_generators import GatePoint, GatePoints, gate_points, module_plan
 from .prune import build_pruned
 from .prune_layout import old_shape
@@ -455,6 +455,7 @@ def cut_fragment(gm: fx.GraphModule, net: SliceNet) -> Fragment:
     shape = old_shape(next(n for n in gm.graph.nodes if n.name == features))
     dim, kept = found if found is not None else (len(shape) - 1, list(range(shape[-1])))
     truncate_at(pruned, features)
+    fold_into(pruned, {site.consumer for layer in net.layers.layers for site in layer.sites})
     fused = fuse(pruned)
     left = sum(1 for n in fused.graph.nodes if n.op == "call_module" and str(n.target).startswith(_REPAIR_PREFIX))
     return Fragment(fused.eval(), list(kept), int(dim), plan, left)

@@ -94,7 +94,7 @@ def train_pack(features: Sequence[torch.Tensor], y: torch.Tensor, num_classes: i
         loss = F.cross_entropy(head(code), y)
         if settings.delta:
             loss = loss + settings.delta * sum(F.mse_loss(dec(code), p) for dec, p in zip(decoders, parts, strict=True))
-        losses.append(check_finite_loss(loss, 1, step + 1, lr=settings.lr))
+        losses.append(check_finite_loss(loss, 1, step + 1, lr=settings.lr, data=joined))
         opt.zero_grad()
         loss.backward()
         opt.step()

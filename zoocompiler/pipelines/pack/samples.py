@@ -22,13 +22,12 @@ def draw_samples(split: DataSplit, k: int, seed: int, source: str) -> DataSplit:
     if not isinstance(k, int) or k < 1:
         raise DataError(f"k must be a positive integer, got {k!r}", "pass --k 5, 10 or 20")
     gen = torch.Generator().manual_seed(source_seed(seed, source))
-    rows = []
-    for label in range(split.num_classes):
-        where = torch.nonzero(split.y == label)[:, 0]
-        if len(where) < k:
-            raise DataError(f"source '{source}' has {len(where)} samples of class {split.classes[label]}, "
-                            f"fewer than k={k}", f"pass --k {len(where)} or less")
-        rows.append(where[torch.randperm(len(where), generator=gen)[:k]])
+    wheres = [torch.nonzero(split.y == label)[:, 0] for label in range(split.num_classes)]
+    fewest = min(range(split.num_classes), key=lambda label: len(wheres[label]))  # the fix must fit every class
+    if len(wheres[fewest]) < k:
+        raise DataError(f"source '{source}' has {len(wheres[fewest])} samples of class {split.classes[fewest]}, "
+                        f"fewer than k={k}", f"pass --k {len(wheres[fewest])} or less")
+    rows = [where[torch.randperm(len(where), generator=gen)[:k]] for where in wheres]
     index = torch.cat(rows)
     return DataSplit(split.x[index].clone(), split.y[index].clone(), split.classes, split.num_classes,
                      f"{split.name}[k={k}]", split.class_names)
