@@ -47,7 +47,7 @@ from zoocompiler.data import load_dataset
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.rewrite.repairs import slice_layers
 from zoocompiler.pipelines.pack.baselines import ensemble, features_model, finetune
-from zoocompiler.pipelines.pack.config import DEFAULT_BETA
+from zoocompiler.pipelines.pack.config import PackSliceConfig
 from zoocompiler.pipelines.pack.packing import PackSettings, fragment_features, train_pack
 from zoocompiler.pipelines.pack.samples import draw_samples, source_seed
 from zoocompiler.pipelines.pack.slicing import SliceSettings, slice_class
@@ -56,7 +56,9 @@ from zoocompiler.sources import load_model
 from zoocompiler.zoo import get_entry
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SOURCES = ("vgg_s_0to3", "resnet_s_4to6", "convnext_t_7to9")
+ZOOS = {"pack": ("vgg_s_0to3", "resnet_s_4to6", "convnext_t_7to9"),
+        "pack5": ("vgg_s_01", "resnet_s_23", "convnext_t_45", "vgg_s_67", "resnet_s_89")}
+TASKS = {"T1": ("pack", 1), "T2": ("pack", 2), "T3": ("pack5", 1)}  # zoo, classes per source
 SELECTS = {"R": "rate", "T": "threshold"}
 
 
@@ -75,12 +77,13 @@ def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class Sources:
-    """The traced sources, their features models and every test sample's label."""
+    """The traced sources of one zoo, their features models and every test sample's label."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
         self.test = load_dataset("mnist5k", "test")
-        self.entries = {n: get_entry(n) for n in SOURCES}
-        self.graphs = {n: trace(load_model(f"zoo:{n}").eval(), example_input((1, 28, 28))) for n in SOURCES}
+        self.entries = {n: get_entry(n) for n in names}
+        self.graphs = {n: trace(load_model(f"zoo:{n}").eval(), example_input((1, 28, 28))) for n in names}
         self.layers = {n: slice_layers(g) for n, g in self.graphs.items()}
         self.bodies = {n: features_model(g, self.layers[n].features) for n, g in self.graphs.items()}
         self.owner = {c: n for n, e in self.entries.items() for c in e.classes}
@@ -94,11 +97,14 @@ class Sources:
 def slice_all(src: Sources, k: int, draw: int, select: str) -> dict[int, dict[str, Any]]:
     """Every class's fragment at (k, draw, select): module, samples, kept units, slice seconds, test features."""
     out = {}
-    for name in SOURCES:
+    defaults = PackSliceConfig(select=select)
+    for name in src.names:
         entry = src.entries[name]
         split = load_dataset("mnist5k", "train", classes=list(entry.classes))
         samples = draw_samples(split, k, draw, name)
-        settings = SliceSettings(select=select, beta=DEFAULT_BETA[select], seed=source_seed(draw, name))
+        settings = SliceSettings(select=select, beta=defaults.resolved_beta, alpha=defaults.alpha, gamma=defaults.gamma,
+                                 pool_steps=defaults.steps, adapt_steps=defaults.steps, combine_steps=defaults.steps,
+                                 lr=defaults.lr, seed=source_seed(draw, name))
         for label, c in enumerate(entry.classes):
             sliced = slice_class(src.graphs[name], src.layers[name], samples.x, samples.y, label, settings)
             module = sliced.fragment.module
@@ -130,7 +136,7 @@ def pack_accuracy(frags: dict[int, dict], classes: list[int], src: Sources, seed
 def baselines(frags: dict[int, dict], classes: list[int], src: Sources, ft_steps: int) -> dict[str, Any]:
     x = torch.cat([frags[c]["x"] for c in classes])
     y = torch.cat([torch.full((len(frags[c]["x"]),), i) for i, c in enumerate(classes)])
-    involved = [n for n in SOURCES if any(src.owner[c] == n for c in classes)]
+    involved = [n for n in src.names if any(src.owner[c] == n for c in classes)]
     mask, ty = src.test_of(classes)
     tx = src.test.x[mask]
     ens = ensemble([src.bodies[n] for n in involved], x, y, len(classes))
@@ -148,7 +154,7 @@ def baselines(frags: dict[int, dict], classes: list[int], src: Sources, ft_steps
 
 def iou_matrices(frags: dict[int, dict]) -> dict[str, list[list[float]]]:
     out = {}
-    for name in SOURCES:
+    for name in sorted({f["source"] for f in frags.values()}):
         cs = sorted(c for c, f in frags.items() if f["source"] == name)
         mat = []
         for a in cs:
@@ -164,34 +170,43 @@ def iou_matrices(frags: dict[int, dict]) -> dict[str, list[list[float]]]:
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     torch.set_num_threads(1)
-    src = Sources()
-    per_source = [list(src.entries[n].classes) for n in SOURCES]
-    tasks = {"T1": _combos(per_source, 1, args.combos, 1), "T3": _combos(per_source, 2, max(1, args.combos // 2), 3)}
+    zoos = {z: Sources(names) for z, names in ZOOS.items()}
+    tasks = {}
+    for task, (zoo, per) in TASKS.items():
+        per_source = [list(zoos[zoo].entries[n].classes) for n in zoos[zoo].names]
+        tasks[task] = _combos(per_source, per, args.combos if per == 1 else max(1, args.combos // 2), len(tasks) + 1)
     rows: dict[str, dict[str, dict[str, list]]] = {}
     extras: dict[str, Any] = {"iou": {}, "time": {}, "expansion": {}, "slice_seconds": {}}
     for k in args.ks:
         for draw in range(args.draws):
-            frags = {}
-            for tag, select in SELECTS.items():
-                t0 = time.perf_counter()
-                frags[tag] = slice_all(src, k, draw, select)
-                console.print(f"k={k} draw={draw} S&P({tag}): sliced 10 classes in {time.perf_counter() - t0:.0f} s")
-                extras["slice_seconds"][f"k{k}_d{draw}_{tag}"] = {c: f["seconds"] for c, f in frags[tag].items()}
-            if k == args.ks[min(1, len(args.ks) - 1)] and draw == 0:
-                extras["iou"] = {tag: iou_matrices(frags[tag]) for tag in SELECTS}
-                extras["time"] = pack_times(frags["T"], src)
-            for task, combos in tasks.items():
-                for classes in combos:
-                    cell = rows.setdefault(task, {}).setdefault(str(k), {})
-                    base = baselines(frags["T"], classes, src, args.ft_steps)
-                    for method, (acc, params) in base.items():
-                        cell.setdefault(method, []).append({"acc": acc, "params": params, "classes": classes})
-                    for tag in SELECTS:
-                        acc, params, _ = pack_accuracy(frags[tag], classes, src)
-                        cell.setdefault(f"S&P({tag})", []).append({"acc": acc, "params": params, "classes": classes})
-            if draw == 0:
-                extras["expansion"][str(k)] = expansion(frags["T"], src, args.expansion)
+            for zoo, src in zoos.items():
+                frags = {}
+                for tag, select in SELECTS.items():
+                    t0 = time.perf_counter()
+                    frags[tag] = slice_all(src, k, draw, select)
+                    console.print(f"k={k} draw={draw} {zoo} S&P({tag}): sliced {len(frags[tag])} classes in "
+                                  f"{time.perf_counter() - t0:.0f} s")
+                    seconds = {c: f["seconds"] for c, f in frags[tag].items()}
+                    extras["slice_seconds"][f"{zoo}_k{k}_d{draw}_{tag}"] = seconds
+                if zoo == "pack" and k == args.ks[min(1, len(args.ks) - 1)] and draw == 0:
+                    extras["iou"] = {tag: iou_matrices(frags[tag]) for tag in SELECTS}
+                    extras["time"] = pack_times(frags["T"], src)
+                for task, combos in tasks.items():
+                    if TASKS[task][0] != zoo:
+                        continue
+                    for classes in combos:
+                        score(rows.setdefault(task, {}).setdefault(str(k), {}), frags, classes, src, args.ft_steps)
+                if zoo == "pack" and draw == 0:
+                    extras["expansion"][str(k)] = expansion(frags["T"], src, args.expansion)
     return {"rows": rows, **extras, "tasks": tasks}
+
+
+def score(cell: dict[str, list], frags: dict[str, dict], classes: list[int], src: Sources, ft_steps: int) -> None:
+    """Append every method's accuracy and params on ``classes`` to ``cell``."""
+    found = dict(baselines(frags["T"], classes, src, ft_steps))
+    found.update({f"S&P({tag})": pack_accuracy(frags[tag], classes, src)[:2] for tag in SELECTS})
+    for method, (acc, params) in found.items():
+        cell.setdefault(method, []).append({"acc": acc, "params": params, "classes": classes})
 
 
 def pack_times(frags: dict[int, dict], src: Sources) -> list[dict[str, float]]:
@@ -215,7 +230,7 @@ def expansion(frags: dict[int, dict], src: Sources, count: int) -> dict[str, Any
     errors = [round(e, 2) for e in np.arange(0.0, 0.31, 0.02)]
     combos = math.comb(10, 5)
     return {"accuracies": accs, "errors": errors,
-            "rate": [sum(a >= 1 - e for a in accs) / len(accs) * combos / len(SOURCES) for e in errors]}
+            "rate": [sum(a >= 1 - e for a in accs) / len(accs) * combos / len(src.names) for e in errors]}
 
 
 # ----------------------------------------------------------------------------- summary

@@ -212,8 +212,15 @@ _RECIPES: tuple[ZooRecipe, ...] = (
     ZooRecipe("resnet_s_4to6", _RESNET_SPEC, _resnet, classes=(4, 5, 6), epochs=12, collection="pack"),
     ZooRecipe("convnext_t_7to9", _CONVNEXT_SPEC, _convnext, classes=(7, 8, 9), epochs=30, lr=3e-3, batch_size=64,
               collection="pack"),
+    # Five two-class sources (the benchmark's task spread over more models, like the paper's T2/T3).
+    ZooRecipe("vgg_s_01", _VGG_SPEC, _vgg, classes=(0, 1), epochs=10, collection="pack5"),
+    ZooRecipe("resnet_s_23", _RESNET_SPEC, _resnet, classes=(2, 3), epochs=12, collection="pack5"),
+    ZooRecipe("convnext_t_45", _CONVNEXT_SPEC, _convnext, classes=(4, 5), epochs=30, lr=3e-3, batch_size=64,
+              collection="pack5"),
+    ZooRecipe("vgg_s_67", _VGG_SPEC, _vgg, classes=(6, 7), epochs=10, collection="pack5"),
+    ZooRecipe("resnet_s_89", _RESNET_SPEC, _resnet, classes=(8, 9), epochs=12, collection="pack5"),
 )
-COLLECTIONS = ("demo", "pack")
+COLLECTIONS = ("demo", "pack", "pack5")
 
 
 def recipes() -> dict[str, ZooRecipe]:

@@ -42,7 +42,7 @@ class PackSliceConfig:
     k: int = 10
     select: str = "threshold"
     beta: float | None = None
-    alpha: float = 1.0
+    alpha: float = 0.2
     gamma: float = 1.0
     steps: int = 20
     lr: float = 1e-3

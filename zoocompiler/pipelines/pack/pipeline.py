@@ -41,11 +41,12 @@ Tick = Callable[[str, str], None]  # (what finished, its description): progress 
 
 
 def source_names(zoo: str) -> list[str]:
-    """The zoo model names ``--zoo`` names: ``pack`` (the demo source zoo) or comma-separated names."""
-    from zoocompiler.zoo import get_entry, list_entries
+    """The zoo model names ``--zoo`` names: a zoo collection (``pack``: the demo source zoo, three sources;
+    ``pack5``: five two-class sources) or comma-separated names."""
+    from zoocompiler.zoo import COLLECTIONS, get_entry, list_entries
 
-    if zoo == "pack":
-        return [e.name for e in list_entries("pack")]
+    if zoo in COLLECTIONS:
+        return [e.name for e in list_entries(zoo)]
     names = [n.strip().removeprefix("zoo:") for n in zoo.split(",") if n.strip()]
     if not names:
         raise ZooError(f"--zoo {zoo!r} names no model", "pass --zoo pack or comma-separated zoo model names")

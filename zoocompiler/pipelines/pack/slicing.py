@@ -47,7 +47,7 @@ class SliceSettings:
 
     select: str = "threshold"
     beta: float = 0.5
-    alpha: float = 1.0
+    alpha: float = 0.2
     gamma: float = 1.0
     pool_steps: int = 20
     adapt_steps: int = 20
