@@ -85,7 +85,7 @@ def test_slice_writes_the_store(store):
     assert (data["fragments_added"], data["fragments"]) == (4, 4)
     report = json.loads((out / "report.json").read_text())
     assert {k: v for k, v in data.items() if k not in ("settings", "added", "sources")} == strict_json(report)
-    settings = {"data": "mnist5k", "k": 5, "select": "threshold", "beta": 0.7, "alpha": 1.0, "gamma": 1.0,
+    settings = {"data": "mnist5k", "k": 5, "select": "threshold", "beta": 0.7, "alpha": 0.2, "gamma": 1.0,
                 "steps": 2, "lr": 0.001, "seed": 0}  # fmt: skip
     assert data["settings"] == settings  # --beta left out: the selection's default
     doc = read_store(out).doc
@@ -165,9 +165,20 @@ def test_slice_bars_follow_the_pipeline():
     assert "· slicing 1 source(s) into S" in buffer.getvalue() and "2/2" in buffer.getvalue()
 
 
+class _ReversedExecutor:
+    """Runs the per-source items last to first (results must not depend on the executor)."""
+
+    def map(self, fn, items):
+        items = list(items)
+        return [fn(item) for item in reversed(items)][::-1]
+
+
 def test_a_store_built_in_two_runs_equals_one_built_at_once(extended, tmp_path):
+    """Two CLI runs (one source each) equal one run of both sources under a reversed executor."""
+    from zoocompiler.pipelines.pack.pipeline import slice_to_store
+
     once = tmp_path / "once"
-    run_json("pack", "slice", "--zoo", f"{SOURCE},{ADDED}", *QUICK, "--out", once)
+    slice_to_store(PackSliceConfig(zoo=f"{SOURCE},{ADDED}", k=5, steps=2), once, executor=_ReversedExecutor())
     two = extended["path"]
     files = sorted(name for name in _snapshot(two) if name not in ("store.json", "report.json"))
     assert files == sorted(name for name in _snapshot(once) if name not in ("store.json", "report.json"))

@@ -218,3 +218,20 @@ def test_missing_weights_are_trained_into_the_cache_on_first_use(tmp_path, monke
     build_zoo(["tiny"], force=True, out_dir=cache / "zoo", progress=False)
     assert _manifest(cache / "zoo")["tiny"]["sha256"] == record["sha256"]
     assert not list((cache / "zoo").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("collection", ["pack", "pack5"])
+def test_pack_source_zoos_offer_every_class_once(collection):
+    """S&P's source zoos: disjoint class sets covering the ten classes, at least three architectures."""
+    entries = list_entries(collection)
+    classes = [c for e in entries for c in e.classes]
+    assert sorted(classes) == list(FULL)
+    assert len({e.spec for e in entries}) >= 3
+    assert all(e.collection == collection for e in entries)
+
+
+def test_reassembly_demo_zoo_leaves_out_the_pack_sources():
+    from zoocompiler.pipelines.zoo.members import zoo_specs
+
+    assert zoo_specs("demo") == [f"zoo:{e.name}" for e in list_entries("demo")]
+    assert not {f"zoo:{e.name}" for e in list_entries("pack") + list_entries("pack5")} & set(zoo_specs("demo"))

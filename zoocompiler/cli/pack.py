@@ -253,8 +253,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--zoo",
         default=default_of(SLICE_CONFIG, "zoo"),
         metavar="SPECS",
-        help="the source models: pack (the demo source zoo: vgg_s_0to3, resnet_s_4to6, convnext_t_7to9) or "
-        "comma-separated zoo model names with disjoint classes",
+        help="the source models: pack (the demo source zoo: vgg_s_0to3, resnet_s_4to6, convnext_t_7to9), pack5 "
+        "(five two-class sources) or comma-separated zoo model names with disjoint classes",
     )
     slice_.add_argument(
         "--data", default=default_of(SLICE_CONFIG, "data"), metavar="DATA", help="the sources' own data (train split)"

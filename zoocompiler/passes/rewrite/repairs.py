@@ -35,6 +35,7 @@ import torch.nn as nn
 from zoocompiler.core.errors import PassError
 from zoocompiler.ir import Layout, graph_info, node_info
 
+from ..analysis import run_analysis
 from ..analysis.plans import Plan, group_keys, producers
 from ..analysis.unit_rules import op_name
 from .fuse import fold_into, fuse
@@ -284,6 +285,14 @@ def truncate_at(gm: fx.GraphModule, features: fx.Node | str) -> None:
     gm.recompile()
 
 
+def _insert_before_site(gm: fx.GraphModule, nodes: dict[str, fx.Node], site: RepairSite, target: str) -> None:
+    """Module ``target`` runs on what ``site``'s consumer reads, and the consumer reads its output."""
+    consumer = nodes[site.consumer]
+    with gm.graph.inserting_before(consumer):
+        fixed = gm.graph.call_module(target, (consumer.args[0],))
+    consumer.args = (fixed, *consumer.args[1:])
+
+
 def _insert_after(gm: fx.GraphModule, node: fx.Node, target: str) -> fx.Node:
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(target, (node,))
@@ -363,10 +372,7 @@ def slice_net(gm: fx.GraphModule, layers: SliceLayers | None = None) -> SliceNet
             first = layer.sites[0]
             new.add_submodule(f"{_REPAIR_PREFIX}{i}", Repair(p.units, first.dim, layer.bias))
             for site in layer.sites:
-                consumer = nodes[site.consumer]
-                with new.graph.inserting_before(consumer):
-                    fixed = new.graph.call_module(f"{_REPAIR_PREFIX}{i}", (consumer.args[0],))
-                consumer.args = (fixed, *consumer.args[1:])
+                _insert_before_site(new, nodes, site, f"{_REPAIR_PREFIX}{i}")
         else:
             new.add_submodule(f"{_GATE_PREFIX}{i}", UnitGate(p.units, p.dim))
             for end in (p.end, *p.regate):
@@ -404,16 +410,10 @@ def materialize_repairs(gm: fx.GraphModule, net: SliceNet) -> fx.GraphModule:
             mod.weight.copy_(p if site.linear else p[:, :, None, None])
             if b is not None:
                 mod.bias.copy_(b)
-            name = f"{_REPAIR_PREFIX}{i}_{j}"
-            new.add_submodule(name, mod)
-            consumer = nodes[site.consumer]
-            with new.graph.inserting_before(consumer):
-                fixed = new.graph.call_module(name, (consumer.args[0],))
-            consumer.args = (fixed, *consumer.args[1:])
+            new.add_submodule(f"{_REPAIR_PREFIX}{i}_{j}", mod)
+            _insert_before_site(new, nodes, site, f"{_REPAIR_PREFIX}{i}_{j}")
     new.graph.lint()
     new.recompile()
-    from ..analysis import run_analysis
-
     return run_analysis(new)
 
 

@@ -196,7 +196,6 @@ def slice_class(
     analysed classifier ``gm`` with its samples ``(x, y)``. ``tick(stage)`` is called after every layer
     of every stage (progress)."""
     start = time.perf_counter()
-    torch.manual_seed(settings.seed)
     base = slice_net(gm, layers).eval()
     with torch.no_grad():
         reference = base(x)
