@@ -229,7 +229,7 @@ def test_inspect_zoo_summarises_every_model(capsys, monkeypatch, tmp_path):
     import zoocompiler.zoo as zoo
 
     entries = _tiny_entries(tmp_path)
-    monkeypatch.setattr(zoo, "list_entries", lambda: entries)
+    monkeypatch.setattr(zoo, "list_entries", lambda collection=None: entries)
     monkeypatch.setattr(zoo, "load_zoo_model", lambda name: load_model(TINY))
     code, out, err = run(capsys, "inspect", "--zoo", "demo", "--json")
     assert code == 0, err

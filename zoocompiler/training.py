@@ -292,3 +292,25 @@ def evaluate(model: nn.Module, split: DataSplit, batch_size: int = 500, threads:
     logits = predict_logits(model, split, batch_size, threads)
     check_finite_outputs(model, logits, split)
     return int((logits.argmax(1) == split.y).sum()) / len(split)  # exact ratio, not a float32 mean
+
+
+def full_batch_steps(
+    params: list[torch.nn.Parameter],
+    loss_fn: Callable[[], torch.Tensor],
+    steps: int,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    data: torch.Tensor | None = None,
+) -> list[float]:
+    """``steps`` Adam updates of ``params`` on ``loss_fn()`` (the whole few-shot batch each step); the losses.
+    A NaN/inf loss raises :class:`TrainingError` (blaming ``data`` when it holds NaN/inf)."""
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    losses = []
+    for step in range(steps):
+        loss = loss_fn()
+        losses.append(check_finite_loss(loss, 1, step + 1, lr=lr, data=data))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return losses

@@ -456,6 +456,6 @@ def cut_fragment(gm: fx.GraphModule, net: SliceNet) -> Fragment:
     dim, kept = found if found is not None else (len(shape) - 1, list(range(shape[-1])))
     truncate_at(pruned, features)
     fold_into(pruned, {site.consumer for layer in net.layers.layers for site in layer.sites})
-    fused = fuse(pruned)
+    fused = fuse(pruned, analyze=False)  # the fragment is run and exported, not analysed again
     left = sum(1 for n in fused.graph.nodes if n.op == "call_module" and str(n.target).startswith(_REPAIR_PREFIX))
     return Fragment(fused.eval(), list(kept), int(dim), plan, left)

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoocompiler.training import check_finite_loss
+from zoocompiler.training import full_batch_steps
 
 from .packing import fragment_features
 
@@ -51,14 +51,8 @@ def finetune(body: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
         torch.manual_seed(seed)
         model = _WithHead(body, nn.Linear(width, num_classes))
     model.eval()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for step in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        check_finite_loss(loss, 1, step + 1, lr=lr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    full_batch_steps(list(model.parameters()), lambda: F.cross_entropy(model(x), y), steps, lr)
+    return model
 
 
 class Ensemble(nn.Module):
@@ -85,11 +79,6 @@ def ensemble(bodies: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, num_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(joined.shape[1], num_classes)
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    for step in range(steps):
-        loss = F.cross_entropy(head(normed), y)
-        check_finite_loss(loss, 1, step + 1, lr=lr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    full_batch_steps(list(head.parameters()), lambda: F.cross_entropy(head(normed), y), steps, lr,
+                     weight_decay=weight_decay)
     return Ensemble(bodies, head, mean, std).eval()

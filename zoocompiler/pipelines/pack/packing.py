@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoocompiler.training import check_finite_loss
+from zoocompiler.training import full_batch_steps
 
 
 @dataclass(frozen=True)
@@ -87,17 +87,16 @@ def train_pack(features: Sequence[torch.Tensor], y: torch.Tensor, num_classes: i
         decoders = nn.ModuleList(nn.Linear(width, p.shape[1]) for p in parts)
         head = nn.Linear(width, num_classes)
     params = [*encoder.parameters(), *decoders.parameters(), *head.parameters()]
-    opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    losses = []
-    for step in range(settings.steps):
+
+    def loss_fn() -> torch.Tensor:
         code = F.relu(encoder(normed))
         loss = F.cross_entropy(head(code), y)
         if settings.delta:
             loss = loss + settings.delta * sum(F.mse_loss(dec(code), p) for dec, p in zip(decoders, parts, strict=True))
-        losses.append(check_finite_loss(loss, 1, step + 1, lr=settings.lr, data=joined))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return loss
+
+    losses = full_batch_steps(params, loss_fn, settings.steps, settings.lr, weight_decay=settings.weight_decay,
+                              data=joined)
     return PackTraining(_fold_standardisation(encoder, mean, std), head, losses)
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from zoocompiler.core.errors import ZooError
 from zoocompiler.passes.rewrite.repairs import Fragment, SliceLayers, SliceNet, cut_fragment, slice_net
-from zoocompiler.training import check_finite_loss
+from zoocompiler.training import full_batch_steps
 
 SELECTIONS = ("threshold", "rate")
 Tick = Callable[[str], None]
@@ -110,13 +110,7 @@ def fit_head(features: torch.Tensor, target: torch.Tensor, steps: int, seed: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(features.shape[1], 2)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for step in range(steps):
-        loss = _balanced_ce(head(features), target)
-        check_finite_loss(loss, 1, step + 1, lr=1e-2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    full_batch_steps(list(head.parameters()), lambda: _balanced_ce(head(features), target), steps, 1e-2)
     return head
 
 
@@ -144,17 +138,6 @@ class _Losses:
         cls = _balanced_ce(head(net(self.x)), self.target)
         net.set_on([])
         return cls + self.gamma * self.distance(net(self.x))
-
-
-def _train(params: list[nn.Parameter], steps: int, lr: float, loss_fn: Callable[[], torch.Tensor],
-           log: list[float]) -> None:
-    opt = torch.optim.Adam(params, lr=lr)
-    for step in range(steps):
-        loss = loss_fn()
-        log.append(check_finite_loss(loss, 1, step + 1, lr=lr))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 def _layer_state(net: SliceNet, i: int) -> dict[str, torch.Tensor]:
@@ -221,7 +204,7 @@ def slice_class(
             features = net(x)
             return losses.distance(features) + settings.alpha * l21(capture.value[losses.pos], dim) / z0
 
-        _train(params, settings.pool_steps, settings.lr, pooling, logs["pooling"])
+        logs["pooling"] += full_batch_steps(params, pooling, settings.pool_steps, settings.lr)
         with torch.no_grad():
             net(x)
             scores = unit_norms(capture.value[losses.pos], dim).mean(0)
@@ -234,8 +217,9 @@ def slice_class(
         repair = net.repair(i)
         trained = params + ([] if repair is None else list(repair.parameters())) + list(layer_head.parameters())
         _only_trainable(net, trained)
-        _train(trained, settings.adapt_steps, settings.lr,
-               lambda net=net, layer_head=layer_head, i=i: losses.adaption(net, layer_head, [i]), logs["adaption"])
+        logs["adaption"] += full_batch_steps(
+            trained, lambda net=net, layer_head=layer_head, i=i: losses.adaption(net, layer_head, [i]),
+            settings.adapt_steps, settings.lr)
         states.append(_layer_state(net, i))
         kept.append(chosen)
         if tick is not None:
@@ -249,8 +233,8 @@ def slice_class(
         trained = net.layer_parameters(i) + ([] if repair is None else list(repair.parameters()))
         trained += list(combined_head.parameters())
         _only_trainable(net, trained)
-        _train(trained, settings.combine_steps, settings.lr,
-               lambda i=i: losses.adaption(net, combined_head, range(i + 1)), logs["combining"])
+        logs["combining"] += full_batch_steps(
+            trained, lambda i=i: losses.adaption(net, combined_head, range(i + 1)), settings.combine_steps, settings.lr)
         if tick is not None:
             tick("combine")
     net.set_on(range(n))
