@@ -302,7 +302,7 @@ def test_slice_refuses_a_source_without_prunable_layers(monkeypatch, tmp_path):
     from zoocompiler.pipelines.pack import pipeline
     from zoocompiler.pipelines.zoo.trainable import example_input
 
-    def linear_only(_name, shape):
+    def linear_only(_name, shape, weights=True):
         return trace(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 4)).eval(), example_input(shape))
 
     monkeypatch.setattr(pipeline, "_source_graph", linear_only)

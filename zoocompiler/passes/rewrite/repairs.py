@@ -391,19 +391,22 @@ def _plain_state(net: SliceNet) -> dict[str, torch.Tensor]:
     return {k: v for k, v in net.gm.state_dict().items() if not k.startswith(prefixes)}
 
 
+Matrices = list[tuple[torch.Tensor, torch.Tensor | None] | None]  # per layer: a repair's (P, b), None: zeroed
+
+
 @torch.no_grad()
-def materialize_repairs(gm: fx.GraphModule, net: SliceNet) -> fx.GraphModule:
-    """A re-analysed copy of ``gm`` carrying ``net``'s weights, with each repair of ``net`` as a real
-    1×1 conv / linear layer (``P``, ``b`` of :meth:`Repair.matrix`) in front of each of its sites."""
+def materialize_repairs(gm: fx.GraphModule, layers: SliceLayers, matrices: Matrices,
+                        state: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
+    """A re-analysed copy of ``gm`` (with ``state``'s weights when given), with each repaired layer's
+    ``(P, b)`` (:meth:`Repair.matrix`) as a real 1×1 conv / linear layer in front of each of its sites."""
     new = copy.deepcopy(gm)
-    if new.load_state_dict(_plain_state(net), strict=False).unexpected_keys:  # the classifier is not in net
+    if state is not None and new.load_state_dict(state, strict=False).unexpected_keys:  # the classifier is not in it
         raise PassError("the slice net's weights do not fit the model", "build the SliceNet from this model")
     nodes = {n.name: n for n in new.graph.nodes}
-    for i, layer in enumerate(net.layers.layers):
-        repair = net.repair(i)
-        if repair is None:
+    for i, (layer, matrix) in enumerate(zip(layers.layers, matrices, strict=True)):
+        if matrix is None:
             continue
-        p, b = repair.matrix()
+        p, b = matrix
         for j, site in enumerate(layer.sites):
             u, has_bias = p.shape[0], b is not None
             mod: nn.Module = nn.Linear(u, u, bias=has_bias) if site.linear else nn.Conv2d(u, u, 1, bias=has_bias)
@@ -429,33 +432,53 @@ class Fragment:
     repairs_left: int
 
 
-def selection_plan(gm: fx.GraphModule, net: SliceNet) -> Plan:
-    """The prune plan of ``net``'s selection on ``gm`` (its re-analysed :func:`materialize_repairs`):
-    every layer keeps its selected units (residual groups: ``pad``), repair layers keep all."""
+def selection_plan(gm: fx.GraphModule, layers: SliceLayers, kept: Sequence[Sequence[int]]) -> Plan:
+    """The prune plan keeping ``kept[i]`` units of each of ``layers`` on ``gm`` (their re-analysed
+    :func:`materialize_repairs`; residual groups: ``pad``); repair layers keep all."""
     points = gate_points(gm)
-    own = {layer.point.producer: net.kept(i) for i, layer in enumerate(net.layers.layers)}
+    own = {layer.point.producer: list(k) for layer, k in zip(layers.layers, kept, strict=True)}
     missing = set(own) - {p.producer for p in points.points}
     if missing:
         raise PassError(f"layer '{sorted(missing)[0]}' has no gate point after its repairs were inserted",
                         "report this model: its repairs change the unit groups")
-    kept = [own.get(p.producer, list(range(p.units))) for p in points.points]
-    plan = module_plan(gm, points, kept, residual="pad")
+    plan = module_plan(gm, points, [own.get(p.producer, list(range(p.units))) for p in points.points], residual="pad")
     plan.meta["source"] = "pack"
     return plan
+
+
+def _cut(gm: fx.GraphModule, materialized: fx.GraphModule, layers: SliceLayers,
+         kept: Sequence[Sequence[int]]) -> Fragment:
+    plan = selection_plan(materialized, layers, kept)
+    pruned, layout, _, _ = build_pruned(materialized, plan)
+    features = layers.features
+    found = layout.values.get(features)
+    shape = old_shape(next(n for n in gm.graph.nodes if n.name == features))
+    dim, kept_features = found if found is not None else (len(shape) - 1, list(range(shape[-1])))
+    truncate_at(pruned, features)
+    fold_into(pruned, {site.consumer for layer in layers.layers for site in layer.sites})
+    fused = fuse(pruned, analyze=False)  # the fragment is run and exported, not analysed again
+    left = sum(1 for n in fused.graph.nodes if n.op == "call_module" and str(n.target).startswith(_REPAIR_PREFIX))
+    return Fragment(fused.eval(), list(kept_features), int(dim), plan, left)
 
 
 def cut_fragment(gm: fx.GraphModule, net: SliceNet) -> Fragment:
     """The fragment of ``net``'s current selection and repairs, cut from the analysed classifier ``gm``
     (see the module docstring): equal to ``net`` with every layer on, at :attr:`Fragment.features`."""
-    materialized = materialize_repairs(gm, net)
-    plan = selection_plan(materialized, net)
-    pruned, layout, _, _ = build_pruned(materialized, plan)
-    features = net.layers.features
-    found = layout.values.get(features)
-    shape = old_shape(next(n for n in gm.graph.nodes if n.name == features))
-    dim, kept = found if found is not None else (len(shape) - 1, list(range(shape[-1])))
-    truncate_at(pruned, features)
-    fold_into(pruned, {site.consumer for layer in net.layers.layers for site in layer.sites})
-    fused = fuse(pruned, analyze=False)  # the fragment is run and exported, not analysed again
-    left = sum(1 for n in fused.graph.nodes if n.op == "call_module" and str(n.target).startswith(_REPAIR_PREFIX))
-    return Fragment(fused.eval(), list(kept), int(dim), plan, left)
+    layers = net.layers
+    matrices = [None if net.repair(i) is None else net.repair(i).matrix() for i in range(len(layers.layers))]
+    materialized = materialize_repairs(gm, layers, matrices, _plain_state(net))
+    return _cut(gm, materialized, layers, [net.kept(i) for i in range(len(layers.layers))])
+
+
+def fragment_structure(gm: fx.GraphModule, layers: SliceLayers, kept: Sequence[Sequence[int]]) -> fx.GraphModule:
+    """A fragment of ``gm`` with ``kept`` units per layer and zero repairs: the structure :func:`cut_fragment`
+    gives that selection, for weights stored elsewhere (a fragment store) to load into."""
+    matrices: Matrices = []
+    for layer, k in zip(layers.layers, kept, strict=True):
+        if not layer.repaired:
+            matrices.append(None)
+            continue
+        keep = torch.zeros(layer.units)
+        keep[list(k)] = 1.0
+        matrices.append((torch.diag(keep), torch.zeros(layer.units) if layer.bias else None))
+    return _cut(gm, materialize_repairs(gm, layers, matrices), layers, kept).module

@@ -57,10 +57,14 @@ def source_names(zoo: str) -> list[str]:
     return names
 
 
-def _source_graph(name: str, shape: tuple[int, ...]) -> fx.GraphModule:
+def _source_graph(name: str, shape: tuple[int, ...], weights: bool = True) -> fx.GraphModule:
+    """Zoo model ``name`` traced at ``shape``; ``weights=False``: its architecture only (randomly initialised,
+    for rebuilding fragments whose weights come from the store)."""
     from zoocompiler.sources import load_model
+    from zoocompiler.zoo import build_model
 
-    return trace(load_model(f"zoo:{name}").eval(), example_input(shape))
+    model = load_model(f"zoo:{name}") if weights else build_model(name)
+    return trace(model.eval(), example_input(shape))
 
 
 def _check_sources(names: list[str], config: PackSliceConfig, existing: Store | None) -> list[str]:
@@ -105,9 +109,9 @@ def _source_split(name: str, config: PackSliceConfig) -> DataSplit:
     return split
 
 
-def _sliceable(name: str, shape: tuple[int, ...]) -> Sliceable:
+def _sliceable(name: str, shape: tuple[int, ...], weights: bool = True) -> Sliceable:
     """Source ``name`` traced with its S&P layers; a source without prunable layers is a ``PassError`` naming it."""
-    gm = _source_graph(name, shape)
+    gm = _source_graph(name, shape, weights)
     try:
         return gm, slice_layers(gm)
     except PassError as err:
@@ -255,13 +259,13 @@ def check_build_classes(store: Store, classes: list[int]) -> None:
 
 def load_fragments(store: Store, classes: list[int]) -> tuple[list[torch.nn.Module], torch.Tensor, torch.Tensor]:
     """The rebuilt fragments of ``classes`` and their training samples ``(x, y)`` (``y``: index in ``classes``)."""
-    graphs: dict[str, fx.GraphModule] = {}
+    graphs: dict[str, Sliceable] = {}
     modules, xs, ys = [], [], []
     for i, c in enumerate(classes):
         entry = store.fragments[c]
         source = entry["source"]
         if source not in graphs:
-            graphs[source] = _source_graph(source, store.input_shape)
+            graphs[source] = _sliceable(source, store.input_shape, weights=False)
         modules.append(rebuild_fragment(store, graphs[source], entry))
         x, y = store.samples(source)
         if store.sources[source]["samples_sha256"] != entry["data_sha256"]:

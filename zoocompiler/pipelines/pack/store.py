@@ -132,22 +132,23 @@ def samples_bytes(x: torch.Tensor, y: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def rebuild_fragment(store: Store, gm: fx.GraphModule, entry: dict[str, Any]) -> fx.GraphModule:
-    """Fragment ``entry`` rebuilt on ``gm`` (its source's analysed trace) with its stored, verified weights."""
+def rebuild_fragment(store: Store, source: tuple[fx.GraphModule, Any], entry: dict[str, Any]) -> fx.GraphModule:
+    """Fragment ``entry`` rebuilt on its source (analysed trace and ``slice_layers``) with its stored, verified
+    weights."""
     from safetensors.torch import load as load_safetensors
 
-    from zoocompiler.passes.rewrite.repairs import cut_fragment, slice_net
+    from zoocompiler.passes.rewrite.repairs import fragment_structure
 
-    net = slice_net(gm)
+    gm, layers = source
     units = entry["units"]
-    for i, layer in enumerate(net.layers.layers):
-        kept = units.get(layer.point.producer)
-        if not isinstance(kept, list) or not kept or not all(isinstance(u, int) and 0 <= u < layer.units for u in kept):
+    kept = []
+    for layer in layers.layers:
+        k = units.get(layer.point.producer)
+        if not isinstance(k, list) or not k or not all(isinstance(u, int) and 0 <= u < layer.units for u in k):
             raise CheckpointError(f"fragment {entry['weights']} lists no valid kept units for layer "
                                   f"'{layer.point.producer}' of {entry['source']}", _FIX)
-        net.set_keep(i, kept)
-    net.set_on(range(len(net.layers.layers)))
-    module = cut_fragment(gm, net).module
+        kept.append(k)
+    module = fragment_structure(gm, layers, kept)
     state = load_safetensors(store.verified_bytes(entry["weights"], entry["weights_sha256"]))
     check_state_dict(module, state, label=f"fragment {entry['weights']}")
     module.load_state_dict(state, strict=True)
