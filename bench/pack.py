@@ -328,7 +328,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8.4))
+    axes = grid[0]
     ax = axes[0]
     for row in summary(doc):
         ks = sorted(int(k[1:]) for k in row if k.startswith("k"))
@@ -354,6 +355,16 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("seconds per class")
     ax.set_title("Fig. 7: time per class")
     ax.legend()
+    for ax, (name, mat) in zip(grid[1], sorted(doc.get("iou", {}).get("T", {}).items()), strict=False):
+        image = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+        for (i, j), value in np.ndenumerate(np.asarray(mat)):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+        ax.set_title(f"Fig. 5: IoU of kept units, S&P(T), {name}")
+        ticks = [str(c) for c in get_entry(name).classes]
+        ax.set_xticks(range(len(ticks)), ticks)
+        ax.set_yticks(range(len(ticks)), ticks)
+        ax.set_xlabel("fragment of class")
+        fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
