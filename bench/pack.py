@@ -49,8 +49,9 @@ from zoocompiler.passes.rewrite.repairs import slice_layers
 from zoocompiler.pipelines.pack.baselines import ensemble, features_model, finetune
 from zoocompiler.pipelines.pack.config import PackSliceConfig
 from zoocompiler.pipelines.pack.packing import PackSettings, fragment_features, train_pack
-from zoocompiler.pipelines.pack.samples import draw_samples, source_seed
-from zoocompiler.pipelines.pack.slicing import SliceSettings, slice_class
+from zoocompiler.pipelines.pack.pipeline import slice_settings
+from zoocompiler.pipelines.pack.samples import draw_samples
+from zoocompiler.pipelines.pack.slicing import slice_class
 from zoocompiler.pipelines.zoo.trainable import example_input
 from zoocompiler.sources import load_model
 from zoocompiler.zoo import get_entry
@@ -97,14 +98,11 @@ class Sources:
 def slice_all(src: Sources, k: int, draw: int, select: str) -> dict[int, dict[str, Any]]:
     """Every class's fragment at (k, draw, select): module, samples, kept units, slice seconds, test features."""
     out = {}
-    defaults = PackSliceConfig(select=select)
     for name in src.names:
         entry = src.entries[name]
         split = load_dataset("mnist5k", "train", classes=list(entry.classes))
         samples = draw_samples(split, k, draw, name)
-        settings = SliceSettings(select=select, beta=defaults.resolved_beta, alpha=defaults.alpha, gamma=defaults.gamma,
-                                 pool_steps=defaults.steps, adapt_steps=defaults.steps, combine_steps=defaults.steps,
-                                 lr=defaults.lr, seed=source_seed(draw, name))
+        settings = slice_settings(PackSliceConfig(select=select, seed=draw), name)
         for label, c in enumerate(entry.classes):
             sliced = slice_class(src.graphs[name], src.layers[name], samples.x, samples.y, label, settings)
             module = sliced.fragment.module

@@ -39,7 +39,7 @@ from ..analysis import run_analysis
 from ..analysis.plans import Plan, group_keys, producers
 from ..analysis.unit_rules import op_name
 from .fuse import fold_into, fuse
-from .mask_generators import GatePoint, GatePoints, gate_points, module_plan
+from .mask_generators import GatePoint, gate_points, module_plan
 from .prune import build_pruned
 from .prune_layout import old_shape
 
@@ -84,10 +84,6 @@ class SliceLayers:
     layers: list[SliceLayer]
     features: str
     skipped: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def points(self) -> GatePoints:
-        return GatePoints([layer.point for layer in self.layers], dict(self.skipped))
 
 
 def features_node(gm: fx.GraphModule) -> str:

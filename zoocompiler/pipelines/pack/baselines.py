@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoocompiler.passes.rewrite.repairs import truncate_at
 from zoocompiler.training import full_batch_steps
 
 from .packing import fragment_features
@@ -33,9 +34,7 @@ class _WithHead(nn.Module):
 
 def features_model(gm: fx.GraphModule, features: str) -> fx.GraphModule:
     """A copy of the classifier ``gm`` returning node ``features`` (its classifier dropped)."""
-    from zoocompiler.passes.rewrite.repairs import truncate_at
-
-    new = fx.GraphModule(copy.deepcopy(gm), copy.deepcopy(gm.graph))
+    new = copy.deepcopy(gm)
     truncate_at(new, features)
     return new.eval()
 

@@ -119,15 +119,25 @@ def _sliceable(name: str, shape: tuple[int, ...], weights: bool = True) -> Slice
                         "slice zoo models with prunable units (see `zoocompile inspect zoo:NAME`)") from None
 
 
-def _preflight(names: list[str], config: PackSliceConfig) -> dict[str, Sliceable]:
+Prepared = tuple[DataSplit, fx.GraphModule, SliceLayers]  # a source's k-shot samples, trace and S&P layers
+
+
+def _preflight(names: list[str], config: PackSliceConfig) -> dict[str, Prepared]:
     """Before anything is sliced or written: every source's data fits and has ``k`` samples of each of its
-    classes (``draw_samples``' check), and it has prunable layers. Returns the analysed traces."""
-    graphs = {}
+    classes (``draw_samples``' check), and it has prunable layers. Returns each source's samples and trace."""
+    prepared = {}
     for name in names:
         split = _source_split(name, config)
-        draw_samples(split, config.k, config.seed, name)
-        graphs[name] = _sliceable(name, tuple(split.x.shape[1:]))
-    return graphs
+        samples = draw_samples(split, config.k, config.seed, name)
+        prepared[name] = (samples, *_sliceable(name, tuple(split.x.shape[1:])))
+    return prepared
+
+
+def slice_settings(config: PackSliceConfig, name: str) -> SliceSettings:
+    """The slicing hyper-parameters ``config`` gives source ``name`` (its own seed)."""
+    return SliceSettings(select=config.select, beta=config.resolved_beta, alpha=config.alpha, gamma=config.gamma,
+                         pool_steps=config.steps, adapt_steps=config.steps, combine_steps=config.steps,
+                         lr=config.lr, seed=source_seed(config.seed, name))
 
 
 def _link_existing(store: Store, staging: Path) -> None:
@@ -144,24 +154,20 @@ def _link_existing(store: Store, staging: Path) -> None:
 
 def _slice_source(name: str, config: PackSliceConfig, staging: Path, tick: Tick | None,
                   progress: Callable[[str], None] | None,
-                  traced: Sliceable | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Slice every class of source ``name`` into ``staging/<name>/``; its source and fragment entries.
-    ``traced``: its analysed trace and layers when already made (:func:`_preflight`)."""
+                  prepared: Prepared) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Slice every class of source ``name`` (its :func:`_preflight` samples and trace) into
+    ``staging/<name>/``; its source and fragment entries."""
     from zoocompiler.zoo import get_entry
 
     entry = get_entry(name)
-    split = _source_split(name, config)
-    shape = tuple(split.x.shape[1:])
-    samples = draw_samples(split, config.k, config.seed, name)
-    gm, layers = traced if traced is not None else _sliceable(name, shape)
+    samples, gm, layers = prepared
+    shape = tuple(samples.x.shape[1:])
     folder = staging / name
     folder.mkdir(parents=True, exist_ok=True)
     data = samples_bytes(samples.x, samples.y)
     write_bytes_atomic(folder / "samples.npz", data)
     data_sha = digest(data)
-    settings = SliceSettings(select=config.select, beta=config.resolved_beta, alpha=config.alpha,
-                             gamma=config.gamma, pool_steps=config.steps, adapt_steps=config.steps,
-                             combine_steps=config.steps, lr=config.lr, seed=source_seed(config.seed, name))
+    settings = slice_settings(config, name)
     fragments = []
     for label, cls in enumerate(entry.classes):
         say(progress, f"slicing {name}, class {cls}: {len(layers.layers)} layers")
@@ -208,7 +214,7 @@ def slice_to_store(config: PackSliceConfig, out: Path, *, progress: Callable[[st
     if existing is not None:
         existing.check_files()  # a corrupted store is refused before anything is linked into the new one
     names = _check_sources(source_names(config.zoo), config, existing)
-    graphs = _preflight(names, config)
+    prepared = _preflight(names, config)
     executor = executor or LocalExecutor()
 
     def body(staging: Path) -> dict[str, Any]:
@@ -220,7 +226,7 @@ def slice_to_store(config: PackSliceConfig, out: Path, *, progress: Callable[[st
             _link_existing(existing, staging)
         with stages("slice", f"slicing {len(names)} source(s) into {out}"):
             results = executor.map(
-                lambda name: _slice_source(name, config, staging, tick, progress, graphs.get(name)), names)
+                lambda name: _slice_source(name, config, staging, tick, progress, prepared[name]), names)
         for source, fragments in results:
             doc["sources"].append(source)
             doc["fragments"].extend(fragments)
@@ -260,14 +266,16 @@ def check_build_classes(store: Store, classes: list[int]) -> None:
 def load_fragments(store: Store, classes: list[int]) -> tuple[list[torch.nn.Module], torch.Tensor, torch.Tensor]:
     """The rebuilt fragments of ``classes`` and their training samples ``(x, y)`` (``y``: index in ``classes``)."""
     graphs: dict[str, Sliceable] = {}
+    samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules, xs, ys = [], [], []
     for i, c in enumerate(classes):
         entry = store.fragments[c]
         source = entry["source"]
-        if source not in graphs:
+        if source not in graphs:  # each source is traced and its samples read once per build
             graphs[source] = _sliceable(source, store.input_shape, weights=False)
+            samples[source] = store.samples(source)
         modules.append(rebuild_fragment(store, graphs[source], entry))
-        x, y = store.samples(source)
+        x, y = samples[source]
         if store.sources[source]["samples_sha256"] != entry["data_sha256"]:
             raise ZooError(f"fragment of class {c} was sliced from other samples than {source}'s in the store",
                            "re-slice that source")
@@ -275,6 +283,11 @@ def load_fragments(store: Store, classes: list[int]) -> tuple[list[torch.nn.Modu
         xs.append(mine)
         ys.append(torch.full((len(mine),), i, dtype=torch.long))
     return modules, torch.cat(xs), torch.cat(ys)
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over every tensor of ``module``'s state (to prove packing left a fragment unchanged)."""
+    return digest(*(t.detach().numpy().tobytes() for t in module.state_dict().values()))
 
 
 def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: bool = False,
@@ -298,7 +311,7 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
         start = time.perf_counter()
         with stages("load", f"loading {len(config.classes)} fragment(s)"):
             fragments, x, y = load_fragments(store, config.classes)
-        hashes = [digest(*(t.detach().numpy().tobytes() for t in f.state_dict().values())) for f in fragments]
+        hashes = [_weights_digest(f) for f in fragments]
         with stages("pack", "packing: encoder, decoders and head"):
             features = fragment_features(fragments, x)
             trained = train_pack(features, y, len(config.classes),
@@ -306,7 +319,7 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
                                               lr=config.lr, seed=config.seed))
             model = PackedModel(fragments, trained.encoder, trained.head, config.classes).eval()
         pack_seconds = time.perf_counter() - start
-        if [digest(*(t.detach().numpy().tobytes() for t in f.state_dict().values())) for f in fragments] != hashes:
+        if [_weights_digest(f) for f in fragments] != hashes:
             raise ZooError("packing changed a fragment's weights", "report this: fragments must stay frozen")
         test = load_dataset(store.settings["data"], "test", classes=config.classes)
         with stages("export", "exporting and verifying the packed model"):
