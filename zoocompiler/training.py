@@ -252,7 +252,9 @@ def train(
 
 def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int):
     if schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.2)
+        # at least 10 steps: OneCycleLR divides by its warm-up length, which rounds to 0 below 10 steps at 20%
+        steps = max(total_steps, 10)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.2)
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
 
 

@@ -91,6 +91,20 @@ def _vit(num_classes: int) -> nn.Module:
     )
 
 
+def _vit_ancestry(num_classes: int) -> nn.Module:
+    """The Learngene Pool demo ancestry: a uniform stack of 12 transformer blocks (DeiT-B's 12 heads, scaled down)."""
+    return VisionTransformer(
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=num_classes,
+        embed_dim=192,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=2.0,
+    )
+
+
 def _convnext(num_classes: int) -> nn.Module:
     # ls_init_value=1.0: timm's 1e-6 layer scale makes these 5 blocks near-identity and slow to train from scratch.
     return ConvNeXt(
@@ -213,6 +227,17 @@ _RECIPES: tuple[ZooRecipe, ...] = (
     ZooRecipe("convnext_t_7to9", _CONVNEXT_SPEC, _convnext, classes=(7, 8, 9), epochs=30, lr=3e-3, batch_size=64,
               collection="pack"),
     # Five two-class sources (the benchmark's task spread over more models, like the paper's T2/T3).
+    # The Learngene Pool ancestry (`zoocompile pool`): 12 uniform transformer blocks at d=192.
+    ZooRecipe(
+        "vit_anc12",
+        "timm.models.vision_transformer.VisionTransformer(img_size=28, patch_size=7, embed_dim=192, depth=12, "
+        "num_heads=12, mlp_ratio=2)",
+        _vit_ancestry,
+        epochs=40,
+        lr=1e-3,
+        batch_size=64,
+        collection="pool",
+    ),
     ZooRecipe("vgg_s_01", _VGG_SPEC, _vgg, classes=(0, 1), epochs=10, collection="pack5"),
     ZooRecipe("resnet_s_23", _RESNET_SPEC, _resnet, classes=(2, 3), epochs=12, collection="pack5"),
     ZooRecipe("convnext_t_45", _CONVNEXT_SPEC, _convnext, classes=(4, 5), epochs=30, lr=3e-3, batch_size=64,
@@ -220,7 +245,7 @@ _RECIPES: tuple[ZooRecipe, ...] = (
     ZooRecipe("vgg_s_67", _VGG_SPEC, _vgg, classes=(6, 7), epochs=10, collection="pack5"),
     ZooRecipe("resnet_s_89", _RESNET_SPEC, _resnet, classes=(8, 9), epochs=12, collection="pack5"),
 )
-COLLECTIONS = ("demo", "pack", "pack5")
+COLLECTIONS = ("demo", "pack", "pack5", "pool")
 
 
 def recipes() -> dict[str, ZooRecipe]:

@@ -140,3 +140,28 @@ class CutPointPass(PassBase):
         for n in graph_module.graph.nodes:
             node_info(n).cut_index = index.get(n.name)
         return PassResult(graph_module, False)
+
+
+def stack_boundaries(gm: fx.GraphModule, stack: str, depth: int) -> list[int]:
+    """Cut indices around the blocks ``{stack}.0 .. {stack}.{depth-1}`` of a module stack (e.g. a ViT's
+    ``blocks``): ``[input of block 0, output of block 0, …, output of block depth-1]``, from the
+    ``nn_module_stack`` fx records on each node. Block k's output is its last cut point; a block
+    without one (a value leaving it bypasses the stack) is a ``PassError``."""
+    info = graph_info(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    owner: dict[int, int] = {}  # cut index -> block number
+    for i, name in enumerate(info.cut_points):
+        scopes = (nodes[name].meta.get("nn_module_stack") or {}).values()
+        paths = [s[0] if isinstance(s, tuple) else str(s) for s in scopes]
+        for k in range(depth):
+            if f"{stack}.{k}" in paths:
+                owner[i] = k
+    ends = []
+    for k in range(depth):
+        inside = [i for i, b in owner.items() if b == k]
+        if not inside:
+            raise PassError(f"block {stack}.{k} has no cut point", "cut the model where each block's output is the "
+                            "only value carried on (a uniform stack of residual blocks)")
+        ends.append(max(inside))
+    first = min(i for i, b in owner.items() if b == 0)
+    return [first - 1, *ends]

@@ -21,7 +21,7 @@ import torch.fx as fx
 from zoocompiler.core.atomic import write_bytes_atomic, write_state_dict_atomic
 from zoocompiler.core.cache import digest
 from zoocompiler.core.errors import DataError, PassError, ZooError
-from zoocompiler.core.modules import count_macs, count_params
+from zoocompiler.core.modules import count_macs, count_params, weights_digest
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
@@ -285,11 +285,6 @@ def load_fragments(store: Store, classes: list[int]) -> tuple[list[torch.nn.Modu
     return modules, torch.cat(xs), torch.cat(ys)
 
 
-def _weights_digest(module: torch.nn.Module) -> str:
-    """sha256 over every tensor of ``module``'s state (to prove packing left a fragment unchanged)."""
-    return digest(*(t.detach().numpy().tobytes() for t in module.state_dict().values()))
-
-
 def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: bool = False,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Pack the fragments of ``config.classes`` from the store into ``out`` (``packed.onnx`` + report)."""
@@ -311,7 +306,7 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
         start = time.perf_counter()
         with stages("load", f"loading {len(config.classes)} fragment(s)"):
             fragments, x, y = load_fragments(store, config.classes)
-        hashes = [_weights_digest(f) for f in fragments]
+        hashes = [weights_digest(f) for f in fragments]
         with stages("pack", "packing: encoder, decoders and head"):
             features = fragment_features(fragments, x)
             trained = train_pack(features, y, len(config.classes),
@@ -319,7 +314,7 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
                                               lr=config.lr, seed=config.seed))
             model = PackedModel(fragments, trained.encoder, trained.head, config.classes).eval()
         pack_seconds = time.perf_counter() - start
-        if [_weights_digest(f) for f in fragments] != hashes:
+        if [weights_digest(f) for f in fragments] != hashes:
             raise ZooError("packing changed a fragment's weights", "report this: fragments must stay frozen")
         test = load_dataset(store.settings["data"], "test", classes=config.classes)
         with stages("export", "exporting and verifying the packed model"):

@@ -1,0 +1,263 @@
+"""``pool distill`` (ancestry → pool directory), ``pool finetune`` (Algorithm 1's path sampling),
+``pool build`` (every descendant measured, the best one within a budget exported) and ``pool list``.
+
+Every command validates its options, the pool directory and the ancestry before any training; its
+output directory appears all or nothing (``finetune`` without ``--out`` replaces the pool in place,
+atomically).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zoocompiler.core.budget import Budget, human_metric
+from zoocompiler.core.errors import BudgetError, CheckpointError, DataError, ZooError
+from zoocompiler.core.modules import count_macs, count_params, weights_digest
+from zoocompiler.data import DataSplit, load_dataset
+from zoocompiler.exports.elastic import write_manifest
+from zoocompiler.exports.latency import measure_latency
+from zoocompiler.exports.onnx_export import export_onnx
+from zoocompiler.training import evaluate, seed_everything
+
+from ..base import Stages, run_staged, write_report
+from .ancestry import VitShape, ancestry_shape, build_vit
+from .config import PoolBuildConfig, PoolDistillConfig, PoolFinetuneConfig
+from .distill import dense_levels, distill
+from .plots import plot_descendants
+from .pool import LearngenePool, example_batch, finetune
+from .store import POOL_FILE, POOL_FORMAT, TRANSFORMS_FILE, is_pool, read_pool, write_weights
+
+DESCENDANT_ONNX = "descendant.onnx"
+ALL_DIR = "descendants"
+PLOT = "descendants.png"
+Progress = Callable[[str], None]
+
+
+def load_ancestry(spec: str, checkpoint: str | None = None, *,
+                  allow_pickle: bool = False) -> tuple[nn.Module, VitShape]:
+    """The ancestry model (eval mode) and its shape; ``PassError`` when it is not a uniform block stack."""
+    from zoocompiler.sources import load_model
+
+    model = load_model(spec, checkpoint=checkpoint, allow_pickle=allow_pickle)
+    return model, ancestry_shape(model)
+
+
+def _splits(data: str, shape: VitShape) -> tuple[DataSplit, DataSplit]:
+    train_split, test_split = load_dataset(data, "train"), load_dataset(data, "test")
+    want = (shape.in_chans, *shape.img_size)
+    if tuple(train_split.x.shape[1:]) != want or train_split.num_classes != shape.num_classes:
+        raise DataError(f"the ancestry takes {want} inputs and {shape.num_classes} classes but --data {data} has "
+                        f"{tuple(train_split.x.shape[1:])} and {train_split.num_classes}",
+                        "distil with the data the ancestry was trained on (the demo ancestry: mnist5k)")
+    return train_split, test_split
+
+
+def _aux_shapes(shape: VitShape, config: PoolDistillConfig) -> tuple[VitShape, VitShape, int]:
+    """(narrow, wide) auxiliary shapes and the block count; ``ZooError`` for l ≥ L or a width of partial heads."""
+    blocks = config.blocks if config.blocks is not None else shape.depth // 2
+    dim = config.dim if config.dim is not None else max(shape.head_dim, shape.embed_dim // 4 // shape.head_dim
+                                                        * shape.head_dim)
+    narrow, wide = shape.derive(blocks, dim), shape.derive(blocks, shape.embed_dim)
+    for name, levels in (("levels", config.levels), ("wide-levels", config.wide_levels)):
+        if levels > blocks:
+            raise ZooError(f"--{name} {levels} exceeds the auxiliary models' {blocks} blocks",
+                           f"pass --{name} in 1..{blocks}")
+    return narrow, wide, blocks
+
+
+def _descendant_table(pool: LearngenePool, test: DataSplit, shape: tuple[int, ...]) -> list[dict]:
+    return pool.descendant_rows(test, shape)
+
+
+def _pool_doc(config: PoolDistillConfig, shape: VitShape, ancestry: nn.Module, narrow: VitShape, wide: VitShape,
+              input_shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"format": POOL_FORMAT,
+            "ancestry": {"spec": config.spec,
+                         "checkpoint": None if config.checkpoint is None else str(Path(config.checkpoint).resolve()),
+                         "weights_sha256": weights_digest(ancestry),
+                         "shape": shape.to_dict(), "params": count_params(ancestry),
+                         "macs": count_macs(ancestry, input_shape, eval=True)},
+            "rows": {"small": narrow.to_dict(), "large": wide.to_dict()},
+            "input_shape": list(input_shape), "data": config.data, "init": config.init,
+            "settings": config.settings()}
+
+
+def distill_pool(config: PoolDistillConfig, out: Path, *, force: bool = False,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Distil the ancestry into two auxiliary models, pool their blocks, initialise the stitches and
+    write the pool directory ``out`` (see :mod:`.store`); returns ``pool.json``'s content."""
+
+    def body(staging: Path) -> dict[str, Any]:
+        stages = Stages(progress)
+        with stages("prepare", f"loading ancestry {config.spec} and --data {config.data}"):
+            ancestry, shape = load_ancestry(config.spec, config.checkpoint, allow_pickle=config.allow_pickle)
+            narrow, wide, blocks = _aux_shapes(shape, config)
+            train_split, test_split = _splits(config.data, shape)
+            input_shape = tuple(train_split.x.shape[1:])
+            doc = _pool_doc(config, shape, ancestry, narrow, wide, input_shape)
+            doc["ancestry"]["accuracy"] = evaluate(ancestry, test_split)
+        rows, maps, history = {}, {}, {}
+        for row, aux_shape, levels in (("large", wide, config.wide_levels), ("small", narrow, config.levels)):
+            pairs = dense_levels(shape.depth, blocks, levels)
+            with stages(f"distill_{row}", f"distilling {shape.depth} blocks at d={shape.embed_dim} into {blocks} at "
+                                          f"d={aux_shape.embed_dim} (levels {pairs})"):
+                seed_everything(config.seed)
+                aux = build_vit(aux_shape)
+                result = distill(ancestry, aux, train_split, levels=pairs, alpha=config.alpha, tau=config.tau,
+                                 epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
+                                 progress=config.progress, desc=f"distill {row} row")
+            rows[row], maps[row] = aux.eval(), result.transforms
+            history[row] = {"levels": pairs, "epochs": result.epochs, "seconds": result.history.seconds,
+                            "accuracy": evaluate(aux, test_split)}
+        with stages("stitch", f"pooling {2 * blocks} instances, {blocks - 1} stitch layers ({config.init} init)"):
+            pool = LearngenePool(rows["small"], rows["large"], example_batch(input_shape))
+            probe = train_split.x[torch.randperm(len(train_split), generator=torch.Generator().manual_seed(config.seed))
+                                  [: config.probe]]
+            pool.init_stitches(config.init, matrix=maps["small"].stitch_matrix(), probe=probe, seed=config.seed)
+        with stages("evaluate", f"evaluating {blocks + 1} descendants"):
+            doc["descendants"] = _descendant_table(pool, test_split, input_shape)
+        doc.update(levels={row: history[row]["levels"] for row in history}, distill=history,
+                   storage=pool.storage(), finetune=None)
+        doc["weights"] = write_weights(staging, pool, maps["small"])
+        doc["timings"] = stages.timings
+        write_report(staging, doc, POOL_FILE)
+        return doc
+
+    return run_staged(config, out, force, body)
+
+
+def _ancestry_of(doc: dict[str, Any], root: Path, trust_code: bool) -> nn.Module:
+    """The ancestry a pool was distilled from, checked to be the same weights."""
+    from zoocompiler.sources import check_spec_from_file
+
+    spec = check_spec_from_file(doc["ancestry"]["spec"], f"{root / POOL_FILE}", trust_code=trust_code)
+    ancestry, _ = load_ancestry(str(spec), doc["ancestry"].get("checkpoint"))
+    if weights_digest(ancestry) != doc["ancestry"]["weights_sha256"]:
+        raise CheckpointError(f"the ancestry {doc['ancestry']['spec']} no longer has the weights pool {root} was "
+                              "distilled from", "restore its checkpoint, or distil a new pool from it")
+    return ancestry
+
+
+def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | None = None, force: bool = False,
+                  trust_code: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Fine-tune the pool at ``directory`` (Algorithm 1, lines 11-14) into ``out`` (default: in place)."""
+    config.check()
+    source = read_pool(Path(directory))
+    target = Path(out) if out is not None else source.root
+    in_place = target.resolve() == source.root.resolve()
+
+    def body(staging: Path) -> dict[str, Any]:
+        stages = Stages(progress)
+        with stages("prepare", f"loading pool {source.root} and its ancestry {source.doc['ancestry']['spec']}"):
+            pool = source.load_pool()
+            transforms = source.load_transforms()
+            ancestry = _ancestry_of(source.doc, source.root, trust_code) if config.kd else None
+            train_split, test_split = _splits(source.doc["data"], source.rows["large"])
+        with stages("finetune", f"fine-tuning {pool.depth + 1} paths for {config.epochs} epochs"
+                                f"{' with the ancestry as teacher' if config.kd else ''}"):
+            history, counts = finetune(pool, train_split, ancestry=ancestry, epochs=config.epochs, lr=config.lr,
+                                       batch_size=config.batch_size, tau=config.tau, seed=config.seed,
+                                       progress=config.progress)
+        with stages("evaluate", "evaluating the descendants"):
+            rows = _descendant_table(pool, test_split, source.input_shape)
+        doc = dict(source.doc)
+        doc["descendants_before_finetune"] = source.doc.get("descendants_before_finetune") or source.doc["descendants"]
+        doc["descendants"] = rows
+        doc["finetune"] = {"epochs": config.epochs + ((source.doc.get("finetune") or {}).get("epochs") or 0),
+                           "lr": config.lr, "batch_size": config.batch_size, "kd": config.kd, "tau": config.tau,
+                           "seed": config.seed, "paths_sampled": dict(zip(map(str, range(pool.depth + 1)), counts,
+                                                                           strict=True)),
+                           "seconds": history.seconds}
+        doc["storage"] = pool.storage()
+        doc["weights"] = write_weights(staging, pool, transforms)
+        doc["timings"] = stages.timings
+        write_report(staging, doc, POOL_FILE)
+        return doc
+
+    return run_staged(config, target, force or in_place, body)
+
+
+def _feasible(row: dict[str, Any], budget: Budget) -> bool:
+    return all(getattr(budget, m) is None or row[m] <= getattr(budget, m) for m in ("params", "macs", "latency_ms"))
+
+
+def _no_descendant(rows: list[dict[str, Any]], budget: Budget) -> BudgetError:
+    smallest = min(rows, key=lambda r: (r["params"], r["macs"]))
+    reach = ", ".join(f"{label}={human_metric(smallest[m], m, round_up=True)}"
+                      for m, label in (("params", "params"), ("macs", "flops"), ("latency_ms", "latency")))
+    return BudgetError(f"no descendant meets {budget}: the smallest (low={smallest['low']}, high={smallest['high']}) "
+                       f"has {reach}", f"raise the budget to at least {reach}")
+
+
+def pick_descendant(rows: list[dict[str, Any]], budget: Budget) -> dict[str, Any]:
+    """The most accurate descendant within ``budget`` (ties: fewer params); ``BudgetError`` naming the
+    smallest reachable one when none fits."""
+    feasible = [r for r in rows if _feasible(r, budget)]
+    if not feasible:
+        raise _no_descendant(rows, budget)
+    return max(feasible, key=lambda r: (r["accuracy"], -r["params"]))
+
+
+def onnx_name(row: dict[str, Any]) -> str:
+    return f"low{row['low']}_high{row['high']}.onnx"
+
+
+def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, force: bool = False,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every descendant of the pool at ``directory`` and export the best one within the budget."""
+    config.check()
+    source = read_pool(Path(directory))
+    budget = config.parsed_budget()
+
+    def body(staging: Path) -> dict[str, Any]:
+        stages = Stages(progress)
+        with stages("prepare", f"loading pool {source.root}"):
+            pool = source.load_pool()
+            _, test_split = _splits(source.doc["data"], source.rows["large"])
+            rows = _descendant_table(pool, test_split, source.input_shape)
+        folder = staging / ALL_DIR
+        folder.mkdir()
+        example = torch.randn(config.batch, *source.input_shape, generator=torch.Generator().manual_seed(0))
+        with stages("measure", f"exporting and timing {len(rows)} descendants (ONNX Runtime, batch {config.batch})"):
+            for row in rows:
+                report = export_onnx(pool.descendant(row["low"]), example, folder / onnx_name(row))
+                latency = measure_latency(folder / onnx_name(row), tuple(example.shape), runs=config.runs,
+                                          threads=config.threads)
+                row.update(latency_ms=latency.median_ms, per_sample_ms=latency.median_ms / config.batch,
+                           onnx_max_abs_diff=report.max_abs_diff)
+        chosen = pick_descendant(rows, budget)
+        shutil.copyfile(folder / onnx_name(chosen), staging / DESCENDANT_ONNX)
+        if config.export_all:
+            top = max(r["macs"] for r in rows)
+            write_manifest(folder, [{"rate": r["macs"] / top, "onnx": onnx_name(r), "low": r["low"], "high": r["high"],
+                                     "params": r["params"], "macs": r["macs"], "latency_ms": r["latency_ms"],
+                                     "per_sample_ms": r["per_sample_ms"], "accuracy": r["accuracy"]} for r in rows],
+                           extra={"pool": str(source.root), "rate_is": "MACs / the largest descendant's MACs"})
+        else:
+            shutil.rmtree(folder)
+        plot_descendants({"Learngene Pool": rows}, staging / PLOT, chosen=chosen, budget=budget)
+        report = {"pool": str(source.root), "budget": budget.to_dict(), "chosen": chosen, "descendants": rows,
+                  "storage": source.doc.get("storage"), "onnx": DESCENDANT_ONNX,
+                  "all": ALL_DIR if config.export_all else None, "plot": PLOT, "timings": stages.timings}
+        write_report(staging, report)
+        return report
+
+    return run_staged(config, Path(out), force, body)
+
+
+def list_pool(directory: Path) -> dict[str, Any]:
+    """What a pool directory holds: ancestry, rows, storage, fine-tuning and the descendant table."""
+    source = read_pool(Path(directory))
+    if not (source.root / TRANSFORMS_FILE).is_file() or not is_pool(source.root):
+        raise CheckpointError(f"pool {source.root} lacks {TRANSFORMS_FILE}", "distil the pool again")
+    doc = source.doc
+    return {"pool": str(source.root), "format": doc["format"], "ancestry": doc["ancestry"], "rows": doc["rows"],
+            "levels": doc.get("levels"), "init": doc["init"], "storage": doc.get("storage"),
+            "finetune": doc.get("finetune"), "descendants": doc["descendants"],
+            "descendants_before_finetune": doc.get("descendants_before_finetune")}
