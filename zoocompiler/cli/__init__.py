@@ -10,7 +10,7 @@ Layout: this module holds :func:`main`, the top-level parser and the error handl
 ``common`` the shared helpers; one module per command group (``inspect``: inspect, export;
 ``zoo``: zoo list/build; ``rewrite``: prune, fuse; ``assemble``: partition, assemble;
 ``slice``: slice train/export; ``modularize``: modularize train/extract/reuse; ``pack``: pack
-slice/build/list).
+slice/build/list; ``pool``: pool distill/finetune/build/list).
 
 A command module has one entry point, ``register(commands) -> None``: ``commands`` is the
 sub-parser set of ``zoocompile`` (``argparse`` ``add_subparsers``); ``register`` adds the
@@ -42,7 +42,7 @@ DEBUG_HELP = "show full tracebacks on errors (before or after the command)"
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 # command modules of this package, in the order `zoocompile --help` lists their commands
-COMMANDS = ("inspect", "zoo", "rewrite", "assemble", "slice", "modularize", "pack")
+COMMANDS = ("inspect", "zoo", "rewrite", "assemble", "slice", "modularize", "pack", "pool")
 
 
 def build_parser() -> argparse.ArgumentParser:

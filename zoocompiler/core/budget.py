@@ -86,5 +86,6 @@ def human_metric(value: float, metric: str, round_up: bool = False) -> str:
     if round_up and mantissa > 0:
         digits = max(0, 2 - math.floor(math.log10(mantissa)))
         mantissa = math.ceil(mantissa * 10**digits - 1e-9) / 10**digits
-        return f"{mantissa:.{digits}f}".rstrip("0").rstrip(".") + suffix
+        text = f"{mantissa:.{digits}f}"
+        return (text.rstrip("0").rstrip(".") if "." in text else text) + suffix
     return f"{mantissa:.6g}{suffix}"

@@ -83,6 +83,13 @@ def _pair(value: Any) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def _ratio(hidden: int, embed: int) -> float:
+    """The ``mlp_ratio`` timm turns back into ``hidden`` (it takes ``int(embed * ratio)``, which a float ratio
+    can land just below)."""
+    ratio = hidden / embed
+    return ratio if int(embed * ratio) == hidden else (hidden + 0.5) / embed
+
+
 def _not_uniform(model: nn.Module, why: str) -> PassError:
     return PassError(f"{type(model).__name__} is not a uniform stack of transformer blocks: {why}",
                      f"use an ancestry that qualifies: {QUALIFY}")
@@ -105,7 +112,7 @@ def ancestry_shape(model: nn.Module) -> VitShape:
         if signature != (first.attn.qkv.in_features, first.attn.num_heads, first.mlp.fc1.out_features):
             raise _not_uniform(model, f"block {i} differs from block 0 in width, heads or MLP width")
     embed = int(model.embed_dim)
-    return VitShape(
+    shape = VitShape(
         img_size=_pair(model.patch_embed.img_size),
         patch_size=_pair(model.patch_embed.patch_size),
         in_chans=int(model.patch_embed.proj.in_channels),
@@ -113,7 +120,7 @@ def ancestry_shape(model: nn.Module) -> VitShape:
         embed_dim=embed,
         depth=len(blocks),
         num_heads=int(first.attn.num_heads),
-        mlp_ratio=first.mlp.fc1.out_features / embed,
+        mlp_ratio=_ratio(first.mlp.fc1.out_features, embed),
         qkv_bias=first.attn.qkv.bias is not None,
         qk_norm=not isinstance(first.attn.q_norm, nn.Identity),
         class_token=model.cls_token is not None,
@@ -124,6 +131,27 @@ def ancestry_shape(model: nn.Module) -> VitShape:
         fc_norm=not isinstance(model.fc_norm, nn.Identity),
         init_values=1e-5 if isinstance(first.ls1, LayerScale) else None,
     )
+    _check_rebuilds(model, shape)
+    return shape
+
+
+def _check_rebuilds(model: nn.Module, shape: VitShape) -> None:
+    """``PassError`` unless ``build_vit(shape)`` has ``model``'s module types, state keys and tensor shapes: an
+    option the shape does not record (an MLP variant, another activation, no final norm, ...) would otherwise
+    give auxiliary models of a different architecture."""
+    rebuilt = build_vit(shape)
+    ours = [(name, type(m)) for name, m in model.named_modules()]
+    theirs = [(name, type(m)) for name, m in rebuilt.named_modules()]
+    if ours != theirs:
+        where = next((a for a, b in zip(ours, theirs, strict=False) if a != b), ours[-1] if ours else None)
+        raise _not_uniform(model, f"it uses options the pool cannot rebuild (module {where[0] if where else '?'} "
+                                  f"differs from a VisionTransformer of the recorded shape)")
+    expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if expected != found:
+        key = sorted(set(expected.items()) ^ set(found.items()))[0][0]
+        raise _not_uniform(model, f"it uses options the pool cannot rebuild (parameter {key} differs from a "
+                                  "VisionTransformer of the recorded shape)")
 
 
 def build_vit(shape: VitShape) -> VisionTransformer:

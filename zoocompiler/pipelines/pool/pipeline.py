@@ -31,7 +31,7 @@ from .config import PoolBuildConfig, PoolDistillConfig, PoolFinetuneConfig
 from .distill import dense_levels, distill
 from .plots import plot_descendants
 from .pool import LearngenePool, example_batch, finetune
-from .store import POOL_FILE, POOL_FORMAT, TRANSFORMS_FILE, is_pool, read_pool, write_weights
+from .store import POOL_FILE, POOL_FORMAT, read_pool, write_weights
 
 DESCENDANT_ONNX = "descendant.onnx"
 ALL_DIR = "descendants"
@@ -144,6 +144,13 @@ def _ancestry_of(doc: dict[str, Any], root: Path, trust_code: bool) -> nn.Module
     return ancestry
 
 
+def _check_not_above(pool: Path, out: Path) -> None:
+    """``ZooError`` when replacing ``out`` would delete the pool directory ``pool`` (``out`` contains it)."""
+    if out.resolve() in pool.resolve().parents:
+        raise ZooError(f"--out {out} would replace the pool directory {pool}, which it contains",
+                       f"pass another --out, e.g. {pool.parent / (pool.name + '_out')}")
+
+
 def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | None = None, force: bool = False,
                   trust_code: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Fine-tune the pool at ``directory`` (Algorithm 1, lines 11-14) into ``out`` (default: in place)."""
@@ -151,6 +158,7 @@ def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | No
     source = read_pool(Path(directory))
     target = Path(out) if out is not None else source.root
     in_place = target.resolve() == source.root.resolve()
+    _check_not_above(source.root, target)
 
     def body(staging: Path) -> dict[str, Any]:
         stages = Stages(progress)
@@ -190,7 +198,8 @@ def _feasible(row: dict[str, Any], budget: Budget) -> bool:
 def _no_descendant(rows: list[dict[str, Any]], budget: Budget) -> BudgetError:
     smallest = min(rows, key=lambda r: (r["params"], r["macs"]))
     reach = ", ".join(f"{label}={human_metric(smallest[m], m, round_up=True)}"
-                      for m, label in (("params", "params"), ("macs", "flops"), ("latency_ms", "latency")))
+                      for m, label in (("params", "params"), ("macs", "flops"), ("latency_ms", "latency"))
+                      if m in smallest)  # a stored table has no latency yet
     return BudgetError(f"no descendant meets {budget}: the smallest (low={smallest['low']}, high={smallest['high']}) "
                        f"has {reach}", f"raise the budget to at least {reach}")
 
@@ -214,6 +223,13 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
     config.check()
     source = read_pool(Path(directory))
     budget = config.parsed_budget()
+    if Path(out).resolve() == source.root.resolve():
+        raise ZooError(f"--out {out} would replace the pool directory {directory}",
+                       f"pass another --out, e.g. {source.root.parent / (source.root.name + '_build')}")
+    _check_not_above(source.root, Path(out))
+    stored = source.doc["descendants"]  # params and MACs are known before any export: fail before the work
+    if not any(_feasible(r, Budget(params=budget.params, macs=budget.macs)) for r in stored):
+        raise _no_descendant(stored, budget)
 
     def body(staging: Path) -> dict[str, Any]:
         stages = Stages(progress)
@@ -254,8 +270,7 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
 def list_pool(directory: Path) -> dict[str, Any]:
     """What a pool directory holds: ancestry, rows, storage, fine-tuning and the descendant table."""
     source = read_pool(Path(directory))
-    if not (source.root / TRANSFORMS_FILE).is_file() or not is_pool(source.root):
-        raise CheckpointError(f"pool {source.root} lacks {TRANSFORMS_FILE}", "distil the pool again")
+    source.check_weights()
     doc = source.doc
     return {"pool": str(source.root), "format": doc["format"], "ancestry": doc["ancestry"], "rows": doc["rows"],
             "levels": doc.get("levels"), "init": doc["init"], "storage": doc.get("storage"),

@@ -96,6 +96,11 @@ class PoolDir:
         except (SafetensorError, ValueError) as err:
             raise CheckpointError(f"pool file {path} is not a safetensors file ({err})", _FIX) from None
 
+    def check_weights(self) -> None:
+        """Every weights file ``pool.json`` names is present, matches its sha256 and reads as safetensors."""
+        for key in ("instances", "transforms"):
+            self._weights(key)
+
     def load_pool(self) -> LearngenePool:
         """The pool with its stored weights (eval mode)."""
         rows = self.rows
