@@ -10,8 +10,8 @@ Usage::
 Ancestry: the zoo's ``vit_anc12`` (12 uniform blocks at d = 192, 12 heads, trained on mnist5k). For l in
 ``--blocks`` (L/2 and 3L/4, the paper's pool(12) and pool(18)):
 
-* **Learngene Pool(l)**: the product's ``distill`` (Eq. 8, α = 0.5, τ = 1; dense distillation at 3 levels into the
-  narrow row, the last block into the full-width one) trains two auxiliary models of l blocks, at d and at
+* **Learngene Pool(l)**: the product's ``distill`` (Eq. 8, α = 0.5, τ = 1; dense distillation at 3 levels into
+  both rows; the product's defaults) trains two auxiliary models of l blocks, at d and at
   d' = d/4, for ``--epochs`` each; their blocks form the pool; stitches are initialised ``tm`` / ``ls`` / ``random``
   (each evaluated), then each variant is fine-tuned (``finetune``: one sampled path per step, CE + KD from the
   ancestry) for ``--ft-epochs``.
@@ -30,10 +30,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,15 @@ def _stitched(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["low"] and r["high"]]
 
 
+def _depth_job(blocks: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One depth in its own process (``--jobs``): every input is re-read and seeded, so results do not depend
+    on the number of jobs."""
+    torch.set_num_threads(1)
+    ancestry = load_model(ANCESTRY).eval()
+    splits = load_dataset("mnist5k", "train"), load_dataset("mnist5k", "test")
+    return run_depth(blocks, args, ancestry, splits, Console())
+
+
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     torch.set_num_threads(1)
     ancestry = load_model(ANCESTRY).eval()
@@ -161,8 +172,13 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     d = shape.embed_dim
     doc["snnet_family"] = {"two anchors": _family(shape, [d // 4, d]),
                            "three anchors": _family(shape, [d // 4, d // 2, d])}
-    for blocks in args.blocks:
-        doc["depths"][str(blocks)] = run_depth(blocks, args, ancestry, splits, console)
+    if args.jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+            records = list(pool.map(_depth_job, args.blocks, [args] * len(args.blocks)))
+    else:
+        records = [run_depth(blocks, args, ancestry, splits, console) for blocks in args.blocks]
+    doc["depths"] = {str(blocks): record for blocks, record in zip(args.blocks, records, strict=True)}
     return doc
 
 
@@ -311,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ft-epochs", type=int, default=10)
     parser.add_argument("--runs", type=int, default=50, help="timed ONNX Runtime runs per descendant")
     parser.add_argument("--bars", action="store_true", help="show training progress bars")
+    parser.add_argument("--jobs", type=int, default=1, help="depths run in parallel processes (same results)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "pool.json")

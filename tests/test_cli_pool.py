@@ -520,3 +520,15 @@ COMMANDS = [["pool"], ["pool", "distill"], ["pool", "finetune"], ["pool", "build
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_help_documents_every_option(command):
     assert_help_documents_every_option(command)
+
+
+def test_finetune_refuses_a_python_ancestry_spec(pooled, tmp_path):
+    """A pool.json whose ancestry spec would import code is refused without --trust-code (data only)."""
+    bad = _copy(pooled, tmp_path, "bad")
+    doc = json.loads((bad / "pool.json").read_text())
+    doc["ancestry"]["spec"] = "python:os:getcwd"
+    (bad / "pool.json").write_text(json.dumps(doc))
+    before = _snapshot(bad)
+    out = tmp_path / "out"
+    _assert_user_error(["pool", "finetune", bad, "--epochs", "1", "--out", out], "python:", out)
+    assert _snapshot(bad) == before

@@ -67,18 +67,13 @@ def finetune_config(args: argparse.Namespace) -> PoolFinetuneConfig:
 
 def cmd_pool_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from zoocompiler.pipelines.pool.pipeline import finetune_pool
-    from zoocompiler.pipelines.pool.store import POOL_FILE, read_pool
-    from zoocompiler.sources import check_spec_from_file
 
     config = finetune_config(args)
     directory = Path(args.dir)
-    if config.kd:  # refuse a python: ancestry spec before anything is trained or written
-        doc = read_pool(directory).doc
-        check_spec_from_file(doc["ancestry"]["spec"], str(directory / POOL_FILE), trust_code=args.trust_code)
     out = Path(args.out) if args.out is not None else directory
     in_place = out.resolve() == directory.resolve()
     doc = finetune_pool(directory, config, out=None if in_place else out, force=args.force,
-                        trust_code=args.trust_code, progress=progress(args))
+                        trust_code=args.trust_code, allow_pickle=args.allow_pickle, progress=progress(args))
     return jsonable({"out": str(out), "in_place": in_place, **doc, "files": written_files(out)}, finite=True)
 
 
@@ -414,6 +409,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow a python: ancestry spec in DIR/pool.json (imports and runs its code: only for pools you "
         "distilled yourself)",
+    )
+    finetune.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow an ancestry checkpoint that contains pickled Python objects (runs their code: only for trusted "
+        "files)",
     )
     out_dir_options(finetune, metavar="OUT", help="write the fine-tuned pool here (default: replace DIR in place, "
                     "atomically; new, or --force)")

@@ -40,9 +40,9 @@ class PoolDistillConfig:
     The ancestry ``spec`` (+ ``checkpoint``) is distilled into two auxiliary models of ``blocks`` blocks
     (``None``: half the ancestry's), one at the ancestry's width and one at ``dim`` (``None``: a quarter),
     for ``epochs`` each with Eq. 8 (``alpha`` weighs the hard-label loss). Dense distillation takes
-    ``levels`` blocks into the narrow model and ``wide_levels`` into the full-width one (3 and 1: the
-    best columns of the paper's Table 4). Stitch layers start from ``init``; ``ls`` fits them on
-    ``probe`` training images.
+    ``levels`` blocks into the narrow model and ``wide_levels`` into the full-width one (3 and 3: see
+    docs/pool.md for the measurement behind the second). Stitch layers start from ``init``; ``ls``
+    fits them on ``probe`` training images.
     """
 
     spec: str = DEFAULT_ANCESTRY
@@ -52,11 +52,11 @@ class PoolDistillConfig:
     blocks: int | None = None
     dim: int | None = None
     levels: int = 3
-    wide_levels: int = 1
+    wide_levels: int = 3
     alpha: float = 0.5
     tau: float = 1.0
     epochs: int = 20
-    lr: float = 1e-3
+    lr: float = 3e-3
     batch_size: int = 64
     init: str = "tm"
     probe: int = 256

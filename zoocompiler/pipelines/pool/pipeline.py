@@ -132,12 +132,12 @@ def distill_pool(config: PoolDistillConfig, out: Path, *, force: bool = False,
     return run_staged(config, out, force, body)
 
 
-def _ancestry_of(doc: dict[str, Any], root: Path, trust_code: bool) -> nn.Module:
+def _ancestry_of(doc: dict[str, Any], root: Path, trust_code: bool, allow_pickle: bool) -> nn.Module:
     """The ancestry a pool was distilled from, checked to be the same weights."""
     from zoocompiler.sources import check_spec_from_file
 
     spec = check_spec_from_file(doc["ancestry"]["spec"], f"{root / POOL_FILE}", trust_code=trust_code)
-    ancestry, _ = load_ancestry(str(spec), doc["ancestry"].get("checkpoint"))
+    ancestry, _ = load_ancestry(str(spec), doc["ancestry"].get("checkpoint"), allow_pickle=allow_pickle)
     if weights_digest(ancestry) != doc["ancestry"]["weights_sha256"]:
         raise CheckpointError(f"the ancestry {doc['ancestry']['spec']} no longer has the weights pool {root} was "
                               "distilled from", "restore its checkpoint, or distil a new pool from it")
@@ -152,8 +152,10 @@ def _check_not_above(pool: Path, out: Path) -> None:
 
 
 def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | None = None, force: bool = False,
-                  trust_code: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Fine-tune the pool at ``directory`` (Algorithm 1, lines 11-14) into ``out`` (default: in place)."""
+                  trust_code: bool = False, allow_pickle: bool = False,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Fine-tune the pool at ``directory`` (Algorithm 1, lines 11-14) into ``out`` (default: in place).
+    ``trust_code`` / ``allow_pickle`` allow a ``python:`` ancestry spec / a pickled ancestry checkpoint."""
     config.check()
     source = read_pool(Path(directory))
     target = Path(out) if out is not None else source.root
@@ -165,7 +167,7 @@ def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | No
         with stages("prepare", f"loading pool {source.root} and its ancestry {source.doc['ancestry']['spec']}"):
             pool = source.load_pool()
             transforms = source.load_transforms()
-            ancestry = _ancestry_of(source.doc, source.root, trust_code) if config.kd else None
+            ancestry = _ancestry_of(source.doc, source.root, trust_code, allow_pickle) if config.kd else None
             train_split, test_split = _splits(source.doc["data"], source.rows["large"])
         with stages("finetune", f"fine-tuning {pool.depth + 1} paths for {config.epochs} epochs"
                                 f"{' with the ancestry as teacher' if config.kd else ''}"):
