@@ -97,7 +97,7 @@ def test_distill_writes_the_pool(pooled, ancestry):
     small, large = data["rows"]["small"], data["rows"]["large"]
     assert (small["depth"], small["embed_dim"], small["num_heads"]) == (2, 16, 1)  # heads of 16, as the ancestry's
     assert (large["depth"], large["embed_dim"], large["num_heads"]) == (2, 64, 4)
-    assert data["levels"] == {"large": [[4, 2]], "small": [[2, 1], [4, 2]]}
+    assert data["levels"] == {"large": [[2, 1], [4, 2]], "small": [[2, 1], [4, 2]]}  # wide: min(3, blocks)
     assert data["settings"]["epochs"] == 1 and data["data"] == "mnist5k" and data["input_shape"] == [1, 28, 28]
     rows = data["descendants"]
     assert [(r["low"], r["high"]) for r in rows] == [(2, 0), (1, 1), (0, 2)]  # smallest first

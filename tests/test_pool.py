@@ -447,7 +447,7 @@ def test_end_paths_are_the_auxiliary_models_exactly():
         assert torch.equal(pool(x, 0), pool.large(x))
     for low in (0, pool.depth):
         module = pool.path_module(low)
-        assert "stitch" not in dict(module.parts.named_children())
+        assert "stitch" not in dict(module.named_children())
         assert not any(isinstance(m, type(pool.stitches["1"])) for m in module.modules())
     assert count_params(pool.path_module(pool.depth)) == count_params(pool.small)
     assert count_params(pool.path_module(0)) == count_params(pool.large)
@@ -460,8 +460,8 @@ def test_stitched_paths_equal_the_manual_composition():
     with torch.no_grad():
         for low in range(1, pool.depth):
             module = pool.path_module(low)
-            assert list(dict(module.parts.named_children())) == ["head", "stitch", "tail"]
-            assert module.parts.stitch is pool.stitches[str(low)]
+            assert list(dict(module.named_children())) == ["head", "stitch", "tail"]
+            assert module.stitch is pool.stitches[str(low)]
             outputs[low] = module(x)
             torch.testing.assert_close(outputs[low], manual_descendant(pool, x, low), atol=1e-5, rtol=0)
             assert torch.equal(pool(x, low), outputs[low])
@@ -481,7 +481,7 @@ def test_path_params_add_up_and_grow_with_the_large_part():
     for low in pool.lows():
         module = pool.path_module(low)
         params[low] = count_params(module)
-        assert params[low] == sum(count_params(part) for part in module.parts)
+        assert params[low] == sum(count_params(part) for part in module)
         if 0 < low < pool.depth:
             manual = (embedding + sum(count_params(b) for b in small.blocks[:low])
                       + count_params(pool.stitches[str(low)]) + sum(count_params(b) for b in large.blocks[low:]) + head)
@@ -632,7 +632,7 @@ def test_distilled_pool_directory(distilled):
                                                           store.TRANSFORMS_FILE]
     on_disk = json.loads((directory / store.POOL_FILE).read_text())
     assert on_disk["format"] == store.POOL_FORMAT == doc["format"]
-    assert on_disk["levels"] == {"large": [[4, 2]], "small": [[2, 1], [4, 2]]}
+    assert on_disk["levels"] == {"large": [[2, 1], [4, 2]], "small": [[2, 1], [4, 2]]}  # both default to 2 levels
     assert (on_disk["rows"]["small"]["embed_dim"], on_disk["rows"]["small"]["num_heads"]) == (16, 1)
     assert (on_disk["rows"]["large"]["embed_dim"], on_disk["rows"]["large"]["depth"]) == (64, 2)
     source = store.read_pool(directory)

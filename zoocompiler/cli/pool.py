@@ -310,14 +310,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=default_of(DISTILL_CONFIG, "levels"),
         metavar="N",
-        help="dense-distillation levels of the narrow row (1..--blocks)",
+        help="dense-distillation levels of the narrow row, 1..--blocks (default: 3, or --blocks if fewer)",
     )
     distill.add_argument(
         "--wide-levels",
         type=int,
         default=default_of(DISTILL_CONFIG, "wide_levels"),
         metavar="N",
-        help="dense-distillation levels of the full-width row (1..--blocks)",
+        help="dense-distillation levels of the full-width row, 1..--blocks (default: 3, or --blocks if fewer)",
     )
     distill.add_argument(
         "--alpha",

@@ -40,9 +40,9 @@ class PoolDistillConfig:
     The ancestry ``spec`` (+ ``checkpoint``) is distilled into two auxiliary models of ``blocks`` blocks
     (``None``: half the ancestry's), one at the ancestry's width and one at ``dim`` (``None``: a quarter),
     for ``epochs`` each with Eq. 8 (``alpha`` weighs the hard-label loss). Dense distillation takes
-    ``levels`` blocks into the narrow model and ``wide_levels`` into the full-width one (3 and 3: see
-    docs/pool.md for the measurement behind the second). Stitch layers start from ``init``; ``ls``
-    fits them on ``probe`` training images.
+    ``levels`` blocks into the narrow model and ``wide_levels`` into the full-width one (``None``: 3, or
+    every block of a shallower auxiliary; docs/pool.md has the measurement behind the second). Stitch
+    layers start from ``init``; ``ls`` fits them on ``probe`` training images.
     """
 
     spec: str = DEFAULT_ANCESTRY
@@ -51,8 +51,8 @@ class PoolDistillConfig:
     data: str = "mnist5k"
     blocks: int | None = None
     dim: int | None = None
-    levels: int = 3
-    wide_levels: int = 3
+    levels: int | None = None
+    wide_levels: int | None = None
     alpha: float = 0.5
     tau: float = 1.0
     epochs: int = 20
@@ -66,9 +66,9 @@ class PoolDistillConfig:
     def check(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
             raise ZooError("no ancestry model given", f"pass a model spec, e.g. {DEFAULT_ANCESTRY}")
-        for name, low in (("epochs", 1), ("batch_size", 2), ("probe", 2), ("levels", 1), ("wide_levels", 1)):
+        for name, low in (("epochs", 1), ("batch_size", 2), ("probe", 2)):
             _check_int(name, getattr(self, name), low)
-        for name in ("blocks", "dim"):
+        for name in ("blocks", "dim", "levels", "wide_levels"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         _check_number("alpha", self.alpha, 0.0, 1.0, open_low=False)

@@ -33,6 +33,7 @@ from .plots import plot_descendants
 from .pool import LearngenePool, example_batch, finetune
 from .store import POOL_FILE, POOL_FORMAT, read_pool, write_weights
 
+DENSE_LEVELS = 3  # the paper's low, middle and high levels
 DESCENDANT_ONNX = "descendant.onnx"
 ALL_DIR = "descendants"
 PLOT = "descendants.png"
@@ -58,21 +59,21 @@ def _splits(data: str, shape: VitShape) -> tuple[DataSplit, DataSplit]:
     return train_split, test_split
 
 
-def _aux_shapes(shape: VitShape, config: PoolDistillConfig) -> tuple[VitShape, VitShape, int]:
-    """(narrow, wide) auxiliary shapes and the block count; ``ZooError`` for l ≥ L or a width of partial heads."""
+def _aux_shapes(shape: VitShape, config: PoolDistillConfig) -> tuple[VitShape, VitShape, dict[str, int]]:
+    """(narrow, wide) auxiliary shapes and the levels distilled into each; ``ZooError`` for l ≥ L, a width of
+    partial heads, or more levels than blocks."""
     blocks = config.blocks if config.blocks is not None else shape.depth // 2
     dim = config.dim if config.dim is not None else max(shape.head_dim, shape.embed_dim // 4 // shape.head_dim
                                                         * shape.head_dim)
     narrow, wide = shape.derive(blocks, dim), shape.derive(blocks, shape.embed_dim)
-    for name, levels in (("levels", config.levels), ("wide-levels", config.wide_levels)):
-        if levels > blocks:
-            raise ZooError(f"--{name} {levels} exceeds the auxiliary models' {blocks} blocks",
-                           f"pass --{name} in 1..{blocks}")
-    return narrow, wide, blocks
-
-
-def _descendant_table(pool: LearngenePool, test: DataSplit, shape: tuple[int, ...]) -> list[dict]:
-    return pool.descendant_rows(test, shape)
+    levels = {"small": config.levels, "large": config.wide_levels}
+    for row, flag in (("small", "levels"), ("large", "wide-levels")):
+        if levels[row] is None:
+            levels[row] = min(DENSE_LEVELS, blocks)
+        elif levels[row] > blocks:
+            raise ZooError(f"--{flag} {levels[row]} exceeds the auxiliary models' {blocks} blocks",
+                           f"pass --{flag} in 1..{blocks}")
+    return narrow, wide, levels
 
 
 def _pool_doc(config: PoolDistillConfig, shape: VitShape, ancestry: nn.Module, narrow: VitShape, wide: VitShape,
@@ -97,14 +98,15 @@ def distill_pool(config: PoolDistillConfig, out: Path, *, force: bool = False,
         stages = Stages(progress)
         with stages("prepare", f"loading ancestry {config.spec} and --data {config.data}"):
             ancestry, shape = load_ancestry(config.spec, config.checkpoint, allow_pickle=config.allow_pickle)
-            narrow, wide, blocks = _aux_shapes(shape, config)
+            narrow, wide, levels = _aux_shapes(shape, config)
+            blocks = narrow.depth
             train_split, test_split = _splits(config.data, shape)
             input_shape = tuple(train_split.x.shape[1:])
             doc = _pool_doc(config, shape, ancestry, narrow, wide, input_shape)
             doc["ancestry"]["accuracy"] = evaluate(ancestry, test_split)
         rows, maps, history = {}, {}, {}
-        for row, aux_shape, levels in (("large", wide, config.wide_levels), ("small", narrow, config.levels)):
-            pairs = dense_levels(shape.depth, blocks, levels)
+        for row, aux_shape in (("large", wide), ("small", narrow)):
+            pairs = dense_levels(shape.depth, blocks, levels[row])
             with stages(f"distill_{row}", f"distilling {shape.depth} blocks at d={shape.embed_dim} into {blocks} at "
                                           f"d={aux_shape.embed_dim} (levels {pairs})"):
                 seed_everything(config.seed)
@@ -121,7 +123,7 @@ def distill_pool(config: PoolDistillConfig, out: Path, *, force: bool = False,
                                   [: config.probe]]
             pool.init_stitches(config.init, matrix=maps["small"].stitch_matrix(), probe=probe, seed=config.seed)
         with stages("evaluate", f"evaluating {blocks + 1} descendants"):
-            doc["descendants"] = _descendant_table(pool, test_split, input_shape)
+            doc["descendants"] = pool.descendant_rows(test_split, input_shape)
         doc.update(levels={row: history[row]["levels"] for row in history}, distill=history,
                    storage=pool.storage(), finetune=None)
         doc["weights"] = write_weights(staging, pool, maps["small"])
@@ -175,7 +177,7 @@ def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | No
                                        batch_size=config.batch_size, tau=config.tau, seed=config.seed,
                                        progress=config.progress)
         with stages("evaluate", "evaluating the descendants"):
-            rows = _descendant_table(pool, test_split, source.input_shape)
+            rows = pool.descendant_rows(test_split, source.input_shape)
         doc = dict(source.doc)
         doc["descendants_before_finetune"] = source.doc.get("descendants_before_finetune") or source.doc["descendants"]
         doc["descendants"] = rows
@@ -238,7 +240,7 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
         with stages("prepare", f"loading pool {source.root}"):
             pool = source.load_pool()
             _, test_split = _splits(source.doc["data"], source.rows["large"])
-            rows = _descendant_table(pool, test_split, source.input_shape)
+            rows = pool.descendant_rows(test_split, source.input_shape)
         folder = staging / ALL_DIR
         folder.mkdir()
         example = torch.randn(config.batch, *source.input_shape, generator=torch.Generator().manual_seed(0))

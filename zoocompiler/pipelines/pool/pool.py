@@ -22,7 +22,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -35,7 +34,7 @@ from zoocompiler.passes.analysis.cut_points import stack_boundaries
 from zoocompiler.passes.rewrite.blocks import extract_block
 from zoocompiler.passes.rewrite.compose import stitch_ridge
 from zoocompiler.passes.rewrite.stitch import Stitch, batched_forward, make_stitch
-from zoocompiler.training import EpochStats, History, evaluate, train
+from zoocompiler.training import History, evaluate, train
 
 from .distill import soft_cross_entropy
 
@@ -50,17 +49,6 @@ class Path:
     low: int
     head: nn.Module | None
     tail: nn.Module | None
-
-
-class PathModule(nn.Module):
-    """One path as a module: ``tail(stitch(head(x)))`` with the parts that exist (shares the pool's weights)."""
-
-    def __init__(self, parts: OrderedDict[str, nn.Module]):
-        super().__init__()
-        self.parts = nn.Sequential(parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parts(x)
 
 
 class LearngenePool(nn.Module):
@@ -116,8 +104,9 @@ class LearngenePool(nn.Module):
                 self._paths[low] = Path(low, self._prefix("small", low), tail)
         return self._paths[low]
 
-    def path_module(self, low: int) -> PathModule:
-        """Descendant ``low`` as a module sharing the pool's weights."""
+    def path_module(self, low: int) -> nn.Sequential:
+        """Descendant ``low`` as ``Sequential(head, stitch, tail)`` (the parts that exist), sharing the pool's
+        weights."""
         p = self.path(low)
         parts: OrderedDict[str, nn.Module] = OrderedDict()
         if p.head is not None:
@@ -126,7 +115,7 @@ class LearngenePool(nn.Module):
             parts["stitch"] = self.stitches[str(low)]
         if p.tail is not None:
             parts["tail"] = p.tail
-        return PathModule(parts)
+        return nn.Sequential(parts)
 
     def descendant(self, low: int) -> nn.Module:
         """A standalone copy of descendant ``low`` (eval mode): for export, shares nothing with the pool."""
@@ -217,17 +206,11 @@ def finetune(
             loss = loss + soft_cross_entropy(teacher, logits, tau)
         return loss
 
-    records: list[EpochStats] = []
     history = train(pool, split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=True,
-                    loss_fn=loss_fn, progress=progress, desc=desc, max_steps=max_steps, on_epoch=records.append)
+                    loss_fn=loss_fn, progress=progress, desc=desc, max_steps=max_steps)
     return history, counts
 
 
 def example_batch(shape: tuple[int, ...]) -> torch.Tensor:
     """A fixed two-sample batch of ``shape`` (C, H, W) to trace the rows at."""
     return torch.zeros(2, *shape)
-
-
-def rows_of(pool: LearngenePool) -> dict[str, fx.GraphModule]:
-    """The traced rows (for inspection and tests)."""
-    return dict(pool._graphs)
