@@ -336,7 +336,10 @@ DISTILL_ERRORS = {
     "blocks at the depth": ([SPEC, "--blocks", "4"], "needs fewer blocks than the ancestry's 4, got 4 — pass --blocks "
                                                      "in 1..3"),
     "dim of partial heads": ([SPEC, "--dim", "24"], "width 24 does not divide into whole heads of 16"),
-    "dim above the width": ([SPEC, "--dim", "128"], "pass --dim as a multiple of 16 up to 64"),
+    "dim above the width": ([SPEC, "--dim", "128"], "--dim 128 is not below the ancestry's width 64"),
+    "dim at the width": ([SPEC, "--dim", "64"], "--dim 64 is not below the ancestry's width 64: the narrow row must "
+                                                "be narrower (Algorithm 1, d' < d) — pass --dim as a multiple of 16 "
+                                                "below 64, e.g. 16"),
     "levels above blocks": ([SPEC, "--blocks", "2", "--levels", "3"], "--levels 3 exceeds the auxiliary models' 2"),
     "data": ([SPEC, "--levels", "2", "--data", "digits"],
              "takes (1, 28, 28) inputs and 10 classes but --data digits has (1, 8, 8)"),

@@ -762,5 +762,5 @@ def test_stack_boundaries_cut_the_timm_blocks():
         last = len(graph_info(gm).cut_points) - 1
         tail = extract_block(gm, bounds[-1], last).module
         torch.testing.assert_close(tail(h), model.forward_head(model.norm(h)), atol=1e-5, rtol=0)
-    with pytest.raises(PassError, match="blocks.4 has no cut point"):
+    with pytest.raises(PassError, match="the output of block blocks.4 is not a cut point"):
         stack_boundaries(gm, "blocks", 5)

@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from zoocompiler.core.errors import ZooError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.text import human
 
@@ -83,13 +82,10 @@ def read_trained_record(directory: Path, trust_code: bool) -> dict[str, Any]:
 
 def out_beside(directory: Path, out_arg: str) -> Path:
     """``--out``; refuses a path whose replacement (``--force``) would delete the trained directory."""
+    from zoocompiler.core.atomic import check_keeps
+
     out = Path(out_arg)
-    source, target = directory.resolve(), out.resolve()
-    if target == source or target in source.parents:
-        raise ZooError(
-            f"--out {out} would replace the trained directory {directory}",
-            f"pass another --out, e.g. {directory.parent / (directory.name + '_modules')}",
-        )
+    check_keeps(out, directory, "the trained directory", directory.parent / (directory.name + "_modules"))
     return out
 
 

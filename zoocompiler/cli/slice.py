@@ -72,13 +72,10 @@ def _parse_flops(text: str) -> list[float]:
 
 def _export_dir(directory: Path, out_arg: str | None) -> Path:
     """``--out`` (default ``DIR/export``); refuses a path whose replacement would delete the trained directory."""
+    from zoocompiler.core.atomic import check_keeps
+
     out = Path(out_arg) if out_arg else directory / EXPORT_SUBDIR
-    source, target = directory.resolve(), out.resolve()
-    if target == source or target in source.parents:
-        raise ZooError(
-            f"--out {out} would replace the trained directory {directory}",
-            f"pass another --out, e.g. {directory / EXPORT_SUBDIR}",
-        )
+    check_keeps(out, directory, "the trained directory", directory / EXPORT_SUBDIR)
     return out
 
 

@@ -152,6 +152,15 @@ def check_out_dir(out: Path, force: bool) -> None:
     check_writable_parent(out)
 
 
+def check_keeps(out: str | os.PathLike[str], protected: str | os.PathLike[str], what: str,
+                example: str | os.PathLike[str]) -> None:
+    """``ZooError`` when replacing ``out`` would delete ``protected`` (``out`` is it or one of its ancestors);
+    ``what`` names it ("the fragment store"), ``example`` is an ``--out`` to suggest instead."""
+    source, target = Path(protected).resolve(), Path(out).resolve()
+    if target == source or target in source.parents:
+        raise ZooError(f"--out {out} would replace {what} {protected}", f"pass another --out, e.g. {example}")
+
+
 def check_out_file(path: Path) -> None:
     """``path`` can become a file: it is not a directory and its parent is writable."""
     if path.is_dir():

@@ -142,26 +142,33 @@ class CutPointPass(PassBase):
         return PassResult(graph_module, False)
 
 
+def _stack_block(node: fx.Node, stack: str, depth: int) -> int | None:
+    """The block ``k`` of ``{stack}.{k}`` whose scope ``node`` was traced in (from fx's ``nn_module_stack``)."""
+    scopes = (node.meta.get("nn_module_stack") or {}).values()
+    paths = {s[0] if isinstance(s, tuple) else str(s) for s in scopes}
+    return next((k for k in range(depth) if f"{stack}.{k}" in paths), None)
+
+
 def stack_boundaries(gm: fx.GraphModule, stack: str, depth: int) -> list[int]:
     """Cut indices around the blocks ``{stack}.0 .. {stack}.{depth-1}`` of a module stack (e.g. a ViT's
     ``blocks``): ``[input of block 0, output of block 0, …, output of block depth-1]``, from the
-    ``nn_module_stack`` fx records on each node. Block k's output is its last cut point; a block
-    without one (a value leaving it bypasses the stack) is a ``PassError``."""
-    info = graph_info(gm)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    owner: dict[int, int] = {}  # cut index -> block number
-    for i, name in enumerate(info.cut_points):
-        scopes = (nodes[name].meta.get("nn_module_stack") or {}).values()
-        paths = [s[0] if isinstance(s, tuple) else str(s) for s in scopes]
-        for k in range(depth):
-            if f"{stack}.{k}" in paths:
-                owner[i] = k
+    ``nn_module_stack`` fx records on each node. A block's output is the last node traced in its scope; a
+    block whose output is not a cut point (a value computed inside it is used after it) is a ``PassError``."""
+    cut_index = {name: i for i, name in enumerate(graph_info(gm).cut_points)}
+    last: dict[int, fx.Node] = {}
+    first_cut: int | None = None
+    for n in gm.graph.nodes:
+        k = _stack_block(n, stack, depth)
+        if k is not None:
+            last[k] = n
+            if k == 0 and first_cut is None and n.name in cut_index:
+                first_cut = cut_index[n.name]
     ends = []
     for k in range(depth):
-        inside = [i for i, b in owner.items() if b == k]
-        if not inside:
-            raise PassError(f"block {stack}.{k} has no cut point", "cut the model where each block's output is the "
-                            "only value carried on (a uniform stack of residual blocks)")
-        ends.append(max(inside))
-    first = min(i for i, b in owner.items() if b == 0)
-    return [first - 1, *ends]
+        if k not in last or last[k].name not in cut_index:
+            raise PassError(f"the output of block {stack}.{k} is not a cut point",
+                            "use a uniform stack of residual blocks whose output is the only value carried on")
+        ends.append(cut_index[last[k].name])
+    if first_cut is None or ends != sorted(set(ends)):
+        raise PassError(f"the blocks of {stack} do not follow each other in the graph", "use a sequential stack")
+    return [first_cut - 1, *ends]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from zoocompiler.core.atomic import write_bytes_atomic, write_state_dict_atomic
+from zoocompiler.core.atomic import check_keeps, write_bytes_atomic, write_state_dict_atomic
 from zoocompiler.core.cache import digest
 from zoocompiler.core.errors import DataError, PassError, ZooError
 from zoocompiler.core.modules import count_macs, count_params, weights_digest
@@ -291,10 +291,7 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
     config.check()
     store = read_store(store_path)
     check_build_classes(store, config.classes)
-    source, target = Path(store_path).resolve(), Path(out).resolve()
-    if target == source or target in source.parents:
-        raise ZooError(f"--out {out} would replace the fragment store {store_path}",
-                       f"pass another --out, e.g. {Path(store_path).parent / 'packed'}")
+    check_keeps(out, store_path, "the fragment store", Path(store_path).parent / "packed")
     for c in config.classes:  # missing or edited files: refused before --out is touched
         entry = store.fragments[c]
         store.verified_bytes(entry["weights"], entry["weights_sha256"])

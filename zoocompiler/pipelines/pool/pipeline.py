@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoocompiler.core.atomic import check_keeps, check_out_dir
 from zoocompiler.core.budget import Budget, human_metric
 from zoocompiler.core.errors import BudgetError, CheckpointError, DataError, ZooError
 from zoocompiler.core.modules import count_macs, count_params, weights_digest
@@ -25,7 +26,7 @@ from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.training import evaluate, seed_everything
 
-from ..base import Stages, run_staged, write_report
+from ..base import Executor, LocalExecutor, Stages, run_staged, write_report
 from .ancestry import VitShape, ancestry_shape, build_vit
 from .config import PoolBuildConfig, PoolDistillConfig, PoolFinetuneConfig
 from .distill import dense_levels, distill
@@ -59,12 +60,17 @@ def _splits(data: str, shape: VitShape) -> tuple[DataSplit, DataSplit]:
     return train_split, test_split
 
 
-def _aux_shapes(shape: VitShape, config: PoolDistillConfig) -> tuple[VitShape, VitShape, dict[str, int]]:
-    """(narrow, wide) auxiliary shapes and the levels distilled into each; ``ZooError`` for l ≥ L, a width of
-    partial heads, or more levels than blocks."""
+def aux_shapes(shape: VitShape, config: PoolDistillConfig) -> tuple[VitShape, VitShape, dict[str, int]]:
+    """(narrow, wide) auxiliary shapes and the levels distilled into each (``small``, ``large``); ``ZooError``
+    for l ≥ L, a narrow width that is not below the ancestry's or not whole heads, or more levels than blocks."""
     blocks = config.blocks if config.blocks is not None else shape.depth // 2
     dim = config.dim if config.dim is not None else max(shape.head_dim, shape.embed_dim // 4 // shape.head_dim
                                                         * shape.head_dim)
+    if dim >= shape.embed_dim:
+        raise ZooError(f"--dim {dim} is not below the ancestry's width {shape.embed_dim}: the narrow row must be "
+                       "narrower (Algorithm 1, d' < d)",
+                       f"pass --dim as a multiple of {shape.head_dim} below {shape.embed_dim}, e.g. "
+                       f"{max(shape.head_dim, shape.embed_dim // 4 // shape.head_dim * shape.head_dim)}")
     narrow, wide = shape.derive(blocks, dim), shape.derive(blocks, shape.embed_dim)
     levels = {"small": config.levels, "large": config.wide_levels}
     for row, flag in (("small", "levels"), ("large", "wide-levels")):
@@ -94,16 +100,18 @@ def distill_pool(config: PoolDistillConfig, out: Path, *, force: bool = False,
     """Distil the ancestry into two auxiliary models, pool their blocks, initialise the stitches and
     write the pool directory ``out`` (see :mod:`.store`); returns ``pool.json``'s content."""
 
+    config.check()
+    check_out_dir(Path(out), force)
+    stages = Stages(progress)
+    with stages("prepare", f"loading ancestry {config.spec} and --data {config.data}"):  # every input, before work
+        ancestry, shape = load_ancestry(config.spec, config.checkpoint, allow_pickle=config.allow_pickle)
+        narrow, wide, levels = aux_shapes(shape, config)
+        train_split, test_split = _splits(config.data, shape)
+    blocks, input_shape = narrow.depth, tuple(train_split.x.shape[1:])
+
     def body(staging: Path) -> dict[str, Any]:
-        stages = Stages(progress)
-        with stages("prepare", f"loading ancestry {config.spec} and --data {config.data}"):
-            ancestry, shape = load_ancestry(config.spec, config.checkpoint, allow_pickle=config.allow_pickle)
-            narrow, wide, levels = _aux_shapes(shape, config)
-            blocks = narrow.depth
-            train_split, test_split = _splits(config.data, shape)
-            input_shape = tuple(train_split.x.shape[1:])
-            doc = _pool_doc(config, shape, ancestry, narrow, wide, input_shape)
-            doc["ancestry"]["accuracy"] = evaluate(ancestry, test_split)
+        doc = _pool_doc(config, shape, ancestry, narrow, wide, input_shape)
+        doc["ancestry"]["accuracy"] = evaluate(ancestry, test_split)
         rows, maps, history = {}, {}, {}
         for row, aux_shape in (("large", wide), ("small", narrow)):
             pairs = dense_levels(shape.depth, blocks, levels[row])
@@ -146,13 +154,6 @@ def _ancestry_of(doc: dict[str, Any], root: Path, trust_code: bool, allow_pickle
     return ancestry
 
 
-def _check_not_above(pool: Path, out: Path) -> None:
-    """``ZooError`` when replacing ``out`` would delete the pool directory ``pool`` (``out`` contains it)."""
-    if out.resolve() in pool.resolve().parents:
-        raise ZooError(f"--out {out} would replace the pool directory {pool}, which it contains",
-                       f"pass another --out, e.g. {pool.parent / (pool.name + '_out')}")
-
-
 def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | None = None, force: bool = False,
                   trust_code: bool = False, allow_pickle: bool = False,
                   progress: Progress | None = None) -> dict[str, Any]:
@@ -162,7 +163,8 @@ def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | No
     source = read_pool(Path(directory))
     target = Path(out) if out is not None else source.root
     in_place = target.resolve() == source.root.resolve()
-    _check_not_above(source.root, target)
+    if not in_place:
+        check_keeps(target, source.root, "the pool directory", source.root.parent / (source.root.name + "_tuned"))
 
     def body(staging: Path) -> dict[str, Any]:
         stages = Stages(progress)
@@ -200,7 +202,9 @@ def _feasible(row: dict[str, Any], budget: Budget) -> bool:
 
 
 def _no_descendant(rows: list[dict[str, Any]], budget: Budget) -> BudgetError:
-    smallest = min(rows, key=lambda r: (r["params"], r["macs"]))
+    """The error naming the descendant smallest on the budget's own metrics (params first when it has several)."""
+    metrics = [m for m in ("params", "macs", "latency_ms") if getattr(budget, m) is not None and m in rows[0]]
+    smallest = min(rows, key=lambda r: tuple(r[m] for m in metrics or ["params"]))
     reach = ", ".join(f"{label}={human_metric(smallest[m], m, round_up=True)}"
                       for m, label in (("params", "params"), ("macs", "flops"), ("latency_ms", "latency"))
                       if m in smallest)  # a stored table has no latency yet
@@ -221,16 +225,30 @@ def onnx_name(row: dict[str, Any]) -> str:
     return f"low{row['low']}_high{row['high']}.onnx"
 
 
+def measure_descendants(pool: LearngenePool, rows: list[dict[str, Any]], folder: Path, example: torch.Tensor, *,
+                        runs: int, threads: int = 1, executor: Executor | None = None) -> list[dict[str, Any]]:
+    """Export each row's descendant to ``folder`` (ONNX, parity-checked against PyTorch on ``example``) and
+    add its ONNX Runtime latency at ``example``'s batch (median of ``runs``): ``latency_ms`` (the batch),
+    ``per_sample_ms`` and ``onnx_max_abs_diff``. Rows are updated in place and returned."""
+
+    def measure(row: dict[str, Any]) -> dict[str, Any]:
+        report = export_onnx(pool.descendant(row["low"]), example, folder / onnx_name(row))
+        latency = measure_latency(folder / onnx_name(row), tuple(example.shape), runs=runs, threads=threads)
+        return {"latency_ms": latency.median_ms, "per_sample_ms": latency.median_ms / len(example),
+                "onnx_max_abs_diff": report.max_abs_diff}
+
+    for row, measured in zip(rows, (executor or LocalExecutor()).map(measure, rows), strict=True):
+        row.update(measured)
+    return rows
+
+
 def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, force: bool = False,
                     progress: Progress | None = None) -> dict[str, Any]:
     """Measure every descendant of the pool at ``directory`` and export the best one within the budget."""
     config.check()
     source = read_pool(Path(directory))
     budget = config.parsed_budget()
-    if Path(out).resolve() == source.root.resolve():
-        raise ZooError(f"--out {out} would replace the pool directory {directory}",
-                       f"pass another --out, e.g. {source.root.parent / (source.root.name + '_build')}")
-    _check_not_above(source.root, Path(out))
+    check_keeps(out, source.root, "the pool directory", source.root.parent / (source.root.name + "_build"))
     stored = source.doc["descendants"]  # params and MACs are known before any export: fail before the work
     if not any(_feasible(r, Budget(params=budget.params, macs=budget.macs)) for r in stored):
         raise _no_descendant(stored, budget)
@@ -245,12 +263,7 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
         folder.mkdir()
         example = torch.randn(config.batch, *source.input_shape, generator=torch.Generator().manual_seed(0))
         with stages("measure", f"exporting and timing {len(rows)} descendants (ONNX Runtime, batch {config.batch})"):
-            for row in rows:
-                report = export_onnx(pool.descendant(row["low"]), example, folder / onnx_name(row))
-                latency = measure_latency(folder / onnx_name(row), tuple(example.shape), runs=config.runs,
-                                          threads=config.threads)
-                row.update(latency_ms=latency.median_ms, per_sample_ms=latency.median_ms / config.batch,
-                           onnx_max_abs_diff=report.max_abs_diff)
+            measure_descendants(pool, rows, folder, example, runs=config.runs, threads=config.threads)
         chosen = pick_descendant(rows, budget)
         shutil.copyfile(folder / onnx_name(chosen), staging / DESCENDANT_ONNX)
         if config.export_all:

@@ -69,7 +69,7 @@ class LearngenePool(nn.Module):
         self._bounds = {row: stack_boundaries(gm, STACK, depth) for row, gm in self._graphs.items()}
         self._paths: dict[int, Path] = {}
         for low in range(1, depth):
-            self.stitches[str(low)] = self._new_stitch(low, "random")
+            self.stitches[str(low)] = self._init_stitch(low, "random", None, None)
 
     # -- structure --------------------------------------------------------------------------------
 
@@ -81,9 +81,6 @@ class LearngenePool(nn.Module):
         gm = self._graphs[row]
         name = graph_info(gm).cut_points[self._bounds[row][low]]
         return node_info(next(n for n in gm.graph.nodes if n.name == name)).tensor
-
-    def _new_stitch(self, low: int, init: object, **probes: torch.Tensor) -> Stitch:
-        return make_stitch(self._interface("small", low), self._interface("large", low), init=init, **probes)
 
     def _prefix(self, row: str, low: int) -> nn.Module:
         """Row ``row`` from the input to the output of its block ``low`` (shares weights)."""
@@ -131,26 +128,30 @@ class LearngenePool(nn.Module):
                       seed: int = 0) -> None:
         """Re-initialise every stitch: ``tm`` from ``matrix`` (d' × d, ``Y = X·matrix``), ``ls`` by ridge least
         squares from the small row's activations to the large row's on ``probe`` images, ``random``
-        (PyTorch's default, seeded)."""
-        torch.manual_seed(seed)
-        for low in range(1, self.depth):
-            if init == "tm":
-                if matrix is None:
-                    raise ZooError("tm init needs the distillation's transformation matrices",
-                                   "distil the pool again, or pick --init ls or random")
-                layer = self._new_stitch(low, matrix)
-            elif init == "ls":
-                if probe is None:
-                    raise ZooError("ls init needs probe images", "pass probe images")
-                src = batched_forward(self._prefix("small", low), probe)
-                dst = batched_forward(self._prefix("large", low), probe)
-                layer = make_stitch(self._interface("small", low), self._interface("large", low), probe_src=src,
-                                    probe_dst=dst, ridge=stitch_ridge(src, self._interface("small", low)))
-            elif init == "random":
-                layer = self._new_stitch(low, "random")
-            else:
-                raise ZooError(f"unknown stitch init {init!r}", "use tm, ls or random")
-            self.stitches[str(low)].load_state_dict(layer.state_dict())
+        (PyTorch's default, seeded; the global RNG is left as it was)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for low in range(1, self.depth):
+                self.stitches[str(low)].load_state_dict(self._init_stitch(low, init, matrix, probe).state_dict())
+
+    @torch.no_grad()
+    def _init_stitch(self, low: int, init: str, matrix: torch.Tensor | None, probe: torch.Tensor | None) -> Stitch:
+        """A fresh stitch for position ``low``, initialised by ``init``."""
+        src, dst = self._interface("small", low), self._interface("large", low)
+        if init == "tm":
+            if matrix is None:
+                raise ZooError("tm init needs the distillation's transformation matrices",
+                               "distil the pool again, or pick --init ls or random")
+            return make_stitch(src, dst, init=matrix)
+        if init == "ls":
+            if probe is None:
+                raise ZooError("ls init needs probe images", "pass probe images")
+            src_act = batched_forward(self._prefix("small", low), probe)
+            dst_act = batched_forward(self._prefix("large", low), probe)
+            return make_stitch(src, dst, probe_src=src_act, probe_dst=dst_act, ridge=stitch_ridge(src_act, src))
+        if init == "random":
+            return make_stitch(src, dst, init="random")
+        raise ZooError(f"unknown stitch init {init!r}", "use tm, ls or random")
 
     # -- measures ---------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ spec goes through ``sources.check_spec_from_file``: a ``python:`` spec is refuse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from safetensors.torch import save as save_safetensors
 from zoocompiler.core.atomic import write_bytes_atomic
 from zoocompiler.core.cache import digest
 from zoocompiler.core.errors import CheckpointError
-from zoocompiler.core.schema import NUMBER, ListOf, OneOf, load_json
+from zoocompiler.core.schema import NUMBER, ListOf, MapOf, OneOf, Where, load_json
 from zoocompiler.sources import check_state_dict
 
 from .ancestry import VitShape, build_vit
@@ -41,21 +41,39 @@ INSTANCES_FILE = "instances.safetensors"
 TRANSFORMS_FILE = "transforms.safetensors"
 _FIX = "distil the pool again with `zoocompile pool distill --out DIR`"
 
-SHAPE_SCHEMA = {"img_size": ListOf(int, 2), "patch_size": ListOf(int, 2), "in_chans": int, "num_classes": int,
-                "embed_dim": int, "depth": int, "num_heads": int, "mlp_ratio": NUMBER, "qkv_bias": bool,
-                "qk_norm": bool, "class_token": bool, "reg_tokens": int, "no_embed_class": bool,
-                "global_pool": str, "pre_norm": bool, "fc_norm": bool, "init_values?": NUMBER}
+POSITIVE = Where(int, lambda v: v >= 1, "an integer >= 1")
+COUNT = Where(int, lambda v: v >= 0, "an integer >= 0")
+SECONDS = Where(NUMBER, lambda v: v >= 0, "a number >= 0")
+SHAPE_SCHEMA = Where(
+    {"img_size": ListOf(POSITIVE, 2), "patch_size": ListOf(POSITIVE, 2), "in_chans": POSITIVE,
+     "num_classes": POSITIVE, "embed_dim": POSITIVE, "depth": POSITIVE, "num_heads": POSITIVE,
+     "mlp_ratio": Where(NUMBER, lambda v: v > 0, "a number > 0"),
+     "qkv_bias": bool, "qk_norm": bool, "class_token": bool, "reg_tokens": COUNT, "no_embed_class": bool,
+     "global_pool": OneOf(("token", "avg", "max", "avgmax", "map", "")), "pre_norm": bool, "fc_norm": bool,
+     "init_values?": NUMBER},
+    lambda shape: shape["embed_dim"] % shape["num_heads"] == 0, "a shape whose width divides into its heads")
 FILE_SCHEMA = {"file": str, "sha256": str}
-DESCENDANT_SCHEMA = {"low": int, "high": int, "params": int, "macs": int, "accuracy?": NUMBER}
+DESCENDANT_SCHEMA = {"low": COUNT, "high": COUNT, "params": COUNT, "macs": COUNT, "accuracy?": NUMBER}
+LEVELS_SCHEMA = ListOf(ListOf(POSITIVE, 2), 1)
+FINETUNE_SCHEMA = Where((dict, type(None)), lambda v: v is None or all(
+    isinstance(v.get(k), t) and not isinstance(v.get(k), bool)
+    for k, t in (("epochs", int), ("lr", NUMBER), ("batch_size", int), ("tau", NUMBER), ("seconds", NUMBER))
+) and isinstance(v.get("kd"), bool), "null, or an object with epochs, lr, batch_size, kd, tau and seconds")
 POOL_SCHEMA = {
     "format": OneOf((POOL_FORMAT,)),
-    "ancestry": {"spec": str, "weights_sha256": str, "shape": SHAPE_SCHEMA},
+    "ancestry": {"spec": str, "checkpoint?": (str, type(None)), "weights_sha256": str, "shape": SHAPE_SCHEMA,
+                 "params?": POSITIVE, "macs?": COUNT, "accuracy?": NUMBER},
     "rows": {"small": SHAPE_SCHEMA, "large": SHAPE_SCHEMA},
-    "input_shape": ListOf(int, 3),
+    "input_shape": ListOf(POSITIVE, 3),
     "data": str,
     "init": str,
     "weights": {"instances": FILE_SCHEMA, "transforms": FILE_SCHEMA},
     "descendants": ListOf(DESCENDANT_SCHEMA, 1),
+    "descendants_before_finetune?": ListOf(DESCENDANT_SCHEMA, 1),
+    "levels?": {"small": LEVELS_SCHEMA, "large": LEVELS_SCHEMA},
+    "distill?": MapOf({"seconds": SECONDS, "accuracy?": NUMBER}),
+    "storage?": {"small": COUNT, "large": COUNT, "stitches": COUNT, "total": COUNT},
+    "finetune?": FINETUNE_SCHEMA,
 }
 
 
@@ -131,11 +149,11 @@ def read_pool(root: Path) -> PoolDir:
         raise CheckpointError(f"pool directory {root} does not exist", _FIX)
     doc = load_json(root / POOL_FILE, POOL_SCHEMA, what="pool file", error=CheckpointError,
                     fix=f"point to a directory written by `zoocompile pool distill` ({POOL_FORMAT})")
-    for row, shape in doc["rows"].items():
-        try:
-            _shape(shape)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{root / POOL_FILE}: row {row} has a bad shape ({err})", _FIX) from None
+    small, large = (_shape(doc["rows"][row]) for row in ("small", "large"))
+    narrowed = replace(large, embed_dim=small.embed_dim, num_heads=max(1, small.embed_dim // large.head_dim))
+    if small.embed_dim >= large.embed_dim or small != narrowed:
+        raise CheckpointError(f"{root / POOL_FILE} is malformed: rows.small must be rows.large at a narrower width "
+                              "(same depth and options)", _FIX)
     return PoolDir(root, doc)
 
 
