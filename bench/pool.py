@@ -48,11 +48,10 @@ from zoocompiler.core.atomic import write_json_atomic
 from zoocompiler.core.modules import count_params
 from zoocompiler.core.plots import pyplot, save_png
 from zoocompiler.data import load_dataset
-from zoocompiler.exports.latency import measure_latency
-from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.pipelines.pool.ancestry import VitShape, ancestry_shape, build_vit
 from zoocompiler.pipelines.pool.config import PoolDistillConfig, PoolFinetuneConfig
 from zoocompiler.pipelines.pool.distill import dense_levels, distill
+from zoocompiler.pipelines.pool.pipeline import aux_shapes, measure_descendants
 from zoocompiler.pipelines.pool.pool import LearngenePool, example_batch, finetune
 from zoocompiler.sources import load_model
 from zoocompiler.training import evaluate, seed_everything, train
@@ -76,31 +75,21 @@ def _family(shape: VitShape, widths: list[int]) -> dict[str, int]:
     return {**anchors, "stitches": stitches, "total": sum(anchors.values()) + stitches}
 
 
-def _latencies(pool: LearngenePool, shape: tuple[int, ...], runs: int) -> dict[int, float]:
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for low in pool.lows():
-            path = Path(tmp) / f"d{low}.onnx"
-            export_onnx(pool.descendant(low), torch.zeros(1, *shape), path)
-            out[low] = measure_latency(path, (1, *shape), runs=runs).median_ms
-    return out
-
-
 def run_depth(blocks: int, args: argparse.Namespace, ancestry: torch.nn.Module, splits: tuple, console: Console,
               ) -> dict[str, Any]:
     """Learngene Pool(l) with three stitch inits and SN-Net(l) at equal storage, each before and after fine-tuning."""
     train_split, test_split = splits
     shape = ancestry_shape(ancestry)
     input_shape = tuple(train_split.x.shape[1:])
-    distill_cfg, ft_cfg = PoolDistillConfig(), PoolFinetuneConfig()
-    narrow, wide = shape.derive(blocks, shape.embed_dim // 4), shape.derive(blocks, shape.embed_dim)
+    distill_cfg, ft_cfg = PoolDistillConfig(blocks=blocks), PoolFinetuneConfig()
+    narrow, wide, levels = aux_shapes(shape, distill_cfg)  # the product's defaults: d' = d/4, 3 levels per row
     probe = train_split.x[torch.randperm(len(train_split), generator=torch.Generator().manual_seed(0))[:256]]
     rows, maps, record = {}, {}, {"blocks": blocks, "distill": {}, "anchors": {}}
-    for row, aux_shape, levels in (("large", wide, distill_cfg.wide_levels), ("small", narrow, distill_cfg.levels)):
+    for row, aux_shape in (("large", wide), ("small", narrow)):
         t0 = time.perf_counter()
         seed_everything(0)
         aux = build_vit(aux_shape)
-        result = distill(ancestry, aux, train_split, levels=dense_levels(shape.depth, blocks, levels),
+        result = distill(ancestry, aux, train_split, levels=dense_levels(shape.depth, blocks, levels[row]),
                          alpha=distill_cfg.alpha, tau=distill_cfg.tau, epochs=args.epochs, lr=distill_cfg.lr,
                          batch_size=distill_cfg.batch_size, seed=0, progress=args.bars, desc=f"LGP({blocks}) {row}")
         rows[row], maps[row] = aux.eval(), result.transforms
@@ -135,9 +124,8 @@ def run_depth(blocks: int, args: argparse.Namespace, ancestry: torch.nn.Module, 
         entry = {"before": before, "after": after, "finetune_seconds": time.perf_counter() - t0,
                  "paths_sampled": counts, "storage": pool.storage()}
         if name in ("LGP tm", "SN-Net ls"):
-            latency = _latencies(pool, input_shape, args.runs)
-            for r in after:
-                r["latency_ms"] = latency[r["low"]]
+            with tempfile.TemporaryDirectory() as tmp:
+                measure_descendants(pool, after, Path(tmp), torch.zeros(1, *input_shape), runs=args.runs)
         record["variants"][name] = entry
         console.print(f"{name} ({blocks}): mean descendant accuracy {100 * _mean(before):.2f}% → "
                       f"{100 * _mean(after):.2f}% after {entry['finetune_seconds']:.0f} s of fine-tuning")

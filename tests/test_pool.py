@@ -610,6 +610,17 @@ def test_finetune_trains_sampled_paths_only(with_ancestry, mnist_train):
         assert all(p.grad is None for p in ancestry.parameters())
 
 
+def test_kd_changes_the_fine_tuning(mnist_train):
+    """The ancestry's soft targets take part: the same steps from the same pool differ with and without them."""
+    tuned = {}
+    for name, ancestry in (("kd", tiny_vit(noise=0.05)), ("ce", None)):
+        pool = make_pool()
+        finetune(pool, subset(mnist_train, 128), ancestry=ancestry, epochs=1, lr=1e-3, batch_size=16, seed=0,
+                 max_steps=4)
+        tuned[name] = state(pool)
+    assert any(not torch.equal(tuned["kd"][k], tuned["ce"][k]) for k in tuned["kd"])
+
+
 # ----------------------------------------------------------------------------- 10. the pool directory
 
 
@@ -682,6 +693,58 @@ def _copy_pool(directory: Path, tmp_path: Path) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(directory, target)
     return target
+
+
+def test_distillation_is_deterministic(distilled, tmp_path):
+    """The same config and seed write byte-identical weights (results do not depend on the run)."""
+    directory, doc = distilled
+    config = PoolDistillConfig(spec=SPEC, checkpoint=doc["ancestry"]["checkpoint"], blocks=2, dim=16, levels=2,
+                               epochs=1, progress=False)
+    again = pipeline.distill_pool(config, tmp_path / "again")
+    assert again["weights"] == doc["weights"]
+    for name in (store.INSTANCES_FILE, store.TRANSFORMS_FILE):
+        assert (tmp_path / "again" / name).read_bytes() == (directory / name).read_bytes()
+
+
+def _edit(path: Path, where: tuple[str, ...], value) -> None:
+    doc = json.loads(path.read_text())
+    node = doc
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    path.write_text(json.dumps(doc))
+
+
+BAD_VALUES = {  # pool.json values of the right JSON type that would crash a rebuild, or data the code reads
+    "zero heads": (("rows", "small", "num_heads"), 0, "rows.small.num_heads must be an integer >= 1"),
+    "partial heads": (("rows", "large", "num_heads"), 5, "rows.large must be a shape whose width divides"),
+    "unknown pooling": (("rows", "small", "global_pool"), "bogus", "rows.small.global_pool must be \"token\" or"),
+    "zero depth": (("ancestry", "shape", "depth"), 0, "ancestry.shape.depth must be an integer >= 1"),
+    "checkpoint": (("ancestry", "checkpoint"), 5, "ancestry.checkpoint must be"),
+    "finetune": (("finetune",), "yes", "finetune must be null, or an object"),
+    "storage": (("storage",), {"total": 1}, "storage.small must be"),
+    "rows differ": (("rows", "small", "depth"), 1, "rows.small must be rows.large at a narrower width"),
+    "rows swapped": (("rows", "small", "embed_dim"), 64, "rows.small must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_values_in_pool_json_are_refused(case, distilled, tmp_path):
+    target = _copy_pool(distilled[0], tmp_path)
+    where, value, words = BAD_VALUES[case]
+    _edit(target / store.POOL_FILE, where, value)
+    with pytest.raises(CheckpointError) as err:
+        store.read_pool(target)
+    assert words in str(err.value), str(err.value)
+
+
+def test_distill_preflight_creates_nothing(distilled, tmp_path):
+    """A bad option is refused before the output's parent directories are created."""
+    config = PoolDistillConfig(spec=SPEC, checkpoint=distilled[1]["ancestry"]["checkpoint"], blocks=4, epochs=1,
+                               progress=False)
+    with pytest.raises(ZooError, match="fewer blocks"):
+        pipeline.distill_pool(config, tmp_path / "a" / "b" / "pool")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_foreign_format_is_refused(distilled, tmp_path):
