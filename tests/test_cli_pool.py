@@ -432,7 +432,7 @@ def _tampered_instances(root: Path) -> str:
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
-    return "instances.safetensors does not match the sha256 in pool.json (edited or truncated)"
+    return "instances.safetensors does not match its sha256 in pool.json (corrupted or edited)"
 
 
 def _missing_transforms(root: Path) -> str:

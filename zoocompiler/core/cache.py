@@ -18,7 +18,7 @@ from typing import Any
 import torch.nn as nn
 
 from .atomic import write_json_atomic
-from .errors import ZooError
+from .errors import CheckpointError, ZooError
 from .schema import NON_NEGATIVE, MapOf, load_json
 
 _LOG = logging.getLogger(__name__)
@@ -89,3 +89,15 @@ class DiskCache:
             write_json_atomic(self.folder / name, table)
         except OSError as err:
             _LOG.warning("cannot write the cache table %s (%s); continuing without it", self.folder / name, err)
+
+
+def read_verified(path: Path, sha256: str, what: str, index: str, fix: str) -> bytes:
+    """The bytes of ``path`` when their sha256 is ``sha256``; else ``CheckpointError``: ``<what> <path> is missing
+    or unreadable`` / ``… does not match its sha256 in <index> (corrupted or edited)``, with ``fix``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        raise CheckpointError(f"{what} {path} is missing or unreadable", fix) from None
+    if digest(data) != sha256:
+        raise CheckpointError(f"{what} {path} does not match its sha256 in {index} (corrupted or edited)", fix)
+    return data

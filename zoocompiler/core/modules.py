@@ -65,9 +65,3 @@ def nonfinite_weights(module: nn.Module) -> str | None:
     where = f"'{names[0]}'" + (f" and {others} other tensor{'s' if others > 1 else ''}" if others else "")
     return f"{bad:,} of {total:,} values, in {where}"
 
-
-def weights_digest(module: nn.Module) -> str:
-    """sha256 over every tensor of ``module``'s state, in state-dict order (proves weights unchanged)."""
-    from .cache import digest
-
-    return digest(*(t.detach().cpu().contiguous().numpy().tobytes() for t in module.state_dict().values()))

@@ -19,9 +19,9 @@ import torch
 import torch.fx as fx
 
 from zoocompiler.core.atomic import check_keeps, write_bytes_atomic, write_state_dict_atomic
-from zoocompiler.core.cache import digest
+from zoocompiler.core.cache import digest, weights_hash
 from zoocompiler.core.errors import DataError, PassError, ZooError
-from zoocompiler.core.modules import count_macs, count_params, weights_digest
+from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
@@ -303,7 +303,7 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
         start = time.perf_counter()
         with stages("load", f"loading {len(config.classes)} fragment(s)"):
             fragments, x, y = load_fragments(store, config.classes)
-        hashes = [weights_digest(f) for f in fragments]
+        hashes = [weights_hash(f) for f in fragments]
         with stages("pack", "packing: encoder, decoders and head"):
             features = fragment_features(fragments, x)
             trained = train_pack(features, y, len(config.classes),
@@ -311,7 +311,7 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
                                               lr=config.lr, seed=config.seed))
             model = PackedModel(fragments, trained.encoder, trained.head, config.classes).eval()
         pack_seconds = time.perf_counter() - start
-        if [weights_digest(f) for f in fragments] != hashes:
+        if [weights_hash(f) for f in fragments] != hashes:
             raise ZooError("packing changed a fragment's weights", "report this: fragments must stay frozen")
         test = load_dataset(store.settings["data"], "test", classes=config.classes)
         with stages("export", "exporting and verifying the packed model"):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from zoocompiler.core.cache import digest
+from zoocompiler.core.cache import read_verified
 from zoocompiler.core.errors import CheckpointError
 from zoocompiler.core.schema import NUMBER, ListOf, OneOf, load_json
 from zoocompiler.sources import check_state_dict
@@ -78,15 +78,7 @@ class Store:
 
     def verified_bytes(self, relative: str, sha256: str) -> bytes:
         """The bytes of a store file, checked against the sha256 ``store.json`` records."""
-        path = self.path(relative)
-        try:
-            data = path.read_bytes()
-        except OSError:
-            raise CheckpointError(f"store file {path} is missing or unreadable", _FIX) from None
-        if digest(data) != sha256:
-            raise CheckpointError(f"store file {path} does not match its sha256 in {STORE_FILE} (corrupted or edited)",
-                                  _FIX)
-        return data
+        return read_verified(self.path(relative), sha256, "store file", STORE_FILE, _FIX)
 
     def check_files(self) -> None:
         """Every file ``store.json`` names (samples, fragment weights and ONNX) is there with its sha256."""

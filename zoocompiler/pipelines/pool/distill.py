@@ -57,9 +57,9 @@ class Taps:
 class Transforms(nn.Module):
     """The learnable ``W`` (block) and ``M`` (attention) maps of each distilled level, d → d'.
 
-    ``stitch_matrix()`` is the paper's stitch initialisation: the mean of the block maps, as the
-    ``(d', d)`` matrix a stitch from width d' to width d applies (``Y = X · mean(W)ᵀ``); the identity
-    when d == d'.
+    ``stitch_matrix()`` is the paper's stitch initialisation: the mean of the block maps' weights, a
+    ``(d', d)`` matrix (Eq. 4's ``W ∈ R^{d×d'}`` is the transposed weight, so this is ``mean(W)ᵀ``) that a
+    stitch from width d' to width d applies as ``Y = X · matrix``; the identity when d == d'.
     """
 
     def __init__(self, wide: int, narrow: int, levels: int):
@@ -175,7 +175,7 @@ def distill(
     """Train ``aux`` (in place) on ``split`` with Eq. 8 against the frozen ``ancestry``; the learned maps.
 
     ±2 px random shifts augment the data (the ancestry sees the same shifted images); a non-finite loss
-    stops the run with ``TrainingError``.
+    stops the run with ``TrainingError``. The ancestry is left frozen (``requires_grad=False``) in eval mode.
     """
     distiller = Distiller(ancestry, aux, levels, alpha, tau)
     records: list[dict] = []

@@ -18,8 +18,9 @@ from torch import nn
 
 from zoocompiler.core.atomic import check_keeps, check_out_dir
 from zoocompiler.core.budget import Budget, human_metric
+from zoocompiler.core.cache import weights_hash
 from zoocompiler.core.errors import BudgetError, CheckpointError, DataError, ZooError
-from zoocompiler.core.modules import count_macs, count_params, weights_digest
+from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.exports.elastic import write_manifest
 from zoocompiler.exports.latency import measure_latency
@@ -87,7 +88,7 @@ def _pool_doc(config: PoolDistillConfig, shape: VitShape, ancestry: nn.Module, n
     return {"format": POOL_FORMAT,
             "ancestry": {"spec": config.spec,
                          "checkpoint": None if config.checkpoint is None else str(Path(config.checkpoint).resolve()),
-                         "weights_sha256": weights_digest(ancestry),
+                         "weights_sha256": weights_hash(ancestry),
                          "shape": shape.to_dict(), "params": count_params(ancestry),
                          "macs": count_macs(ancestry, input_shape, eval=True)},
             "rows": {"small": narrow.to_dict(), "large": wide.to_dict()},
@@ -148,7 +149,7 @@ def _ancestry_of(doc: dict[str, Any], root: Path, trust_code: bool, allow_pickle
 
     spec = check_spec_from_file(doc["ancestry"]["spec"], f"{root / POOL_FILE}", trust_code=trust_code)
     ancestry, _ = load_ancestry(str(spec), doc["ancestry"].get("checkpoint"), allow_pickle=allow_pickle)
-    if weights_digest(ancestry) != doc["ancestry"]["weights_sha256"]:
+    if weights_hash(ancestry) != doc["ancestry"]["weights_sha256"]:
         raise CheckpointError(f"the ancestry {doc['ancestry']['spec']} no longer has the weights pool {root} was "
                               "distilled from", "restore its checkpoint, or distil a new pool from it")
     return ancestry

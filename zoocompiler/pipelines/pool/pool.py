@@ -190,7 +190,8 @@ def finetune(
 ) -> tuple[History, list[int]]:
     """Algorithm 1, lines 11-14: each step trains one uniformly sampled path on CE (Eq. 7) plus, with an
     ``ancestry``, the soft CE to its logits (Eq. 3). Returns the history and how often each ``low`` was
-    sampled. Parameters off the sampled path get no gradient and are not updated that step."""
+    sampled. Parameters off the sampled path get no gradient and are not updated that step. The ancestry is
+    left frozen (``requires_grad=False``) in eval mode."""
     generator = torch.Generator().manual_seed(seed + 7919)
     counts = [0] * (pool.depth + 1)
     if ancestry is not None:

@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from zoocompiler.core.atomic import write_bytes_atomic
-from zoocompiler.core.cache import digest
+from zoocompiler.core.cache import digest, read_verified
 from zoocompiler.core.errors import CheckpointError
 from zoocompiler.core.schema import NUMBER, ListOf, MapOf, OneOf, Where, load_json
 from zoocompiler.sources import check_state_dict
@@ -102,13 +102,7 @@ class PoolDir:
         if Path(entry["file"]).name != entry["file"]:
             raise CheckpointError(f"{self.root / POOL_FILE} names a weights file outside the pool: {entry['file']!r}",
                                   _FIX)
-        try:
-            data = path.read_bytes()
-        except OSError:
-            raise CheckpointError(f"pool file {path} is missing or unreadable", _FIX) from None
-        if digest(data) != entry["sha256"]:
-            raise CheckpointError(f"pool file {path} does not match the sha256 in {POOL_FILE} (edited or truncated)",
-                                  _FIX)
+        data = read_verified(path, entry["sha256"], "pool file", POOL_FILE, _FIX)
         try:
             return load_safetensors(data)
         except (SafetensorError, ValueError) as err:
