@@ -56,7 +56,9 @@ def test_manifest_matches_shipped_files():
         assert tuple(record["classes"]) == e.classes and tuple(record["input_shape"]) == e.input_shape
         assert record["spec"] == e.spec and record["dataset"] == e.dataset
         assert record["params"] == e.params == sum(p.numel() for p in build_model(e.name).parameters())
-        assert e.params <= 1_500_000 and path.stat().st_size <= 6 * 2**20
+        # small models keep the package small; the Learngene Pool ancestry must be the large one its pool distils
+        limit = (4_000_000, 16 * 2**20) if e.collection == "pool" else (1_500_000, 6 * 2**20)
+        assert e.params <= limit[0] and path.stat().st_size <= limit[1]
 
 
 def test_every_model_loads_and_reproduces_its_accuracy(loaded_models):

@@ -87,17 +87,23 @@ def model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def training_options(parser: argparse.ArgumentParser, config: type, *, min_batch: int = 1) -> None:
+def training_options(parser: argparse.ArgumentParser, config: type, *, min_batch: int = 1,
+                     spec_help: str | None = None, from_scratch: bool = True) -> None:
     """The options of a training run whose ``config`` dataclass has ``data``, ``checkpoint``, ``epochs``, ``lr``
     and ``batch_size``: ``SPEC``, ``--data``, ``--from-scratch``, ``--checkpoint FILE``, ``--allow-pickle``,
-    ``--epochs``, ``--lr``, ``--batch-size``."""
-    parser.add_argument(
-        "spec", metavar="SPEC", help="model spec, e.g. zoo:vgg_s or timm:resnet18,in_chans=1,num_classes=10"
-    )
+    ``--epochs``, ``--lr``, ``--batch-size``. With ``spec_help`` the SPEC is optional (default: the config's
+    ``spec``); ``from_scratch=False`` leaves ``--from-scratch`` out."""
+    if spec_help is None:
+        parser.add_argument(
+            "spec", metavar="SPEC", help="model spec, e.g. zoo:vgg_s or timm:resnet18,in_chans=1,num_classes=10"
+        )
+    else:
+        parser.add_argument("spec", metavar="SPEC", nargs="?", default=default_of(config, "spec"), help=spec_help)
     parser.add_argument(
         "--data", default=default_of(config, "data"), metavar="DATA", help="digits, mnist5k, npz:PATH, imagefolder:PATH"
     )
-    parser.add_argument("--from-scratch", action="store_true", help="re-initialise the weights before training")
+    if from_scratch:
+        parser.add_argument("--from-scratch", action="store_true", help="re-initialise the weights before training")
     parser.add_argument(
         "--checkpoint",
         default=default_of(config, "checkpoint"),

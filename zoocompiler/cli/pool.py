@@ -28,6 +28,7 @@ from .common import (
     out_dir_options,
     progress,
     table,
+    training_options,
     written_files,
 )
 
@@ -267,30 +268,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--out deit_pool\n"
         "  zoocompile pool distill --init ls --levels 2 --epochs 5 --out out/pool_ls --json",
     )
-    distill.add_argument(
-        "spec",
-        metavar="SPEC",
-        nargs="?",
-        default=default_of(DISTILL_CONFIG, "spec"),
-        help="the ancestry: a timm VisionTransformer spec, e.g. timm:deit_base_patch16_224",
-    )
-    distill.add_argument(
-        "--checkpoint",
-        default=default_of(DISTILL_CONFIG, "checkpoint"),
-        metavar="FILE",
-        help="the ancestry's weights (.pt/.pth/.safetensors; default: the spec's own)",
-    )
-    distill.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow a --checkpoint that contains pickled Python objects (runs their code: only for trusted files)",
-    )
-    distill.add_argument(
-        "--data",
-        default=default_of(DISTILL_CONFIG, "data"),
-        metavar="DATA",
-        help="the ancestry's data: digits, mnist5k, npz:PATH, imagefolder:PATH",
-    )
+    training_options(distill, DISTILL_CONFIG, min_batch=2, from_scratch=False,
+                     spec_help="the ancestry: a timm VisionTransformer spec, e.g. timm:deit_base_patch16_224 "
+                     "(default: %(default)s)")
     distill.add_argument(
         "--blocks",
         type=int,
@@ -328,19 +308,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     distill.add_argument(
         "--tau", type=float, default=default_of(DISTILL_CONFIG, "tau"), metavar="T", help="distillation temperature"
-    )
-    distill.add_argument(
-        "--epochs", type=int, default=default_of(DISTILL_CONFIG, "epochs"), metavar="N", help="epochs per row"
-    )
-    distill.add_argument(
-        "--lr", type=float, default=default_of(DISTILL_CONFIG, "lr"), help="peak learning rate (AdamW, one-cycle)"
-    )
-    distill.add_argument(
-        "--batch-size",
-        type=int,
-        default=default_of(DISTILL_CONFIG, "batch_size"),
-        metavar="N",
-        help="training batch size (>= 2)",
     )
     distill.add_argument(
         "--init",
