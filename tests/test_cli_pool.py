@@ -90,7 +90,7 @@ def test_distill_writes_the_pool(pooled, ancestry):
     assert data["out"] == str(out) and data["files"] == {name: str(out / name) for name in POOL_FILES}
     doc = json.loads((out / "pool.json").read_text())
     assert _without(data, "out", "files") == strict_json(doc)
-    assert data["format"] == POOL_FORMAT and data["finetune"] is None and data["init"] == "tm"
+    assert data["format"] == POOL_FORMAT and data["finetune"] is None and data["init"] == "ls"
     anc = data["ancestry"]
     assert (anc["spec"], anc["checkpoint"]) == (SPEC, str(ancestry.resolve()))
     assert (anc["shape"]["depth"], anc["shape"]["embed_dim"], anc["shape"]["num_heads"]) == (4, 64, 4)

@@ -632,7 +632,7 @@ def distilled(tmp_path_factory) -> tuple[Path, dict]:
     ancestry = load_model(SPEC)
     torch.save(ancestry.state_dict(), root / "ancestry.pt")
     config = PoolDistillConfig(spec=SPEC, checkpoint=str(root / "ancestry.pt"), blocks=2, dim=16, levels=2,
-                               epochs=1, progress=False)
+                               epochs=1, init="tm", progress=False)
     doc = pipeline.distill_pool(config, root / "pool")
     return root / "pool", doc
 
@@ -699,7 +699,7 @@ def test_distillation_is_deterministic(distilled, tmp_path):
     """The same config and seed write byte-identical weights (results do not depend on the run)."""
     directory, doc = distilled
     config = PoolDistillConfig(spec=SPEC, checkpoint=doc["ancestry"]["checkpoint"], blocks=2, dim=16, levels=2,
-                               epochs=1, progress=False)
+                               epochs=1, init="tm", progress=False)
     again = pipeline.distill_pool(config, tmp_path / "again")
     assert again["weights"] == doc["weights"]
     for name in (store.INSTANCES_FILE, store.TRANSFORMS_FILE):

@@ -313,8 +313,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--init",
         default=default_of(DISTILL_CONFIG, "init"),
         metavar="|".join(INITS),
-        help="stitch initialisation: tm (mean of the distillation's maps, the paper), ls (least squares, SN-Net) "
-        "or random",
+        help="stitch initialisation: ls (least squares on --probe images; measured best), tm (mean of the "
+        "distillation's maps, the paper's) or random",
     )
     distill.add_argument(
         "--probe",

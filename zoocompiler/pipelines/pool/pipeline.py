@@ -275,7 +275,10 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
                            extra={"pool": str(source.root), "rate_is": "MACs / the largest descendant's MACs"})
         else:
             shutil.rmtree(folder)
-        plot_descendants({"Learngene Pool": rows}, staging / PLOT, chosen=chosen, budget=budget)
+        ancestry = source.doc["ancestry"]
+        anchors = ({"ancestry": (ancestry["params"], ancestry["accuracy"])}
+                   if "params" in ancestry and "accuracy" in ancestry else None)
+        plot_descendants({"Learngene Pool": rows}, staging / PLOT, chosen=chosen, budget=budget, anchors=anchors)
         report = {"pool": str(source.root), "budget": budget.to_dict(), "chosen": chosen, "descendants": rows,
                   "storage": source.doc.get("storage"), "onnx": DESCENDANT_ONNX,
                   "all": ALL_DIR if config.export_all else None, "plot": PLOT, "timings": stages.timings}
