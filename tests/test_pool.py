@@ -827,3 +827,38 @@ def test_stack_boundaries_cut_the_timm_blocks():
         torch.testing.assert_close(tail(h), model.forward_head(model.norm(h)), atol=1e-5, rtol=0)
     with pytest.raises(PassError, match="the output of block blocks.4 is not a cut point"):
         stack_boundaries(gm, "blocks", 5)
+
+
+# ----------------------------------------------------------------------------- the demo ancestry (slow)
+
+
+@pytest.mark.slow
+def test_demo_ancestry_pool_end_to_end(tmp_path):
+    """zoo:vit_anc12 (12 blocks at d=192) → pool(6) at d'=48 (1 epoch): 14 instances, 7 descendants from 117 k
+    params up, the ends equal to the auxiliary models, a stitched descendant exported with parity."""
+    doc = pipeline.distill_pool(PoolDistillConfig(epochs=1, progress=False), tmp_path / "pool")
+    assert (doc["rows"]["small"]["embed_dim"], doc["rows"]["small"]["num_heads"], doc["rows"]["small"]["depth"]) \
+        == (48, 3, 6)
+    assert doc["levels"] == {"large": [[4, 2], [8, 4], [12, 6]], "small": [[4, 2], [8, 4], [12, 6]]}
+    rows = doc["descendants"]
+    assert [r["low"] for r in rows] == [6, 5, 4, 3, 2, 1, 0]
+    assert rows[0]["params"] == doc["storage"]["small"] and rows[-1]["params"] == doc["storage"]["large"]
+    assert all(a["params"] < b["params"] for a, b in zip(rows, rows[1:], strict=False))
+    pool = store.read_pool(tmp_path / "pool").load_pool()
+    report = export_onnx(pool.descendant(3), torch.randn(2, 1, 28, 28), tmp_path / "d3.onnx")
+    assert report.max_abs_diff <= 1e-4
+
+
+@pytest.mark.slow
+def test_bench_quick_runs(tmp_path):
+    """`bench/pool.py --quick` runs end to end and writes its JSON (targets included) and plot."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "pool.py"
+    out = tmp_path / "pool.json"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["depths"]) == {"6"} and len(doc["targets"]) == 4 and out.with_suffix(".png").is_file()

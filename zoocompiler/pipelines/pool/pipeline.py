@@ -124,8 +124,8 @@ def distill_pool(config: PoolDistillConfig, out: Path, *, force: bool = False,
                                  epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
                                  progress=config.progress, desc=f"distill {row} row")
             rows[row], maps[row] = aux.eval(), result.transforms
-            history[row] = {"levels": pairs, "epochs": result.epochs, "seconds": result.history.seconds,
-                            "accuracy": evaluate(aux, test_split)}
+            history[row] = {"levels": [list(p) for p in pairs], "epochs": result.epochs,
+                            "seconds": result.history.seconds, "accuracy": evaluate(aux, test_split)}
         with stages("stitch", f"pooling {2 * blocks} instances, {blocks - 1} stitch layers ({config.init} init)"):
             pool = LearngenePool(rows["small"], rows["large"], example_batch(input_shape))
             probe = train_split.x[torch.randperm(len(train_split), generator=torch.Generator().manual_seed(config.seed))
