@@ -166,14 +166,15 @@ def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | No
     in_place = target.resolve() == source.root.resolve()
     if not in_place:
         check_keeps(target, source.root, "the pool directory", source.root.parent / (source.root.name + "_tuned"))
+        check_out_dir(target, force)
+    stages = Stages(progress)
+    with stages("prepare", f"loading pool {source.root} and its ancestry {source.doc['ancestry']['spec']}"):
+        pool = source.load_pool()  # every input, before any work
+        transforms = source.load_transforms()
+        ancestry = _ancestry_of(source.doc, source.root, trust_code, allow_pickle) if config.kd else None
+        train_split, test_split = _splits(source.doc["data"], source.rows["large"])
 
     def body(staging: Path) -> dict[str, Any]:
-        stages = Stages(progress)
-        with stages("prepare", f"loading pool {source.root} and its ancestry {source.doc['ancestry']['spec']}"):
-            pool = source.load_pool()
-            transforms = source.load_transforms()
-            ancestry = _ancestry_of(source.doc, source.root, trust_code, allow_pickle) if config.kd else None
-            train_split, test_split = _splits(source.doc["data"], source.rows["large"])
         with stages("finetune", f"fine-tuning {pool.depth + 1} paths for {config.epochs} epochs"
                                 f"{' with the ancestry as teacher' if config.kd else ''}"):
             history, counts = finetune(pool, train_split, ancestry=ancestry, epochs=config.epochs, lr=config.lr,
@@ -253,12 +254,14 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
     stored = source.doc["descendants"]  # params and MACs are known before any export: fail before the work
     if not any(_feasible(r, Budget(params=budget.params, macs=budget.macs)) for r in stored):
         raise _no_descendant(stored, budget)
+    check_out_dir(Path(out), force)
+    stages = Stages(progress)
+    with stages("prepare", f"loading pool {source.root}"):  # every input, before any work
+        pool = source.load_pool()
+        _, test_split = _splits(source.doc["data"], source.rows["large"])
 
     def body(staging: Path) -> dict[str, Any]:
-        stages = Stages(progress)
-        with stages("prepare", f"loading pool {source.root}"):
-            pool = source.load_pool()
-            _, test_split = _splits(source.doc["data"], source.rows["large"])
+        with stages("evaluate", f"evaluating {pool.depth + 1} descendants"):
             rows = pool.descendant_rows(test_split, source.input_shape)
         folder = staging / ALL_DIR
         folder.mkdir()

@@ -42,7 +42,7 @@ STACK = "blocks"
 
 
 @dataclass(frozen=True)
-class Path:
+class DescendantPath:
     """Descendant ``low``: ``head`` (small row up to block ``low``), ``stitch`` and ``tail`` (large row on);
     ``head`` or ``tail`` is ``None`` at the ends (the whole large / small model is the other part)."""
 
@@ -67,7 +67,7 @@ class LearngenePool(nn.Module):
         self.stitches = nn.ModuleDict()
         self._graphs = {"small": trace(small.eval(), example), "large": trace(large.eval(), example)}
         self._bounds = {row: stack_boundaries(gm, STACK, depth) for row, gm in self._graphs.items()}
-        self._paths: dict[int, Path] = {}
+        self._paths: dict[int, DescendantPath] = {}
         for low in range(1, depth):
             self.stitches[str(low)] = self._init_stitch(low, "random", None, None)
 
@@ -86,19 +86,19 @@ class LearngenePool(nn.Module):
         """Row ``row`` from the input to the output of its block ``low`` (shares weights)."""
         return extract_block(self._graphs[row], 0, self._bounds[row][low]).module
 
-    def path(self, low: int) -> Path:
+    def path(self, low: int) -> DescendantPath:
         if not 0 <= low <= self.depth:
             raise ZooError(f"no descendant with low={low}", f"pick low in 0..{self.depth}")
         if low not in self._paths:
             if low == self.depth:
-                self._paths[low] = Path(low, self._graphs["small"], None)
+                self._paths[low] = DescendantPath(low, self._graphs["small"], None)
             elif low == 0:
-                self._paths[low] = Path(low, None, self._graphs["large"])
+                self._paths[low] = DescendantPath(low, None, self._graphs["large"])
             else:
                 gm = self._graphs["large"]
                 last = len(graph_info(gm).cut_points) - 1
                 tail = extract_block(gm, self._bounds["large"][low], last).module
-                self._paths[low] = Path(low, self._prefix("small", low), tail)
+                self._paths[low] = DescendantPath(low, self._prefix("small", low), tail)
         return self._paths[low]
 
     def path_module(self, low: int) -> nn.Sequential:
