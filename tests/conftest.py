@@ -33,6 +33,16 @@ def _seeded():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models, also outside xdist: on 2 shared cores OpenMP's second
+    thread only spins (up to 10× slower). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _shared_architecture_cases_unchanged():
     """The architecture matrix is built once per process and shared (helpers.architectures): at the end of the

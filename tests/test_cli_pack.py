@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from helpers.cli import (
     assert_help_documents_every_option,
     assert_nothing_written,
@@ -36,13 +35,7 @@ SOURCE_FILES = ["samples.npz"] + [f"class_{c}.{ext}" for c in range(4) for ext i
 PARITY = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Slicing runs tiny models on 20 samples: on 2 shared cores, OpenMP's second thread only spins (10× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

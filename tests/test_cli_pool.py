@@ -34,13 +34,7 @@ POOL_FILES = ["instances.safetensors", "pool.json", "transforms.safetensors"]
 PARITY = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models on 2 shared cores: OpenMP's second thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
