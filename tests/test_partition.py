@@ -355,3 +355,66 @@ def test_no_partition_for_anchors_is_an_error():
     with pytest.raises(SolverError, match="no 2-block partition"):
         best_partition_for_anchors(C, models[0], 0, overlapping, 2, block_size_cap(models[0], 2, 5.0), models=models)
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distinct equivalence sets: each model's K blocks in K different sets
+
+
+def brute_force_distinct(C, models, i, anchors, k, cap) -> float:
+    """max over feasible partitions keeping model i's anchors as blocks (in their own sets) and over every
+    assignment of the K blocks to K different sets, of Σ S(block, anchor of its set)."""
+    model = models[i]
+    own = {(a.start, a.end): j for j, a in enumerate(anchors) if a.model == i}
+    best = -math.inf
+    for bounds in all_partitions(model.length, k):
+        blocks = [BlockRef(i, s, bounds[s], bounds[s + 1]) for s in range(k)]
+        if not fits(model, bounds, cap) or not set(own) <= {(b.start, b.end) for b in blocks}:
+            continue
+        for perm in itertools.permutations(range(k)):
+            if any(own.get((b.start, b.end), j) != j for b, j in zip(blocks, perm)):
+                continue
+            best = max(best, sum(block_similarity(C, models, b, anchors[j]) for b, j in zip(blocks, perm)))
+    return best
+
+
+@settings(max_examples=150)
+@given(anchored_instances())
+def test_distinct_dp_equals_brute_force(instance):
+    C, models, i, anchors, k, cap, _ = instance
+    bounds, sets, objective = best_partition_for_anchors(C, models[i], i, anchors, k, cap, models=models,
+                                                         distinct=True)
+    assert objective == pytest.approx(brute_force_distinct(C, models, i, anchors, k, cap), abs=1e-9)
+    assert sorted(sets) == list(range(k))  # K different sets
+    blocks = [BlockRef(i, s, bounds[s], bounds[s + 1]) for s in range(k)]
+    assert objective == pytest.approx(sum(block_similarity(C, models, b, anchors[j]) for b, j in zip(blocks, sets)))
+    for j, a in enumerate(anchors):  # the model's anchors stay blocks, in their own sets
+        if a.model == i:
+            assert sets[[(b.start, b.end) for b in blocks].index((a.start, a.end))] == j
+    _, _, free = best_partition_for_anchors(C, models[i], i, anchors, k, cap, models=models)
+    assert objective <= free + 1e-9  # a constraint never helps
+
+
+@settings(max_examples=25)
+@given(st.integers(2, 4), st.lists(st.integers(4, 10), min_size=1, max_size=5), st.integers(0, 2**32 - 1))
+def test_distinct_partition_zoo(k, lengths, seed):
+    rng = np.random.default_rng(seed)
+    C, models = gram_zoo(rng, lengths, zero_prob=0.1)
+    p = partition_zoo(C, models, k=k, eps=0.2, restarts=4, seed=seed % 1000, distinct=True)
+    assert p.distinct and all(sorted(s) == list(range(k)) for s in p.sets)
+    assert all(len(members) == len(models) for members in p.equivalence_sets())  # every set: one block per model
+    assert p.objective == pytest.approx(recomputed_objective(C, models, p), abs=1e-12)
+    assert Partition.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    caps = [block_size_cap(m, k, max(0.2, min_feasible_eps(m, k))) for m in models]
+    arrays = _ZooArrays.build(C, models, caps)
+    _, trace = _run_restart(arrays, arrays.partition_counts(k), rng, "dp", distinct=True)
+    assert all(b >= a - 1e-9 for a, b in zip(trace[:-1], trace[1:]))  # J never decreases
+
+
+def test_distinct_needs_the_dp_and_a_small_k():
+    C, models = gram_zoo(np.random.default_rng(0), [12, 12])
+    with pytest.raises(SolverError, match="need the exact DP"):
+        partition_zoo(C, models, k=3, restarts=1, method="swap", distinct=True)
+    C, models = gram_zoo(np.random.default_rng(0), [12, 12])
+    with pytest.raises(SolverError, match="2\\^9 DP states"):
+        partition_zoo(C, models, k=9, eps=10.0, restarts=1, distinct=True)

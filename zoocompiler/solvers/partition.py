@@ -22,6 +22,11 @@ each anchor is its set's medoid. ``MAX_ROUNDS`` (50) caps the rounds; a restart 
 (anchors are blocks, J is exact) but its last anchor change has not been followed by a re-assignment. The best of
 ``restarts`` restarts is returned, with sets relabelled in order of their mean stage (set 0 = shallowest).
 
+**Distinct sets** (``distinct=True``, DP only): each model's K blocks go to K *different* sets, so every set holds
+one block of every model and every block can be picked by the assembly. The partition step is then an exact DP
+over (stage, end position, set of sets used) — 2^K masks, K <= ``MAX_DISTINCT_K`` — maximising the same J; the
+anchor step is unchanged, so J stays non-decreasing.
+
 Exact: ``min_feasible_eps`` (min-max DP) and ``best_partition_for_anchors`` (for fixed anchors). Heuristic: the
 alternation as a whole (a local optimum per restart, like k-means; restarts cover the rest), and the swap search.
 """
@@ -41,6 +46,7 @@ MAX_ROUNDS = 50  # partition/anchor rounds per restart; restarts converge in a h
 _GAIN_TOL = 1e-9  # a round, swap or anchor change must raise J by more than this to count
 _SIZE_TOL = 1e-9  # relative tolerance on the size cap, so that eps = min_feasible_eps is feasible despite rounding
 METHODS = ("dp", "swap")
+MAX_DISTINCT_K = 8  # distinct sets: the DP carries one of 2^K masks of used sets per position
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class Partition:
     method: str  # "dp" or "swap"
     seconds: float
     model_names: list[str] = field(default_factory=list)  # per model, for reports and checking a saved partition
+    distinct: bool = False  # each model's blocks in K different sets
 
     def blocks(self) -> list[BlockRef]:
         """Every block, model-major, in stage order."""
@@ -131,6 +138,7 @@ class Partition:
             "method": self.method,
             "seconds": self.seconds,
             "model_names": list(self.model_names),
+            "distinct": self.distinct,
         }
 
     @classmethod
@@ -149,6 +157,7 @@ class Partition:
             method=str(data["method"]),
             seconds=float(data["seconds"]),
             model_names=[str(n) for n in data.get("model_names", [])],
+            distinct=bool(data.get("distinct", False)),
         )
 
 
@@ -202,22 +211,28 @@ def best_partition_for_anchors(
     cap: float,
     *,
     models: Sequence[ModelPositions],
+    distinct: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...], float]:
     """Exact best K-partition of one model for fixed anchors: (boundaries, set of each block, objective).
 
-    Blocks have size <= ``cap``; each block joins its best anchor's set; anchors that belong to this model
-    (``anchor.model == model_index``) must stay blocks and stay in their own set. ``models`` gives the anchors'
-    offsets. DP over (stage, end position), O(L²·(K + |anchors|)). SolverError when no partition fits.
+    Blocks have size <= ``cap``; each block joins its best anchor's set (``distinct``: the best assignment of
+    the K blocks to K different sets); anchors that belong to this model (``anchor.model == model_index``) must
+    stay blocks and stay in their own set. ``models`` gives the anchors' offsets. DP over (stage, end
+    position), O(L²·(K + |anchors|)), times 2^K with ``distinct``. SolverError when no partition fits.
     """
     anchored = _single_model_anchored(C, model, model_index, anchors, k, cap, models)
-    boundaries, objectives = _dp_partitions(anchored.block_values(), anchored.zoo.lengths, k)
+    if distinct:
+        _check_distinct(k, len(anchors), "dp")
+        boundaries, sets, objectives = _dp_distinct(anchored.set_values(), anchored.zoo.lengths, k)
+    else:
+        boundaries, objectives = _dp_partitions(anchored.block_values(), anchored.zoo.lengths, k)
+        sets = anchored.block_sets(boundaries)
     if not math.isfinite(objectives[0]):
         raise SolverError(
             f"model '{model.name}' has no {k}-block partition with blocks <= {cap:.6g} that keeps its anchor blocks",
             "raise eps or choose anchors that are blocks of one feasible partition",
         )
-    sets = anchored.block_sets(boundaries)[0]
-    return tuple(int(p) for p in boundaries[0]), tuple(int(j) for j in sets), float(objectives[0])
+    return tuple(int(p) for p in boundaries[0]), tuple(int(j) for j in sets[0]), float(objectives[0])
 
 
 def swap_partition_for_anchors(
@@ -269,19 +284,22 @@ def partition_zoo(
     seed: int = 0,
     method: str = "dp",
     size_relax: bool = True,
+    distinct: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> Partition:
     """Partition every model into ``k`` blocks grouped into ``k`` equivalence sets (DeRy §3.2); best of restarts.
 
     Restart r draws from its own stream ``np.random.default_rng(seed).spawn(restarts)[r]``, so results are
     reproducible. ``size_relax`` lifts eps per model to ``min_feasible_eps`` where ``eps`` admits no partition
-    (recorded in ``effective_eps``); without it that is a SolverError. ``progress(r, objective)`` is called after
-    each restart.
+    (recorded in ``effective_eps``); without it that is a SolverError. ``distinct`` puts each model's blocks in
+    K different sets (see the module docstring). ``progress(r, objective)`` is called after each restart.
     """
     started = time.perf_counter()
     C = np.asarray(C, dtype=np.float64)
     models = list(models)
     _validate_problem(C, models, k, eps, restarts, method)
+    if distinct:
+        _check_distinct(k, k, method)
     effective = _effective_eps(models, k, eps, size_relax)
     caps = [block_size_cap(m, k, e) for m, e in zip(models, effective)]
     arrays = _ZooArrays.build(C, models, caps)
@@ -290,14 +308,16 @@ def partition_zoo(
     best: _State | None = None
     objectives: list[float] = []
     for r, rng in enumerate(np.random.default_rng(seed).spawn(restarts)):
-        state, _ = _run_restart(arrays, counts, rng, method)
+        state, _ = _run_restart(arrays, counts, rng, method, distinct)
         objectives.append(state.objective)
         if best is None or state.objective > best.objective:
             best = state
         if progress is not None:
             progress(r, state.objective)
     assert best is not None
-    return _to_partition(C, models, best, k, eps, objectives, effective, method, time.perf_counter() - started)
+    partition = _to_partition(C, models, best, k, eps, objectives, effective, method, time.perf_counter() - started)
+    partition.distinct = distinct
+    return partition
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,20 +395,39 @@ class _Anchored:
         A block's set is its best anchor (a pinned anchor block: its own); blocks over the cap, and blocks that
         overlap a pinned anchor block of their model without being it, are not allowed.
         """
-        values = self.to_in[:, :, None, 0] + self.to_out[:, None, :, 0]
-        for j in range(1, self.to_in.shape[2]):
-            np.maximum(values, self.to_in[:, :, None, j] + self.to_out[:, None, :, j], out=values)
+        return self.set_values().max(axis=-1)
+
+    def set_values(self) -> np.ndarray:
+        """values[i, s, e, j] = S of block (s, e) of model i with anchor j; -inf where the block is not allowed
+        (see :meth:`block_values`) and, for a pinned anchor block, for every set but its own."""
+        values = self.to_in[:, :, None, :] + self.to_out[:, None, :, :]
         allowed = self.zoo.feasible.copy()
         positions = np.arange(values.shape[1])
-        for model, start, end, j in self.pins:
+        for model, start, end, _ in self.pins:
             overlaps = (positions[:, None] < end) & (positions[None, :] > start)
             overlaps[start, end] = False
             allowed[model] &= ~overlaps
-            values[model, start, end] = self.to_in[model, start, j] + self.to_out[model, end, j]
         if not np.all(np.isfinite(values[allowed])):
             raise SolverError("similarity matrix has missing (NaN) entries on rows the partition uses",
                               "recompute the CKA matrix so every position pair is finite")
-        return np.where(allowed, values, -np.inf)
+        values = np.where(allowed[..., None], values, -np.inf)
+        for model, start, end, j in self.pins:
+            own = values[model, start, end, j]
+            values[model, start, end, :] = -np.inf
+            values[model, start, end, j] = own
+        return values
+
+    def distinct_sets(self, boundaries: np.ndarray) -> np.ndarray:
+        """sets[i, k] for the blocks of ``boundaries``: the best assignment of each model's blocks to different sets
+        (pinned anchor blocks their own)."""
+        values = self.set_values()
+        models = np.arange(len(boundaries))[:, None]
+        starts, ends = boundaries[:, :-1], boundaries[:, 1:]
+        only = np.full_like(values, -np.inf)
+        only[models, starts, ends, :] = values[models, starts, ends, :]
+        found, sets, _ = _dp_distinct(only, self.zoo.lengths, boundaries.shape[1] - 1)
+        assert np.array_equal(found, boundaries), "the given blocks admit no distinct assignment"
+        return sets
 
     def block_sets(self, boundaries: np.ndarray) -> np.ndarray:
         """sets[i, k] for the blocks of ``boundaries`` (N, K+1): best anchor, pinned anchor blocks their own."""
@@ -452,6 +491,48 @@ def _dp_partitions(values: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.
     return boundaries, best[models, lengths]
 
 
+def _dp_distinct(values: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact max-sum K-partition of every model with its K blocks in K different sets, from ``values[i, s, e, j]``
+    (K sets): (boundaries (N, K+1), sets (N, K), objective (N,), -inf where infeasible). DP over (end, used-set
+    mask); the stage is the mask's population count."""
+    n_models, n_max, _, n_sets = values.shape
+    by_end = np.ascontiguousarray(values.transpose(0, 2, 1, 3))  # [i, e, s, j]
+    best = {0: np.full((n_models, n_max), -np.inf)}
+    best[0][:, 0] = 0.0
+    back: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # mask -> (start, set, previous mask)
+    frontier = [0]
+    for _ in range(k):
+        reached: dict[int, np.ndarray] = {}
+        for mask in frontier:
+            for j in (j for j in range(n_sets) if not mask >> j & 1):
+                candidates = best[mask][:, None, :] + by_end[..., j]  # (N, end, start)
+                start, value = candidates.argmax(axis=2), candidates.max(axis=2)
+                new = mask | 1 << j
+                if new not in reached:
+                    reached[new] = value
+                    back[new] = (start, np.full_like(start, j), np.full_like(start, mask))
+                    continue
+                better = value > reached[new]
+                reached[new] = np.where(better, value, reached[new])
+                old_start, old_set, old_mask = back[new]
+                back[new] = (np.where(better, start, old_start), np.where(better, j, old_set),
+                             np.where(better, mask, old_mask))
+        best.update(reached)
+        frontier = list(reached)
+    full = (1 << n_sets) - 1
+    models = np.arange(n_models)
+    boundaries = np.empty((n_models, k + 1), dtype=np.int64)
+    sets = np.empty((n_models, k), dtype=np.int64)
+    boundaries[:, k] = lengths
+    masks = np.full(n_models, full)
+    for stage in range(k - 1, -1, -1):
+        end = boundaries[:, stage + 1]
+        for i in models:
+            start, chosen, previous = (part[i, end[i]] for part in back[int(masks[i])])
+            boundaries[i, stage], sets[i, stage], masks[i] = start, chosen, previous
+    return boundaries, sets, best[full][models, lengths]
+
+
 def _swap_search(values: np.ndarray, start: np.ndarray) -> np.ndarray:
     """KL-style moves of shared boundaries by ±1 (Eq. 6-7) until none raises the sum of block values."""
     bounds = start.copy()
@@ -489,19 +570,20 @@ class _State:
 
 
 def _run_restart(
-    arrays: _ZooArrays, counts: np.ndarray, rng: np.random.Generator, method: str
+    arrays: _ZooArrays, counts: np.ndarray, rng: np.random.Generator, method: str, distinct: bool = False
 ) -> tuple[_State, list[float]]:
     """One restart: random feasible start, then partition/anchor rounds. Returns the state and J after each step."""
     k = counts.shape[0] - 1
     boundaries = _sample_partitions(arrays, counts, rng)
     owners = rng.integers(len(arrays.lengths), size=k)  # anchor j starts as stage j of a random model
     anchors = np.stack([owners, boundaries[owners, np.arange(k)], boundaries[owners, np.arange(k) + 1]], axis=1)
-    sets = arrays.anchored(anchors).block_sets(boundaries)
+    anchored = arrays.anchored(anchors)
+    sets = anchored.distinct_sets(boundaries) if distinct else anchored.block_sets(boundaries)
     state = _State(boundaries, sets, anchors, _objective(arrays, boundaries, sets, anchors))
     trace = [state.objective]
     for _ in range(MAX_ROUNDS):
         before = state.objective
-        state = _partition_step(arrays, state, method)
+        state = _partition_step(arrays, state, method, distinct)
         trace.append(state.objective)
         state = _anchor_step(arrays, state)
         trace.append(state.objective)
@@ -523,9 +605,13 @@ def _sample_partitions(arrays: _ZooArrays, counts: np.ndarray, rng: np.random.Ge
     return boundaries
 
 
-def _partition_step(arrays: _ZooArrays, state: _State, method: str) -> _State:
-    """Re-partition every model for the current anchors (exact DP or swap search); blocks join their best anchor."""
+def _partition_step(arrays: _ZooArrays, state: _State, method: str, distinct: bool = False) -> _State:
+    """Re-partition every model for the current anchors (exact DP or swap search); blocks join their best anchor
+    (``distinct``: the best different set each, by the DP)."""
     anchored = arrays.anchored(state.anchors)
+    if distinct:
+        boundaries, sets, _ = _dp_distinct(anchored.set_values(), arrays.lengths, state.boundaries.shape[1] - 1)
+        return _State(boundaries, sets, state.anchors, _objective(arrays, boundaries, sets, state.anchors))
     values = anchored.block_values()
     if method == "dp":
         boundaries, _ = _dp_partitions(values, arrays.lengths, state.boundaries.shape[1] - 1)
@@ -669,6 +755,17 @@ def _validate_problem(
                           "recompute the CKA matrix so every position pair is finite")
     if not np.allclose(sub, sub.T, rtol=0.0, atol=1e-8):
         raise SolverError("similarity matrix is not symmetric", "pass C symmetrised, e.g. (C + C.T) / 2")
+
+
+def _check_distinct(k: int, n_sets: int, method: str) -> None:
+    """SolverError unless distinct sets can be solved: the DP method, K sets for K blocks, K <= MAX_DISTINCT_K."""
+    if method != "dp":
+        raise SolverError("distinct equivalence sets need the exact DP", "use method='dp' with distinct=True")
+    if n_sets != k:
+        raise SolverError(f"distinct sets need one anchor per set ({k}), got {n_sets}", f"pass {k} anchors")
+    if k > MAX_DISTINCT_K:
+        raise SolverError(f"distinct sets with k={k} would need 2^{k} DP states per position",
+                          f"use k <= {MAX_DISTINCT_K}, or distinct=False")
 
 
 def _effective_eps(models: Sequence[ModelPositions], k: int, eps: float, size_relax: bool) -> list[float]:
