@@ -161,3 +161,14 @@ def test_cli_partition_json(tmp_path, capsys):
     assert data["k"] == 3 and data["restarts"] == 4
     assert len(data["sets"]) == 3 * 3  # K blocks for each of the 3 models
     assert sum(r["anchor"] for r in data["sets"]) == 3
+
+
+def test_cli_partition_distinct_sets(tmp_path, capsys):
+    """--distinct-sets: every set holds exactly one block of every model."""
+    argv = ["partition", "--zoo", SMALL_ZOO, "-K", "3", "--restarts", "4", "--distinct-sets", "--json"]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["distinct_sets"] is True
+    for j in range(3):
+        models = [r["model"] for r in data["sets"] if r["set"] == j]
+        assert len(models) == len(set(models)) == 3

@@ -31,6 +31,7 @@ def _config(args: argparse.Namespace, budget) -> Any:
         k=args.k,
         eps=args.eps,
         restarts=args.restarts,
+        distinct_sets=args.distinct_sets,
         size=args.size,
         seed=args.seed,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -72,6 +73,7 @@ def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
         "eps": part.eps,
         "objective": part.objective,
         "restarts": len(part.restart_objectives),
+        "distinct_sets": part.distinct,
         "seconds": part.seconds,
         "effective_eps": {m.name: e for m, e in zip(analysis.members, part.effective_eps, strict=True)},
         "sets": _set_rows(analysis),
@@ -154,6 +156,11 @@ def _zoo_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--restarts", type=int, default=default_of(CONFIG, "restarts"), metavar="R", help="partition restarts (seeds)"
+    )
+    parser.add_argument(
+        "--distinct-sets",
+        action="store_true",
+        help="put each model's K blocks in K different equivalence sets (exact DP; every block can be picked)",
     )
     parser.add_argument(
         "--size", choices=("params", "flops"), default=default_of(CONFIG, "size"), help="block size measure"

@@ -23,6 +23,7 @@ class AssembleConfig:
     k: int = 4
     eps: float = 0.2
     restarts: int = 200
+    distinct_sets: bool = False  # each model's K blocks in K different sets (solvers.partition, distinct=True)
     size: str = "params"
     top: int = 20
     tune: str = "frozen"

@@ -79,9 +79,11 @@ def analyse_zoo(
         data_key=probe_data_key(probe, config.data),
         executor=executor,
     )
-    say(progress, f"partition: K={config.k}, eps={config.eps}, {config.restarts} restarts")
+    say(progress, f"partition: K={config.k}, eps={config.eps}, {config.restarts} restarts"
+                  f"{', distinct sets' if config.distinct_sets else ''}")
     partition = partition_members(
-        members, sim, k=config.k, eps=config.eps, restarts=config.restarts, seed=config.seed, size=config.size
+        members, sim, k=config.k, eps=config.eps, restarts=config.restarts, seed=config.seed, size=config.size,
+        distinct=config.distinct_sets,
     )
     return ZooAnalysis(train, test, members, probe, sim, partition)
 

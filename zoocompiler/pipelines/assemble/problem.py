@@ -53,9 +53,11 @@ def partition_members(
     size: str = "params",
     method: str = "dp",
     strict_balance: bool = False,
+    distinct: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> Partition:
-    """DeRy partition of the zoo into ``k`` blocks per model and ``k`` equivalence sets."""
+    """DeRy partition of the zoo into ``k`` blocks per model and ``k`` equivalence sets (``distinct``: each
+    model's blocks in ``k`` different sets)."""
     if len(members) < 2:
         raise ZooError(
             f"a reassembly needs at least two zoo models, got {len(members)}", "add models to --zoo (or use demo)"
@@ -71,6 +73,7 @@ def partition_members(
         seed=seed,
         method=method,
         size_relax=not strict_balance,
+        distinct=distinct,
         progress=progress,
     )
 
