@@ -28,12 +28,13 @@ from torch import nn
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit
-from zoocompiler.ir import graph_info, node_info
+from zoocompiler.ir import graph_info
 from zoocompiler.passes.analysis import trace
-from zoocompiler.passes.analysis.cut_points import stack_boundaries
+from zoocompiler.passes.analysis.activations import cut_point_activations
+from zoocompiler.passes.analysis.cut_points import CutPoint, cut_point_table, stack_boundaries
 from zoocompiler.passes.rewrite.blocks import extract_block
 from zoocompiler.passes.rewrite.compose import stitch_ridge
-from zoocompiler.passes.rewrite.stitch import Stitch, batched_forward, make_stitch
+from zoocompiler.passes.rewrite.stitch import Stitch, make_stitch
 from zoocompiler.training import History, evaluate, train
 
 from .distill import soft_cross_entropy
@@ -67,6 +68,7 @@ class LearngenePool(nn.Module):
         self.stitches = nn.ModuleDict()
         self._graphs = {"small": trace(small.eval(), example), "large": trace(large.eval(), example)}
         self._bounds = {row: stack_boundaries(gm, STACK, depth) for row, gm in self._graphs.items()}
+        self._cuts = {row: cut_point_table(gm) for row, gm in self._graphs.items()}
         self._paths: dict[int, DescendantPath] = {}
         for low in range(1, depth):
             self.stitches[str(low)] = self._init_stitch(low, "random", None, None)
@@ -77,14 +79,9 @@ class LearngenePool(nn.Module):
         """Every descendant, smallest first (``low = l`` down to 0)."""
         return list(range(self.depth, -1, -1))
 
-    def _interface(self, row: str, low: int):
-        gm = self._graphs[row]
-        name = graph_info(gm).cut_points[self._bounds[row][low]]
-        return node_info(next(n for n in gm.graph.nodes if n.name == name)).tensor
-
-    def _prefix(self, row: str, low: int) -> nn.Module:
-        """Row ``row`` from the input to the output of its block ``low`` (shares weights)."""
-        return extract_block(self._graphs[row], 0, self._bounds[row][low]).module
+    def _cut(self, row: str, low: int) -> CutPoint:
+        """The cut point of row ``row`` after its block ``low`` (0: before the first block)."""
+        return self._cuts[row][self._bounds[row][low]]
 
     def path(self, low: int) -> DescendantPath:
         if not 0 <= low <= self.depth:
@@ -98,7 +95,8 @@ class LearngenePool(nn.Module):
                 gm = self._graphs["large"]
                 last = len(graph_info(gm).cut_points) - 1
                 tail = extract_block(gm, self._bounds["large"][low], last).module
-                self._paths[low] = DescendantPath(low, self._prefix("small", low), tail)
+                head = extract_block(self._graphs["small"], 0, self._bounds["small"][low]).module
+                self._paths[low] = DescendantPath(low, head, tail)
         return self._paths[low]
 
     def path_module(self, low: int) -> nn.Sequential:
@@ -131,23 +129,30 @@ class LearngenePool(nn.Module):
         (PyTorch's default, seeded; the global RNG is left as it was)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            if init == "ls":
+                if probe is None:
+                    raise ZooError("ls init needs probe images", "pass probe images")
+                probes = {row: cut_point_activations(gm, probe, [self._cut(row, low).node for low in
+                                                                 range(1, self.depth)])
+                          for row, gm in self._graphs.items()}  # one forward per row for every position
             for low in range(1, self.depth):
-                self.stitches[str(low)].load_state_dict(self._init_stitch(low, init, matrix, probe).state_dict())
+                pair = None if init != "ls" else tuple(probes[row][self._cut(row, low).node]
+                                                        for row in ("small", "large"))
+                self.stitches[str(low)].load_state_dict(self._init_stitch(low, init, matrix, pair).state_dict())
 
     @torch.no_grad()
-    def _init_stitch(self, low: int, init: str, matrix: torch.Tensor | None, probe: torch.Tensor | None) -> Stitch:
-        """A fresh stitch for position ``low``, initialised by ``init``."""
-        src, dst = self._interface("small", low), self._interface("large", low)
+    def _init_stitch(self, low: int, init: str, matrix: torch.Tensor | None,
+                     probes: tuple[torch.Tensor, torch.Tensor] | None) -> Stitch:
+        """A fresh stitch for position ``low``, initialised by ``init`` (``ls``: from the (small, large) rows'
+        activations there on the same probe images)."""
+        src, dst = self._cut("small", low).tensor, self._cut("large", low).tensor
         if init == "tm":
             if matrix is None:
                 raise ZooError("tm init needs the distillation's transformation matrices",
                                "distil the pool again, or pick --init ls or random")
             return make_stitch(src, dst, init=matrix)
         if init == "ls":
-            if probe is None:
-                raise ZooError("ls init needs probe images", "pass probe images")
-            src_act = batched_forward(self._prefix("small", low), probe)
-            dst_act = batched_forward(self._prefix("large", low), probe)
+            src_act, dst_act = probes
             return make_stitch(src, dst, probe_src=src_act, probe_dst=dst_act, ridge=stitch_ridge(src_act, src))
         if init == "random":
             return make_stitch(src, dst, init="random")
