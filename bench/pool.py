@@ -50,8 +50,8 @@ from zoocompiler.core.plots import pyplot, save_png
 from zoocompiler.data import load_dataset
 from zoocompiler.pipelines.pool.ancestry import VitShape, ancestry_shape, build_vit
 from zoocompiler.pipelines.pool.config import PoolDistillConfig, PoolFinetuneConfig
-from zoocompiler.pipelines.pool.distill import dense_levels, distill
-from zoocompiler.pipelines.pool.pipeline import aux_shapes, measure_descendants
+from zoocompiler.pipelines.pool.distill import dense_levels
+from zoocompiler.pipelines.pool.pipeline import aux_shapes, distill_row, measure_descendants
 from zoocompiler.pipelines.pool.pool import LearngenePool, example_batch, finetune
 from zoocompiler.sources import load_model
 from zoocompiler.training import evaluate, seed_everything, train
@@ -81,18 +81,16 @@ def run_depth(blocks: int, args: argparse.Namespace, ancestry: torch.nn.Module, 
     train_split, test_split = splits
     shape = ancestry_shape(ancestry)
     input_shape = tuple(train_split.x.shape[1:])
-    distill_cfg, ft_cfg = PoolDistillConfig(blocks=blocks), PoolFinetuneConfig()
+    distill_cfg = PoolDistillConfig(blocks=blocks, epochs=args.epochs, progress=args.bars)
+    ft_cfg = PoolFinetuneConfig()
     narrow, wide, levels = aux_shapes(shape, distill_cfg)  # the product's defaults: d' = d/4, 3 levels per row
     probe = train_split.x[torch.randperm(len(train_split), generator=torch.Generator().manual_seed(0))[:256]]
     rows, maps, record = {}, {}, {"blocks": blocks, "distill": {}, "anchors": {}}
     for row, aux_shape in (("large", wide), ("small", narrow)):
         t0 = time.perf_counter()
-        seed_everything(0)
-        aux = build_vit(aux_shape)
-        result = distill(ancestry, aux, train_split, levels=dense_levels(shape.depth, blocks, levels[row]),
-                         alpha=distill_cfg.alpha, tau=distill_cfg.tau, epochs=args.epochs, lr=distill_cfg.lr,
-                         batch_size=distill_cfg.batch_size, seed=0, progress=args.bars, desc=f"LGP({blocks}) {row}")
-        rows[row], maps[row] = aux.eval(), result.transforms
+        aux, result = distill_row(ancestry, aux_shape, dense_levels(shape.depth, blocks, levels[row]), train_split,
+                                  distill_cfg, f"LGP({blocks}) {row}")
+        rows[row], maps[row] = aux, result.transforms
         record["distill"][row] = {"accuracy": evaluate(aux, test_split), "seconds": time.perf_counter() - t0,
                                   "levels": result.levels, "params": count_params(aux)}
         console.print(f"LGP({blocks}) {row} row distilled: {100 * record['distill'][row]['accuracy']:.2f}% "

@@ -30,7 +30,7 @@ from zoocompiler.training import evaluate, seed_everything
 from ..base import Executor, LocalExecutor, Stages, run_staged, write_report
 from .ancestry import VitShape, ancestry_shape, build_vit
 from .config import PoolBuildConfig, PoolDistillConfig, PoolFinetuneConfig
-from .distill import dense_levels, distill
+from .distill import DistillResult, dense_levels, distill
 from .plots import plot_descendants
 from .pool import LearngenePool, example_batch, finetune
 from .store import POOL_FILE, POOL_FORMAT, read_pool, write_weights
@@ -83,6 +83,17 @@ def aux_shapes(shape: VitShape, config: PoolDistillConfig) -> tuple[VitShape, Vi
     return narrow, wide, levels
 
 
+def distill_row(ancestry: nn.Module, aux_shape: VitShape, levels: list[tuple[int, int]], split: DataSplit,
+                config: PoolDistillConfig, desc: str) -> tuple[nn.Module, DistillResult]:
+    """One auxiliary model of ``aux_shape``, built from ``config.seed`` and distilled from ``ancestry`` on ``split``
+    with ``config``'s Eq. 8 settings at the (ancestry block, auxiliary block) ``levels``; eval mode."""
+    seed_everything(config.seed)
+    aux = build_vit(aux_shape)
+    result = distill(ancestry, aux, split, levels=levels, alpha=config.alpha, tau=config.tau, epochs=config.epochs,
+                     lr=config.lr, batch_size=config.batch_size, seed=config.seed, progress=config.progress, desc=desc)
+    return aux.eval(), result
+
+
 def _pool_doc(config: PoolDistillConfig, shape: VitShape, ancestry: nn.Module, narrow: VitShape, wide: VitShape,
               input_shape: tuple[int, ...]) -> dict[str, Any]:
     return {"format": POOL_FORMAT,
@@ -118,12 +129,8 @@ def distill_pool(config: PoolDistillConfig, out: Path, *, force: bool = False,
             pairs = dense_levels(shape.depth, blocks, levels[row])
             with stages(f"distill_{row}", f"distilling {shape.depth} blocks at d={shape.embed_dim} into {blocks} at "
                                           f"d={aux_shape.embed_dim} (levels {pairs})"):
-                seed_everything(config.seed)
-                aux = build_vit(aux_shape)
-                result = distill(ancestry, aux, train_split, levels=pairs, alpha=config.alpha, tau=config.tau,
-                                 epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
-                                 progress=config.progress, desc=f"distill {row} row")
-            rows[row], maps[row] = aux.eval(), result.transforms
+                aux, result = distill_row(ancestry, aux_shape, pairs, train_split, config, f"distill {row} row")
+            rows[row], maps[row] = aux, result.transforms
             history[row] = {"levels": [list(p) for p in pairs], "epochs": result.epochs,
                             "seconds": result.history.seconds, "accuracy": evaluate(aux, test_split)}
         with stages("stitch", f"pooling {2 * blocks} instances, {blocks - 1} stitch layers ({config.init} init)"):
