@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,10 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _measured import run_measured, show  # bench/_measured.py (this script's folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
-from zoocompiler.core.atomic import atomic_path, write_json_atomic
+from zoocompiler.core.atomic import atomic_path
 from zoocompiler.core.modules import count_params
 from zoocompiler.data import load_dataset
 from zoocompiler.passes.analysis import trace
@@ -386,16 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.quick:
             args.ks, args.draws, args.combos, args.expansion, args.ft_steps = [5], 1, 2, 5, 10
-        start = time.perf_counter()
-        doc = run(args, console)
-        doc.update(seconds=time.perf_counter() - start, args={k: v for k, v in vars(args).items() if k != "out"},
-                   machine=platform.platform(), python=sys.version.split()[0], torch=torch.__version__)
-        doc["summary"], doc["targets"] = summary(doc), targets(doc)
-        write_json_atomic(args.out, doc)
-    render(doc, console)
-    plot(doc, args.out.with_suffix(".png"))
-    if not args.render_only:
-        console.print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {doc['seconds']:.0f} s")
+        doc = run_measured(args, console, run, lambda d: {"summary": summary(d), "targets": targets(d)})
+    show(doc, args, console, render, plot, measured=not args.render_only)
     return 0
 
 

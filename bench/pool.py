@@ -31,8 +31,6 @@ import argparse
 import copy
 import json
 import multiprocessing
-import platform
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -41,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _measured import run_measured, show  # bench/_measured.py (this script's folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
@@ -226,6 +225,11 @@ def targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def derived(doc: dict[str, Any]) -> dict[str, Any]:
+    """The verdicts and Table 3, computed from the measured rows."""
+    return {"targets": targets(doc), "table3": best_per_range(doc)}
+
+
 def render(doc: dict[str, Any], console: Console) -> None:
     anc = doc["ancestry"]
     console.print(f"ancestry {anc['spec']}: {anc['params']:,} params, {100 * anc['accuracy']:.2f}%")
@@ -327,21 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=150)
     if args.render_only:
         doc = json.loads(args.out.read_text())
-        doc["targets"], doc["table3"] = targets(doc), best_per_range(doc)  # derived: recomputed from the rows
+        doc.update(derived(doc))  # recomputed from the rows
         write_json_atomic(args.out, doc)
     else:
         if args.quick:
             args.blocks, args.epochs, args.ft_epochs, args.runs = [6], 1, 1, 5
-        start = time.perf_counter()
-        doc = run(args, console)
-        doc.update(seconds=time.perf_counter() - start, args={k: v for k, v in vars(args).items() if k != "out"},
-                   machine=platform.platform(), python=sys.version.split()[0], torch=torch.__version__)
-        doc["targets"], doc["table3"] = targets(doc), best_per_range(doc)
-        write_json_atomic(args.out, doc)
-    render(doc, console)
-    plot(doc, args.out.with_suffix(".png"))
-    if not args.render_only:
-        console.print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {doc['seconds']:.0f} s")
+        doc = run_measured(args, console, run, derived)
+    show(doc, args, console, render, plot, measured=not args.render_only)
     return 0
 
 

@@ -1,0 +1,40 @@
+"""What a benchmark script does around its measurements: run them, stamp the run (wall time, arguments, machine,
+versions), add the figures derived from them, write the JSON; then print the tables and draw the PNG."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from zoocompiler.core.atomic import write_json_atomic
+
+Doc = dict[str, Any]
+
+
+def run_measured(args: argparse.Namespace, console: Console, run: Callable[[argparse.Namespace, Console], Doc],
+                 derive: Callable[[Doc], Doc]) -> Doc:
+    """``run(args, console)`` stamped with its seconds, ``args`` (but ``out``), machine and versions, plus
+    ``derive(doc)``'s keys; written to ``args.out``."""
+    start = time.perf_counter()
+    doc = run(args, console)
+    doc.update(seconds=time.perf_counter() - start, args={k: v for k, v in vars(args).items() if k != "out"},
+               machine=platform.platform(), python=sys.version.split()[0], torch=torch.__version__)
+    doc.update(derive(doc))
+    write_json_atomic(args.out, doc)
+    return doc
+
+
+def show(doc: Doc, args: argparse.Namespace, console: Console, render: Callable[[Doc, Console], None],
+         plot: Callable[..., None], *, measured: bool) -> None:
+    """Print the tables, draw ``args.out``'s PNG and, after a measuring run, say what was written."""
+    render(doc, console)
+    plot(doc, args.out.with_suffix(".png"))
+    if measured:
+        console.print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {doc['seconds']:.0f} s")
