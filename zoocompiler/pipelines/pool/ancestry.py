@@ -64,7 +64,11 @@ class VitShape:
                            f"width) up to its {self.embed_dim}",
                            f"pass --dim as a multiple of {self.head_dim} up to {self.embed_dim}, "
                            f"e.g. {max(self.head_dim, self.embed_dim // 4 // self.head_dim * self.head_dim)}")
-        return replace(self, depth=blocks, embed_dim=dim, num_heads=dim // self.head_dim)
+        return replace(self.at_width(dim), depth=blocks)
+
+    def at_width(self, dim: int) -> VitShape:
+        """This shape at width ``dim`` with heads of this head width (unchecked: see :meth:`derive`)."""
+        return replace(self, embed_dim=dim, num_heads=max(1, dim // self.head_dim))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready options (tuples as lists; ``init_values`` only when set)."""

@@ -16,7 +16,7 @@ spec goes through ``sources.check_spec_from_file``: a ``python:`` spec is refuse
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +77,6 @@ POOL_SCHEMA = {
 }
 
 
-def _shape(doc: dict[str, Any]) -> VitShape:
-    return VitShape.from_dict(doc)
-
-
 @dataclass
 class PoolDir:
     """A read pool directory: its root and ``pool.json``."""
@@ -94,7 +90,7 @@ class PoolDir:
 
     @property
     def rows(self) -> dict[str, VitShape]:
-        return {row: _shape(self.doc["rows"][row]) for row in ("small", "large")}
+        return {row: VitShape.from_dict(self.doc["rows"][row]) for row in ("small", "large")}
 
     def _weights(self, key: str) -> dict[str, torch.Tensor]:
         entry = self.doc["weights"][key]
@@ -132,10 +128,6 @@ class PoolDir:
         return transforms.eval()
 
 
-def is_pool(path: Path) -> bool:
-    return (path / POOL_FILE).is_file()
-
-
 def read_pool(root: Path) -> PoolDir:
     """The pool directory at ``root`` (format and fields checked; weights are checked when loaded)."""
     root = Path(root)
@@ -143,9 +135,8 @@ def read_pool(root: Path) -> PoolDir:
         raise CheckpointError(f"pool directory {root} does not exist", _FIX)
     doc = load_json(root / POOL_FILE, POOL_SCHEMA, what="pool file", error=CheckpointError,
                     fix=f"point to a directory written by `zoocompile pool distill` ({POOL_FORMAT})")
-    small, large = (_shape(doc["rows"][row]) for row in ("small", "large"))
-    narrowed = replace(large, embed_dim=small.embed_dim, num_heads=max(1, small.embed_dim // large.head_dim))
-    if small.embed_dim >= large.embed_dim or small != narrowed:
+    small, large = (VitShape.from_dict(doc["rows"][row]) for row in ("small", "large"))
+    if small.embed_dim >= large.embed_dim or small != large.at_width(small.embed_dim):
         raise CheckpointError(f"{root / POOL_FILE} is malformed: rows.small must be rows.large at a narrower width "
                               "(same depth and options)", _FIX)
     return PoolDir(root, doc)
