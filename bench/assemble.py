@@ -1,13 +1,14 @@
-"""DeRy benchmark: solver scaling, DP vs swap partition, ILP + NASWOT vs random search, proxy quality, budgets.
+"""DeRy benchmark: solver scaling, DP vs swap, ILP + re-rank vs random search, proxies, assembled vs baselines.
 
 Usage::
 
-    python bench/assemble.py                # full run (~3 min on 2 cores; see docs/bench_assemble.md)
-    python bench/assemble.py --quick        # smoke version (~1-2 min): fewer zoo sizes, candidates and epochs
-    python bench/assemble.py --sizes 5,10,30 --budgets flops=1M params=100k,flops=4M --epochs 3 --tune full
+    python bench/assemble.py                # full run (~30 min on 2 cores; see docs/bench_assemble.md)
+    python bench/assemble.py --quick        # smoke version (a few minutes): fewer sizes, budgets, seeds; 1 epoch
+    python bench/assemble.py --skip scaling,swap --budgets flops=2M --seeds 0 --epochs 3
     python bench/assemble.py --render-only  # re-print the tables and redraw the plot from the JSON
 
-Five measurements, one run:
+Six measurements, one run (parts 3-6 on the pipeline's default target: ``digits`` at the demo zoo's 28×28, split
+into fit / val (held out of the training data) / test; every selection reads val, test is only reported):
 
 1. **solver scaling** on synthetic zoos (``synthetic_zoo``): N models × 40 cut points, each position a noisy
    unit vector drifting through K hidden stage directions along a per-model warped depth, C = clip(Gram, 0, 1);
@@ -15,20 +16,28 @@ Five measurements, one run:
    ``solve_assemblies`` (top 20) under a medium budget (the median zoo model's params and MACs).
 2. **dp vs swap** partition step on the same zoos: objective and seconds at equal restarts, and swap with the
    restarts that fit in dp's wall time.
-3. **ILP + NASWOT re-rank vs random search** on the demo zoo (mnist5k): ``solve`` + ``rank_candidates`` against
-   uniform sampling (without replacement) of the assemblies valid for the same partition and budget (one block
-   per set and per stage, joinable, within budget; enumerated exhaustively), each built and scored with NASWOT
-   on the same batches; best proxy within the ILP's wall time, and after all ``--random-candidates``; for each
-   of ``--search-budgets``.
-4. **Kendall τ** between NASWOT (and the ILP surrogate) and frozen-tuned test accuracy of the ILP top
-   ``--tau-top`` under a loose budget.
-5. **assembled vs single zoo models** within each of ``--budgets``: the chosen assembly (frozen tuning) against
-   every zoo model whose own params/MACs fit, with (a) its reported accuracy and (b) the same protocol (its body,
-   a fresh linear-probe head, frozen tuning for the same epochs, 10 classes); with ``--full-tuning`` (default)
-   every network is also fully tuned for the same epochs from the same start.
+3. **ILP + re-rank vs random search** on the demo zoo: the pipeline's ``member_probes`` (the ILP's quality) +
+   ``solve`` + ``rank_candidates`` (held-out linear-probe accuracy, the default proxy; whole zoo models added)
+   against uniform sampling (without replacement) of the assemblies valid for the same partition and budget
+   (one block per set and per stage, joinable, ``fits``; enumerated exhaustively), each built and scored exactly
+   as ``rank_candidates`` scores an ILP candidate; best proxy within the ILP side's wall time, and after all
+   ``--random-candidates``; for each of ``--search-budgets``.
+4. **proxies vs accuracy**: every candidate ``rank_candidates`` returns for the ILP top ``--tau-top`` under a
+   loose budget (``--tau-budget``): its surrogate, held-out probe accuracy and NASWOT (``naswot`` on the built
+   body, the pipeline's ``_naswot_batches``) against its test accuracy after full (and frozen) tuning for the
+   same epochs as the pipeline; Kendall τ (SciPy) of each proxy against the tuned accuracy.
+5. **assembly vs baselines** (the headline): ``assemble(AssembleConfig(budget, tune=mode, seed))`` end to end for
+   every ``--budgets`` × ``--modes`` × ``--seeds``: the chosen network's test accuracy against (a) the best single
+   zoo model that fits and (b) a from-scratch twin, both tuned the same way (``report["baselines"]``); mean ± std
+   over seeds, how many picks are whole zoo models, the pipeline's own Kendall τ, time per stage; and the targets:
+   under full tuning, assembly ≥ (a) on average at ≥ 2 of the 3 flops budgets, and assembly ≥ (b) at every budget.
+6. **defaults ablation** at ``--ablation-budget`` (full tuning, every seed): the default config (distinct sets,
+   ``pool="auto"``) against ``distinct_sets=False`` and ``pool="mean"``: test accuracy, pickable blocks per
+   equivalence set, whole-model picks.
 
 Prints rich tables, writes ``bench/results/assemble.json`` and ``bench/results/assemble.png`` (solver time vs
-zoo size; NASWOT vs accuracy) atomically. Torch runs on ``--threads`` (default 1) intra-op threads.
+zoo size; probe accuracy vs tuned accuracy; part 5's accuracies per budget, full and frozen) atomically. Torch
+runs on ``--threads`` (default 1) intra-op threads; every pipeline run shares one temporary similarity cache.
 """
 
 from __future__ import annotations
@@ -36,51 +45,54 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import io
 import itertools
 import json
 import math
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pulp
 import torch
-import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 from scipy.stats import kendalltau
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
-from zoocompiler.core.budget import BUDGET_TOLERANCE, Budget
-from zoocompiler.core.modules import count_params
-from zoocompiler.passes.rewrite.compose import ChosenBlock, ProbeActivations, build_assembly, build_body
+from zoocompiler.core.budget import Budget
+from zoocompiler.passes.rewrite.compose import ProbeActivations, build_assembly
 from zoocompiler.pipelines.assemble.naswot import naswot
 from zoocompiler.pipelines.assemble.pipeline import (
     AssembleConfig,
     ZooAnalysis,
     _naswot_batches,
+    _score_candidate,
     analyse_zoo,
-    model_macs,
+    assemble,
+    member_probes,
     rank_candidates,
     solve,
     tune,
 )
-from zoocompiler.pipelines.assemble.problem import AssemblyOptions, assembly_options
-from zoocompiler.solvers.assembly_ilp import BlockOption, JoinCost, solve_assemblies
+from zoocompiler.pipelines.assemble.problem import AssemblyOptions
+from zoocompiler.solvers.assembly_ilp import BlockOption, JoinCost, fits, solve_assemblies
 from zoocompiler.solvers.partition import ModelPositions, Partition, partition_zoo
 from zoocompiler.training import evaluate
-from zoocompiler.zoo import get_entry
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCALING_TARGET_S = 10.0  # 30 models, partition + ILP top-20
 TARGET_MODELS = 30
+STAGES = ("analysis", "probe_zoo", "ilp", "rerank", "tune", "baselines", "export")  # assemble()'s timings
+PARTS = {"1": "scaling", "2": "swap", "3": "search", "4": "tau", "5": "budgets", "6": "ablation"}
+ABLATION = (("default", {}), ("distinct_sets=False", {"distinct_sets": False}), ("pool=mean", {"pool": "mean"}))
 Log = Callable[[str], None]
 
 
@@ -252,29 +264,14 @@ def bench_dp_vs_swap(zoos: dict, sizes: Sequence[int], restarts: int, seed: int,
     return rows
 
 
-# ----------------------------------------------------------------------------- 3: ILP + NASWOT vs random search
+
+
+# ----------------------------------------------------------------------------- 3: ILP + re-rank vs random search
 
 
 def _quiet() -> contextlib.AbstractContextManager:
     """Silence tqdm bars and library chatter on stderr (the bench logs its own progress)."""
     return contextlib.redirect_stderr(io.StringIO())
-
-
-def assembly_totals(opts: AssemblyOptions, combo: Sequence[int]) -> dict[str, float]:
-    """Params and MACs of blocks + joins + head of one assembly (what the ILP's budget rows count)."""
-    links = list(zip(combo, combo[1:]))
-    totals = {}
-    for metric in ("params", "macs"):
-        value = sum(getattr(opts.options[i], metric) for i in combo)
-        value += sum(getattr(opts.joins[p], metric) for p in links) + getattr(opts.heads[combo[-1]], metric)
-        totals[metric] = float(value)
-    return totals
-
-
-def surrogate(opts: AssemblyOptions, combo: Sequence[int]) -> float:
-    """The ILP objective of one assembly (compat weight 1)."""
-    links = list(zip(combo, combo[1:]))
-    return sum(opts.options[i].quality for i in combo) + sum(opts.joins[p].compat for p in links)
 
 
 def valid_assemblies(opts: AssemblyOptions, budget: Budget) -> list[tuple[int, ...]]:
@@ -284,230 +281,333 @@ def valid_assemblies(opts: AssemblyOptions, budget: Budget) -> list[tuple[int, .
     k = max(o.stage for o in opts.options) + 1
     by_stage = [[i for i, o in enumerate(opts.options) if o.stage == s] for s in range(k)]
     forbidden = set(opts.forbidden)
-    limits = budget.to_dict()
     out = []
     for combo in itertools.product(*by_stage):
         if len({opts.options[i].set for i in combo}) != k:
             continue
-        links = list(zip(combo, combo[1:]))
-        if any(p in forbidden or p not in opts.joins for p in links):
+        if any(p in forbidden or p not in opts.joins for p in zip(combo, combo[1:])):
             continue
-        totals = assembly_totals(opts, combo)
-        if all(totals[m] <= bound * (1 + BUDGET_TOLERANCE) for m, bound in limits.items()):
+        if fits(opts.assembly(combo), budget):
             out.append(combo)
     return out
 
 
-def bench_search(
-    analysis: ZooAnalysis, config: AssembleConfig, max_candidates: int, seed: int, log: Log
-) -> dict[str, Any]:
-    """ILP top-M + NASWOT re-rank against uniform random search over the valid assemblies (same batches)."""
+def bench_search(analysis: ZooAnalysis, config: AssembleConfig, max_candidates: int, log: Log) -> dict[str, Any]:
+    """The pipeline's probe + ILP top-M + re-rank against uniform random search over the valid assemblies.
+
+    Both sides start with cold probe-activation caches; the random side is timed from its own start (the
+    enumeration included) and scores each assembly as ``rank_candidates`` scores an ILP candidate."""
     members = analysis.members_by_name
     t = time.perf_counter()
-    opts, assemblies, stats = solve(analysis, config)
-    ilp_s = time.perf_counter() - t
-    ranked = rank_candidates(analysis, opts, assemblies, config)
+    probes = ProbeActivations(members, analysis.probe)
+    quality = member_probes(analysis, probes)
+    probe_zoo_s = time.perf_counter() - t
+    opts, assemblies, stats = solve(analysis, config, quality=quality)
+    ilp_s = time.perf_counter() - t - probe_zoo_s
+    ranked = rank_candidates(analysis, opts, assemblies, config, probes, quality=quality)
     ilp_total_s = time.perf_counter() - t
-    ilp_best = ranked[0]
-    log(
-        f"search: ILP top-{len(assemblies)} {ilp_s:.2f} s + NASWOT re-rank = {ilp_total_s:.2f} s, "
-        f"best NASWOT {ilp_best.naswot:.2f}"
-    )
+    best = ranked[0]
+    log(f"search {config.budget}: zoo probes {probe_zoo_s:.2f} s + ILP top-{len(assemblies)} {ilp_s:.2f} s + "
+        f"re-rank of {len(ranked)} = {ilp_total_s:.2f} s, best probe {best.probe:.3f} ({best.source})")
 
     t0 = time.perf_counter()
-    opts_r = assembly_options(analysis.partition, analysis.members, analysis.similarity, analysis.train.num_classes)
-    valid = valid_assemblies(opts_r, config.budget)
+    valid = valid_assemblies(opts, config.budget)
     enumerate_s = time.perf_counter() - t0
-    order = np.random.default_rng(seed).permutation(len(valid))[:max_candidates]
-    probes = ProbeActivations(members, analysis.probe)
-    batches = _naswot_batches(analysis.train, config)
+    order = np.random.default_rng(config.seed).permutation(len(valid))[:max_candidates]
+    cold = ProbeActivations(members, analysis.probe)
     trace: list[tuple[float, float]] = []
     scores: dict[tuple[int, ...], float] = {}
     for idx in order:
-        combo = valid[idx]
-        body = nn.Sequential(build_body([opts_r.blocks[i] for i in combo], members, probes))
-        scores[combo] = naswot(body, batches)
-        trace.append((time.perf_counter() - t0, scores[combo]))
+        cand = _score_candidate(opts.assembly(valid[idx]), opts=opts, members=members, probes=cold, batches=None,
+                                task=analysis.task)
+        scores[valid[idx]] = cand.probe
+        trace.append((time.perf_counter() - t0, cand.probe))
     random_s = time.perf_counter() - t0
 
     within = [s for elapsed, s in trace if elapsed <= ilp_total_s]
-    ilp_keys = {tuple(opts.blocks[i].key for i in a.blocks) for a in assemblies}
-    valid_keys = {tuple(opts_r.blocks[i].key for i in c) for c in valid}
-    surrogates = sorted((surrogate(opts_r, c) for c in valid), reverse=True)
     exhaustive = len(order) == len(valid)
-    best_random = max(s for _, s in trace)
-    match = next(((i + 1, e) for i, (e, s) in enumerate(trace) if s >= ilp_best.naswot - 1e-9), None)
+    best_random = max((s for _, s in trace), default=None)
+    match = next(((i + 1, e) for i, (e, s) in enumerate(trace) if s >= best.probe - 1e-9), None)
+    top_surrogate = max((opts.assembly(c).surrogate for c in valid), default=None)
+    valid_set = set(valid)
     result = {
         "budget": str(config.budget),
         "valid_assemblies": len(valid),
         "ilp": {
-            "candidates": len(assemblies),
+            "candidates": len(ranked),
+            "ilp_candidates": len(assemblies),
             "solver": stats.to_dict(),
+            "probe_zoo_s": probe_zoo_s,
             "ilp_s": ilp_s,
             "seconds": ilp_total_s,
-            "best_naswot": ilp_best.naswot,
-            "best_blocks": [b.key for b in ilp_best.blocks],
-            "best_macs": ilp_best.assembly.macs,
-            "best_params": ilp_best.assembly.params,
-            "naswot": [c.naswot for c in ranked],
-            "all_valid": ilp_keys <= valid_keys,
+            "best_probe": best.probe,
+            "best_source": best.source,
+            "best_blocks": [b.key for b in best.blocks],
+            "best_params": best.assembly.params,
+            "best_macs": best.assembly.macs,
+            "probes": [c.probe for c in ranked],
+            "all_valid": all(a.blocks in valid_set for a in assemblies),
             # the ILP's top surrogate equals the best surrogate of any valid assembly (enumeration check)
-            "optimum_verified": abs(assemblies[0].surrogate - surrogates[0]) < 1e-9,
+            "optimum_verified": top_surrogate is not None and abs(assemblies[0].surrogate - top_surrogate) < 1e-9,
         },
         "random": {
             "enumerate_s": enumerate_s,
-            "at_ilp_time": {
-                "evaluated": len(within),
-                "best_naswot": max(within) if within else None,
-            },
-            "full": {
-                "evaluated": len(trace),
-                "seconds": random_s,
-                "best_naswot": best_random,
-                "exhaustive": exhaustive,
-            },
-            # the first random candidate whose NASWOT reaches the ILP's pick: (candidates evaluated, seconds)
+            "at_ilp_time": {"evaluated": len(within), "best_probe": max(within) if within else None},
+            "full": {"evaluated": len(trace), "seconds": random_s, "best_probe": best_random,
+                     "exhaustive": exhaustive},
+            # the first random candidate whose probe accuracy reaches the ILP side's pick: (evaluated, seconds)
             "reaches_ilp_best": None if match is None else {"evaluated": match[0], "seconds": match[1]},
             "trace": [[round(e, 3), s] for e, s in trace],
         },
     }
-    if exhaustive:  # every valid assembly scored: where does the ILP's pick rank among all of them?
-        result["ilp"]["rank_among_all"] = 1 + sum(s > ilp_best.naswot + 1e-9 for s in scores.values())
-    log(
-        f"search: random {len(within)} candidates within the ILP's time (best {result['random']['at_ilp_time']}), "
-        f"{len(trace)} in {random_s:.1f} s (best {best_random:.2f})"
-    )
+    if exhaustive:  # every valid assembly scored: where does the ILP side's pick rank among all of them?
+        result["ilp"]["rank_among_all"] = 1 + sum(s > best.probe + 1e-9 for s in scores.values())
+    log(f"search {config.budget}: random {len(within)} candidates within the ILP's time "
+        f"(best {result['random']['at_ilp_time']['best_probe']}), {len(trace)} of {len(valid)} valid in "
+        f"{random_s:.1f} s (best {best_random})")
     return result
 
 
-# ----------------------------------------------------------------------------- 4-5: tuned accuracy
+# ----------------------------------------------------------------------------- 4: proxies vs tuned accuracy
 
 
-def _tuned(net: nn.Module, analysis: ZooAnalysis, config: AssembleConfig) -> tuple[float, float]:
-    """(linear-probe accuracy, accuracy after ``config.tune`` for ``config.epochs``) on the test split."""
-    before = evaluate(net, analysis.test)
+def _tau(x: Sequence[float], y: Sequence[float]) -> dict[str, float] | None:
+    """SciPy's Kendall τ-b and its p-value; None where undefined (fewer than 2 items, a constant ranking)."""
+    if len(x) < 2:
+        return None
+    res = kendalltau(x, y)
+    if not (math.isfinite(res.statistic) and math.isfinite(res.pvalue)):
+        return None
+    return {"tau": float(res.statistic), "p": float(res.pvalue)}
+
+
+def _tuned_accuracy(net, analysis: ZooAnalysis, config: AssembleConfig, mode: str) -> dict[str, float]:
+    """Val and test accuracy of a copy of ``net`` after ``pipeline.tune`` in ``mode`` (no head kept back)."""
+    net = copy.deepcopy(net)
+    t = time.perf_counter()
     with _quiet():
-        tune(net, analysis.train, config)
-    return before, evaluate(net, analysis.test)
+        tune(net, analysis.task.fit, config, mode)
+    return {"val": evaluate(net, analysis.task.val), "test": evaluate(net, analysis.task.test),
+            "seconds": time.perf_counter() - t}
 
 
-def _net_costs(net: nn.Module, analysis: ZooAnalysis) -> tuple[int, int]:
-    return count_params(net), model_macs(net, tuple(analysis.train.input_shape))
-
-
-def bench_kendall(analysis: ZooAnalysis, config: AssembleConfig, log: Log) -> dict[str, Any]:
-    """NASWOT and surrogate vs frozen-tuned accuracy of the ILP top ``config.top`` under ``config.budget``."""
+def bench_proxies(analysis: ZooAnalysis, config: AssembleConfig, limit: int | None, frozen: bool,
+                  log: Log) -> dict[str, Any]:
+    """Surrogate, probe accuracy and NASWOT of what ``rank_candidates`` returns (ILP top ``config.top`` plus the
+    whole zoo models that fit, best probe first, the first ``limit``) vs test accuracy after tuning."""
     members = analysis.members_by_name
-    opts, assemblies, _ = solve(analysis, config)
-    ranked = rank_candidates(analysis, opts, assemblies, config)
+    task = analysis.task
     probes = ProbeActivations(members, analysis.probe)
+    quality = member_probes(analysis, probes)
+    opts, assemblies, _ = solve(analysis, config, quality=quality)
+    ranked = rank_candidates(analysis, opts, assemblies, config, probes, quality=quality)[:limit]
+    batches = _naswot_batches(analysis.train, config)
+    modes = ("full", "frozen") if frozen else ("full",)
     rows = []
     for c in ranked:
-        t = time.perf_counter()
-        train = analysis.train
-        net = build_assembly(c.blocks, members, probes, train.x, train.y, train.num_classes)
-        before, after = _tuned(net, analysis, config)
-        params, macs = _net_costs(net, analysis)
-        rows.append(
-            {
-                "blocks": [b.key for b in c.blocks],
-                "naswot": c.naswot,
-                "surrogate": c.assembly.surrogate,
-                "params": params,
-                "macs": macs,
-                "accuracy_probe": before,
-                "accuracy": after,
-                "seconds": time.perf_counter() - t,
-            }
-        )
-        log(f"tau: {' → '.join(rows[-1]['blocks'])}: NASWOT {c.naswot:.1f}, acc {before:.3f} → {after:.3f}")
-    acc = [r["accuracy"] for r in rows]
-    taus = {}
-    for key in ("naswot", "surrogate", "accuracy_probe"):
-        tau = kendalltau([r[key] for r in rows], acc)
-        taus[key] = {"tau": float(tau.statistic), "p": float(tau.pvalue)}
-    return {"budget": str(config.budget), "epochs": config.epochs, "tune": config.tune, "rows": rows, "tau": taus}
+        net = build_assembly(c.blocks, members, probes, task.fit.x, task.fit.y, task.num_classes)
+        row = {
+            "blocks": [b.key for b in c.blocks],
+            "source": c.source,
+            "params": c.assembly.params,
+            "macs": c.assembly.macs,
+            "surrogate": c.assembly.surrogate,
+            "probe": c.probe,
+            "naswot": naswot(net.body, batches),
+            "test_ridge": evaluate(net, task.test),
+        }
+        for mode in modes:
+            row[mode] = _tuned_accuracy(net, analysis, config, mode)
+        rows.append(row)
+        log(f"tau: {' → '.join(row['blocks'])}: probe {c.probe:.3f}, NASWOT {row['naswot']:.1f}, "
+            + ", ".join(f"{m} {row[m]['test']:.3f}" for m in modes))
+    taus = {mode: {key: _tau([r[key] for r in rows], [r[mode]["test"] for r in rows])
+                   for key in ("surrogate", "probe", "naswot")} for mode in modes}
+    return {"budget": str(config.budget), "top": config.top, "epochs": config.epochs, "lr": config.lr,
+            "modes": list(modes), "rows": rows, "tau": taus}
 
 
-def _protocol(net: nn.Module, analysis: ZooAnalysis, config: AssembleConfig, full: bool) -> dict[str, float]:
-    """Linear-probe and ``config.tune``-tuned accuracy of ``net`` (in place); with ``full`` also the accuracy
-    after full tuning for the same epochs, on a copy of the untuned net."""
-    untuned = copy.deepcopy(net) if full else None
-    before, after = _tuned(net, analysis, config)
-    out = {"probe": before, "tuned": after}
-    if untuned is not None:
-        out["full"] = _tuned(untuned, analysis, dataclasses.replace(config, tune="full"))[1]
+# ----------------------------------------------------------------------------- 5-6: the pipeline end to end
+
+
+def run_assemble(config: AssembleConfig, work: Path) -> dict[str, Any]:
+    """``assemble(config)`` into a scratch directory (removed after), progress off; the measured fields."""
+    out = Path(tempfile.mkdtemp(dir=work, prefix="run_"))
+    t = time.perf_counter()
+    try:
+        with _quiet():
+            report = assemble(config, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    seconds = time.perf_counter() - t
+    base = report["baselines"] or {}
+    single, scratch = base.get("single"), base.get("scratch")
+    return {
+        "budget": str(config.budget),
+        "tune": config.tune,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "distinct_sets": config.distinct_sets,
+        "pool": config.pool,
+        "accuracy": report["accuracy"],
+        "accuracy_before_tuning": report["accuracy_before_tuning"],
+        "val_accuracy": report["val_accuracy"],
+        "kept_head": report["kept_head"],
+        "chosen_source": report["chosen_source"],
+        "chosen": [f"{r['model']}[{r['positions'][0]}:{r['positions'][1]}]" for r in report["chosen"]],
+        "params": report["params"],
+        "macs": report["macs"],
+        "kendall_tau": report["kendall_tau"],
+        "tuned": [{k: t[k] for k in ("blocks", "source", "score", "val", "test", "kept")} for t in report["tuned"]],
+        "single": None if single is None else {k: single[k] for k in (
+            "model", "params", "macs", "probe", "test_before", "val", "test", "kept")},
+        "scratch": None if scratch is None else {k: scratch[k] for k in (
+            "params", "test_before", "val", "test", "kept")},
+        "sets": report["sets"],
+        "timings": report["timings"],
+        "seconds": seconds,
+    }
+
+
+def _run_line(r: dict) -> str:
+    single = r["single"]
+    a = "-" if single is None else f"{single['test']:.3f} ({single['model']})"
+    b = "-" if r["scratch"] is None else f"{r['scratch']['test']:.3f}"
+    return (f"{r['budget']} {r['tune']} seed {r['seed']}: {r['accuracy']:.3f} ({r['chosen_source']}: "
+            f"{' → '.join(r['chosen'])}); single {a}; scratch {b}; {r['seconds']:.0f} s")
+
+
+def _same_run(r: dict, config: AssembleConfig) -> bool:
+    return (r["budget"] == str(config.budget) and r["tune"] == config.tune and r["seed"] == config.seed
+            and r["epochs"] == config.epochs and r["distinct_sets"] == config.distinct_sets
+            and r["pool"] == config.pool)
+
+
+def bench_budgets(base: AssembleConfig, budgets: Sequence[Budget], modes: Sequence[str], seeds: Sequence[int],
+                  work: Path, log: Log) -> list[dict]:
+    """Part 5: one ``assemble`` run per budget × tuning mode × seed."""
+    runs = []
+    for budget, mode, seed in itertools.product(budgets, modes, seeds):
+        runs.append(run_assemble(replace(base, budget=budget, tune=mode, seed=seed), work))
+        log("budgets: " + _run_line(runs[-1]))
+    return runs
+
+
+def bench_ablation(base: AssembleConfig, budget: Budget, seeds: Sequence[int], done: Sequence[dict], work: Path,
+                   log: Log) -> list[dict]:
+    """Part 6: the default config against each variant of ``ABLATION`` (full tuning); part 5's runs re-used."""
+    runs = []
+    for (name, change), seed in itertools.product(ABLATION, seeds):
+        config = replace(base, budget=budget, tune="full", seed=seed, **change)
+        run = next((r for r in done if _same_run(r, config)), None)
+        if run is None:
+            run = run_assemble(config, work)
+            log(f"ablation {name}: " + _run_line(run))
+        runs.append({**run, "variant": name})
+    return runs
+
+
+# ----------------------------------------------------------------------------- summaries (also on --render-only)
+
+
+def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample std (ddof 1; None for one value) of the values that are not None."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return {"n": 0, "mean": None, "std": None}
+    return {"n": len(v), "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
+
+
+def _margin(r: dict, base: str) -> float | None:
+    return None if r[base] is None else r["accuracy"] - r[base]["test"]
+
+
+def summarise_budgets(runs: Sequence[dict]) -> list[dict]:
+    """Per budget × mode (run order): mean ± std over seeds of the assembly, (a), (b), the margins; picks; τ."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["budget"], r["tune"]), []).append(r)
+    out = []
+    for (budget, mode), rs in groups.items():
+        singles = sorted({r["single"]["model"] for r in rs if r["single"] is not None})
+        out.append({
+            "budget": budget,
+            "tune": mode,
+            "seeds": [r["seed"] for r in rs],
+            "assembly": _stats([r["accuracy"] for r in rs]),
+            "single": _stats([None if r["single"] is None else r["single"]["test"] for r in rs]),
+            "single_models": singles,
+            "scratch": _stats([None if r["scratch"] is None else r["scratch"]["test"] for r in rs]),
+            "margin_single": _stats([_margin(r, "single") for r in rs]),
+            "margin_scratch": _stats([_margin(r, "scratch") for r in rs]),
+            "whole_picks": sum(r["chosen_source"] == "whole" for r in rs),
+            "kendall_tau": _stats([r["kendall_tau"] for r in rs]),
+            "params": _stats([r["params"] for r in rs]),
+            "macs": _stats([r["macs"] for r in rs]),
+            "seconds": _stats([r["seconds"] for r in rs]),
+        })
     return out
 
 
-def bench_budgets(
-    analysis: ZooAnalysis, config: AssembleConfig, budgets: Sequence[Budget], full: bool, log: Log
-) -> dict:
-    """Per budget, the chosen assembly vs every zoo model that fits it (reported and same-protocol accuracy).
+def _flops_only(budget: str) -> bool:
+    b = Budget.parse(budget)
+    return b.macs is not None and b.params is None and b.latency_ms is None
 
-    ``full``: every network is also fully tuned (all weights) for the same epochs, from the same start.
-    """
-    members = analysis.members_by_name
-    probes = ProbeActivations(members, analysis.probe)
-    train = analysis.train
-    singles = []
-    for index, m in enumerate(analysis.members):
-        bounds = analysis.partition.boundaries[index]
-        blocks = [ChosenBlock(m.name, s, bounds[s], bounds[s + 1]) for s in range(analysis.partition.k)]
-        net = build_assembly(blocks, members, probes, train.x, train.y, train.num_classes)
-        acc = _protocol(net, analysis, config, full)
-        params, macs = _net_costs(net, analysis)
-        entry = get_entry(m.name)
-        singles.append(
-            {
-                "model": m.name,
-                "classes": len(entry.classes),
-                "params": entry.params,
-                "macs": entry.macs,
-                "reported_accuracy": entry.test_accuracy,
-                "protocol_params": params,
-                "protocol_macs": macs,
-                "protocol_probe_accuracy": acc["probe"],
-                "protocol_accuracy": acc["tuned"],
-                "full_tuning_accuracy": acc.get("full"),
-            }
-        )
-        log(f"budgets: {m.name} body + new head: {acc} (reported {entry.test_accuracy})")
+
+def budget_targets(summary: Sequence[dict]) -> dict[str, Any]:
+    """Issue 15's targets under full tuning, on means over seeds: assembly ≥ (a) at ≥ 2 of 3 flops budgets (at
+    least two thirds of those where a single model fits), and assembly ≥ (b) at every budget."""
+    full = [s for s in summary if s["tune"] == "full"]
+    flops = [s for s in full if _flops_only(s["budget"]) and s["margin_single"]["mean"] is not None]
+    wins = [s["budget"] for s in flops if s["margin_single"]["mean"] >= 0]
+    needed = math.ceil(2 * len(flops) / 3)
+    scratch = [s for s in full if s["margin_scratch"]["mean"] is not None]
+    return {
+        "single": {
+            "met": bool(flops) and len(wins) >= needed, "wins": wins, "budgets": [s["budget"] for s in flops],
+            "needed": needed, "no_single": [s["budget"] for s in full if _flops_only(s["budget"])
+                                            and s["margin_single"]["mean"] is None],
+            "margins": {s["budget"]: s["margin_single"]["mean"] for s in flops},
+        },
+        "scratch": {
+            "met": bool(scratch) and all(s["margin_scratch"]["mean"] >= 0 for s in scratch),
+            "budgets": [s["budget"] for s in scratch],
+            "margins": {s["budget"]: s["margin_scratch"]["mean"] for s in scratch},
+        },
+    }
+
+
+def stage_times(runs: Sequence[dict]) -> list[dict]:
+    """Mean seconds per ``assemble`` stage: per tuning mode and over all runs."""
     rows = []
-    for budget in budgets:
-        cfg = dataclasses.replace(config, budget=budget)
-        opts, assemblies, _ = solve(analysis, cfg)
-        best = rank_candidates(analysis, opts, assemblies, cfg)[0]
-        net = build_assembly(best.blocks, members, probes, train.x, train.y, train.num_classes)
-        acc = _protocol(net, analysis, cfg, full)
-        params, macs = _net_costs(net, analysis)
-        fitting = [s["model"] for s in singles if _fits(budget, s["params"], s["macs"])]
-        rows.append(
-            {
-                "budget": str(budget),
-                "assembly": {
-                    "blocks": [b.key for b in best.blocks],
-                    "naswot": best.naswot,
-                    "surrogate": best.assembly.surrogate,
-                    "params": params,
-                    "macs": macs,
-                    "accuracy_probe": acc["probe"],
-                    "accuracy": acc["tuned"],
-                    "full_tuning_accuracy": acc.get("full"),
-                },
-                "fitting_models": fitting,
-            }
-        )
-        log(f"budgets: {budget}: {' → '.join(b.key for b in best.blocks)}: {acc}; fitting zoo models {fitting}")
-    return {"epochs": config.epochs, "tune": config.tune, "singles": singles, "budgets": rows}
+    modes = sorted({r["tune"] for r in runs})
+    for label, rs in [(m, [r for r in runs if r["tune"] == m]) for m in modes] + [("all", list(runs))]:
+        if rs and (label != "all" or len(modes) > 1):
+            rows.append({"runs": label, "n": len(rs),
+                         **{s: float(np.mean([r["timings"].get(f"{s}_s", 0.0) for r in rs])) for s in STAGES},
+                         "total": float(np.mean([r["seconds"] for r in rs]))})
+    return rows
 
 
-def _fits(budget: Budget, params: float, macs: float) -> bool:
-    return all(
-        value <= bound * (1 + BUDGET_TOLERANCE)
-        for value, bound in ((params, budget.params), (macs, budget.macs))
-        if bound is not None
-    )
+def summarise_ablation(runs: Sequence[dict]) -> list[dict]:
+    out = []
+    for name, _ in ABLATION:
+        rs = [r for r in runs if r["variant"] == name]
+        if not rs:
+            continue
+        sets = sorted({" ".join(f"{s['pickable']}/{s['blocks']}" for s in r["sets"]) for r in rs})
+        out.append({
+            "variant": name,
+            "seeds": [r["seed"] for r in rs],
+            "assembly": _stats([r["accuracy"] for r in rs]),
+            "margin_single": _stats([_margin(r, "single") for r in rs]),
+            "pickable": _stats([sum(s["pickable"] for s in r["sets"]) for r in rs]),
+            "blocks": sum(s["blocks"] for s in rs[0]["sets"]),
+            "sets": sets,
+            "whole_picks": sum(r["chosen_source"] == "whole" for r in rs),
+            "picks": sorted({" → ".join(r["chosen"]) for r in rs}),
+        })
+    return out
 
 
 # ----------------------------------------------------------------------------- tables and plot
@@ -607,142 +707,144 @@ def render(out: Output, result: dict) -> None:
             ],
         )
     for search in result.get("search") or []:
-        ilp, rnd = search["ilp"], search["random"]
-        rank = f", rank {ilp['rank_among_all']} of {search['valid_assemblies']}" if "rank_among_all" in ilp else ""
-        out.table(
-            f"3. demo zoo, budget {search['budget']}: {search['valid_assemblies']} valid assemblies; "
-            f"ILP optimum verified by enumeration: {ilp['optimum_verified']}",
-            ["search", "candidates", "seconds", "best NASWOT", "note"],
-            [
-                [
-                    "ILP top-M + NASWOT re-rank",
-                    str(ilp["candidates"]),
-                    _s(ilp["seconds"]),
-                    _s(ilp["best_naswot"]),
-                    f"ILP {ilp['ilp_s']:.2f} s{rank}",
-                ],
-                [
-                    "random, within ILP's time",
-                    str(rnd["at_ilp_time"]["evaluated"]),
-                    _s(ilp["seconds"]),
-                    _s(rnd["at_ilp_time"]["best_naswot"]),
-                    "uniform over valid, no replacement",
-                ],
-                [
-                    "random, until it matches the ILP's pick",
-                    "-" if rnd.get("reaches_ilp_best") is None else str(rnd["reaches_ilp_best"]["evaluated"]),
-                    "-" if rnd.get("reaches_ilp_best") is None else _s(rnd["reaches_ilp_best"]["seconds"]),
-                    "never" if rnd.get("reaches_ilp_best") is None else f"≥ {ilp['best_naswot']:.2f}",
-                    "",
-                ],
-                [
-                    "random, all candidates",
-                    str(rnd["full"]["evaluated"]),
-                    _s(rnd["full"]["seconds"]),
-                    _s(rnd["full"]["best_naswot"]),
-                    "exhaustive" if rnd["full"]["exhaustive"] else "",
-                ],
-            ],
-        )
-        out.line(f"   ILP pick: {' → '.join(ilp['best_blocks'])}")
-    kendall = result.get("kendall")
-    if kendall:
-        out.table(
-            f"4. proxies vs accuracy: ILP top-{len(kendall['rows'])} under {kendall['budget']}, "
-            f"{kendall['tune']} tuning {kendall['epochs']} epochs, mnist5k test",
-            ["#", "blocks", "params", "MACs", "surrogate", "NASWOT", "probe acc", "tuned acc"],
-            [
-                [
-                    str(i + 1),
-                    " → ".join(r["blocks"]),
-                    _n(r["params"]),
-                    _n(r["macs"]),
-                    _s(r["surrogate"], 3),
-                    _s(r["naswot"]),
-                    _s(r["accuracy_probe"], 3),
-                    _s(r["accuracy"], 3),
-                ]
-                for i, r in enumerate(kendall["rows"])
-            ],
-        )
-        out.line(
-            "   Kendall τ vs tuned accuracy: "
-            + ", ".join(f"{k} τ={v['tau']:.3f} (p={v['p']:.3f})" for k, v in kendall["tau"].items())
-        )
-    budgets = result.get("budgets")
-    if budgets:
-        singles = {s["model"]: s for s in budgets["singles"]}
-        out.table(
-            "5a. demo zoo models (reported: trained on their own classes; protocol: body + new linear-probe "
-            f"head, {budgets['tune']} tuning {budgets['epochs']} epochs, 10 classes; full-tuned: all weights, same "
-            "epochs)",
-            ["model", "classes", "params", "MACs", "reported acc", "probe acc", "protocol acc", "full-tuned acc"],
-            [
-                [
-                    s["model"],
-                    str(s["classes"]),
-                    _n(s["params"]),
-                    _n(s["macs"]),
-                    _s(s["reported_accuracy"], 3),
-                    _s(s["protocol_probe_accuracy"], 3),
-                    _s(s["protocol_accuracy"], 3),
-                    _s(s.get("full_tuning_accuracy"), 3),
-                ]
-                for s in budgets["singles"]
-            ],
-        )
-        rows = []
-        for b in budgets["budgets"]:
-            a = b["assembly"]
-            fit = [singles[m] for m in b["fitting_models"]]
-            ten_class = [s for s in fit if s["classes"] == 10]
-            best_reported = max(ten_class, key=lambda s: s["reported_accuracy"], default=None)
-            best_protocol = max(fit, key=lambda s: s["protocol_accuracy"], default=None)
-            rows.append(
-                [
-                    b["budget"],
-                    "assembly: " + " → ".join(a["blocks"]),
-                    _n(a["params"]),
-                    _n(a["macs"]),
-                    _s(a["accuracy_probe"], 3),
-                    _s(a["accuracy"], 3),
-                    _s(a.get("full_tuning_accuracy"), 3),
-                    "-",
-                ]
-            )
-            for label, s in (
-                ("best single by reported acc (10-class)", best_reported),
-                ("best single by protocol acc", best_protocol),
-            ):
-                if s is not None:
-                    rows.append(
-                        [
-                            "",
-                            f"{label}: {s['model']}",
-                            _n(s["params"]),
-                            _n(s["macs"]),
-                            _s(s["protocol_probe_accuracy"], 3),
-                            _s(s["protocol_accuracy"], 3),
-                            _s(s.get("full_tuning_accuracy"), 3),
-                            _s(s["reported_accuracy"], 3),
-                        ]
-                    )
-        out.table(
-            "5b. assembled vs best single zoo model within the budget (zoo models' own params/MACs; same "
-            "protocol, reported accuracy for reference)",
-            ["budget", "model", "params", "MACs", "probe acc", "protocol acc", "full-tuned acc", "reported acc"],
-            rows,
-        )
+        _render_search(out, search)
+    if result.get("tau"):
+        _render_tau(out, result["tau"])
+    if result.get("budgets"):
+        _render_budgets(out, result["budgets"])
+    if result.get("ablation"):
+        _render_ablation(out, result["ablation"])
+
+
+def _pm(stats: dict | None, digits: int = 3, sign: bool = False) -> str:
+    """``mean ± std`` of a ``_stats`` dict ("-" without values, no ± for one value)."""
+    if not stats or stats["mean"] is None:
+        return "-"
+    mean = f"{stats['mean']:+.{digits}f}" if sign else f"{stats['mean']:.{digits}f}"
+    return mean if stats["std"] is None else f"{mean} ± {stats['std']:.{digits}f}"
+
+
+def _render_search(out: Output, search: dict) -> None:
+    ilp, rnd = search["ilp"], search["random"]
+    rank = f", rank {ilp['rank_among_all']} of {search['valid_assemblies']}" if "rank_among_all" in ilp else ""
+    reach = rnd.get("reaches_ilp_best")
+    out.table(
+        f"3. demo zoo on digits, budget {search['budget']}: {search['valid_assemblies']} valid assemblies; "
+        f"ILP optimum verified by enumeration: {ilp['optimum_verified']}; proxy: held-out probe accuracy",
+        ["search", "candidates", "seconds", "best probe acc", "note"],
+        [
+            ["zoo probes + ILP top-M + re-rank", str(ilp["candidates"]), _s(ilp["seconds"]),
+             _s(ilp["best_probe"], 3),
+             f"probes {ilp['probe_zoo_s']:.2f} s, ILP {ilp['ilp_s']:.2f} s, {ilp['ilp_candidates']} ILP + "
+             f"{ilp['candidates'] - ilp['ilp_candidates']} whole{rank}"],
+            ["random, within the ILP side's time", str(rnd["at_ilp_time"]["evaluated"]), _s(ilp["seconds"]),
+             _s(rnd["at_ilp_time"]["best_probe"], 3), "uniform over valid, no replacement"],
+            ["random, until it matches the ILP side's pick", "-" if reach is None else str(reach["evaluated"]),
+             "-" if reach is None else _s(reach["seconds"]), "never" if reach is None else f"≥ {ilp['best_probe']:.3f}",
+             ""],
+            ["random, all candidates", str(rnd["full"]["evaluated"]), _s(rnd["full"]["seconds"]),
+             _s(rnd["full"]["best_probe"], 3), "exhaustive" if rnd["full"]["exhaustive"] else ""],
+        ],
+    )
+    out.line(f"   ILP side's pick ({ilp['best_source']}): {' → '.join(ilp['best_blocks'])}")
+
+
+def _render_tau(out: Output, tau: dict) -> None:
+    modes = tau["modes"]
+    out.table(
+        f"4. proxies vs accuracy: ILP top-{tau['top']} (+ whole zoo models) under {tau['budget']}, best probe first; "
+        f"tuned {tau['epochs']} epochs (lr {tau['lr']:g}), digits test",
+        ["#", "blocks", "source", "params", "MACs", "surrogate", "probe acc", "NASWOT", "ridge test",
+         *[f"{m} test" for m in modes]],
+        [
+            [str(i + 1), " → ".join(r["blocks"]), r["source"], _n(r["params"]), _n(r["macs"]),
+             _s(r["surrogate"], 3), _s(r["probe"], 3), _s(r["naswot"]), _s(r["test_ridge"], 3),
+             *[_s(r[m]["test"], 3) for m in modes]]
+            for i, r in enumerate(tau["rows"])
+        ],
+    )
+    for mode in modes:
+        out.line(f"   Kendall τ vs {mode}-tuned test accuracy: " + ", ".join(
+            f"{key} " + ("undefined" if v is None else f"τ={v['tau']:.3f} (p={v['p']:.3f})")
+            for key, v in tau["tau"][mode].items()))
+
+
+def _render_budgets(out: Output, budgets: dict) -> None:
+    runs = budgets["runs"]
+    summary = summarise_budgets(runs)
+    epochs = sorted({r["epochs"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    out.table(
+        f"5. assembly vs (a) best single zoo model that fits and (b) from-scratch twin: assemble() on digits, "
+        f"{'/'.join(map(str, epochs))} epochs, seeds {','.join(map(str, seeds))}; test accuracy, mean ± std over seeds",
+        ["budget", "tune", "assembly", "(a) single", "(a) model", "(b) scratch", "assembly − (a)", "assembly − (b)",
+         "whole picks", "mean τ", "params", "MACs"],
+        [
+            [s["budget"], s["tune"], _pm(s["assembly"]), _pm(s["single"]), ", ".join(s["single_models"]) or "none fits",
+             _pm(s["scratch"]), _pm(s["margin_single"], sign=True), _pm(s["margin_scratch"], sign=True),
+             f"{s['whole_picks']} of {len(s['seeds'])}", _s(s["kendall_tau"]["mean"]),
+             _n(s["params"]["mean"]), _n(s["macs"]["mean"])]
+            for s in summary
+        ],
+    )
+    target = budget_targets(summary)
+    a, b = target["single"], target["scratch"]
+    margins_a = ", ".join(f"{k} {v:+.3f}" for k, v in a["margins"].items())
+    margins_b = ", ".join(f"{k} {v:+.3f}" for k, v in b["margins"].items())
+    no_single = f"; no single model fits at {', '.join(a['no_single'])}" if a["no_single"] else ""
+    out.line(f"   target, full tuning: assembly ≥ (a) on average at ≥ {a['needed']} of {len(a['budgets'])} flops "
+             f"budgets: {'MET' if a['met'] else 'MISSED'} ({len(a['wins'])} of {len(a['budgets'])}: "
+             f"{margins_a or 'no full-tuning flops runs'}){no_single}")
+    out.line(f"   target, full tuning: assembly ≥ (b) at every budget: {'MET' if b['met'] else 'MISSED'} "
+             f"({margins_b or 'no full-tuning runs'})")
+    out.table(
+        "5b. every run: the pick and its baselines (test accuracy)",
+        ["budget", "tune", "seed", "assembly", "source", "blocks", "(a) single", "(b) scratch", "τ", "seconds"],
+        [
+            [r["budget"], r["tune"], str(r["seed"]), _s(r["accuracy"], 3), r["chosen_source"], " → ".join(r["chosen"]),
+             "-" if r["single"] is None else f"{r['single']['test']:.3f} {r['single']['model']}",
+             "-" if r["scratch"] is None else _s(r["scratch"]["test"], 3), _s(r["kendall_tau"]), _s(r["seconds"], 0)]
+            for r in runs
+        ],
+    )
+    out.table(
+        "5c. assemble() seconds per stage, mean over the runs (one torch thread)",
+        ["runs", "n", *STAGES, "total"],
+        [[t["runs"], str(t["n"]), *[_s(t[s], 1) for s in STAGES], _s(t["total"], 1)] for t in stage_times(runs)],
+    )
+
+
+def _render_ablation(out: Output, ablation: dict) -> None:
+    rows = summarise_ablation(ablation["runs"])
+    out.table(
+        f"6. defaults ablation at {ablation['budget']}, full tuning, seeds "
+        f"{','.join(map(str, ablation['seeds']))}: test accuracy, mean ± std over seeds",
+        ["variant", "assembly", "assembly − (a)", "pickable blocks", "pickable/blocks per set", "whole picks",
+         "picks"],
+        [
+            [r["variant"], _pm(r["assembly"]), _pm(r["margin_single"], sign=True),
+             f"{_s(r['pickable']['mean'], 1)} of {r['blocks']}", "; ".join(r["sets"]),
+             f"{r['whole_picks']} of {len(r['seeds'])}", " | ".join(r["picks"])]
+            for r in rows
+        ],
+    )
+    default = next((r for r in rows if r["variant"] == "default"), None)
+    for r in rows:
+        if default is not None and r is not default and r["assembly"]["mean"] is not None:
+            delta = r["assembly"]["mean"] - default["assembly"]["mean"]
+            out.line(f"   {r['variant']} vs default: {delta:+.3f} test accuracy (mean over seeds)")
 
 
 def plot(result: dict, path: Path) -> None:
-    """Solver seconds vs zoo size (left) and NASWOT vs tuned accuracy with Kendall τ (right); written atomically."""
+    """Solver seconds vs zoo size; probe accuracy vs tuned accuracy (part 4); part 5's accuracies per budget under
+    full and frozen tuning (mean ± std over seeds). Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    left, right = axes[0]
     scaling = result.get("scaling") or []
     if scaling:
         n = [r["models"] for r in scaling]
@@ -759,25 +861,44 @@ def plot(result: dict, path: Path) -> None:
         left.set(xlabel="models in the zoo", ylabel="seconds (2-core CPU)", title="DeRy solver time vs zoo size")
         left.grid(alpha=0.3)
         left.legend(fontsize=8)
-    kendall = result.get("kendall")
-    if kendall:
-        rows = [r for r in kendall["rows"] if math.isfinite(r["naswot"])]
-        right.scatter([r["naswot"] for r in rows], [r["accuracy"] for r in rows], label="frozen-tuned")
-        right.scatter(
-            [r["naswot"] for r in rows],
-            [r["accuracy_probe"] for r in rows],
-            marker="x",
-            alpha=0.6,
-            label="linear probe (untuned)",
-        )
-        tau = kendall["tau"]["naswot"]
-        right.set(
-            xlabel="NASWOT (mean of 5 batches)",
-            ylabel="mnist5k test accuracy",
-            title=f"ILP top-{len(kendall['rows'])}: Kendall τ = {tau['tau']:.2f} (p = {tau['p']:.2f})",
-        )
+    else:
+        left.axis("off")
+    tau = result.get("tau")
+    if tau and tau["rows"]:
+        rows = tau["rows"]
+        for mode, marker in (("full", "o"), ("frozen", "^")):
+            if mode in tau["modes"]:
+                t = tau["tau"][mode]["probe"]
+                label = f"{mode}-tuned (τ = {t['tau']:.2f})" if t else f"{mode}-tuned"
+                right.scatter([r["probe"] for r in rows], [r[mode]["test"] for r in rows], marker=marker, label=label)
+        right.scatter([r["probe"] for r in rows], [r["test_ridge"] for r in rows], marker="x", alpha=0.6,
+                      label="ridge head (untuned)")
+        right.set(xlabel="held-out linear-probe accuracy (the proxy)", ylabel="digits test accuracy",
+                  title=f"part 4: {len(rows)} candidates under {tau['budget']}")
         right.grid(alpha=0.3)
         right.legend(fontsize=8)
+    else:
+        right.axis("off")
+    summary = summarise_budgets(result["budgets"]["runs"]) if result.get("budgets") else []
+    for ax, mode in zip(axes[1], ("full", "frozen"), strict=True):
+        rows = [s for s in summary if s["tune"] == mode]
+        if not rows:
+            ax.axis("off")
+            continue
+        x = np.arange(len(rows))
+        lows = []
+        for i, (key, label) in enumerate((("assembly", "assembly"), ("single", "(a) best single"),
+                                          ("scratch", "(b) from scratch"))):
+            mean = np.array([np.nan if s[key]["mean"] is None else s[key]["mean"] for s in rows])
+            std = np.array([0.0 if s[key]["std"] is None else s[key]["std"] for s in rows])
+            ax.bar(x + (i - 1) * 0.27, mean, 0.27, yerr=std, capsize=3, label=label)
+            lows.extend((mean - std)[np.isfinite(mean)])
+        seeds = max(len(s["seeds"]) for s in rows)
+        ax.set_xticks(x, [s["budget"] for s in rows])
+        ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.03), 1.0)
+        ax.set(ylabel="digits test accuracy", title=f"part 5: {mode} tuning, mean ± std over {seeds} seed(s)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -787,46 +908,60 @@ def plot(result: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _budgets(values: Sequence[str]) -> list[Budget]:
+    return [Budget.parse(v) for v in values]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke version: sizes 5,30, 40 random candidates, τ over 10, 1 epoch"
-    )
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke version: sizes 5,30; swap at 10; search at flops=2M over 20 random; τ over 5; "
+                             "part 5 at flops=2M, seed 0; part 6 seed 0; 1 epoch")
     parser.add_argument("--sizes", help="synthetic zoo sizes (default 5,10,20,30,50)")
     parser.add_argument("--swap-sizes", help="zoo sizes for dp vs swap (default 10,30)")
     parser.add_argument("--restarts", type=int, default=200, help="partition restarts (synthetic zoos and demo)")
-    parser.add_argument("--top", type=int, default=20, help="ILP top-M (scaling and search)")
-    parser.add_argument(
-        "--search-budgets", nargs="+", help="budgets of ILP vs random search (default flops=2M flops=4M)"
-    )
-    parser.add_argument("--random-candidates", type=int, help="random search size (default 500)")
-    parser.add_argument("--tau-budget", default="flops=100M", help="loose budget of the Kendall τ candidates")
-    parser.add_argument("--tau-top", type=int, help="assemblies tuned for Kendall τ (default 20)")
-    parser.add_argument("--budgets", nargs="+", help="budgets of assembled vs single (default flops=1M flops=4M)")
-    parser.add_argument("--epochs", type=int, help="tuning epochs (default 2)")
-    parser.add_argument("--tune", default="frozen", choices=("frozen", "full"), help="tuning mode (parts 4-5)")
-    parser.add_argument(
-        "--full-tuning",
-        action=argparse.BooleanOptionalAction,
-        help="part 5: also fully tune every network for the same epochs (default: on, off with --quick)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top", type=int, default=20, help="ILP top-M (scaling, search, parts 5-6)")
+    parser.add_argument("--search-budgets", nargs="+", help="part 3 budgets (default flops=2M flops=4M)")
+    parser.add_argument("--random-candidates", type=int, help="part 3 random search size (default 200)")
+    parser.add_argument("--tau-budget", default="flops=100M", help="part 4: loose budget of the candidates")
+    parser.add_argument("--tau-top", type=int, help="part 4: ILP top-M (default 20, quick 5)")
+    parser.add_argument("--tau-limit", type=int,
+                        help="part 4: tune only the first N candidates by probe (default all; quick 5)")
+    parser.add_argument("--tau-frozen", action=argparse.BooleanOptionalAction, default=True,
+                        help="part 4: frozen-tune every candidate too (default on)")
+    parser.add_argument("--budgets", nargs="+",
+                        help="part 5 budgets (default flops=1M flops=2M flops=4M params=100k; quick flops=2M)")
+    parser.add_argument("--modes", nargs="+", choices=("frozen", "full"), default=["frozen", "full"],
+                        help="part 5 tuning modes")
+    parser.add_argument("--seeds", help="parts 5-6 seeds (default 0,1,2; quick 0)")
+    parser.add_argument("--ablation-budget", default="flops=2M", help="part 6 budget")
+    parser.add_argument("--epochs", type=int, help="tuning epochs, parts 4-6 (default: the pipeline's, 5; quick 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of parts 1-4")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: scaling,swap,search,tau,budgets")
-    parser.add_argument("--out", type=Path, default=RESULTS / "assemble.json", help="JSON results path")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: scaling,swap,search,tau,budgets,ablation (or 1-6)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "assemble.json",
+                        help="JSON results path; the PNG goes next to it (same name, .png)")
     parser.add_argument("--render-only", action="store_true", help="re-print tables and redraw the plot from --out")
     parser.add_argument("--markdown", action="store_true", help="with --render-only: Markdown tables, no plot")
     args = parser.parse_args(argv)
     q = args.quick
     args.sizes = [int(s) for s in (args.sizes or ("5,30" if q else "5,10,20,30,50")).split(",")]
     args.swap_sizes = [int(s) for s in (args.swap_sizes or ("10" if q else "10,30")).split(",")]
-    args.random_candidates = args.random_candidates or (40 if q else 500)
-    args.tau_top = args.tau_top or (10 if q else 20)
-    args.budgets = [Budget.parse(b) for b in (args.budgets or ["flops=1M", "flops=4M"])]
-    args.search_budgets = [Budget.parse(b) for b in (args.search_budgets or ["flops=2M", "flops=4M"])]
-    args.epochs = args.epochs or (1 if q else 2)
-    args.full_tuning = not q if args.full_tuning is None else args.full_tuning
-    args.skip = {s for s in args.skip.split(",") if s}
+    args.search_budgets = _budgets(args.search_budgets or (["flops=2M"] if q else ["flops=2M", "flops=4M"]))
+    args.random_candidates = args.random_candidates or (20 if q else 200)
+    args.tau_top = args.tau_top or (5 if q else 20)
+    args.tau_limit = args.tau_limit or (5 if q else None)
+    default_budgets = ["flops=2M"] if q else ["flops=1M", "flops=2M", "flops=4M", "params=100k"]
+    args.budgets = _budgets(args.budgets or default_budgets)
+    args.seeds = [int(s) for s in (args.seeds or ("0" if q else "0,1,2")).split(",")]
+    args.ablation_budget = Budget.parse(args.ablation_budget)
+    args.epochs = args.epochs or (1 if q else None)
+    skip = {PARTS.get(s.strip(), s.strip()) for s in args.skip.split(",") if s.strip()}
+    if skip - set(PARTS.values()):
+        parser.error(f"unknown --skip part(s) {', '.join(sorted(skip - set(PARTS.values())))}; "
+                     f"use {','.join(PARTS.values())} or 1-6")
+    args.skip = skip
     return args
 
 
@@ -848,50 +983,51 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     result: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    if "scaling" not in args.skip:
-        result["scaling"], zoos = bench_scaling(args.sizes, args.restarts, args.top, args.seed, log)
-    else:
-        zoos = {}
-    timings["scaling_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if "swap" not in args.skip:
-        result["dp_vs_swap"] = bench_dp_vs_swap(zoos, args.swap_sizes, args.restarts, args.seed, log)
-    timings["dp_vs_swap_s"] = time.perf_counter() - t
 
-    config = AssembleConfig(
-        budget=args.search_budgets[0],
-        zoo="demo",
-        data="mnist5k",
-        restarts=args.restarts,
-        top=args.top,
-        epochs=args.epochs,
-        tune=args.tune,
-        seed=args.seed,
-    )
-    analysis = None
-    if {"search", "tau", "budgets"} - args.skip:
+    @contextlib.contextmanager
+    def timed(name: str):
         t = time.perf_counter()
-        with _quiet():
-            analysis = analyse_zoo(config)
-        timings["demo_analysis_s"] = time.perf_counter() - t
-        log(f"demo zoo analysed in {timings['demo_analysis_s']:.1f} s (similarity cached on disk after the first run)")
-    if analysis is not None and "search" not in args.skip:
-        t = time.perf_counter()
-        result["search"] = [
-            bench_search(analysis, dataclasses.replace(config, budget=b), args.random_candidates, args.seed, log)
-            for b in args.search_budgets
-        ]
-        timings["search_s"] = time.perf_counter() - t
-    if analysis is not None and "tau" not in args.skip:
-        t = time.perf_counter()
-        cfg = dataclasses.replace(config, budget=Budget.parse(args.tau_budget), top=args.tau_top)
-        result["kendall"] = bench_kendall(analysis, cfg, log)
-        timings["kendall_s"] = time.perf_counter() - t
-    if analysis is not None and "budgets" not in args.skip:
-        t = time.perf_counter()
-        result["budgets"] = bench_budgets(analysis, config, args.budgets, args.full_tuning, log)
-        timings["budgets_s"] = time.perf_counter() - t
+        yield
+        timings[f"{name}_s"] = time.perf_counter() - t
+
+    zoos: dict = {}
+    if "scaling" not in args.skip:
+        with timed("scaling"):
+            result["scaling"], zoos = bench_scaling(args.sizes, args.restarts, args.top, args.seed, log)
+    if "swap" not in args.skip:
+        with timed("dp_vs_swap"):
+            result["dp_vs_swap"] = bench_dp_vs_swap(zoos, args.swap_sizes, args.restarts, args.seed, log)
+
+    with tempfile.TemporaryDirectory(prefix="bench_assemble_") as tmp:
+        work = Path(tmp)
+        extra = {} if args.epochs is None else {"epochs": args.epochs}
+        base = AssembleConfig(budget=args.search_budgets[0], restarts=args.restarts, top=args.top, seed=args.seed,
+                              cache_dir=work / "cache", **extra)
+        if {"search", "tau"} - args.skip:
+            with timed("demo_analysis"), _quiet():
+                analysis = analyse_zoo(base)
+            log(f"demo zoo analysed in {timings['demo_analysis_s']:.1f} s "
+                f"(task {base.data}: {analysis.task.sizes()})")
+            if "search" not in args.skip:
+                with timed("search"):
+                    result["search"] = [bench_search(analysis, replace(base, budget=b), args.random_candidates, log)
+                                        for b in args.search_budgets]
+            if "tau" not in args.skip:
+                with timed("tau"):
+                    cfg = replace(base, budget=Budget.parse(args.tau_budget), top=args.tau_top)
+                    result["tau"] = bench_proxies(analysis, cfg, args.tau_limit, args.tau_frozen, log)
+        runs: list[dict] = []
+        if "budgets" not in args.skip:
+            with timed("budgets"):
+                runs = bench_budgets(base, args.budgets, args.modes, args.seeds, work, log)
+            summary = summarise_budgets(runs)
+            result["budgets"] = {"runs": runs, "summary": summary, "targets": budget_targets(summary),
+                                 "stage_times": stage_times(runs)}
+        if "ablation" not in args.skip:
+            with timed("ablation"):
+                ablation = bench_ablation(base, args.ablation_budget, args.seeds, runs, work, log)
+            result["ablation"] = {"budget": str(args.ablation_budget), "seeds": args.seeds, "runs": ablation,
+                                  "summary": summarise_ablation(ablation)}
 
     result["setup"] = {
         "positions": 40,
@@ -899,10 +1035,12 @@ def main(argv: list[str] | None = None) -> int:
         "eps": 0.2,
         "restarts": args.restarts,
         "top": args.top,
-        "epochs": args.epochs,
-        "tune": args.tune,
+        "data": base.data,
+        "epochs": base.epochs,
+        "lr": base.lr,
         "threads": args.threads,
         "seed": args.seed,
+        "seeds": args.seeds,
         "quick": args.quick,
         "torch": torch.__version__,
         "pulp": pulp.__version__,

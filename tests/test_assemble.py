@@ -126,12 +126,23 @@ def test_assemble_end_to_end(tmp_path):
     out.mkdir()
     report = assemble(config, out)
     names = {p.name for p in out.iterdir()}
-    files = {"model.onnx", "report.json", "plan.json", "assembly.safetensors", "similarity.png", "candidates.png"}
+    files = {"model.onnx", "report.json", "plan.json", "assembly.safetensors", "similarity.png", "candidates.png",
+             "baselines.png"}
     assert files <= names
     assert report["macs"] <= 6e6 and report["params"] <= 4e5
     assert len(report["chosen"]) == config.k
     assert report["export"]["max_abs_diff"] <= 1e-4
-    assert report["naswot"] == max(c["naswot"] for c in report["candidates"])
+    # without tuning the chosen one is the best held-out probe among the tuned (= the best candidate)
+    assert report["probe"] == report["val_accuracy"] == max(c["probe"] for c in report["candidates"])
+    assert report["kept_head"] == "ridge" and report["accuracy"] == report["accuracy_before_tuning"]
+    assert report["task"]["data"] == "digits" and report["task"]["input_shape"] == [1, 28, 28]
+    assert [r["pickable"] for r in report["sets"]] == [3] * config.k  # distinct sets: every block can be picked
+    single, scratch = report["baselines"]["single"], report["baselines"]["scratch"]
+    assert single["params"] <= 4e5 and single["macs"] <= 6e6
+    fitting = ("resnet_s", "vgg_s")  # mobilenetv3_s has 578k params
+    assert single["probe"] == max(report["zoo_probe"][m] for m in fitting) == report["zoo_probe"][single["model"]]
+    assert scratch["params"] == report["params"] and scratch["tune"] == "none"
+    assert report["verdict"]["vs_single"] == pytest.approx(report["accuracy"] - single["test"])
     saved = json.loads((out / "report.json").read_text())
     assert saved["accuracy"] == report["accuracy"] and 0.0 <= report["accuracy"] <= 1.0
     # the plan rebuilds the untuned assembly exactly, and ONNX Runtime agrees with it

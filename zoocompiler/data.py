@@ -351,3 +351,25 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
 
 _BUILTINS: dict[str, Callable[[], _RawData]] = {"digits": _digits, "mnist5k": _mnist5k}
 _FILE_SOURCES: dict[str, Callable[[str, int | None, object], _RawData]] = {"npz": _npz, "imagefolder": _imagefolder}
+
+
+def hold_out(split: DataSplit, size: int | float, seed: int = SPLIT_SEED) -> tuple[DataSplit, DataSplit]:
+    """``split`` divided, stratified by label, into (rest, held-out) with a fixed seed.
+
+    ``size`` is the held-out part's number of samples (int) or fraction (float in (0, 1)); every class
+    with two or more samples keeps at least one on each side (see :func:`split_indices`).
+    """
+    n = len(split)
+    fraction = size / n if isinstance(size, int) else float(size)
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"cannot hold out {size} of {n} samples of {split.name!r}", "hold out a part, not none or all")
+    held = split_indices(split.y.numpy(), fraction, seed)
+    mask = np.ones(n, dtype=bool)
+    mask[held] = False
+    rest = np.flatnonzero(mask)
+
+    def part(index: np.ndarray) -> DataSplit:
+        i = torch.from_numpy(index)
+        return DataSplit(split.x[i], split.y[i], split.classes, split.num_classes, split.name, split.class_names)
+
+    return part(rest), part(held)

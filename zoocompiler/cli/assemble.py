@@ -12,22 +12,27 @@ from typing import Any
 
 from zoocompiler.core.text import human
 
-from ..pipelines.assemble.config import TUNE_MODES, AssembleConfig
+from ..pipelines.assemble.config import POOL_MODES, PROXIES, TUNE_MODES, AssembleConfig
 from ..pipelines.base import run_staged
 from .common import check_at_least, default_of, json_option, out_dir_options, progress, table, written_files
 
 CONFIG = AssembleConfig
 ZOO_HELP = "'demo' (the built-in zoo) or comma-separated specs, e.g. zoo:resnet_s,zoo:vgg_s"
-TUNING_OPTIONS = ("top", "tune", "epochs")  # assemble only; partition leaves them at AssembleConfig's defaults
+# assemble only; partition leaves them at AssembleConfig's defaults
+TUNING_OPTIONS = ("top", "tune", "epochs", "proxy", "tune_top", "baselines")
 
 
 def _config(args: argparse.Namespace, budget) -> Any:
-    check_at_least(args, 1, "k", "restarts", "top")  # before the zoo loads (AssembleConfig.check runs later)
+    check_at_least(args, 1, "k", "restarts", "top", "tune_top", "image_size", "train_size")  # before the zoo loads
     check_at_least(args, 0, "eps", "seed")
     return AssembleConfig(
         budget=budget,
         zoo=args.zoo,
         data=args.data,
+        image_size=args.image_size,
+        train_size=args.train_size,
+        val_fraction=args.val_fraction,
+        pool=args.pool,
         k=args.k,
         eps=args.eps,
         restarts=args.restarts,
@@ -63,7 +68,7 @@ def _set_rows(analysis) -> list[dict[str, Any]]:
 
 def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
     from zoocompiler.core.budget import Budget
-    from zoocompiler.pipelines.assemble.pipeline import analyse_zoo
+    from zoocompiler.pipelines.assemble.pipeline import analyse_zoo, set_rows
 
     analysis = analyse_zoo(_config(args, Budget()), progress(args))
     part = analysis.partition
@@ -77,6 +82,7 @@ def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": part.seconds,
         "effective_eps": {m.name: e for m, e in zip(analysis.members, part.effective_eps, strict=True)},
         "sets": _set_rows(analysis),
+        "pickable": set_rows(part),
         "similarity": analysis.similarity.to_dict(),
     }
 
@@ -110,10 +116,16 @@ def render_partition(console, data: dict[str, Any]) -> None:
     console.print(
         table(title, ["set", "model", "stage", "cut range", "params", "MACs"], rows, right=("params", "MACs"))
     )
+    console.print(_pickable_line(data["pickable"]))
     relaxed = {k: v for k, v in data["effective_eps"].items() if v > data["eps"] + 1e-9}
     if relaxed:
         text = ", ".join(f"{k} {v:.2f}" for k, v in relaxed.items())
         console.print(f"size balance relaxed (eps {data['eps']} is infeasible for): {text}")
+
+
+def _pickable_line(sets: list[dict[str, Any]]) -> str:
+    text = ", ".join(f"set {r['set']} {r['pickable']}/{r['blocks']}" for r in sets)
+    return f"pickable blocks per equivalence set: {text}"
 
 
 def render_assemble(console, data: dict[str, Any]) -> None:
@@ -121,22 +133,47 @@ def render_assemble(console, data: dict[str, Any]) -> None:
         [b["stage"], b["set"], b["model"], f"{b['cut_range'][0]} → {b['cut_range'][1]}", human(b["params"])]
         for b in data["chosen"]
     ]
-    console.print(table("chosen assembly", ["stage", "set", "model", "cut range", "params"], rows, right=("params",)))
+    whole = ""
+    if data["chosen_source"] == "whole":
+        whole = " (a zoo model kept whole: no reassembly won on the held-out split)"
+    console.print(table(f"chosen network{whole}", ["stage", "set", "model", "cut range", "params"], rows,
+                        right=("params",)))
     use = ", ".join(f"{k} {v:.0%}" for k, v in data["budget_use"].items())
+    task = data["task"]
+    tau = data["kendall_tau"]
     summary = [
+        ["task", f"{task['data']} at {'×'.join(map(str, task['input_shape']))}, {task['num_classes']} classes "
+                 f"(fit {task['fit']}, held out {task['val']}, test {task['test']})"],
         ["params / MACs", f"{human(data['params'])} / {human(data['macs'])}"],
         ["latency (ORT, batch 1)", f"{data['latency_ms']:.3f} ms"],
         ["budget use", use or "-"],
-        ["surrogate / NASWOT", f"{data['surrogate']:.3f} / {data['naswot']:.2f}"],
+        [f"proxy ({data['proxy']})", f"{data['probe']:.2%} held-out linear probe"
+         + (f", NASWOT {data['naswot']:.2f}" if data["naswot"] is not None else "")],
+        ["Kendall τ (proxy vs tuned, held out)", "-" if tau is None else f"{tau:.2f} over {len(data['tuned'])} tuned"],
         [
-            "accuracy",
-            f"{data['accuracy']:.2%} ({data['tune']} tuning; linear probe before: "
-            f"{data['accuracy_before_tuning']:.2%})",
+            "accuracy (test)",
+            f"{data['accuracy']:.2%} ({data['tune']} tuning, {data['kept_head']} head kept; least-squares head "
+            f"before: {data['accuracy_before_tuning']:.2%})",
         ],
         ["ONNX parity", f"max |ORT - PyTorch| = {data['export']['max_abs_diff']:.3g}"],
         ["files", ", ".join(data["files"].values())],
     ]
     console.print(table("assemble", ["", ""], summary))
+    console.print(_pickable_line(data["sets"]))
+    base = data["baselines"]
+    if base is not None:
+        rows = [["chosen", human(data["params"]), f"{data['accuracy_before_tuning']:.2%}", f"{data['accuracy']:.2%}"]]
+        single = base["single"]
+        if single is not None:
+            rows.append([f"best single: {single['model']}", human(single["params"]), f"{single['test_before']:.2%}",
+                         f"{single['test']:.2%}"])
+        scratch = base["scratch"]
+        rows.append(["from scratch (same network)", human(scratch["params"]), f"{scratch['test_before']:.2%}",
+                     f"{scratch['test']:.2%}"])
+        console.print(table("against the baselines (same budget, same tuning; test accuracy)",
+                            ["network", "params", "least-squares head", "kept after tuning"], rows,
+                            right=("params", "least-squares head", "kept after tuning")))
+    console.print(data["verdict"]["message"])
 
 
 def _zoo_options(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +186,22 @@ def _zoo_options(parser: argparse.ArgumentParser) -> None:
         help="task data: digits, mnist5k, npz:, imagefolder:",
     )
     parser.add_argument(
+        "--image-size", type=int, default=default_of(CONFIG, "image_size"), metavar="PX",
+        help="resize images to PX×PX (default: the zoo's declared input size)",
+    )
+    parser.add_argument(
+        "--train-size", type=int, default=default_of(CONFIG, "train_size"), metavar="N",
+        help="use N training samples (stratified; default: the whole training split)",
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=default_of(CONFIG, "val_fraction"), metavar="F",
+        help="held-out part of the training data for the proxy and every selection",
+    )
+    parser.add_argument(
+        "--pool", choices=POOL_MODES, default=default_of(CONFIG, "pool"),
+        help="how activations are reduced for CKA (auto: flatten small maps, pool large ones)",
+    )
+    parser.add_argument(
         "-K", dest="k", type=int, default=default_of(CONFIG, "k"), help="blocks per model = equivalence sets"
     )
     parser.add_argument(
@@ -159,7 +212,8 @@ def _zoo_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--distinct-sets",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=default_of(CONFIG, "distinct_sets"),
         help="put each model's K blocks in K different equivalence sets (exact DP; every block can be picked)",
     )
     parser.add_argument(
@@ -193,9 +247,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         "assemble",
         help="reassemble zoo blocks into a new model under a budget, tune it, export verified ONNX",
         description="Deep Model Reassembly: partition the zoo, pick one block per equivalence set and stage with "
-        "an integer program under the budget (top-M with no-good cuts), re-rank by NASWOT on the stitched "
-        "networks, stitch (least squares), tune and export ONNX with a report, a plan and plots.",
-        epilog="examples:\n  zoocompile assemble --budget flops=5M --out out/asm\n"
+        "an integer program under the budget (top-M with no-good cuts), re-rank them and the zoo models kept "
+        "whole by held-out linear-probe accuracy, tune the best few and keep the best on held-out data, "
+        "evaluate the best single zoo model and a from-scratch twin the same way, and export ONNX with a "
+        "report, a plan and plots.",
+        epilog="examples:\n  zoocompile assemble --budget flops=2M --train-size 500 --out out/asm\n"
         "  zoocompile assemble --zoo demo --data mnist5k --budget params=150k,flops=8M,latency=2ms "
         "--tune frozen --epochs 3 --out out/asm2",
     )
@@ -204,6 +260,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     asm.add_argument(
         "--top", type=int, default=default_of(CONFIG, "top"), metavar="M", help="ILP candidates to re-rank with NASWOT"
     )
+    asm.add_argument("--proxy", choices=PROXIES, default=default_of(CONFIG, "proxy"),
+                     help="re-rank by held-out linear-probe accuracy (probe) or NASWOT")
+    asm.add_argument("--tune-top", type=int, default=default_of(CONFIG, "tune_top"), metavar="T",
+                     help="tune the best T candidates and keep the best on the held-out split")
+    asm.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=default_of(CONFIG, "baselines"),
+                     help="also tune the best single zoo model and a from-scratch twin (same budget and tuning)")
     asm.add_argument("--tune", choices=TUNE_MODES, default=default_of(CONFIG, "tune"), help="tuning protocol")
     asm.add_argument("--epochs", type=int, default=default_of(CONFIG, "epochs"), metavar="N", help="tuning epochs")
     _zoo_options(asm)

@@ -364,19 +364,11 @@ class _Problem:
 
     def assembly(self, chosen: list[int], compat_weight: float) -> Assembly:
         """Surrogate and totals recomputed from the data (not read back from the solver)."""
-        links = list(zip(chosen, chosen[1:]))
-        surrogate = sum(self.blocks[i].quality for i in chosen)
-        surrogate += compat_weight * sum(self.joins[p].compat for p in links)
-        totals: dict[str, float | None] = {}
-        for metric in METRICS:
-            parts = [getattr(self.blocks[i], metric) for i in chosen]
-            parts += [getattr(self.joins[p], metric) for p in links] + [getattr(self.heads[chosen[-1]], metric)]
-            totals[metric] = None if any(v is None for v in parts) else float(sum(parts))
-        return Assembly(tuple(chosen), float(surrogate), totals["params"], totals["macs"], totals["latency_ms"])
+        return assembly_of(self.blocks, self.joins, self.heads, chosen, compat_weight)
 
     @staticmethod
     def fits(assembly: Assembly, budget: Budget) -> bool:
-        return all(getattr(assembly, m) <= bound * (1 + BUDGET_TOLERANCE) for m, bound in budget.to_dict().items())
+        return fits(assembly, budget)
 
     def cheapest(self, metric: str) -> float:
         """Minimum total ``metric``; SolverError when no assembly satisfies the structure at all."""
@@ -388,6 +380,31 @@ class _Problem:
                 "re-run the partition with another seed or a different K",
             )
         return getattr(self.assembly(self.chosen(z), 0.0), metric)
+
+
+def assembly_of(
+    blocks: Sequence[BlockOption],
+    joins: Mapping[tuple[int, int], JoinCost],
+    heads: Mapping[int, JoinCost],
+    chosen: Sequence[int],
+    compat_weight: float = 1.0,
+) -> Assembly:
+    """The :class:`Assembly` of the blocks ``chosen`` (indices, stage order): surrogate and totals of blocks,
+    joins and head, as the program counts them (``KeyError`` for a join or head that is not in the data)."""
+    links = list(zip(chosen, chosen[1:]))
+    surrogate = sum(blocks[i].quality for i in chosen) + compat_weight * sum(joins[p].compat for p in links)
+    totals: dict[str, float | None] = {}
+    for metric in METRICS:
+        parts = [getattr(blocks[i], metric) for i in chosen]
+        parts += [getattr(joins[p], metric) for p in links] + [getattr(heads[chosen[-1]], metric)]
+        totals[metric] = None if any(v is None for v in parts) else float(sum(parts))
+    return Assembly(tuple(chosen), float(surrogate), totals["params"], totals["macs"], totals["latency_ms"])
+
+
+def fits(assembly: Assembly, budget: Budget) -> bool:
+    """Whether ``assembly``'s totals are within every bound of ``budget`` (float-summation slack only)."""
+    return all(getattr(assembly, m) is not None and getattr(assembly, m) <= bound * (1 + BUDGET_TOLERANCE)
+               for m, bound in budget.to_dict().items())
 
 
 def _solve(prob: pulp.LpProblem, threads: int, time_limit: float | None) -> str:

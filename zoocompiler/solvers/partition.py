@@ -33,6 +33,7 @@ alternation as a whole (a local optimum per restart, like k-means; restarts cove
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -123,6 +124,18 @@ class Partition:
             raise ValueError(f"{block} is not a block of this partition (stage {block.stage} is "
                              f"({bounds[block.stage]}, {bounds[block.stage + 1]}))")
         return self.sets[block.model][block.stage]
+
+    def pickable(self) -> list[BlockRef]:
+        """The blocks some assembly can use: block (stage k, set s) is pickable when the stages can be matched
+        one-to-one to the sets through (stage, set) pairs that have blocks, with k matched to s (the ILP's
+        Eqs. 10-11; budgets and forbidden joins not considered). Exhaustive over the K! matchings."""
+        present = {(b.stage, self.set_of(b)) for b in self.blocks()}
+        usable: set[tuple[int, int]] = set()
+        for perm in itertools.permutations(range(self.k)):
+            pairs = set(enumerate(perm))
+            if pairs <= present:
+                usable |= pairs
+        return [b for b in self.blocks() if (b.stage, self.set_of(b)) in usable]
 
     def to_dict(self) -> dict:
         """JSON-ready dict; ``Partition.from_dict`` inverts it."""

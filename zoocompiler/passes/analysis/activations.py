@@ -21,7 +21,8 @@ from zoocompiler.ir import Layout, TensorInfo, graph_info
 from .cut_points import CutPoint, cut_point_table
 
 STITCHABLE = (Layout.MAP, Layout.MAP_NHWC, Layout.TOKENS, Layout.FLAT)
-POOL_MODES = ("mean", "flatten")
+POOL_MODES = ("auto", "mean", "flatten")
+AUTO_MAX_FEATURES = 16384  # "auto": per-sample feature size up to which a value is flattened, not pooled
 
 
 def _head_cut(table: list[CutPoint]) -> int:
@@ -118,6 +119,9 @@ def pooled_features(t: torch.Tensor, info: TensorInfo, mode: str = "mean") -> to
 
     ``mode="mean"``: maps (NCHW / NHWC) are averaged over their spatial dims, tokens over all tokens
     (prefix tokens included), flat values are kept. ``mode="flatten"``: every sample is flattened.
+    ``mode="auto"``: flattened while a sample has at most ``AUTO_MAX_FEATURES`` values (small inputs keep
+    their spatial layout, so early positions stay distinguishable); larger maps are average-pooled to the
+    finest g×g grid that fits (then flattened), larger token sequences are averaged.
     Unknown modes raise ``ZooError``; non-stitchable layouts raise ``PassError``.
     """
     if mode not in POOL_MODES:
@@ -130,6 +134,14 @@ def pooled_features(t: torch.Tensor, info: TensorInfo, mode: str = "mean") -> to
             f"{info.layout} value has {t.dim()} dims, expected {expected_ndim}", "pass the TensorInfo of this value"
         )
     t = t.detach().to(torch.float64)
+    if mode == "auto":
+        if t[0].numel() <= AUTO_MAX_FEATURES or info.layout == Layout.FLAT:
+            return t.reshape(t.shape[0], -1)
+        if info.layout in (Layout.MAP, Layout.MAP_NHWC):
+            nchw = t if info.layout == Layout.MAP else t.permute(0, 3, 1, 2)
+            grid = max(1, int((AUTO_MAX_FEATURES / nchw.shape[1]) ** 0.5))
+            return torch.nn.functional.adaptive_avg_pool2d(nchw, grid).reshape(t.shape[0], -1)
+        return t.mean(dim=1)
     if mode == "flatten":
         return t.reshape(t.shape[0], -1)
     if info.layout == Layout.MAP:

@@ -1,7 +1,12 @@
-"""Deep Model Reassembly end to end: similarity → partition → ILP top-M → NASWOT re-rank → build → tune → ONNX.
+"""Deep Model Reassembly end to end on a target task, against its own baselines.
+
+similarity → partition → per-model linear probes on the target → ILP top-M (quality = probe accuracy) →
+re-rank (ILP candidates and zoo models kept whole, by held-out linear-probe accuracy or NASWOT) → tune the
+best ``tune_top`` and keep the best on the held-out split → baselines (the best single zoo model that fits,
+a from-scratch twin of the chosen network; same tuning) → ONNX.
 
 ``assemble(config, out_dir)`` writes ``model.onnx`` (parity checked), ``report.json``, ``plan.json``,
-``assembly.safetensors`` (the tuned weights) and two PNG plots into ``out_dir`` and returns the
+``assembly.safetensors`` (the kept weights) and three PNG plots into ``out_dir`` and returns the
 report. ``rebuild(plan)`` rebuilds the untuned assembly from the zoo and the data (a ``python:`` zoo spec
 in the plan is refused unless ``trust_code``: a plan file is data and may not import code).
 """
@@ -22,11 +27,19 @@ from zoocompiler.core.cache import cache_dir, weights_hash
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.core.schema import NUMBER, ListOf, OneOf, Where, check, load_json
-from zoocompiler.data import DataSplit, load_dataset
-from zoocompiler.passes.rewrite.compose import AssembledNet, ChosenBlock, ProbeActivations, build_assembly, build_body
-from zoocompiler.solvers.assembly_ilp import Assembly, solve_assemblies
+from zoocompiler.data import DataSplit
+from zoocompiler.passes.rewrite.compose import (
+    AssembledNet,
+    ChosenBlock,
+    ProbeActivations,
+    build_assembly,
+    build_body,
+    joins_directly,
+)
+from zoocompiler.solvers.assembly_ilp import Assembly, fits, solve_assemblies
 from zoocompiler.solvers.partition import Partition
 from zoocompiler.sources import check_spec_from_file
+from zoocompiler.training import evaluate
 from zoocompiler.training import train as train_model
 
 from ..base import Executor, LocalExecutor, Progress, Stages, say, write_report
@@ -35,8 +48,10 @@ from ..zoo.similarity import ZooSimilarity, probe_batch, probe_data_key, zoo_sim
 from .config import AssembleConfig
 from .naswot import naswot
 from .problem import AssemblyOptions, Candidate, assembly_options, partition_members
+from .selection import TuneResult, from_scratch, kendall_tau, tune_kept
+from .task import TargetTask, load_task
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 TRUST_FIX = "pass trust_code=True only if you made that plan yourself from a zoo with this python: spec"
 
 
@@ -46,37 +61,51 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class ZooAnalysis:
-    """What partition and assemble share: the data, the traced zoo, the similarity matrix and the partition."""
+    """What partition and assemble share: the target task, the traced zoo, the similarity matrix and the partition."""
 
-    train: DataSplit
-    test: DataSplit
+    task: TargetTask
     members: list[ZooMember]
     probe: torch.Tensor
     similarity: ZooSimilarity
     partition: Partition
 
     @property
+    def train(self) -> DataSplit:
+        """The training data stitches, heads and tuning are fitted on (the task's ``fit`` part)."""
+        return self.task.fit
+
+    @property
+    def test(self) -> DataSplit:
+        return self.task.test
+
+    @property
     def members_by_name(self) -> dict[str, ZooMember]:
         return {m.name: m for m in self.members}
+
+
+def load_config_task(config: AssembleConfig) -> TargetTask:
+    return load_task(config.data, config.zoo, image_size=config.image_size, train_size=config.train_size,
+                     val_fraction=config.val_fraction)
 
 
 def analyse_zoo(
     config: AssembleConfig, progress: Progress | None = None, executor: Executor | None = None
 ) -> ZooAnalysis:
-    """Load the data and the zoo, compute (or load) the similarity matrix and partition the zoo."""
-    train = load_dataset(config.data, "train")
-    test = load_dataset(config.data, "test")
-    say(progress, f"loading and tracing the zoo ({config.zoo}) at input {tuple(train.input_shape)}")
-    members = load_members(config.zoo, train.input_shape)
-    probe = probe_batch(train, config.probe_fraction, seed=config.seed)
-    say(progress, f"cut-point similarity (linear CKA) on {len(probe)} probe images")
+    """Load the task and the zoo, compute (or load) the similarity matrix and partition the zoo."""
+    task = load_config_task(config)
+    sizes = ", ".join(f"{k} {v}" for k, v in task.sizes().items())
+    say(progress, f"task {config.data} at {tuple(task.input_shape)}: {task.num_classes} classes ({sizes})")
+    say(progress, f"loading and tracing the zoo ({config.zoo})")
+    members = load_members(config.zoo, task.input_shape)
+    probe = probe_batch(task.fit, config.probe_fraction, seed=config.seed)
+    say(progress, f"cut-point similarity (linear CKA, {config.pool} pooling) on {len(probe)} probe images")
     sim = zoo_similarity(
         {m.name: m.graph for m in members},
         probe,
         pool=config.pool,
         unbiased=config.unbiased_cka,
         cache_dir=config.cache_dir if config.cache_dir is not None else default_cache_dir(),
-        data_key=probe_data_key(probe, config.data),
+        data_key=probe_data_key(probe, _data_key(config)),
         executor=executor,
     )
     say(progress, f"partition: K={config.k}, eps={config.eps}, {config.restarts} restarts"
@@ -85,7 +114,34 @@ def analyse_zoo(
         members, sim, k=config.k, eps=config.eps, restarts=config.restarts, seed=config.seed, size=config.size,
         distinct=config.distinct_sets,
     )
-    return ZooAnalysis(train, test, members, probe, sim, partition)
+    return ZooAnalysis(task, members, probe, sim, partition)
+
+
+def _data_key(config: AssembleConfig) -> str:
+    return f"{config.data}@{config.image_size}/{config.train_size}/{config.val_fraction}"
+
+
+def set_rows(partition: Partition) -> list[dict]:
+    """Per equivalence set: its blocks and how many of them some assembly can pick (``Partition.pickable``)."""
+    pickable = set(partition.pickable())
+    return [{"set": j, "blocks": len(blocks), "pickable": sum(b in pickable for b in blocks)}
+            for j, blocks in enumerate(partition.equivalence_sets())]
+
+
+def member_probes(
+    analysis: ZooAnalysis, probes: ProbeActivations, executor: Executor | None = None
+) -> dict[str, float]:
+    """Each zoo model's linear-probe accuracy on the target: its whole body with a least-squares head fitted on
+    ``fit``, evaluated on ``val`` (the ILP's quality term and the whole-model candidates' proxy)."""
+    members = analysis.members_by_name
+    whole = {m.name: [ChosenBlock(m.name, 0, 0, len(m.positions) - 1)] for m in analysis.members}
+    score = functools.partial(_probe_accuracy, members=members, probes=probes, task=analysis.task)
+    return dict(zip(whole, (executor or LocalExecutor()).map(score, list(whole.values())), strict=True))
+
+
+def _probe_accuracy(blocks: list[ChosenBlock], *, members, probes: ProbeActivations, task: TargetTask) -> float:
+    fit = task.fit
+    return evaluate(build_assembly(blocks, members, probes, fit.x, fit.y, task.num_classes), task.val)
 
 
 def _naswot_batches(train: DataSplit, config: AssembleConfig) -> list[torch.Tensor]:
@@ -101,19 +157,32 @@ def rank_candidates(
     config: AssembleConfig,
     probes: ProbeActivations | None = None,
     executor: Executor | None = None,
+    quality: dict[str, float] | None = None,
 ) -> list[Candidate]:
-    """Build each ILP assembly's body with LS-initialised stitches and score it with NASWOT (best first).
+    """The ILP's assemblies and, with ``quality`` (the zoo's probe accuracies), every zoo model kept whole that
+    fits the budget and is not already among them, best first by ``config.proxy``.
 
+    Each ILP assembly is built (LS stitches, least-squares head on ``fit``) and scored by its ``val`` accuracy
+    (``probe``) and, if NASWOT is the proxy, by NASWOT; a whole model's probe accuracy is ``quality``'s.
     ``probes`` lets the caller share the probe-activation cache with later builds (default: a fresh one);
     the candidates are independent items of ``executor`` (default: in-process, in order).
     """
     members = analysis.members_by_name
     probes = probes if probes is not None else ProbeActivations(members, analysis.probe)
-    score = functools.partial(
-        _score_candidate, opts=opts, members=members, probes=probes, batches=_naswot_batches(analysis.train, config)
-    )
+    batches = _naswot_batches(analysis.train, config) if config.proxy == "naswot" else None
+    score = functools.partial(_score_candidate, opts=opts, members=members, probes=probes, batches=batches,
+                              task=analysis.task)
     out = (executor or LocalExecutor()).map(score, assemblies)
-    return sorted(out, key=lambda c: -c.naswot)
+    if quality is not None:
+        seen = {c.assembly.blocks for c in out}
+        for name, path in opts.whole_models().items():
+            assembly = opts.assembly(path)
+            if path in seen or not fits(assembly, config.budget):
+                continue
+            blocks = [opts.blocks[i] for i in path]
+            nas = None if batches is None else naswot(nn.Sequential(build_body(blocks, members, probes)), batches)
+            out.append(Candidate(assembly, blocks, "whole", quality[name], nas))
+    return sorted(out, key=lambda c: -c.score(config.proxy))
 
 
 def _score_candidate(
@@ -122,16 +191,22 @@ def _score_candidate(
     opts: AssemblyOptions,
     members: dict[str, ZooMember],
     probes: ProbeActivations,
-    batches: list[torch.Tensor],
+    batches: list[torch.Tensor] | None,
+    task: TargetTask,
 ) -> Candidate:
-    """One candidate: its body built with LS-initialised stitches, scored by NASWOT."""
+    """One ILP candidate: built with LS stitches and a least-squares head, scored on ``val`` (and by NASWOT)."""
     blocks = [opts.blocks[i] for i in assembly.blocks]
-    body = nn.Sequential(build_body(blocks, members, probes))
-    return Candidate(assembly, blocks, naswot(body, batches))
+    source = "whole" if len({b.model for b in blocks}) == 1 and all(
+        joins_directly(a, b) for a, b in zip(blocks, blocks[1:])) else "ilp"
+    net = build_assembly(blocks, members, probes, task.fit.x, task.fit.y, task.num_classes)
+    nas = None if batches is None else naswot(net.body, batches)
+    return Candidate(assembly, blocks, source, evaluate(net, task.val), nas)
 
 
-def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | None = None):
-    """ILP top-M for the config's budget: (AssemblyOptions, assemblies, solver stats)."""
+def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | None = None,
+          quality: dict[str, float] | None = None):
+    """ILP top-M for the config's budget: (AssemblyOptions, assemblies, solver stats); ``quality`` as in
+    :func:`problem.assembly_options`."""
     latency = None
     join_latency = None
     if config.budget.latency_ms is not None:
@@ -147,6 +222,7 @@ def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | No
         analysis.train.num_classes,
         latency_ms=latency,
         join_latency=join_latency,
+        quality=quality,
     )
     say(progress, f"assembly ILP (PuLP/CBC): top {config.top} under {config.budget}")
     assemblies, stats = solve_assemblies(
@@ -155,13 +231,15 @@ def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | No
     return opts, assemblies, stats
 
 
-def tune(net: AssembledNet, train: DataSplit, config: AssembleConfig) -> None:
-    """FROZEN-TUNING (stitches + head), FULL-TUNING (everything) or nothing, in place."""
-    if config.tune == "none":
+def tune(net: AssembledNet, train: DataSplit, config: AssembleConfig, mode: str | None = None) -> None:
+    """FROZEN-TUNING (stitches + head), FULL-TUNING (everything) or nothing, in place (``mode`` overrides
+    ``config.tune``)."""
+    mode = mode or config.tune
+    if mode == "none":
         return
-    if config.tune == "frozen":
+    if mode == "frozen":
         net.freeze_blocks()
-    train_model(net, train, epochs=config.epochs, lr=config.lr, seed=config.seed, desc=f"tune ({config.tune})")
+    train_model(net, train, epochs=config.epochs, lr=config.lr, seed=config.seed, desc=f"tune ({mode})")
     net.requires_grad_(True)
     net.frozen = ()
     net.eval()
@@ -178,6 +256,8 @@ def plan_dict(analysis: ZooAnalysis, blocks: list[ChosenBlock], config: Assemble
         "version": PLAN_VERSION,
         "zoo": [{"name": m.name, "spec": m.spec, "weights_sha256": weights_hash(m.module)} for m in analysis.members],
         "data": config.data,
+        "task": {"image_size": config.image_size, "train_size": config.train_size,
+                 "val_fraction": config.val_fraction},
         "num_classes": analysis.train.num_classes,
         "input_shape": list(analysis.train.input_shape),
         "probe": {"fraction": config.probe_fraction, "seed": config.seed},
@@ -193,10 +273,13 @@ def plan_dict(analysis: ZooAnalysis, blocks: list[ChosenBlock], config: Assemble
 
 
 _INDEX = Where(int, lambda i: i >= 0, "an integer >= 0")
+_SIZE = Where((int, type(None)), lambda i: i is None or i >= 1, "null or an integer >= 1")
 PLAN_SCHEMA = {
     "version": OneOf((PLAN_VERSION,)),
     "zoo": ListOf({"name": str, "spec": str, "weights_sha256": str}, 1),
     "data": str,
+    "task": {"image_size": _SIZE, "train_size": _SIZE,
+             "val_fraction": Where(NUMBER, lambda f: 0 < f < 1, "a fraction in (0, 1)")},
     "num_classes": Where(int, lambda n: n >= 2, "an integer >= 2"),
     "probe": {"fraction": Where(NUMBER, lambda f: 0 < f <= 1, "a fraction in (0, 1]"), "seed": int},
     "blocks": ListOf({"model": str, "stage": _INDEX, "start": _INDEX, "end": _INDEX, "start_node": str,
@@ -228,7 +311,8 @@ def rebuild(plan: dict, progress: Progress | None = None, *, trust_code: bool = 
                            PLAN_FIX)
     for i, entry in enumerate(zoo):
         check_spec_from_file(entry.get("spec"), f"plan.json zoo[{i}].spec", trust_code=trust_code, fix=TRUST_FIX)
-    train = load_dataset(plan["data"], "train")
+    task = load_task(plan["data"], ",".join(entry["spec"] for entry in zoo), **plan["task"])
+    train = task.fit
     members = {}
     for entry in plan["zoo"]:
         if not any(b["model"] == entry["name"] for b in plan["blocks"]):
@@ -288,33 +372,33 @@ def assemble(
 ) -> dict:
     """Run DeRy end to end and write its outputs into ``out_dir`` (which must exist); returns the report.
 
-    Stages (timed in ``report["timings"]``): analysis, ilp, rerank, build_tune, export.
+    Stages (timed in ``report["timings"]``): analysis, probe_zoo, ilp, rerank, tune, baselines, export.
     """
     from zoocompiler.exports.latency import measure_latency
     from zoocompiler.exports.onnx_export import export_onnx
-    from zoocompiler.training import evaluate
 
-    from .plots import plot_candidates, plot_similarity
+    from .plots import plot_baselines, plot_candidates, plot_similarity
 
     config.check()
     stages = Stages(progress)
     with stages("analysis"):
         analysis = analyse_zoo(config, progress, executor)
+    members = analysis.members_by_name
+    probes = ProbeActivations(members, analysis.probe)  # shared by every build below
+    with stages("probe_zoo", f"linear probe of each zoo model on {len(analysis.task.val)} held-out images"):
+        quality = member_probes(analysis, probes, executor)
     with stages("ilp"):
-        opts, assemblies, stats = solve(analysis, config, progress)
-    batches = f"{config.naswot_batches}×{config.naswot_batch_size}"
-    with stages("rerank", f"NASWOT re-rank of {len(assemblies)} stitched candidates ({batches} images)"):
-        members = analysis.members_by_name
-        probes = ProbeActivations(members, analysis.probe)  # shared: the chosen build reuses the re-rank's activations
-        candidates = rank_candidates(analysis, opts, assemblies, config, probes, executor)
-    best = candidates[0]
-    with stages("build_tune"):
-        train = analysis.train
-        net = build_assembly(best.blocks, members, probes, train.x, train.y, train.num_classes)
-        acc_untuned = evaluate(net, analysis.test)
-        say(progress, f"chosen: {' → '.join(b.key for b in best.blocks)} (linear-probe head: {acc_untuned:.1%})")
-        tune(net, analysis.train, config)
-        acc = evaluate(net, analysis.test)
+        opts, assemblies, stats = solve(analysis, config, progress, quality)
+    with stages("rerank", f"re-rank of {len(assemblies)} ILP candidates and the whole zoo models by {config.proxy}"):
+        candidates = rank_candidates(analysis, opts, assemblies, config, probes, executor, quality)
+    with stages("tune", f"{config.tune} tuning of the best {min(config.tune_top, len(candidates))} candidates"):
+        tuned = [(c, *_tune_candidate(c, analysis, probes, config)) for c in candidates[: config.tune_top]]
+        best, net, result = max(tuned, key=lambda t: t[2].val)  # first (best proxy) wins a tie
+    say(progress, f"chosen: {best.key} (val {result.val:.1%}, test {result.test:.1%}, {result.kept} head)")
+    baselines = None
+    if config.baselines:
+        with stages("baselines", "the best single zoo model that fits, and a from-scratch twin"):
+            baselines = _baselines(analysis, candidates, tuned, best, probes, config)
     shape = tuple(analysis.train.input_shape)
     params = count_params(net)
     macs = model_macs(net, shape)
@@ -328,25 +412,39 @@ def assemble(
             f"the chosen assembly measures {latency.median_ms:.3f} ms > latency budget {config.budget.latency_ms} ms",
             "raise the latency budget or re-run (per-block latencies are cached and may be stale)",
         )
-    blocks = _block_rows(analysis, best, opts)
     plan = plan_dict(analysis, best.blocks, config)
+    scores = [c.score(config.proxy) for c, _, _ in tuned]
     report = {
-        "chosen": blocks,
+        "chosen": _block_rows(analysis, best, opts),
+        "chosen_source": best.source,
         "params": params,
         "macs": macs,
         "latency_ms": latency.median_ms,
         "surrogate": best.assembly.surrogate,
+        "proxy": config.proxy,
+        "probe": best.probe,
         "naswot": best.naswot,
-        "accuracy": acc,
-        "accuracy_before_tuning": acc_untuned,
+        "accuracy": result.test,
+        "accuracy_before_tuning": result.test_before,
+        "val_accuracy": result.val,
+        "kept_head": result.kept,
         "tune": config.tune,
         "epochs": config.epochs if config.tune != "none" else 0,
+        "task": {"data": config.data, "input_shape": list(shape), "num_classes": analysis.task.num_classes,
+                 **analysis.task.sizes()},
         "budget": config.budget.to_dict(),
         "budget_use": _budget_use(config.budget, params, macs, latency.median_ms),
         "solver": stats.to_dict(),
         "partition": analysis.partition.to_dict(),
+        "sets": set_rows(analysis.partition),
+        "zoo_probe": quality,
         "similarity": analysis.similarity.to_dict(),
         "candidates": [c.to_dict() for c in candidates],
+        "tuned": [{"blocks": c.key, "source": c.source, "score": c.score(config.proxy), **r.to_dict()}
+                  for c, _, r in tuned],
+        "kendall_tau": kendall_tau(scores, [r.val for _, _, r in tuned]),
+        "baselines": baselines,
+        "verdict": _verdict(result.test, baselines),
         "export": export.to_dict(),
         "data": config.data,
         "zoo": [m.spec for m in analysis.members],
@@ -355,9 +453,68 @@ def assemble(
     write_state_dict_atomic(out_dir / "assembly.safetensors", net.state_dict())
     write_text_atomic(out_dir / "plan.json", json.dumps(plan, indent=2))
     plot_similarity(analysis.similarity, analysis.partition, out_dir / "similarity.png")
-    plot_candidates(candidates, best, out_dir / "candidates.png")
+    plot_candidates(candidates, best, config.proxy, out_dir / "candidates.png")
+    if baselines is not None:
+        plot_baselines(report, out_dir / "baselines.png")
     write_report(out_dir, report)
     return report
+
+
+def _build(blocks: list[ChosenBlock], analysis: ZooAnalysis, probes: ProbeActivations) -> AssembledNet:
+    fit = analysis.task.fit
+    return build_assembly(blocks, analysis.members_by_name, probes, fit.x, fit.y, fit.num_classes)
+
+
+def _tune_candidate(
+    cand: Candidate, analysis: ZooAnalysis, probes: ProbeActivations, config: AssembleConfig, mode: str | None = None
+) -> tuple[AssembledNet, TuneResult]:
+    net = _build(cand.blocks, analysis, probes)
+    mode = mode or config.tune
+    return net, tune_kept(net, analysis.task, mode, lambda n, fit: tune(n, fit, config, mode))
+
+
+def _baselines(analysis: ZooAnalysis, candidates: list[Candidate], tuned: list, best: Candidate,
+               probes: ProbeActivations, config: AssembleConfig) -> dict:
+    """(a) the zoo model kept whole that fits the budget with the best probe accuracy, tuned like the candidates
+    (re-used when it was one of them); (b) a from-scratch twin of the chosen network, all weights trained for the
+    same epochs (``full``; ``none`` leaves its least-squares head)."""
+    wholes = [c for c in candidates if c.source == "whole"]
+    single = None
+    if wholes:
+        top = max(wholes, key=lambda c: c.probe)
+        done = {c.assembly.blocks: r for c, _, r in tuned}
+        result = done.get(top.assembly.blocks) or _tune_candidate(top, analysis, probes, config)[1]
+        single = {"model": top.blocks[0].model, "params": top.assembly.params, "macs": top.assembly.macs,
+                  "probe": top.probe, **result.to_dict()}
+    last = best.blocks[-1]
+    features = analysis.members_by_name[last.model].positions[last.end].tensor
+    twin, not_reset = from_scratch(_build(best.blocks, analysis, probes), features, analysis.task, config.seed)
+    mode = "none" if config.tune == "none" else "full"
+    result = tune_kept(twin, analysis.task, mode, lambda n, fit: tune(n, fit, config, mode))
+    scratch = {"blocks": best.key, "params": count_params(twin), "tune": mode, "not_reset": not_reset,
+               **result.to_dict()}
+    return {"single": single, "scratch": scratch,
+            "single_note": None if single else "no zoo model fits the budget on its own"}
+
+
+def _verdict(accuracy: float, baselines: dict | None) -> dict:
+    """Test-accuracy margins of the chosen network over the baselines and a sentence that says who wins."""
+    if baselines is None:
+        return {"message": "baselines not evaluated (--no-baselines)"}
+    out: dict = {}
+    parts = []
+    for name, label in (("single", "the best single zoo model"), ("scratch", "the from-scratch twin")):
+        base = baselines[name]
+        if base is None:
+            parts.append(f"{label}: none fits the budget")
+            continue
+        margin = accuracy - base["test"]
+        out[f"vs_{name}"] = margin
+        word = "beats" if margin > 0 else "ties" if margin == 0 else "LOSES TO"
+        parts.append(f"{word} {label} ({accuracy:.1%} vs {base['test']:.1%})")
+    out["loses"] = [k[3:] for k, v in out.items() if v < 0]
+    out["message"] = "the chosen network " + "; ".join(parts)
+    return out
 
 
 def _check_within(budget: Budget, params: int, macs: int) -> None:

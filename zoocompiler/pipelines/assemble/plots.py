@@ -51,17 +51,42 @@ def plot_similarity(sim: ZooSimilarity, partition: Partition, path: Path) -> Pat
     return save_png(fig, path)
 
 
-def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate, path: Path) -> Path:
-    """NASWOT proxy against MACs for every re-ranked candidate, the chosen one marked."""
+def plot_candidates(candidates: Sequence[Candidate], chosen: Candidate, proxy: str, path: Path) -> Path:
+    """The re-rank proxy against MACs for every candidate (ILP assemblies and whole zoo models), the chosen one
+    marked."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    finite = [c for c in candidates if np.isfinite(c.naswot)]
-    ax.scatter([c.assembly.macs / 1e6 for c in finite], [c.naswot for c in finite], c="tab:blue", label="ILP top-M")
-    if np.isfinite(chosen.naswot):
-        ax.scatter([chosen.assembly.macs / 1e6], [chosen.naswot], marker="*", s=260, c="tab:red", label="chosen")
+    for source, colour, label in (("ilp", "tab:blue", "ILP top-M"), ("whole", "tab:green", "zoo model kept whole")):
+        points = [c for c in candidates if c.source == source and np.isfinite(c.score(proxy))]
+        ax.scatter([c.assembly.macs / 1e6 for c in points], [c.score(proxy) for c in points], c=colour, label=label)
+    if np.isfinite(chosen.score(proxy)):
+        ax.scatter([chosen.assembly.macs / 1e6], [chosen.score(proxy)], marker="*", s=260, c="tab:red", label="chosen")
     ax.set_xlabel("MACs (M)")
-    ax.set_ylabel("NASWOT score (log det)")
+    ax.set_ylabel("held-out linear-probe accuracy" if proxy == "probe" else "NASWOT score (log det)")
     ax.set_title("reassembly candidates")
     ax.legend(loc="best")
     ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
+def plot_baselines(report: dict, path: Path) -> Path:
+    """Test accuracy of the chosen network, the best single zoo model and the from-scratch twin (before and after
+    tuning), from an ``assemble`` report."""
+    plt = pyplot()
+    base = report["baselines"]
+    rows = [("chosen", report["accuracy_before_tuning"], report["accuracy"])]
+    if base["single"] is not None:
+        rows.append((f"single: {base['single']['model']}", base["single"]["test_before"], base["single"]["test"]))
+    rows.append(("from scratch", base["scratch"]["test_before"], base["scratch"]["test"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r[1] for r in rows], 0.4, label="least-squares head", color="tab:gray")
+    ax.bar(x + 0.2, [r[2] for r in rows], 0.4, label=f"kept after {report['tune']} tuning", color="tab:blue")
+    for i, r in enumerate(rows):
+        ax.text(i + 0.2, r[2], f"{r[2]:.1%}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [r[0] for r in rows])
+    ax.set_ylabel(f"test accuracy ({report['task']['data']})")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("assembly vs its baselines, same budget and tuning")
+    ax.legend(loc="lower right")
     return save_png(fig, path)

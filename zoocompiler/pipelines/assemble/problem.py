@@ -7,11 +7,12 @@
   cost and the CKA between what the first block emits and what the second expects; nothing for
   blocks that are contiguous in one model) and every last-stage block's new head.
 
-Surrogate terms (the linear objective the ILP maximises before the NASWOT re-rank):
-``quality`` = the source model's own test accuracy / K (so a zoo model kept whole scores its
-accuracy), ``compat`` = CKA(output of a, expected input of b) on the probe images (1 for a
-direct join). Pairs that cannot be stitched (a flat vector into a spatial block) are left out of
-``joins`` and marked forbidden.
+Surrogate terms (the linear objective the ILP maximises before the re-rank):
+``quality`` = the model's accuracy on the *target* task / K — its linear-probe accuracy on the held-out
+part of the target's training data when the pipeline passes ``quality`` (default), else its own source
+test accuracy (so a zoo model kept whole scores that accuracy), ``compat`` = CKA(output of a, expected
+input of b) on the probe images (1 for a direct join). Pairs that cannot be stitched (a flat vector into a
+spatial block) are left out of ``joins`` and marked forbidden.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from zoocompiler.core.errors import ZooError
 from zoocompiler.passes.rewrite.compose import ChosenBlock, chosen, head_info, joins_directly, stitch_cost
-from zoocompiler.solvers.assembly_ilp import Assembly, BlockOption, JoinCost
+from zoocompiler.solvers.assembly_ilp import Assembly, BlockOption, JoinCost, assembly_of
 from zoocompiler.solvers.partition import ModelPositions, Partition, partition_zoo
 
 from ..zoo.members import ZooMember
@@ -88,6 +89,17 @@ class AssemblyOptions:
     forbidden: list[tuple[int, int]]
     heads: dict[int, JoinCost]
 
+    def assembly(self, chosen: Sequence[int]) -> Assembly:
+        """The assembly of option indices ``chosen`` (stage order), surrogate and totals as the ILP counts them."""
+        return assembly_of(self.options, self.joins, self.heads, chosen)
+
+    def whole_models(self) -> dict[str, tuple[int, ...]]:
+        """Per zoo model, the option indices of its own K blocks in stage order: the model kept whole."""
+        paths: dict[str, list[int]] = {}
+        for i, b in enumerate(self.blocks):
+            paths.setdefault(b.model, []).append(i)
+        return {name: tuple(sorted(idx, key=lambda i: self.blocks[i].stage)) for name, idx in paths.items()}
+
 
 def _compat(sim: ZooSimilarity, a: ChosenBlock, b: ChosenBlock) -> float:
     return 1.0 if joins_directly(a, b) else sim.similarity(a.model, a.end, b.model, b.start)
@@ -101,11 +113,13 @@ def assembly_options(
     *,
     latency_ms: Mapping[str, float] | None = None,
     join_latency: Callable[[int], float] | None = None,
+    quality: Mapping[str, float] | None = None,
 ) -> AssemblyOptions:
     """Blocks, joins and heads of ``partition`` as ILP data (see the module docstring).
 
     ``latency_ms`` maps a block key to its measured latency; ``join_latency(macs)`` estimates a
-    stitch's or head's latency. Both are needed only for a latency budget.
+    stitch's or head's latency. Both are needed only for a latency budget. ``quality`` maps a model name
+    to its accuracy on the target (default: its own source accuracy, 0 when unknown).
     """
     by_name = {m.name: m for m in members}
     refs = partition.blocks()
@@ -121,7 +135,7 @@ def assembly_options(
                 params=float(m.params_between(b.start, b.end)),
                 macs=float(m.macs_between(b.start, b.end)),
                 latency_ms=None if latency_ms is None else latency_ms[b.key],
-                quality=(m.accuracy or 0.0) / partition.k,
+                quality=(quality[m.name] if quality is not None else m.accuracy or 0.0) / partition.k,
             )
         )
 
@@ -152,11 +166,26 @@ def assembly_options(
 
 @dataclass
 class Candidate:
-    """One ILP assembly, its blocks and its NASWOT score on the stitched (untrained-head) network."""
+    """One candidate network: ILP assembly (or a zoo model kept whole), its blocks and its proxy scores.
+
+    ``probe`` is the held-out accuracy of its least-squares linear head (stitches LS-fitted too);
+    ``naswot`` is computed only when NASWOT is the proxy. ``source`` is "ilp" or "whole".
+    """
 
     assembly: Assembly
     blocks: list[ChosenBlock]
-    naswot: float
+    source: str
+    probe: float
+    naswot: float | None = None
+
+    def score(self, proxy: str) -> float:
+        value = self.probe if proxy == "probe" else self.naswot
+        return float("-inf") if value is None else value
+
+    @property
+    def key(self) -> str:
+        return " → ".join(b.key for b in self.blocks)
 
     def to_dict(self) -> dict:
-        return {"blocks": [b.key for b in self.blocks], "naswot": self.naswot, **self.assembly.to_dict()}
+        return {"blocks": [b.key for b in self.blocks], "source": self.source, "probe": self.probe,
+                "naswot": self.naswot, **self.assembly.to_dict()}

@@ -71,6 +71,18 @@ def zoo_specs(zoo: str) -> list[str]:
     return specs
 
 
+def declared_input_shape(zoo: str) -> tuple[int, ...] | None:
+    """The input shape every model of ``--zoo`` declares (demo-zoo entries do), or None if any does not or
+    they disagree (other specs accept what they are traced with)."""
+    from zoocompiler.zoo import get_entry
+
+    specs = zoo_specs(zoo)
+    if not all(spec.startswith("zoo:") for spec in specs):
+        return None
+    shapes = {tuple(get_entry(spec[4:]).input_shape) for spec in specs}
+    return shapes.pop() if len(shapes) == 1 else None
+
+
 def _member_name(spec: str) -> str:
     source, _, rest = spec.partition(":")
     return rest if source == "zoo" else spec
