@@ -434,21 +434,20 @@ def run_assemble(config: AssembleConfig, work: Path) -> dict[str, Any]:
     """``assemble(config)`` into a scratch directory (removed after), progress off; the measured fields."""
     out = Path(tempfile.mkdtemp(dir=work, prefix="run_"))
     t = time.perf_counter()
+    run = {"budget": str(config.budget), "tune": config.tune, "seed": config.seed, "epochs": config.epochs,
+           "distinct_sets": config.distinct_sets, "pool": config.pool}
     try:
         with _quiet():
             report = assemble(config, out)
+    except Exception as e:  # noqa: BLE001 - one failed run must not lose a long benchmark; it is shown in 5b
+        return {**run, "error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t}
     finally:
         shutil.rmtree(out, ignore_errors=True)
     seconds = time.perf_counter() - t
     base = report["baselines"] or {}
     single, scratch = base.get("single"), base.get("scratch")
     return {
-        "budget": str(config.budget),
-        "tune": config.tune,
-        "seed": config.seed,
-        "epochs": config.epochs,
-        "distinct_sets": config.distinct_sets,
-        "pool": config.pool,
+        **run,
         "accuracy": report["accuracy"],
         "accuracy_before_tuning": report["accuracy_before_tuning"],
         "val_accuracy": report["val_accuracy"],
@@ -469,7 +468,14 @@ def run_assemble(config: AssembleConfig, work: Path) -> dict[str, Any]:
     }
 
 
+def _ok(runs: Sequence[dict]) -> list[dict]:
+    """The runs that finished (a failed one has only its config, ``error`` and ``seconds``)."""
+    return [r for r in runs if "error" not in r]
+
+
 def _run_line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['budget']} {r['tune']} seed {r['seed']}: FAILED: {r['error']}"
     single = r["single"]
     a = "-" if single is None else f"{single['test']:.3f} ({single['model']})"
     b = "-" if r["scratch"] is None else f"{r['scratch']['test']:.3f}"
@@ -499,7 +505,7 @@ def bench_ablation(base: AssembleConfig, budget: Budget, seeds: Sequence[int], d
     runs = []
     for (name, change), seed in itertools.product(ABLATION, seeds):
         config = replace(base, budget=budget, tune="full", seed=seed, **change)
-        run = next((r for r in done if _same_run(r, config)), None)
+        run = next((r for r in _ok(done) if _same_run(r, config)), None)
         if run is None:
             run = run_assemble(config, work)
             log(f"ablation {name}: " + _run_line(run))
@@ -525,7 +531,7 @@ def _margin(r: dict, base: str) -> float | None:
 def summarise_budgets(runs: Sequence[dict]) -> list[dict]:
     """Per budget × mode (run order): mean ± std over seeds of the assembly, (a), (b), the margins; picks; τ."""
     groups: dict[tuple[str, str], list[dict]] = {}
-    for r in runs:
+    for r in _ok(runs):
         groups.setdefault((r["budget"], r["tune"]), []).append(r)
     out = []
     for (budget, mode), rs in groups.items():
@@ -580,6 +586,7 @@ def budget_targets(summary: Sequence[dict]) -> dict[str, Any]:
 def stage_times(runs: Sequence[dict]) -> list[dict]:
     """Mean seconds per ``assemble`` stage: per tuning mode and over all runs."""
     rows = []
+    runs = _ok(runs)
     modes = sorted({r["tune"] for r in runs})
     for label, rs in [(m, [r for r in runs if r["tune"] == m]) for m in modes] + [("all", list(runs))]:
         if rs and (label != "all" or len(modes) > 1):
@@ -592,7 +599,7 @@ def stage_times(runs: Sequence[dict]) -> list[dict]:
 def summarise_ablation(runs: Sequence[dict]) -> list[dict]:
     out = []
     for name, _ in ABLATION:
-        rs = [r for r in runs if r["variant"] == name]
+        rs = [r for r in _ok(runs) if r["variant"] == name]
         if not rs:
             continue
         sets = sorted({" ".join(f"{s['pickable']}/{s['blocks']}" for s in r["sets"]) for r in rs})
@@ -628,7 +635,8 @@ def _n(value: float | None) -> str:
 
 def _left(index: int, column: str) -> bool:
     """Text columns are left-aligned, numbers right-aligned."""
-    return index == 0 or column in ("method", "blocks", "model", "note")
+    return index == 0 or column in ("method", "blocks", "model", "note", "tune", "source", "(a) model", "picks",
+                                    "pickable/blocks per set")
 
 
 class Output:
@@ -716,6 +724,10 @@ def render(out: Output, result: dict) -> None:
         _render_ablation(out, result["ablation"])
 
 
+def _epochs(n: int | str) -> str:
+    return f"{n} epoch{'' if str(n) == '1' else 's'}"
+
+
 def _pm(stats: dict | None, digits: int = 3, sign: bool = False) -> str:
     """``mean ± std`` of a ``_stats`` dict ("-" without values, no ± for one value)."""
     if not stats or stats["mean"] is None:
@@ -753,7 +765,7 @@ def _render_tau(out: Output, tau: dict) -> None:
     modes = tau["modes"]
     out.table(
         f"4. proxies vs accuracy: ILP top-{tau['top']} (+ whole zoo models) under {tau['budget']}, best probe first; "
-        f"tuned {tau['epochs']} epochs (lr {tau['lr']:g}), digits test",
+        f"tuned {_epochs(tau['epochs'])} (lr {tau['lr']:g}), digits test",
         ["#", "blocks", "source", "params", "MACs", "surrogate", "probe acc", "NASWOT", "ridge test",
          *[f"{m} test" for m in modes]],
         [
@@ -776,7 +788,8 @@ def _render_budgets(out: Output, budgets: dict) -> None:
     seeds = sorted({r["seed"] for r in runs})
     out.table(
         f"5. assembly vs (a) best single zoo model that fits and (b) from-scratch twin: assemble() on digits, "
-        f"{'/'.join(map(str, epochs))} epochs, seeds {','.join(map(str, seeds))}; test accuracy, mean ± std over seeds",
+        f"{_epochs('/'.join(map(str, epochs)))}, seeds {','.join(map(str, seeds))}; test accuracy, "
+        "mean ± std over seeds",
         ["budget", "tune", "assembly", "(a) single", "(a) model", "(b) scratch", "assembly − (a)", "assembly − (b)",
          "whole picks", "mean τ", "params", "MACs"],
         [
@@ -801,6 +814,8 @@ def _render_budgets(out: Output, budgets: dict) -> None:
         "5b. every run: the pick and its baselines (test accuracy)",
         ["budget", "tune", "seed", "assembly", "source", "blocks", "(a) single", "(b) scratch", "τ", "seconds"],
         [
+            [r["budget"], r["tune"], str(r["seed"]), "-", "FAILED", r["error"], "-", "-", "-", _s(r["seconds"], 0)]
+            if "error" in r else
             [r["budget"], r["tune"], str(r["seed"]), _s(r["accuracy"], 3), r["chosen_source"], " → ".join(r["chosen"]),
              "-" if r["single"] is None else f"{r['single']['test']:.3f} {r['single']['model']}",
              "-" if r["scratch"] is None else _s(r["scratch"]["test"], 3), _s(r["kendall_tau"]), _s(r["seconds"], 0)]
@@ -828,6 +843,9 @@ def _render_ablation(out: Output, ablation: dict) -> None:
             for r in rows
         ],
     )
+    for r in ablation["runs"]:
+        if "error" in r:
+            out.line(f"   {r['variant']}: " + _run_line(r))
     default = next((r for r in rows if r["variant"] == "default"), None)
     for r in rows:
         if default is not None and r is not default and r["assembly"]["mean"] is not None:
@@ -879,23 +897,25 @@ def plot(result: dict, path: Path) -> None:
         right.legend(fontsize=8)
     else:
         right.axis("off")
-    summary = summarise_budgets(result["budgets"]["runs"]) if result.get("budgets") else []
+    summary = summarise_budgets(_ok(result["budgets"]["runs"])) if result.get("budgets") else []
+    bars = (("assembly", "assembly"), ("single", "(a) best single"), ("scratch", "(b) from scratch"))
+    low = min((s[k]["mean"] - (s[k]["std"] or 0.0) for s in summary for k, _ in bars if s[k]["mean"] is not None),
+              default=0.0)
     for ax, mode in zip(axes[1], ("full", "frozen"), strict=True):
         rows = [s for s in summary if s["tune"] == mode]
         if not rows:
             ax.axis("off")
             continue
         x = np.arange(len(rows))
-        lows = []
-        for i, (key, label) in enumerate((("assembly", "assembly"), ("single", "(a) best single"),
-                                          ("scratch", "(b) from scratch"))):
+        for i, (key, label) in enumerate(bars):
             mean = np.array([np.nan if s[key]["mean"] is None else s[key]["mean"] for s in rows])
             std = np.array([0.0 if s[key]["std"] is None else s[key]["std"] for s in rows])
-            ax.bar(x + (i - 1) * 0.27, mean, 0.27, yerr=std, capsize=3, label=label)
-            lows.extend((mean - std)[np.isfinite(mean)])
+            drawn = ax.bar(x + (i - 1) * 0.27, mean, 0.27, yerr=std, capsize=3, label=label)
+            ax.bar_label(drawn, labels=[f"{m:.3f}" if np.isfinite(m) else "" for m in mean], fontsize=7,
+                         rotation=90, label_type="center", color="white")
         seeds = max(len(s["seeds"]) for s in rows)
         ax.set_xticks(x, [s["budget"] for s in rows])
-        ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.03), 1.0)
+        ax.set_ylim(max(0.0, low - 0.03), 1.0)  # both panels on one scale
         ax.set(ylabel="digits test accuracy", title=f"part 5: {mode} tuning, mean ± std over {seeds} seed(s)")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8, loc="lower right")
@@ -921,7 +941,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--swap-sizes", help="zoo sizes for dp vs swap (default 10,30)")
     parser.add_argument("--restarts", type=int, default=200, help="partition restarts (synthetic zoos and demo)")
     parser.add_argument("--top", type=int, default=20, help="ILP top-M (scaling, search, parts 5-6)")
-    parser.add_argument("--search-budgets", nargs="+", help="part 3 budgets (default flops=2M flops=4M)")
+    parser.add_argument("--search-budgets", nargs="+", help="part 3 budgets (default flops=2M)")
     parser.add_argument("--random-candidates", type=int, help="part 3 random search size (default 200)")
     parser.add_argument("--tau-budget", default="flops=100M", help="part 4: loose budget of the candidates")
     parser.add_argument("--tau-top", type=int, help="part 4: ILP top-M (default 20, quick 5)")
@@ -948,7 +968,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q = args.quick
     args.sizes = [int(s) for s in (args.sizes or ("5,30" if q else "5,10,20,30,50")).split(",")]
     args.swap_sizes = [int(s) for s in (args.swap_sizes or ("10" if q else "10,30")).split(",")]
-    args.search_budgets = _budgets(args.search_budgets or (["flops=2M"] if q else ["flops=2M", "flops=4M"]))
+    args.search_budgets = _budgets(args.search_budgets or ["flops=2M"])
     args.random_candidates = args.random_candidates or (20 if q else 200)
     args.tau_top = args.tau_top or (5 if q else 20)
     args.tau_limit = args.tau_limit or (5 if q else None)

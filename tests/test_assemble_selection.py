@@ -31,7 +31,7 @@ from zoocompiler.pipelines.assemble.pipeline import (
     solve,
 )
 from zoocompiler.pipelines.assemble.selection import from_scratch, kendall_tau, tune_kept
-from zoocompiler.pipelines.assemble.task import load_task
+from zoocompiler.pipelines.assemble.task import load_task, task_image_size
 from zoocompiler.solvers.assembly_ilp import fits
 from zoocompiler.solvers.partition import BlockRef, Partition
 from zoocompiler.training import evaluate
@@ -71,26 +71,28 @@ def test_hold_out_is_a_stratified_disjoint_deterministic_split():
 
 
 def test_task_is_digits_at_the_zoos_input_size():
-    task = load_task("digits", "demo")
+    assert task_image_size("digits", "demo", None) == 28  # the demo zoo declares 1×28×28; digits is 8×8
+    assert task_image_size("mnist5k", "demo", None) is None  # already the zoo's size
+    assert task_image_size("digits", "timm:resnet18,in_chans=1,timm:resnet10t,in_chans=1", None) is None
+    assert task_image_size("digits", "demo", 16) == 16
+    task = load_task("digits", image_size=28)
     assert task.input_shape == (1, 28, 28) and task.num_classes == 10
     assert len(task.val) == pytest.approx(0.2 * (len(task.fit) + len(task.val)), abs=10)
     assert len(task.test) == len(load_dataset("digits", "test"))
-    native = load_task("digits", "timm:resnet18,num_classes=3,in_chans=1,timm:resnet10t,in_chans=1")
-    assert native.input_shape == (1, 8, 8)  # specs that declare nothing: the data's own size
-    assert load_task("digits", "demo", image_size=16).input_shape == (1, 16, 16)
-    small = load_task("digits", "demo", train_size=300)
+    assert load_task("digits").input_shape == (1, 8, 8)
+    small = load_task("digits", train_size=300)
     assert len(small.fit) + len(small.val) == pytest.approx(300, abs=10)
 
 
 def test_task_bad_input_is_one_line(tmp_path):
     with pytest.raises(ZooError, match=r"--train-size 5 is outside \[20, "):
-        load_task("digits", "demo", train_size=5)
+        load_task("digits", train_size=5)
     root = tmp_path / "one"
     (root / "cat").mkdir(parents=True)
     for i in range(6):
         Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(root / "cat" / f"{i}.png")
     with pytest.raises(ZooError, match="has 1 class; a classifier needs at least 2"):
-        load_task(f"imagefolder:{root}", "demo")
+        load_task(f"imagefolder:{root}")
 
 
 def test_cli_rgb_data_for_a_grey_zoo_is_one_line_and_writes_nothing(tmp_path, capsys):

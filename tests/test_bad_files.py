@@ -236,9 +236,10 @@ def test_a_valid_zoo_manifest_reads_back(tmp_path):
 
 def _assembly_plan(**changes) -> dict:
     plan = {
-        "version": 1,
+        "version": 2,
         "zoo": [{"name": "a", "spec": "zoo:resnet_s", "weights_sha256": "0" * 16}],
         "data": "digits",
+        "task": {"image_size": 28, "train_size": None, "val_fraction": 0.2},
         "num_classes": 10,
         "probe": {"fraction": 0.1, "seed": 0},
         "blocks": [{"model": "a", "stage": 0, "start": 0, "end": 2, "start_node": "x", "end_node": "y"}],
@@ -254,13 +255,15 @@ def _assembly_plan(**changes) -> dict:
         (_assembly_plan(probe={"fraction": 2, "seed": 0}), "probe.fraction must be a fraction in (0, 1], found 2"),
         (_assembly_plan(blocks=[{"model": "a"}]), "blocks[0].stage must be an integer >= 0, missing"),
         (_assembly_plan(zoo="zoo:resnet_s"), 'zoo must be a non-empty list, found "zoo:resnet_s"'),
-        (_assembly_plan(version=2), "version must be 1, found 2"),
+        (_assembly_plan(version=1), "version must be 2, found 1"),
+        (_assembly_plan(task={"image_size": 0, "train_size": None, "val_fraction": 0.2}),
+         "task.image_size must be null or an integer >= 1, found 0"),
         (_assembly_plan(blocks=[{"model": "b", "stage": 0, "start": 0, "end": 2, "start_node": "x",
                                  "end_node": "y"}]), "blocks[0].model 'b' is not in its zoo"),
     ],
 )
 def test_malformed_assembly_plans_are_one_line_errors_before_anything_loads(monkeypatch, plan, message):
-    monkeypatch.setattr("zoocompiler.pipelines.assemble.pipeline.load_dataset", _refuse)
+    monkeypatch.setattr("zoocompiler.pipelines.assemble.pipeline.load_task", _refuse)
     with pytest.raises(ZooError) as info:
         rebuild(plan, source="runs/plan.json")
     one_line(info.value, "runs/plan.json", message)

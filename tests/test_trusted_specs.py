@@ -174,6 +174,7 @@ def _plan(specs: list[str]) -> dict:
         "version": PLAN_VERSION,
         "zoo": [{"name": m.name, "spec": m.spec, "weights_sha256": weights_hash(m.module)} for m in members],
         "data": "digits",
+        "task": {"image_size": None, "train_size": None, "val_fraction": 0.2},
         "num_classes": 10,
         "input_shape": [1, 8, 8],
         "probe": {"fraction": 0.1, "seed": 0},

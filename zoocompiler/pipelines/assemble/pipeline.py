@@ -49,7 +49,7 @@ from .config import AssembleConfig
 from .naswot import naswot
 from .problem import AssemblyOptions, Candidate, assembly_options, partition_members
 from .selection import TuneResult, from_scratch, kendall_tau, tune_kept
-from .task import TargetTask, load_task
+from .task import TargetTask, load_task, task_image_size
 
 PLAN_VERSION = 2
 TRUST_FIX = "pass trust_code=True only if you made that plan yourself from a zoo with this python: spec"
@@ -83,16 +83,18 @@ class ZooAnalysis:
         return {m.name: m for m in self.members}
 
 
-def load_config_task(config: AssembleConfig) -> TargetTask:
-    return load_task(config.data, config.zoo, image_size=config.image_size, train_size=config.train_size,
-                     val_fraction=config.val_fraction)
+def task_options(config: AssembleConfig) -> dict:
+    """How the task is loaded (``task.load_task``'s options, the image size resolved for the zoo): the plan's
+    ``task``."""
+    return {"image_size": task_image_size(config.data, config.zoo, config.image_size),
+            "train_size": config.train_size, "val_fraction": config.val_fraction}
 
 
 def analyse_zoo(
     config: AssembleConfig, progress: Progress | None = None, executor: Executor | None = None
 ) -> ZooAnalysis:
     """Load the task and the zoo, compute (or load) the similarity matrix and partition the zoo."""
-    task = load_config_task(config)
+    task = load_task(config.data, **task_options(config))
     sizes = ", ".join(f"{k} {v}" for k, v in task.sizes().items())
     say(progress, f"task {config.data} at {tuple(task.input_shape)}: {task.num_classes} classes ({sizes})")
     say(progress, f"loading and tracing the zoo ({config.zoo})")
@@ -256,8 +258,7 @@ def plan_dict(analysis: ZooAnalysis, blocks: list[ChosenBlock], config: Assemble
         "version": PLAN_VERSION,
         "zoo": [{"name": m.name, "spec": m.spec, "weights_sha256": weights_hash(m.module)} for m in analysis.members],
         "data": config.data,
-        "task": {"image_size": config.image_size, "train_size": config.train_size,
-                 "val_fraction": config.val_fraction},
+        "task": task_options(config),
         "num_classes": analysis.train.num_classes,
         "input_shape": list(analysis.train.input_shape),
         "probe": {"fraction": config.probe_fraction, "seed": config.seed},
@@ -311,7 +312,7 @@ def rebuild(plan: dict, progress: Progress | None = None, *, trust_code: bool = 
                            PLAN_FIX)
     for i, entry in enumerate(zoo):
         check_spec_from_file(entry.get("spec"), f"plan.json zoo[{i}].spec", trust_code=trust_code, fix=TRUST_FIX)
-    task = load_task(plan["data"], ",".join(entry["spec"] for entry in zoo), **plan["task"])
+    task = load_task(plan["data"], **plan["task"])
     train = task.fit
     members = {}
     for entry in plan["zoo"]:

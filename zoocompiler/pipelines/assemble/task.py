@@ -53,14 +53,13 @@ def task_image_size(data: str, zoo: str, image_size: int | None) -> int | None:
 
 
 def load_task(
-    data: str, zoo: str, *, image_size: int | None = None, train_size: int | None = None,
-    val_fraction: float = 0.2,
+    data: str, *, image_size: int | None = None, train_size: int | None = None, val_fraction: float = 0.2
 ) -> TargetTask:
-    """The target task of ``data`` for ``zoo`` (see the module docstring); ``ZooError`` for a task with fewer
-    than two classes or a ``train_size`` that leaves too little to hold out."""
-    size = task_image_size(data, zoo, image_size)
-    train = load_dataset(data, "train", image_size=size)
-    test = load_dataset(data, "test", image_size=size)
+    """The target task of ``data`` with images resized to ``image_size`` (None: as they are; see
+    :func:`task_image_size`); ``ZooError`` for a task with fewer than two classes or a ``train_size`` that leaves
+    too little to hold out."""
+    train = load_dataset(data, "train", image_size=image_size)
+    test = load_dataset(data, "test", image_size=image_size)
     if train.num_classes < 2:
         raise ZooError(
             f"the task {data!r} has {train.num_classes} class; a classifier needs at least 2",
