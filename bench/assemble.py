@@ -264,8 +264,6 @@ def bench_dp_vs_swap(zoos: dict, sizes: Sequence[int], restarts: int, seed: int,
     return rows
 
 
-
-
 # ----------------------------------------------------------------------------- 3: ILP + re-rank vs random search
 
 
@@ -824,7 +822,7 @@ def _render_budgets(out: Output, budgets: dict) -> None:
     )
     out.table(
         "5c. assemble() seconds per stage, mean over the runs (one torch thread)",
-        ["runs", "n", *STAGES, "total"],
+        ["runs", "n", *[f"{s} s" for s in STAGES], "total s"],
         [[t["runs"], str(t["n"]), *[_s(t[s], 1) for s in STAGES], _s(t["total"], 1)] for t in stage_times(runs)],
     )
 
@@ -910,9 +908,10 @@ def plot(result: dict, path: Path) -> None:
         for i, (key, label) in enumerate(bars):
             mean = np.array([np.nan if s[key]["mean"] is None else s[key]["mean"] for s in rows])
             std = np.array([0.0 if s[key]["std"] is None else s[key]["std"] for s in rows])
-            drawn = ax.bar(x + (i - 1) * 0.27, mean, 0.27, yerr=std, capsize=3, label=label)
-            ax.bar_label(drawn, labels=[f"{m:.3f}" if np.isfinite(m) else "" for m in mean], fontsize=7,
-                         rotation=90, label_type="center", color="white")
+            ax.bar(x + (i - 1) * 0.27, mean, 0.27, yerr=std, capsize=3, label=label)
+            for xi, m in zip(x + (i - 1) * 0.27, mean, strict=True):
+                if np.isfinite(m):  # the mean, inside the top of its bar
+                    ax.text(xi, m - 0.004, f"{m:.3f}", rotation=90, ha="center", va="top", fontsize=7, color="white")
         seeds = max(len(s["seeds"]) for s in rows)
         ax.set_xticks(x, [s["budget"] for s in rows])
         ax.set_ylim(max(0.0, low - 0.03), 1.0)  # both panels on one scale

@@ -43,6 +43,7 @@ def analysis(tmp_path_factory):
 
 def test_zoo_spec_grammar():
     assert split_zoo_spec("zoo:a,timm:b,k=1,j=2, c") == ["zoo:a", "timm:b,k=1,j=2", "zoo:c"]
+    assert split_zoo_spec("timm:vit,img_size=(64,64),zoo:a") == ["timm:vit,img_size=(64,64)", "zoo:a"]
     assert len(zoo_specs("demo")) == 7
     with pytest.raises(ZooError, match="at least two models"):
         zoo_specs("resnet_s")

@@ -61,7 +61,7 @@ class ModelSpec:
 # ----------------------------------------------------------------------------- spec parsing
 
 
-def _split_top_level(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
     """Split on commas that are not inside brackets or quotes (so ``img_size=(32,32)`` stays whole)."""
     parts, depth, quote, start = [], 0, "", 0
     for i, char in enumerate(text):
@@ -113,7 +113,7 @@ def parse_spec(spec: str) -> ModelSpec:
     if not text:
         raise UnknownModelError("empty model spec", "write SOURCE:NAME, e.g. torchvision:resnet18")
     if ":" not in text:
-        name = _split_top_level(text)[0]
+        name = split_top_level(text)[0]
         raise UnknownModelError(
             f"model spec '{text}' names no source",
             f"write SOURCE:NAME with SOURCE one of {', '.join(SOURCES)}{_suggest_sources_for(name)}",
@@ -124,7 +124,7 @@ def parse_spec(spec: str) -> ModelSpec:
         close = difflib.get_close_matches(source, SOURCES, n=1)
         hint = f"did you mean '{close[0]}:{rest}'? " if close else ""
         raise UnknownModelError(f"unknown model source '{source}'", f"{hint}sources are: {', '.join(SOURCES)}")
-    name, *options = _split_top_level(rest)
+    name, *options = split_top_level(rest)
     if not name:
         raise UnknownModelError(f"model spec '{text}' has no model name", f"write {source}:NAME")
     if source == "python" and ":" not in name:

@@ -446,7 +446,7 @@ def assemble(
         "kendall_tau": kendall_tau(scores, [r.val for _, _, r in tuned]),
         "baselines": baselines,
         "verdict": _verdict(result.test, baselines),
-        "export": export.to_dict(),
+        "export": {**export.to_dict(), "path": "model.onnx"},  # relative: out_dir is a staging dir here
         "data": config.data,
         "zoo": [m.spec for m in analysis.members],
         "timings": stages.timings,

@@ -42,9 +42,12 @@ class ZooMember:
 
 
 def split_zoo_spec(text: str) -> list[str]:
-    """``"zoo:a,timm:b,k=1"`` → ``["zoo:a", "timm:b,k=1"]`` (pieces without ``:`` are options)."""
+    """``"zoo:a,timm:b,k=1"`` → ``["zoo:a", "timm:b,k=1"]`` (pieces without ``:`` are options; commas inside
+    brackets or quotes, as in ``img_size=(64,64)``, do not split)."""
+    from zoocompiler.sources import split_top_level
+
     specs: list[str] = []
-    for piece in (p.strip() for p in text.split(",")):
+    for piece in split_top_level(text):
         if not piece:
             continue
         if ":" not in piece and "=" in piece and specs:
@@ -89,7 +92,8 @@ def _member_name(spec: str) -> str:
 
 
 def load_member(spec: str, input_shape: Sequence[int]) -> ZooMember:
-    """Load, trace (at ``input_shape`` = C, H, W) and annotate one model.
+    """Load, trace (at ``input_shape`` = C, H, W) and annotate one model (built under a fixed torch seed, so a
+    spec without weights gives the same random weights in every run and a plan's weights hash stays valid).
 
     Demo-zoo models must be fed their own input shape; other specs must accept it when traced.
     Either mismatch raises ``InputShapeError`` naming the model, its shape and the data's.
@@ -108,7 +112,9 @@ def load_member(spec: str, input_shape: Sequence[int]) -> ZooMember:
             f"zoo model {spec} takes inputs of shape {expected} but the data has {shape}",
             "use data with the zoo's input shape (the demo zoo takes 1×28×28, e.g. --data mnist5k)",
         )
-    model = load_model(spec).eval()
+    with torch.random.fork_rng(devices=[]):  # a model built without weights gets the same ones in every run
+        torch.manual_seed(0)
+        model = load_model(spec).eval()
     try:
         graph = trace(model, torch.randn(TRACE_BATCH, *shape))
     except InputShapeError as err:
