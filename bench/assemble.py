@@ -779,13 +779,18 @@ def _render_tau(out: Output, tau: dict) -> None:
             for key, v in tau["tau"][mode].items()))
 
 
+def _limited(train_size: int | None) -> str:
+    return "" if train_size is None else f" limited to {train_size} training images"
+
+
 def _render_budgets(out: Output, budgets: dict) -> None:
     runs = budgets["runs"]
     summary = summarise_budgets(runs)
     epochs = sorted({r["epochs"] for r in runs})
     seeds = sorted({r["seed"] for r in runs})
     out.table(
-        f"5. assembly vs (a) best single zoo model that fits and (b) from-scratch twin: assemble() on digits, "
+        f"5. assembly vs (a) best single zoo model that fits and (b) from-scratch twin: assemble() on digits"
+        f"{_limited(budgets.get('train_size'))}, "
         f"{_epochs('/'.join(map(str, epochs)))}, seeds {','.join(map(str, seeds))}; test accuracy, "
         "mean ± std over seeds",
         ["budget", "tune", "assembly", "(a) single", "(a) model", "(b) scratch", "assembly − (a)", "assembly − (b)",
@@ -955,6 +960,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", help="parts 5-6 seeds (default 0,1,2; quick 0)")
     parser.add_argument("--ablation-budget", default="flops=2M", help="part 6 budget")
     parser.add_argument("--epochs", type=int, help="tuning epochs, parts 4-6 (default: the pipeline's, 5; quick 1)")
+    parser.add_argument("--train-size", type=int,
+                        help="parts 3-6: limit the task's training split to N samples (default: all of it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of parts 1-4")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--skip", default="",
@@ -1021,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         extra = {} if args.epochs is None else {"epochs": args.epochs}
         base = AssembleConfig(budget=args.search_budgets[0], restarts=args.restarts, top=args.top, seed=args.seed,
-                              cache_dir=work / "cache", **extra)
+                              cache_dir=work / "cache", train_size=args.train_size, **extra)
         if {"search", "tau"} - args.skip:
             with timed("demo_analysis"), _quiet():
                 analysis = analyse_zoo(base)
@@ -1041,6 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs = bench_budgets(base, args.budgets, args.modes, args.seeds, work, log)
             summary = summarise_budgets(runs)
             result["budgets"] = {"runs": runs, "summary": summary, "targets": budget_targets(summary),
+                                 "train_size": args.train_size,
                                  "stage_times": stage_times(runs)}
         if "ablation" not in args.skip:
             with timed("ablation"):
@@ -1055,6 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
         "restarts": args.restarts,
         "top": args.top,
         "data": base.data,
+        "train_size": base.train_size,
         "epochs": base.epochs,
         "lr": base.lr,
         "threads": args.threads,

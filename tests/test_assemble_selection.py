@@ -190,12 +190,18 @@ def test_zoo_probe_and_whole_model_candidates(analysis, tmp_path):
 # --- tuning, scratch, tau, verdict ----------------------------------------------------------------------------
 
 
-def test_tune_kept_restores_the_ridge_head_when_tuning_hurts(analysis, tmp_path):
+def _first_candidate(analysis, tmp_path):
+    """The ILP's first assembly, built untuned (least-squares stitches and head)."""
     config = small_config(tmp_path)
     probes = ProbeActivations(analysis.members_by_name, analysis.probe)
     opts, assemblies, _ = solve(analysis, config)
     cand = rank_candidates(analysis, opts, assemblies[:1], config, probes)[0]
     net, _ = _tune_candidate(cand, analysis, probes, config, mode="none")
+    return cand, net
+
+
+def test_tune_kept_restores_the_ridge_head_when_tuning_hurts(analysis, tmp_path):
+    cand, net = _first_candidate(analysis, tmp_path)
     before = {k: v.clone() for k, v in net.state_dict().items()}
 
     def ruin(n, fit):
@@ -214,11 +220,7 @@ def test_tune_kept_restores_the_ridge_head_when_tuning_hurts(analysis, tmp_path)
 
 
 def test_from_scratch_twin_reinitialises_every_weight(analysis, tmp_path):
-    config = small_config(tmp_path)
-    probes = ProbeActivations(analysis.members_by_name, analysis.probe)
-    opts, assemblies, _ = solve(analysis, config)
-    cand = rank_candidates(analysis, opts, assemblies[:1], config, probes)[0]
-    net, _ = _tune_candidate(cand, analysis, probes, config, mode="none")
+    cand, net = _first_candidate(analysis, tmp_path)
     last = cand.blocks[-1]
     features = analysis.members_by_name[last.model].positions[last.end].tensor
     twin, not_reset = from_scratch(net, features, analysis.task, seed=3)
@@ -245,6 +247,9 @@ def test_verdict_says_when_the_assembly_loses():
     assert v["loses"] == ["single"] and v["vs_single"] == pytest.approx(-0.05)
     assert "LOSES TO the best single zoo model (85.0% vs 90.0%)" in v["message"]
     assert "beats the from-scratch twin" in v["message"]
+    same = _verdict(0.9, {"single": {"test": 0.9, "model": "vgg_s"}, "scratch": {"test": 0.7}}, whole="vgg_s")
+    assert same["message"].startswith("the chosen network is the best single zoo model (vgg_s, kept whole")
+    assert same["loses"] == [] and same["vs_single"] == 0.0
     none_fits = _verdict(0.85, {"single": None, "scratch": {"test": 0.9}})
     assert "the best single zoo model: none fits the budget" in none_fits["message"]
     assert none_fits["loses"] == ["scratch"]
@@ -288,3 +293,23 @@ def test_cli_assemble_bad_options(tmp_path, capsys, extra, message):
 def test_config_rejects_unknown_proxy(tmp_path):
     with pytest.raises(ZooError, match="unknown --proxy 'x'"):
         small_config(tmp_path, proxy="x").check()
+
+
+@pytest.mark.slow
+def test_bench_quick_runs(tmp_path):
+    """`bench/assemble.py --quick` runs every part end to end and writes its JSON (targets included) and plot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "assemble.py"
+    out = tmp_path / "assemble.json"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    runs = doc["budgets"]["runs"]
+    assert len(runs) == 2 and all("error" not in r for r in runs)  # flops=2M, frozen and full, seed 0
+    assert {"single", "scratch"} <= set(doc["budgets"]["targets"]) and out.with_suffix(".png").is_file()
+    assert [r["variant"] for r in doc["ablation"]["runs"]] == ["default", "distinct_sets=False", "pool=mean"]
+    assert set(doc["tau"]["tau"]["full"]) == {"surrogate", "probe", "naswot"}

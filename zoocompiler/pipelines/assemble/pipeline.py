@@ -445,7 +445,7 @@ def assemble(
                   for c, _, r in tuned],
         "kendall_tau": kendall_tau(scores, [r.val for _, _, r in tuned]),
         "baselines": baselines,
-        "verdict": _verdict(result.test, baselines),
+        "verdict": _verdict(result.test, baselines, best.blocks[0].model if best.source == "whole" else None),
         "export": {**export.to_dict(), "path": "model.onnx"},  # relative: out_dir is a staging dir here
         "data": config.data,
         "zoo": [m.spec for m in analysis.members],
@@ -498,8 +498,9 @@ def _baselines(analysis: ZooAnalysis, candidates: list[Candidate], tuned: list, 
             "single_note": None if single else "no zoo model fits the budget on its own"}
 
 
-def _verdict(accuracy: float, baselines: dict | None) -> dict:
-    """Test-accuracy margins of the chosen network over the baselines and a sentence that says who wins."""
+def _verdict(accuracy: float, baselines: dict | None, whole: str | None = None) -> dict:
+    """Test-accuracy margins of the chosen network over the baselines and a sentence that says who wins
+    (``whole``: the zoo model the chosen network keeps whole, if it does)."""
     if baselines is None:
         return {"message": "baselines not evaluated (--no-baselines)"}
     out: dict = {}
@@ -511,6 +512,9 @@ def _verdict(accuracy: float, baselines: dict | None) -> dict:
             continue
         margin = accuracy - base["test"]
         out[f"vs_{name}"] = margin
+        if name == "single" and whole is not None and whole == base.get("model"):
+            parts.append(f"is {label} ({whole}, kept whole: no reassembly beat it on held-out data)")
+            continue
         word = "beats" if margin > 0 else "ties" if margin == 0 else "LOSES TO"
         parts.append(f"{word} {label} ({accuracy:.1%} vs {base['test']:.1%})")
     out["loses"] = [k[3:] for k, v in out.items() if v < 0]
