@@ -356,8 +356,9 @@ _FILE_SOURCES: dict[str, Callable[[str, int | None, object], _RawData]] = {"npz"
 def hold_out(split: DataSplit, size: int | float, seed: int = SPLIT_SEED) -> tuple[DataSplit, DataSplit]:
     """``split`` divided, stratified by label, into (rest, held-out) with a fixed seed.
 
-    ``size`` is the held-out part's number of samples (int) or fraction (float in (0, 1)); every class
-    with two or more samples keeps at least one on each side (see :func:`split_indices`).
+    ``size`` is the held-out part's fraction (float in (0, 1)) or its number of samples (int; met to within
+    per-class rounding); every class with two or more samples keeps at least one on each side (see
+    :func:`split_indices`).
     """
     n = len(split)
     fraction = size / n if isinstance(size, int) else float(size)

@@ -258,7 +258,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     asm.add_argument("--budget", required=True, help="params=N,flops=N[,latency=Tms] with k/M/G suffixes")
     out_dir_options(asm, default="assembly")
     asm.add_argument(
-        "--top", type=int, default=default_of(CONFIG, "top"), metavar="M", help="ILP candidates to re-rank with NASWOT"
+        "--top", type=int, default=default_of(CONFIG, "top"), metavar="M", help="ILP candidates to re-rank"
     )
     asm.add_argument("--proxy", choices=PROXIES, default=default_of(CONFIG, "proxy"),
                      help="re-rank by held-out linear-probe accuracy (probe) or NASWOT")
