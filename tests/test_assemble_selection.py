@@ -298,18 +298,11 @@ def test_config_rejects_unknown_proxy(tmp_path):
 @pytest.mark.slow
 def test_bench_quick_runs(tmp_path):
     """`bench/assemble.py --quick` runs every part end to end and writes its JSON (targets included) and plot."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from helpers.bench import run_quick_bench
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "assemble.py"
-    out = tmp_path / "assemble.json"
-    proc = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    doc = json.loads(out.read_text())
+    doc = run_quick_bench("assemble", tmp_path)
     runs = doc["budgets"]["runs"]
     assert len(runs) == 2 and all("error" not in r for r in runs)  # flops=2M, frozen and full, seed 0
-    assert {"single", "scratch"} <= set(doc["budgets"]["targets"]) and out.with_suffix(".png").is_file()
+    assert {"single", "scratch"} <= set(doc["budgets"]["targets"])
     assert [r["variant"] for r in doc["ablation"]["runs"]] == ["default", "distinct_sets=False", "pool=mean"]
     assert set(doc["tau"]["tau"]["full"]) == {"surrogate", "probe", "naswot"}

@@ -852,13 +852,7 @@ def test_demo_ancestry_pool_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_bench_quick_runs(tmp_path):
     """`bench/pool.py --quick` runs end to end and writes its JSON (targets included) and plot."""
-    import subprocess
-    import sys
+    from helpers.bench import run_quick_bench
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "pool.py"
-    out = tmp_path / "pool.json"
-    proc = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    doc = json.loads(out.read_text())
-    assert set(doc["depths"]) == {"6"} and len(doc["targets"]) == 4 and out.with_suffix(".png").is_file()
+    doc = run_quick_bench("pool", tmp_path)
+    assert set(doc["depths"]) == {"6"} and len(doc["targets"]) == 4
