@@ -428,3 +428,69 @@ def test_latency_user_errors(tiny_onnx):
         measure_latency(tiny_onnx[0], (3, 16, 16), runs=1)
     with pytest.raises(ZooError, match="runs >= 1"):
         measure_latency(tiny_onnx[0], (1, 3, 16, 16), runs=0)
+
+
+# --- tolerance relative to the output's scale; torch's logging captured; full plain-text fallback reasons ------
+
+
+class _Scaled(nn.Module):
+    """A linear map whose outputs are about ``scale``."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
+
+
+def test_tolerance_is_relative_to_the_output_scale(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, x = _Scaled(1e-9).eval(), torch.randn(2, 8)
+    report = export_onnx(model, x, tmp_path / "tiny.onnx")
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    assert 1e-11 < scale < 1e-8 and report.tolerance == pytest.approx(FP32_TOL * scale, rel=0.6)
+    assert report.max_abs_diff <= report.tolerance
+    # a difference of 10% of the outputs (1e-10 on outputs of 1e-9) passed the old bound atol·max(1, |y|); now it fails
+    wrong = onnx_export_module.ParityStats(max_abs_diff=1e-10, ref_scale=1e-9, provider="CPUExecutionProvider")
+    monkeypatch.setattr(onnx_export_module, "_compare", lambda *a, **k: wrong)
+    with pytest.raises(ExportError, match=r"relative 0\.1\) > tolerance 1e-13"):
+        export_onnx(model, x, tmp_path / "wrong.onnx")
+    assert not (tmp_path / "wrong.onnx").exists()
+
+
+def test_exporter_logging_never_reaches_the_terminal_and_fallback_reasons_are_plain_and_whole(
+    tmp_path, monkeypatch, capfd
+):
+    import logging
+
+    torch_handler = logging.StreamHandler()  # as torch installs its own handlers, which write to stderr
+    onnx_logger = logging.getLogger("torch.onnx._internal.exporter")
+    onnx_logger.addHandler(torch_handler)
+    frames = "\n".join(f"frame {i}" for i in range(150))
+    reason = f"\x1b[1m\x1b[31mFailed to export the model with torch.export.\x1b[0m\nNext steps:\n- see it\n{frames}"
+
+    def failing_dynamo(module, x, opset, dynamic_batch):
+        try:
+            raise RuntimeError("constraint violation on the batch dimension")
+        except RuntimeError:
+            onnx_logger.exception("torch.export failed")  # a traceback through torch's own logger
+        logging.getLogger("torch").warning("\x1b[33manother torch warning\x1b[0m")
+        raise RuntimeError(reason)
+
+    monkeypatch.setitem(onnx_export_module._EXPORT_FNS, "dynamo", failing_dynamo)
+    try:
+        report = export_onnx(tiny_cnn().eval(), torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
+        assert onnx_logger.handlers == [torch_handler]  # restored after the export
+    finally:
+        onnx_logger.removeHandler(torch_handler)
+    assert capfd.readouterr().err == ""
+    assert report.exporter == "torchscript"
+    text = report.exporter_errors["dynamo"]
+    assert "\x1b" not in text and text.startswith("Failed to export the model with torch.export.\nNext steps:")
+    assert text.endswith("frame 149")  # the whole reason, not its first line
+    log = "\n".join(report.exporter_log)
+    assert "ERROR torch.onnx._internal.exporter: torch.export failed" in log and "Traceback" in log
+    assert "WARNING torch: another torch warning" in log

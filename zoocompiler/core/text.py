@@ -17,6 +17,18 @@ def first_line(err: BaseException, limit: int | None = None) -> str:
     return text
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def plain_text(err: BaseException | str, limit: int = 8000) -> str:
+    """``str(err)`` in full as plain text: ANSI colour/cursor codes removed, trailing spaces and blank runs trimmed;
+    longer than ``limit`` characters → cut with a trailing ``...`` (the type name if empty)."""
+    text = _ANSI.sub("", str(err))
+    lines = [line.rstrip() for line in text.strip().splitlines()]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)) or (type(err).__name__ if isinstance(err, BaseException) else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def human(n: float | int | None) -> str:
     """Compact count: 11689512 → '11.69M'; ``None`` → '-'."""
     if n is None:

@@ -6,10 +6,17 @@ fallback. An exporter *fails* if it raises, if the checker or ONNX Runtime rejec
 or if its outputs differ from PyTorch beyond the tolerance; the next one is then tried.
 
 Parity is checked on the example input and on a second batch size (when ``dynamic_batch``),
-against the fp32 PyTorch model in eval mode. The tolerance is scale-aware: an output passes
-when ``max|onnx - torch| <= atol * max(1, max|torch|)``. The file is written only after every
-check has passed (atomically), so a failed export leaves ``path`` as it was. A model with NaN/inf
-weights (e.g. from a diverged training) or NaN/inf reference outputs is refused before any export.
+against the fp32 PyTorch model in eval mode. The tolerance is relative to the output's scale: an
+output passes when ``max|onnx - torch| <= atol * max|torch|`` (an all-zero output must match exactly), so
+outputs of 1e-9 are held to 1e-13, not to ``atol``.
+
+Torch's exporters log (sometimes hundreds of lines of traceback for an attempt that fails before the
+fallback succeeds); those records never reach the terminal: they are captured and kept, as plain text,
+in the report (``exporter_log``), as is each failed exporter's full error (``exporter_errors``).
+
+The file is written only after every check has passed (atomically), so a failed export leaves ``path`` as
+it was. A model with NaN/inf weights (e.g. from a diverged training) or NaN/inf reference outputs is
+refused before any export.
 
 fp16: the model is cast to half precision in PyTorch and wrapped so the graph takes and
 returns float32 (a Cast at each end); weights and all intermediate tensors are fp16.
@@ -19,10 +26,12 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +44,7 @@ import torch.utils._pytree as pytree
 from ..core.atomic import write_bytes_atomic
 from ..core.errors import ExportError, InputShapeError
 from ..core.modules import eval_mode, nonfinite_weights
-from ..core.text import first_line
+from ..core.text import first_line, plain_text
 from .latency import ort_session, resolve_providers
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -56,7 +65,7 @@ class ExportReport:
     fp16: bool
     max_abs_diff: float  # over every batch checked, ONNX Runtime vs fp32 PyTorch
     rel_diff: float  # max_abs_diff / max|PyTorch output|
-    tolerance: float  # the absolute bound applied: atol * max(1, max|PyTorch output|)
+    tolerance: float  # the absolute bound applied: atol * max|PyTorch output|
     batch_sizes_checked: tuple[int, ...]
     onnx_nodes: int  # nodes in the top-level graph
     file_bytes: int
@@ -64,7 +73,8 @@ class ExportReport:
     dynamic_batch: bool
     output_note: str | None = None  # set when the model's output is not a single tensor
     checker: str = "full"  # "full" (strict shape inference) or "basic"
-    exporter_errors: dict[str, str] = field(default_factory=dict)  # exporters tried first that failed
+    exporter_errors: dict[str, str] = field(default_factory=dict)  # exporters tried first that failed, full text
+    exporter_log: list[str] = field(default_factory=list)  # what torch/onnxscript logged while exporting
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -174,6 +184,44 @@ def _export_torchscript(module: nn.Module, x: torch.Tensor, opset: int | None, d
 
 
 _EXPORT_FNS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+
+
+EXPORT_LOGGERS = ("torch", "onnxscript", "onnx_ir")  # the hierarchies whose records are captured
+_LOG_LINES = 400  # kept in the report at most
+
+
+class _Capture(logging.Handler):
+    """Collects formatted records as plain-text lines (ANSI codes removed)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.extend(plain_text(self.format(record), limit=20000).splitlines())
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is dropped, never raised
+            pass
+
+
+@contextmanager
+def captured_export_logs() -> Iterator[list[str]]:
+    """While active, every record of the ``EXPORT_LOGGERS`` hierarchies goes to the yielded list instead of any
+    handler (torch installs its own, which write to stderr); handlers, levels and propagation are restored after."""
+    capture = _Capture()
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in EXPORT_LOGGERS]
+    loggers = [logging.getLogger(n) for n in {*EXPORT_LOGGERS, *names}]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    try:
+        for lg, _, _ in saved:
+            lg.handlers = [capture] if lg.name in EXPORT_LOGGERS else []
+            lg.propagate = lg.name not in EXPORT_LOGGERS
+        yield capture.lines
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
 
 
 def _check_model(proto: onnx.ModelProto) -> str:
@@ -336,7 +384,7 @@ def _export_and_verify(
     checker = _check_model(proto)
     data = proto.SerializeToString()
     stats = _compare(data, batches, refs, providers)
-    tolerance = atol * max(1.0, stats.ref_scale)
+    tolerance = atol * stats.ref_scale
     if not stats.max_abs_diff <= tolerance:  # also catches NaN
         raise _ParityMismatch(stats, tolerance)
     return _Verified(data, proto, stats, tolerance, checker)
@@ -417,25 +465,12 @@ def export_onnx(
             module = _HalfPrecision(module)
             _check_finite_weights(module, fp16=True)
         errors: dict[str, BaseException] = {}
-        for exporter in exporters:
-            try:
-                if check:
-                    verified = _export_and_verify(
-                        exporter,
-                        module,
-                        batches,
-                        refs,
-                        opset=opset,
-                        dynamic_batch=dynamic_batch,
-                        atol=atol,
-                        providers=providers,
-                    )
-                else:
-                    verified = _export_unverified(exporter, module, example_input, opset, dynamic_batch)
-                break
-            except Exception as err:  # noqa: BLE001 - any exporter failure moves on to the next exporter
-                errors[exporter] = err
-        else:
+        with captured_export_logs() as log:
+            verified, exporter = _first_that_works(
+                exporters, errors, module, batches, refs, check, opset=opset, dynamic_batch=dynamic_batch, atol=atol,
+                providers=providers,
+            )
+        if verified is None:
             raise _failure(errors, fp16) from errors[exporters[-1]]
     write_bytes_atomic(path, verified.data)
     return ExportReport(
@@ -453,5 +488,22 @@ def export_onnx(
         dynamic_batch=dynamic_batch,
         output_note=note,
         checker=verified.checker,
-        exporter_errors={name: first_line(e, limit=300) for name, e in errors.items()},
+        exporter_errors={name: plain_text(e) for name, e in errors.items()},
+        exporter_log=log[-_LOG_LINES:],
     )
+
+
+def _first_that_works(
+    exporters: Sequence[str], errors: dict[str, BaseException], module: nn.Module, batches: list[torch.Tensor],
+    refs: list[np.ndarray], check: bool, **options,
+) -> tuple[_Verified | None, str]:
+    """The first exporter whose model passes (``errors`` collects the ones that fail), or (None, last tried)."""
+    for exporter in exporters:
+        try:
+            if check:
+                return _export_and_verify(exporter, module, batches, refs, **options), exporter
+            unchecked = {k: options[k] for k in ("opset", "dynamic_batch")}
+            return _export_unverified(exporter, module, batches[0], **unchecked), exporter
+        except Exception as err:  # noqa: BLE001 - any exporter failure moves on to the next exporter
+            errors[exporter] = err
+    return None, exporters[-1]
