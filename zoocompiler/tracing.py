@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .core.errors import InputShapeError, TraceError
+from .core.logs import captured_logs
 from .core.text import first_line
 from .ir import graph_info
 
@@ -87,18 +87,9 @@ def _symbolic_trace(model: nn.Module, extra_leaf_modules: tuple[type, ...]) -> f
 
 @contextlib.contextmanager
 def _quiet_torch_logs() -> Iterator[None]:
-    """Silence the graph dumps torch.export logs when a trace attempt fails."""
-    names = [n for n in logging.root.manager.loggerDict if n == "torch" or n.startswith("torch.")]
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch.export prints failing graphs
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    """Keep the graph dumps torch.export logs and prints when a trace attempt fails off the terminal."""
+    with captured_logs(), contextlib.redirect_stderr(io.StringIO()):  # torch.export also prints failing graphs
+        yield
 
 
 def _export_trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import copy
 import io
-import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +41,7 @@ import torch.utils._pytree as pytree
 
 from ..core.atomic import write_bytes_atomic
 from ..core.errors import ExportError, InputShapeError
+from ..core.logs import captured_logs
 from ..core.modules import eval_mode, nonfinite_weights
 from ..core.text import first_line, plain_text
 from .latency import ort_session, resolve_providers
@@ -186,42 +185,7 @@ def _export_torchscript(module: nn.Module, x: torch.Tensor, opset: int | None, d
 _EXPORT_FNS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 
 
-EXPORT_LOGGERS = ("torch", "onnxscript", "onnx_ir")  # the hierarchies whose records are captured
-_LOG_LINES = 400  # kept in the report at most
-
-
-class _Capture(logging.Handler):
-    """Collects formatted records as plain-text lines (ANSI codes removed)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.lines.extend(plain_text(self.format(record), limit=20000).splitlines())
-        except Exception:  # noqa: BLE001 - a record that cannot be formatted is dropped, never raised
-            pass
-
-
-@contextmanager
-def captured_export_logs() -> Iterator[list[str]]:
-    """While active, every record of the ``EXPORT_LOGGERS`` hierarchies goes to the yielded list instead of any
-    handler (torch installs its own, which write to stderr); handlers, levels and propagation are restored after."""
-    capture = _Capture()
-    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in EXPORT_LOGGERS]
-    loggers = [logging.getLogger(n) for n in {*EXPORT_LOGGERS, *names}]
-    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
-    try:
-        for lg, _, _ in saved:
-            lg.handlers = [capture] if lg.name in EXPORT_LOGGERS else []
-            lg.propagate = lg.name not in EXPORT_LOGGERS
-        yield capture.lines
-    finally:
-        for lg, handlers, propagate in saved:
-            lg.handlers = handlers
-            lg.propagate = propagate
+_LOG_LINES = 400  # exporter log lines kept in the report at most
 
 
 def _check_model(proto: onnx.ModelProto) -> str:
@@ -465,7 +429,7 @@ def export_onnx(
             module = _HalfPrecision(module)
             _check_finite_weights(module, fp16=True)
         errors: dict[str, BaseException] = {}
-        with captured_export_logs() as log:
+        with captured_logs() as log:
             verified, exporter = _first_that_works(
                 exporters, errors, module, batches, refs, check, opset=opset, dynamic_batch=dynamic_batch, atol=atol,
                 providers=providers,

@@ -1,0 +1,50 @@
+"""Keep the logging of torch and the ONNX libraries off the user's terminal, and keep what they said.
+
+torch installs its own handlers (writing to stderr) on its loggers; a failed ``torch.export`` attempt that a
+fallback then recovers from can log hundreds of lines of traceback. :func:`captured_logs` routes every record
+of the named logger hierarchies into a list for the duration, then restores handlers and propagation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from .text import plain_text
+
+LIBRARY_LOGGERS = ("torch", "onnxscript", "onnx_ir")
+
+
+class _Capture(logging.Handler):
+    """Collects formatted records as plain-text lines (ANSI codes removed)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.extend(plain_text(self.format(record), limit=20000).splitlines())
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is dropped, never raised
+            pass
+
+
+@contextmanager
+def captured_logs(roots: Sequence[str] = LIBRARY_LOGGERS) -> Iterator[list[str]]:
+    """While active, every record of the ``roots`` logger hierarchies goes to the yielded list (as plain-text
+    lines) instead of any handler; each logger's handlers and propagation are restored afterwards."""
+    capture = _Capture()
+    names = {*roots, *(n for n in logging.root.manager.loggerDict if n.split(".")[0] in roots)}
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in map(logging.getLogger, names)]
+    try:
+        for lg, _, _ in saved:
+            top = lg.name in roots
+            lg.handlers = [capture] if top else []
+            lg.propagate = not top
+        yield capture.lines
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
