@@ -211,3 +211,59 @@ def rule_mha(cx: Cx, m: nn.MultiheadAttention) -> Any:
         cx, q, h, e // h, m.out_proj.out_features, qkv, f"{t}.out_proj.weight", bias, extra, reason, in_weights
     )
     return [out, None]
+
+
+def _einsum_parts(cx: Cx) -> tuple[list[str], str, list[fx.Node]]:
+    """The operand subscripts, the output subscripts and the operand nodes of a ``torch.einsum`` call; the
+    forms this rule does not follow (ellipsis, implicit output, repeated letters) are a ``RuleFailure``."""
+    equation = cx.val(cx.node.args[0])
+    operands = list(cx.node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str):
+        raise RuleFailure("einsum without a constant equation")
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
+    ins = lhs.split(",")
+    if not arrow or "." in equation:
+        raise RuleFailure(f"einsum {equation!r}: write the output subscripts explicitly, without '...'")
+    if len(ins) != len(operands) or any(len(set(s)) != len(s) for s in (*ins, out)):
+        raise RuleFailure(f"einsum {equation!r}: a repeated subscript (diagonal) or an operand count mismatch")
+    for subs, node in zip(ins, operands, strict=True):
+        shape = cx.shape(node)
+        if shape is None or len(shape) != len(subs):
+            raise RuleFailure(f"einsum {equation!r}: operand rank does not match its subscripts")
+    return ins, out, operands
+
+
+@function_rule("einsum")
+def rule_einsum(cx: Cx) -> Any:
+    """``torch.einsum`` by its equation: one operand whose output keeps every subscript is a permutation; two
+    operands with shared (batch) subscripts, one subscript kept from each and one contracted are a batched
+    matmul (``a[b..., n, k] @ b[b..., k, m]``, see :func:`contract`), permuted to the output's order. Other
+    forms (sums over one operand's dims, several contracted or kept subscripts, three operands) fail closed."""
+    ins, out, nodes = _einsum_parts(cx)
+    if len(ins) == 1:
+        if set(ins[0]) != set(out):
+            raise RuleFailure("einsum that sums over a dim")
+        return permute_state(cx.st(nodes[0]), [ins[0].index(c) for c in out])
+    if len(ins) != 2:
+        raise RuleFailure("einsum of more than two operands")
+    a, b = ins
+    if any(c not in out for c in a if c not in b) or any(c not in out for c in b if c not in a):
+        raise RuleFailure("einsum that sums over a dim of one operand")
+    batch = [c for c in out if c in a and c in b]
+    n = [c for c in out if c in a and c not in b]
+    m = [c for c in out if c in b and c not in a]
+    k = [c for c in a if c in b and c not in out]
+    if len(n) != 1 or len(m) != 1 or len(k) != 1:
+        raise RuleFailure("einsum that is not one batched matmul (one kept subscript per operand, one contracted)")
+    order_a, order_b = [a.index(c) for c in batch + n + k], [b.index(c) for c in batch + k + m]
+    sha, shb = cx.shape(nodes[0]), cx.shape(nodes[1])
+    inner = batch + n + m
+    result = contract(
+        cx,
+        (permute_state(cx.st(nodes[0]), order_a), tuple(sha[i] for i in order_a)),
+        (permute_state(cx.st(nodes[1]), order_b), tuple(shb[i] for i in order_b)),
+        tuple(cx.out_shape[out.index(c)] for c in inner),
+    )
+    return permute_state(result, [inner.index(c) for c in out])
