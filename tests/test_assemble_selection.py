@@ -151,9 +151,9 @@ def test_pickable_blocks_equal_brute_force(k, models, data):
 
 
 def test_demo_partition_reports_pickable_blocks(analysis):
-    from zoocompiler.pipelines.assemble.pipeline import set_rows
+    from zoocompiler.pipelines.assemble.pipeline import pickable_per_set
 
-    rows = set_rows(analysis.partition)
+    rows = pickable_per_set(analysis.partition)
     assert [r["blocks"] for r in rows] == [3, 3, 3, 3]  # distinct sets (default): one block per model per set
     assert [r["pickable"] for r in rows] == [3, 3, 3, 3]
 

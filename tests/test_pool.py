@@ -408,27 +408,25 @@ def test_block_and_attention_losses_fall_through_the_maps(mnist_train):
             _, parts = distiller.loss_parts(x, y)
         return parts.blk + parts.att
 
+    def descend(params, lr: float) -> None:  # 30 Adam steps on the Eq. 8 loss
+        optimizer = torch.optim.Adam(params, lr=lr)
+        for _ in range(30):
+            optimizer.zero_grad()
+            total, _ = distiller.loss_parts(x, y)
+            total.backward()
+            optimizer.step()
+
     # 1. the maps alone (auxiliary model frozen) bring the ancestry's features closer to the auxiliary's
     aux.requires_grad_(False)
     before = feature_loss()
-    optimizer = torch.optim.Adam(distiller.transforms.parameters(), lr=1e-2)
-    for _ in range(30):
-        optimizer.zero_grad()
-        total, _ = distiller.loss_parts(x, y)
-        total.backward()
-        optimizer.step()
+    descend(distiller.transforms.parameters(), lr=1e-2)
     maps_only = feature_loss()
     assert maps_only < 0.5 * before, (before, maps_only)
     assert all(p.grad is None for p in aux.parameters())
     assert all(p.grad is None for p in anc.parameters())
     # 2. the whole distiller (Eq. 8) lowers them further
     aux.requires_grad_(True)
-    optimizer = torch.optim.Adam(distiller.parameters(), lr=3e-3)
-    for _ in range(30):
-        optimizer.zero_grad()
-        total, _ = distiller.loss_parts(x, y)
-        total.backward()
-        optimizer.step()
+    descend(distiller.parameters(), lr=3e-3)
     after = feature_loss()
     assert after < maps_only, (before, maps_only, after)
     _, parts = distiller.loss_parts(x, y)

@@ -68,7 +68,7 @@ def _set_rows(analysis) -> list[dict[str, Any]]:
 
 def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
     from zoocompiler.core.budget import Budget
-    from zoocompiler.pipelines.assemble.pipeline import analyse_zoo, set_rows
+    from zoocompiler.pipelines.assemble.pipeline import analyse_zoo, pickable_per_set
 
     analysis = analyse_zoo(_config(args, Budget()), progress(args))
     part = analysis.partition
@@ -82,7 +82,7 @@ def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": part.seconds,
         "effective_eps": {m.name: e for m, e in zip(analysis.members, part.effective_eps, strict=True)},
         "sets": _set_rows(analysis),
-        "pickable": set_rows(part),
+        "pickable": pickable_per_set(part),
         "similarity": analysis.similarity.to_dict(),
     }
 

@@ -173,7 +173,7 @@ def solve_assemblies(
         prob += pulp.lpSum(z[i] for i in chosen) <= problem.stages_count - 1, f"cut_{cuts}"
         cuts += 1
         assembly = problem.assembly(chosen, compat_weight)
-        if problem.fits(assembly, budget):
+        if fits(assembly, budget):
             found.append(assembly)
         if outcome == "time_limit":
             status = "time_limit"
@@ -365,10 +365,6 @@ class _Problem:
     def assembly(self, chosen: list[int], compat_weight: float) -> Assembly:
         """Surrogate and totals recomputed from the data (not read back from the solver)."""
         return assembly_of(self.blocks, self.joins, self.heads, chosen, compat_weight)
-
-    @staticmethod
-    def fits(assembly: Assembly, budget: Budget) -> bool:
-        return fits(assembly, budget)
 
     def cheapest(self, metric: str) -> float:
         """Minimum total ``metric``; SolverError when no assembly satisfies the structure at all."""

@@ -34,7 +34,6 @@ from zoocompiler.passes.rewrite.compose import (
     ProbeActivations,
     build_assembly,
     build_body,
-    joins_directly,
 )
 from zoocompiler.solvers.assembly_ilp import Assembly, fits, solve_assemblies
 from zoocompiler.solvers.partition import Partition
@@ -123,7 +122,7 @@ def _data_key(config: AssembleConfig) -> str:
     return f"{config.data}@{config.image_size}/{config.train_size}/{config.val_fraction}"
 
 
-def set_rows(partition: Partition) -> list[dict]:
+def pickable_per_set(partition: Partition) -> list[dict]:
     """Per equivalence set: its blocks and how many of them some assembly can pick (``Partition.pickable``)."""
     pickable = set(partition.pickable())
     return [{"set": j, "blocks": len(blocks), "pickable": sum(b in pickable for b in blocks)}
@@ -142,8 +141,12 @@ def member_probes(
 
 
 def _probe_accuracy(blocks: list[ChosenBlock], *, members, probes: ProbeActivations, task: TargetTask) -> float:
-    fit = task.fit
-    return evaluate(build_assembly(blocks, members, probes, fit.x, fit.y, task.num_classes), task.val)
+    return evaluate(_build(blocks, members, probes, task), task.val)
+
+
+def _build(blocks: list[ChosenBlock], members, probes: ProbeActivations, task: TargetTask) -> AssembledNet:
+    """``blocks`` joined by least-squares stitches, with a ridge head fitted on the task's ``fit`` part."""
+    return build_assembly(blocks, members, probes, task.fit.x, task.fit.y, task.num_classes)
 
 
 def _naswot_batches(train: DataSplit, config: AssembleConfig) -> list[torch.Tensor]:
@@ -198,9 +201,8 @@ def _score_candidate(
 ) -> Candidate:
     """One ILP candidate: built with LS stitches and a least-squares head, scored on ``val`` (and by NASWOT)."""
     blocks = [opts.blocks[i] for i in assembly.blocks]
-    source = "whole" if len({b.model for b in blocks}) == 1 and all(
-        joins_directly(a, b) for a, b in zip(blocks, blocks[1:])) else "ilp"
-    net = build_assembly(blocks, members, probes, task.fit.x, task.fit.y, task.num_classes)
+    source = "whole" if assembly.blocks in opts.whole_models().values() else "ilp"
+    net = _build(blocks, members, probes, task)
     nas = None if batches is None else naswot(net.body, batches)
     return Candidate(assembly, blocks, source, evaluate(net, task.val), nas)
 
@@ -437,7 +439,7 @@ def assemble(
         "budget_use": _budget_use(config.budget, params, macs, latency.median_ms),
         "solver": stats.to_dict(),
         "partition": analysis.partition.to_dict(),
-        "sets": set_rows(analysis.partition),
+        "sets": pickable_per_set(analysis.partition),
         "zoo_probe": quality,
         "similarity": analysis.similarity.to_dict(),
         "candidates": [c.to_dict() for c in candidates],
@@ -461,15 +463,10 @@ def assemble(
     return report
 
 
-def _build(blocks: list[ChosenBlock], analysis: ZooAnalysis, probes: ProbeActivations) -> AssembledNet:
-    fit = analysis.task.fit
-    return build_assembly(blocks, analysis.members_by_name, probes, fit.x, fit.y, fit.num_classes)
-
-
 def _tune_candidate(
     cand: Candidate, analysis: ZooAnalysis, probes: ProbeActivations, config: AssembleConfig, mode: str | None = None
 ) -> tuple[AssembledNet, TuneResult]:
-    net = _build(cand.blocks, analysis, probes)
+    net = _build(cand.blocks, analysis.members_by_name, probes, analysis.task)
     mode = mode or config.tune
     return net, tune_kept(net, analysis.task, mode, lambda n, fit: tune(n, fit, config, mode))
 
@@ -489,7 +486,8 @@ def _baselines(analysis: ZooAnalysis, candidates: list[Candidate], tuned: list, 
                   "probe": top.probe, **result.to_dict()}
     last = best.blocks[-1]
     features = analysis.members_by_name[last.model].positions[last.end].tensor
-    twin, not_reset = from_scratch(_build(best.blocks, analysis, probes), features, analysis.task, config.seed)
+    untuned = _build(best.blocks, analysis.members_by_name, probes, analysis.task)
+    twin, not_reset = from_scratch(untuned, features, analysis.task, config.seed)
     mode = "none" if config.tune == "none" else "full"
     result = tune_kept(twin, analysis.task, mode, lambda n, fit: tune(n, fit, config, mode))
     scratch = {"blocks": best.key, "params": count_params(twin), "tune": mode, "not_reset": not_reset,
