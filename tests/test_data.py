@@ -204,3 +204,11 @@ def test_empty_imagefolder(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(DataError, match="no images"):
         load_dataset(f"imagefolder:{tmp_path}")
+
+
+def test_rows_task_reads_the_images_row_by_row():
+    images, rows = load_dataset("digits", "test"), load_dataset("digits-rows", "test", classes=None)
+    assert rows.x.shape == (len(images), 8, 8) and rows.input_shape == (8, 8) and rows.name == "digits-rows"
+    assert torch.equal(rows.x, images.x[:, 0]) and torch.equal(rows.y, images.y)
+    assert load_dataset("mnist5k-rows", "test").x.shape[1:] == (28, 28)
+    assert load_dataset("digits-rows", "train", classes=[3, 1]).num_classes == 2

@@ -42,7 +42,10 @@ def test_zoo_shape():
     assert len({e.name for e in ENTRIES}) == len(ENTRIES)
     assert sum(e.classes == FULL for e in ENTRIES) >= 4
     for e in ENTRIES:
-        assert e.dataset == "mnist5k" and e.input_shape == (1, 28, 28)
+        if e.collection == "sequence":  # row-by-row sequential MNIST: 28 steps of 28 features
+            assert e.dataset == "mnist5k-rows" and e.input_shape == (28, 28)
+        else:
+            assert e.dataset == "mnist5k" and e.input_shape == (1, 28, 28)
 
 
 def test_manifest_matches_shipped_files():
@@ -237,3 +240,4 @@ def test_reassembly_demo_zoo_leaves_out_the_pack_sources():
 
     assert zoo_specs("demo") == [f"zoo:{e.name}" for e in list_entries("demo")]
     assert not {f"zoo:{e.name}" for e in list_entries("pack") + list_entries("pack5")} & set(zoo_specs("demo"))
+    assert not {f"zoo:{e.name}" for e in list_entries("sequence")} & set(zoo_specs("demo"))

@@ -4,6 +4,8 @@
 normalised with fixed per-dataset constants (built-ins) or per-channel statistics of the whole
 file/folder (user data), and whose labels are int64. Every dataset has a fixed, seeded,
 stratified 80/20 train/test split, so the same spec gives the same samples on every run.
+The sequence tasks ``digits-rows`` and ``mnist5k-rows`` are the same samples read row by row:
+x is N×H×W (H steps of W features) for recurrent models.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,12 +27,14 @@ from .core.errors import DataError
 SPLITS = ("train", "test", "all")
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
-_SPEC_HINT = "use one of: digits, mnist5k, imagefolder:PATH, npz:PATH"
+_SPEC_HINT = "use one of: digits, mnist5k, digits-rows, mnist5k-rows, imagefolder:PATH, npz:PATH"
+_ROWS_SUFFIX = "-rows"  # a built-in's images read row by row: N×H×W sequences
 
 
 @dataclass(frozen=True)
 class DataSplit:
-    """One split of a dataset: images ``x`` (N×C×H×W float32), labels ``y`` (int64, 0..k-1).
+    """One split of a dataset: images ``x`` (N×C×H×W float32; N×T×F for a ``-rows`` sequence task), labels ``y``
+    (int64, 0..k-1).
 
     ``classes[i]`` is the original class id that label ``i`` stands for; ``class_names`` are the
     human-readable names when the source has them (folder names), else the ids as strings.
@@ -44,8 +48,8 @@ class DataSplit:
     class_names: tuple[str, ...] = ()
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """Shape of one sample, (C, H, W)."""
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, (C, H, W) (or (T, F) for a sequence task)."""
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
     def __len__(self) -> int:
@@ -78,7 +82,7 @@ class _RawData:
 
 
 def dataset_names() -> list[str]:
-    """Names of the built-in datasets."""
+    """Names of the built-in image datasets (each also loads row by row as ``NAME-rows``)."""
     return sorted(_BUILTINS)
 
 
@@ -96,6 +100,9 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}", f"use one of: {', '.join(SPLITS)}")
+    if isinstance(spec, str) and spec.endswith(_ROWS_SUFFIX) and spec[: -len(_ROWS_SUFFIX)] in _BUILTINS:
+        images = load_dataset(spec[: -len(_ROWS_SUFFIX)], split, classes=classes, image_size=image_size)
+        return replace(images, x=images.x[:, 0].contiguous(), name=spec)  # built-ins are grayscale: N×H×W
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise DataError(f"invalid image_size {image_size!r}", "pass a positive integer such as 28")
     raw = _load_raw(spec, image_size)

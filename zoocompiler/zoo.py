@@ -69,6 +69,19 @@ class VGGClassifier(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
+class RecurrentClassifier(nn.Module):
+    """A sequence classifier: ``nn.LSTM``/``nn.GRU`` (batch_first) over N×T×F, linear head on the last step."""
+
+    def __init__(self, num_classes: int, features: int = 28, hidden: int = 64, cell: str = "lstm"):
+        super().__init__()
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(x)
+        return self.head(y[:, -1])
+
+
 def _resnet(num_classes: int) -> nn.Module:
     return ResNet(
         BasicBlock, (1, 1, 1, 1), num_classes=num_classes, in_chans=1, stem_width=16, channels=(16, 32, 64, 128)
@@ -131,7 +144,7 @@ class ZooRecipe:
     build: Callable[[int], nn.Module]
     classes: tuple[int, ...] = tuple(range(10))
     dataset: str = "mnist5k"
-    input_shape: tuple[int, int, int] = (1, 28, 28)
+    input_shape: tuple[int, ...] = (1, 28, 28)  # (C, H, W); (T, F) for a sequence task
     epochs: int = 8
     lr: float = 3e-3
     batch_size: int = 128
@@ -153,7 +166,7 @@ class ZooEntry:
     spec: str
     classes: tuple[int, ...]
     dataset: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     test_accuracy: float | None
     params: int | None
     weights_file: Path
@@ -232,8 +245,12 @@ _RECIPES: tuple[ZooRecipe, ...] = (
         batch_size=64,
         collection="pool",
     ),
+    # A recurrent model on the row-by-row sequence task (28 steps of 28 pixels): prune/slice/export of LSTMs.
+    ZooRecipe("lstm_rows", "RecurrentClassifier(nn.LSTM(28, 64, batch_first=True) + Linear(64, 10) on the last step)",
+              RecurrentClassifier, dataset="mnist5k-rows", input_shape=(28, 28), epochs=15, lr=1e-2,
+              batch_size=64, augment=False, collection="sequence"),
 )
-COLLECTIONS = ("demo", "pack", "pack5", "pool")
+COLLECTIONS = ("demo", "pack", "pack5", "pool", "sequence")
 
 
 def recipes() -> dict[str, ZooRecipe]:

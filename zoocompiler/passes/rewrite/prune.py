@@ -245,9 +245,21 @@ def _fix_module(path: str, old: nn.Module, mod: nn.Module) -> None:
         mod.normalized_shape = tuple(mod.weight.shape)
     elif isinstance(mod, nn.Embedding):
         mod.embedding_dim = mod.weight.shape[1]
+    elif isinstance(mod, nn.RNNBase):
+        _fix_recurrent(mod)
     elif path != "" and any(True for _ in mod.parameters(recurse=False)):
         raise PassError(f"module '{path}' ({type(mod).__name__}) has pruned parameters but unknown size attributes",
                         "keep the unit groups of this module unpruned")
+
+
+def _fix_recurrent(mod: nn.RNNBase) -> None:
+    """Sizes of a sliced LSTM/GRU/RNN from its layer-0 weights; re-point its flat weight list."""
+    mod.input_size = mod.weight_ih_l0.shape[1]
+    if mod.proj_size > 0:
+        mod.proj_size, mod.hidden_size = mod.weight_hr_l0.shape
+    else:
+        mod.hidden_size = mod.weight_hh_l0.shape[1]
+    mod._init_flat_weights()  # _flat_weights still holds the unsliced tensors
 
 
 def _insert_scatters(new: fx.GraphModule, layout: PruneLayout, layouts: dict[str, Layout],

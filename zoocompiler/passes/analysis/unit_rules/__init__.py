@@ -18,12 +18,12 @@ Layout: :mod:`.states` (values and store), :mod:`.context` (what a rule sees), :
 :mod:`.coupling` (shared operations), :mod:`.registry` (lookups and :func:`register_module_rule`),
 and one module per rule family (:mod:`.elementwise`, :mod:`.shape_ops`, :mod:`.indexing`,
 :mod:`.reductions`, :mod:`.spatial`, :mod:`.layers`, :mod:`.norms`, :mod:`.attention`,
-:mod:`.vendor`), which register their rules with decorators when imported here.
+:mod:`.recurrent`, :mod:`.vendor`), which register their rules with decorators when imported here.
 """
 
 from __future__ import annotations
 
-from . import attention, elementwise, indexing, layers, norms, reductions, shape_ops, spatial, vendor  # noqa: F401
+from . import attention, elementwise, indexing, layers, norms, recurrent, reductions, shape_ops, spatial, vendor  # noqa: F401
 from .context import Cx, RuleFailure, leaf_input, norm_dim
 from .coupling import (
     check_shape_scalars,
