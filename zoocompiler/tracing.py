@@ -148,20 +148,26 @@ def trace_graph(
     *,
     extra_leaf_modules: tuple[type, ...] = (),
     allow_export_fallback: bool = True,
+    check_first: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` (in eval mode) to a GraphModule without annotations.
 
     Returns a GraphModule sharing the model's parameters; ``gm.meta["zc"].tracer`` records
     ``"fx"`` or ``"export"`` and ``.example_input`` the input. Raises ``InputShapeError`` if the
     model rejects the input and ``TraceError`` (naming the module path and op) if no tracer
-    succeeds. :func:`zoocompiler.passes.analysis.trace` adds the analysis passes.
+    succeeds. ``check_first=False`` skips the model run that checks the input when fx tracing
+    succeeds (for callers that run the graph on it next and raise ``InputShapeError`` themselves, as
+    :func:`zoocompiler.passes.analysis.trace` does); the check still precedes the export fallback.
     """
     model = model.eval()
-    check_input(model, example_input)
+    if check_first:
+        check_input(model, example_input)
     try:
         gm = _symbolic_trace(model, extra_leaf_modules)
         tracer_name = "fx"
     except Exception as fx_err:  # noqa: BLE001 - any tracing failure goes to the fallback
+        if not check_first:
+            check_input(model, example_input)  # a rejected input is an InputShapeError, not a TraceError
         if not allow_export_fallback:
             raise _trace_error(model, fx_err) from fx_err
         try:

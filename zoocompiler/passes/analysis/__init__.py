@@ -8,6 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -16,13 +20,29 @@ from zoocompiler.tracing import trace_graph
 
 
 def analysis_passes(*, layernorm_streams: str = "pin") -> list:
-    """The analysis passes, in the order they must run."""
+    """The analysis passes, in the order they must run; those that need concrete values share one run
+    of the example input (:class:`.values.SharedValues`, recorded by the first of them)."""
     from .costs import CostPass
     from .cut_points import CutPointPass
     from .shapes import ShapePass
     from .unit_groups import UnitGroupPass
+    from .values import SharedValues
 
-    return [ShapePass(), CostPass(), CutPointPass(), UnitGroupPass(layernorm_streams)]
+    shared = SharedValues()
+    return [ShapePass(shared), CostPass(shared), CutPointPass(), UnitGroupPass(layernorm_streams, shared)]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause automatic garbage collection (restored on exit): the analyses allocate many small objects
+    (fx nodes, unit-member index lists), and collections triggered by them re-scan every live object."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def run_analysis(gm: fx.GraphModule, *, layernorm_streams: str = "pin") -> fx.GraphModule:
@@ -31,10 +51,11 @@ def run_analysis(gm: fx.GraphModule, *, layernorm_streams: str = "pin") -> fx.Gr
     ``layernorm_streams``: ``"pin"`` (default) or ``"prune"``, see :class:`.unit_groups.UnitGroupPass`.
     Errors raised by a pass (``PassError``, ``InputShapeError``) propagate with their own type.
     """
-    for analysis_pass in analysis_passes(layernorm_streams=layernorm_streams):
-        # not torch.fx's PassManager: it re-raises every failure as a bare Exception, and a
-        # PassError must reach the CLI as itself (one line, exit 2)
-        analysis_pass(gm)
+    with gc_paused():
+        for analysis_pass in analysis_passes(layernorm_streams=layernorm_streams):
+            # not torch.fx's PassManager: it re-raises every failure as a bare Exception, and a
+            # PassError must reach the CLI as itself (one line, exit 2)
+            analysis_pass(gm)
     return gm
 
 
@@ -54,9 +75,15 @@ def trace(
     ``TraceError`` (naming the module path and op) if no tracer succeeds. ``layernorm_streams``
     ("pin" or "prune") is passed to the unit-group analysis (see docs/prune.md).
     """
-    gm = trace_graph(
-        model, example_input, extra_leaf_modules=extra_leaf_modules, allow_export_fallback=allow_export_fallback
-    )
-    if analyze:
-        run_analysis(gm, layernorm_streams=layernorm_streams)
+    with gc_paused():
+        # with the analysis, the shape pass's run of the graph checks the input (same InputShapeError)
+        gm = trace_graph(
+            model,
+            example_input,
+            extra_leaf_modules=extra_leaf_modules,
+            allow_export_fallback=allow_export_fallback,
+            check_first=not analyze,
+        )
+        if analyze:
+            run_analysis(gm, layernorm_streams=layernorm_streams)
     return gm

@@ -1,8 +1,8 @@
 """Shape, dtype, value-kind and layout analysis.
 
-Runs ``torch.fx.passes.shape_prop.ShapeProp`` on the graph's example input (and once more
-with one extra sample, to learn which shape values follow the batch size), then classifies
-every node:
+Reads the values of one run on the graph's example input (:mod:`.values`, which also writes
+ShapeProp's ``tensor_meta``) and the shape values at one extra sample (to learn which follow the
+batch size), then classifies every node:
 
 * ``value_kind``: ``"tensor"`` (depends on the model input through tensor data),
   ``"param"`` (a tensor computed from parameters/constants alone), ``"shape"`` (a
@@ -24,34 +24,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
-from torch.fx.passes.shape_prop import ShapeProp
 
-from zoocompiler.core.errors import InputShapeError, PassError
-from zoocompiler.core.text import first_line
-from zoocompiler.ir import Layout, TensorInfo, graph_info, node_info
+from zoocompiler.ir import Layout, TensorInfo, node_info
+
+from .values import SharedValues, alt_batch_values, values_of
 
 _PERMUTE_TARGETS = {"permute", "transpose", "movedim", "swapaxes", torch.permute, torch.transpose, torch.movedim}
 _RESHAPE_TARGETS = {"reshape", "view", "flatten", "unflatten", torch.reshape, torch.flatten}
-
-
-def _values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
-    """Run the graph and keep every node's output (for non-tensor values only the value)."""
-    out: dict[str, Any] = {}
-
-    class _Recorder(ShapeProp):
-        def run_node(self, n: fx.Node) -> Any:
-            result = super().run_node(n)
-            out[n.name] = result
-            return result
-
-    try:
-        _Recorder(gm).propagate(x)
-    except Exception as err:  # noqa: BLE001 - any failure here means the input does not fit
-        raise InputShapeError(
-            f"graph fails on input of shape {tuple(x.shape)}: {first_line(err)}",
-            "use an input shape the model accepts",
-        ) from err
-    return out
 
 
 def _is_shape_like(value: Any) -> bool:
@@ -62,45 +41,39 @@ def _is_shape_like(value: Any) -> bool:
     return False
 
 
-def _alt_batch(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x[:1]], dim=0)
+def classify_values(gm: fx.GraphModule, shared: SharedValues | None = None) -> None:
+    """Set ``node_info(n).value_kind`` and the concrete shape values for every node.
 
-
-def classify_values(gm: fx.GraphModule) -> None:
-    """Set ``node_info(n).value_kind`` and the concrete shape values for every node."""
-    info = graph_info(gm)
-    x = info.example_input
-    if x is None:
-        raise PassError("graph has no example input", "trace it with zoocompiler.trace(model, example_input)")
-    alt_values = _values(gm, _alt_batch(x)) if x.dim() > 0 else {}
-    values = _values(gm, x)  # last, so ShapeProp's tensor_meta describes the example input
-    data_dependent: set[str] = set()
+    Values come from ``shared``'s run of the example input (a run of its own without it); shape
+    values at batch + 1 from :func:`.values.alt_batch_values` over the nodes that need them.
+    """
+    record = values_of(gm, shared)
+    data_dependent: set[fx.Node] = set()
+    wanted: list[fx.Node] = []
     for n in gm.graph.nodes:
         ni = node_info(n)
-        value = values.get(n.name)
         if n.op == "placeholder":
-            data_dependent.add(n.name)
+            data_dependent.add(n)
             ni.value_kind = "tensor"
         elif n.op == "output":
             ni.value_kind = "other"
-        elif isinstance(value, torch.Tensor) or (
-            isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
-        ):
-            tensor_inputs = [
-                a for a in n.all_input_nodes if node_info(a).value_kind == "tensor" and a.name in data_dependent
-            ]
-            if tensor_inputs:
-                data_dependent.add(n.name)
+        elif record.holds_tensor.get(n, False):
+            if any(node_info(a).value_kind == "tensor" and a in data_dependent for a in n.all_input_nodes):
+                data_dependent.add(n)
                 ni.value_kind = "tensor"
             else:
                 ni.value_kind = "param"
-        elif _is_shape_like(value) or value is None:
+        elif _is_shape_like(value := record.plain.get(n)) or value is None:
             depends_on_tensor = any(node_info(a).value_kind in ("tensor", "shape") for a in n.all_input_nodes)
             ni.value_kind = Layout.SHAPE if depends_on_tensor else Layout.CONST
             ni.shape_value = value
-            ni.shape_value_alt_batch = alt_values.get(n.name)
+            wanted.append(n)
         else:
             ni.value_kind = "other"
+    x = record.x
+    alt = alt_batch_values(gm, x, wanted, record.flops) if x.dim() > 0 else {}
+    for n in wanted:
+        node_info(n).shape_value_alt_batch = alt.get(n)
 
 
 def _tensor_meta_of(n: fx.Node) -> torch.Tensor | None:
@@ -220,9 +193,13 @@ def annotate_tensors(gm: fx.GraphModule) -> None:
 
 
 class ShapePass(PassBase):
-    """Annotate value kinds, shapes, dtypes and layouts (idempotent)."""
+    """Annotate value kinds, shapes, dtypes and layouts (idempotent); ``shared``: the run to read values from."""
+
+    def __init__(self, shared: SharedValues | None = None):
+        super().__init__()
+        self.shared = shared
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        classify_values(graph_module)
+        classify_values(graph_module, self.shared)
         annotate_tensors(graph_module)
         return PassResult(graph_module, False)
