@@ -5,7 +5,9 @@ onnxscript, the default in torch 2.14), then the TorchScript-based one (``dynamo
 fallback. An exporter *fails* if it raises, if the checker or ONNX Runtime rejects its model,
 or if its outputs differ from PyTorch beyond the tolerance; the next one is then tried.
 
-Parity is checked on the example input and on a second batch size (when ``dynamic_batch``),
+With ``dynamic_batch``, the batch is ``torch.export.Dim("batch")``; a one-row example is traced with two rows
+(``torch.export`` specialises a dimension of example size 1), and a dynamo export whose batch still came out
+fixed counts as failed. Parity is checked on the example input and on a second batch size (when ``dynamic_batch``),
 against the fp32 PyTorch model in eval mode. The tolerance is relative to the output's scale: an
 output passes when ``max|onnx - torch| <= atol * max|torch|`` (an all-zero output must match exactly), so
 outputs of 1e-9 are held to 1e-13, not to ``atol``.
@@ -35,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..core.atomic import write_bytes_atomic
 from ..core.errors import ExportError, InputShapeError
@@ -146,7 +150,11 @@ class _HalfPrecision(nn.Module):
 
 def _export_dynamo(module: nn.Module, x: torch.Tensor, opset: int | None, dynamic_batch: bool) -> onnx.ModelProto:
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with warnings.catch_warnings():
+    # The math attention backend: only the fake (shape) runs see it, the graph keeps aten SDPA. With the CPU flash
+    # backend, torch.onnx's decomposition sees SDPA outputs in (B, N, H, D) memory order and lowers
+    # ``out.transpose(1, 2).reshape(B, N, C)`` to a ``view``, which its type-promotion pass, re-running SDPA as
+    # (B, H, N, D), then cannot view (BEiT, whose attention has a bias mask: "Cannot view a tensor with shape").
+    with warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
         # export_onnx puts the model in eval mode; torch.export's .module() reports training=True regardless.
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         program = torch.onnx.export(
@@ -160,7 +168,37 @@ def _export_dynamo(module: nn.Module, x: torch.Tensor, opset: int | None, dynami
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
-    return program.model_proto
+    proto = program.model_proto
+    if dynamic_batch:
+        _check_symbolic_batch(proto)
+    return proto
+
+
+def _check_symbolic_batch(proto: onnx.ModelProto) -> None:
+    """Raise if the exported graph fixed dim 0 of its input: when ``torch.export`` finds the batch specialised,
+    ``torch.onnx.export`` retries with the size it suggests and returns a static-batch model without a word.
+    (The output is not checked: a model may legitimately reduce over the batch.)"""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim if proto.graph.input else ()
+    if dims and dims[0].HasField("dim_value"):
+        raise ExportError(
+            f"torch.export specialised the batch dimension: the ONNX input has a fixed batch of {dims[0].dim_value} "
+            "(the model's code makes the batch size a constant, e.g. an int() of a shape or a reshape with a "
+            "literal batch)",
+            "make the batch size symbolic in the model, or export with dynamic_batch=False",
+        )
+
+
+def _trace_example(x: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
+    """The input the exporters trace with: ``x``, or its row twice when the batch is dynamic and ``x`` has one row.
+
+    ``torch.export`` specialises a dimension whose example size is 1 (its "0/1 specialisation"; torch.onnx's
+    size-oblivious mode only partly lifts it): with a 1-row example, a dynamic batch either fails ("Invalid
+    ranges [2:1]", "specialized it to be a constant (1)") or, after torch.onnx's retry, comes out fixed at 1.
+    The TorchScript tracer likewise bakes sizes of the traced input. Parity is still checked on ``x`` itself.
+    """
+    if dynamic_batch and x.dim() > 0 and x.shape[0] == 1:
+        return x.repeat(2, *([1] * (x.dim() - 1)))
+    return x
 
 
 def _export_torchscript(module: nn.Module, x: torch.Tensor, opset: int | None, dynamic_batch: bool) -> onnx.ModelProto:
@@ -273,10 +311,12 @@ def _compare(
 ) -> ParityStats:
     session = ort_session(onnx_model, threads=torch.get_num_threads(), providers=providers)
     input_name = session.get_inputs()[0].name
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failing run is reported by its exception, not also logged to stderr
     max_abs, scale = 0.0, 0.0
     for x, ref in zip(batches, refs):
         try:
-            got = session.run(None, {input_name: x.detach().cpu().numpy()})[0]
+            got = session.run(None, {input_name: x.detach().cpu().numpy()}, quiet)[0]
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise ExportError(
                 f"ONNX Runtime cannot run the model on input {tuple(x.shape)} ({first_line(err, limit=300)})",
@@ -339,7 +379,7 @@ def _export_and_verify(
     atol: float,
     providers: list[str] | None,
 ) -> _Verified:
-    proto = _EXPORT_FNS[exporter](module, batches[0], opset, dynamic_batch)
+    proto = _EXPORT_FNS[exporter](module, _trace_example(batches[0], dynamic_batch), opset, dynamic_batch)
     if proto.ByteSize() > _PROTOBUF_LIMIT:
         raise ExportError(
             f"ONNX model is {proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit",
@@ -357,7 +397,7 @@ def _export_and_verify(
 def _export_unverified(
     exporter: str, module: nn.Module, x: torch.Tensor, opset: int | None, dynamic_batch: bool
 ) -> _Verified:
-    proto = _EXPORT_FNS[exporter](module, x, opset, dynamic_batch)
+    proto = _EXPORT_FNS[exporter](module, _trace_example(x, dynamic_batch), opset, dynamic_batch)
     unchecked = ParityStats(math.nan, math.nan, provider="none")
     return _Verified(proto.SerializeToString(), proto, unchecked, math.nan, "none")
 
@@ -429,7 +469,7 @@ def export_onnx(
             module = _HalfPrecision(module)
             _check_finite_weights(module, fp16=True)
         errors: dict[str, BaseException] = {}
-        with captured_logs() as log:
+        with captured_logs(warnings_too=True) as log:
             verified, exporter = _first_that_works(
                 exporters, errors, module, batches, refs, check, opset=opset, dynamic_batch=dynamic_batch, atol=atol,
                 providers=providers,
