@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from zoocompiler.cli import rewrite as cli_rewrite
 from zoocompiler.cli.common import EXAMPLE_SEED
 from zoocompiler.core.text import human
 from zoocompiler.ir import graph_info
-from zoocompiler.passes.analysis import plans, trace
+from zoocompiler.passes.analysis import plans, run_analysis, trace
 from zoocompiler.passes.rewrite.prune import prune
 from zoocompiler.sources import load_model
 
@@ -98,8 +99,11 @@ def test_prune_report_numbers_are_consistent(pruned, traced):
         "seed": 0,
         "scope": "group",
     }
-    # The plan on disk, replayed through the Python API, gives the module the report describes ...
-    result = prune(traced, plans.Plan.load(out_dir / "plan.json"))
+    # The plan on disk, replayed through the Python API (on a graph analysed in the plan's mode), gives the
+    # module the report describes ...
+    plan = plans.Plan.load(out_dir / "plan.json")
+    assert plan.meta["layernorm_streams"] == "auto"  # zoocompile prune's default
+    result = prune(run_analysis(copy.deepcopy(traced), layernorm_streams="auto"), plan)
     assert sum(t.numel() for t in result.module.parameters()) == p["params_after"]
     # ... and the ONNX file computes that module.
     x = example()

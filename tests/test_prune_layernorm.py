@@ -35,7 +35,8 @@ from zoocompiler.passes.analysis.plans import (
     validate_plan,
 )
 from zoocompiler.passes.analysis.unit_groups import describe_group, group_approx
-from zoocompiler.passes.rewrite.prune import masked_layer_norm, masked_reference, prune
+from zoocompiler.passes.rewrite.masked_stats import masked_layer_norm
+from zoocompiler.passes.rewrite.prune import masked_reference, prune
 from zoocompiler.passes.rewrite.prune_layout import compute_layout, tensor_of
 
 LN_TEXT = "LayerNorm statistics over the kept units"
@@ -229,12 +230,12 @@ def test_default_pins_and_prune_mode_marks_the_streams():
     assert by_key_ln["stem.weight:conv_out"].size == 12 and by_key_ln["stem.weight:conv_out"].kind == "channel"
 
 
-def test_unknown_mode_and_mha_stream_stay_closed():
+def test_unknown_mode_fails_and_mha_stream_is_prunable():
     model, x = small_model()
     with pytest.raises(PassError, match="unknown layernorm_streams 'maybe'"):
         analysed(model, x, "maybe")
 
-    class MHABlock(nn.Module):  # nn.MultiheadAttention checks query width == embed_dim: the stream stays pinned
+    class MHABlock(nn.Module):  # pruned, nn.MultiheadAttention becomes ExplicitMultiheadAttention: the stream prunes
         def __init__(self):
             super().__init__()
             self.embed, self.norm = nn.Linear(6, 8), nn.LayerNorm(8)
@@ -245,10 +246,13 @@ def test_unknown_mode_and_mha_stream_stay_closed():
             h = self.norm(x)
             return self.head((x + self.attn(h, h, h, need_weights=False)[0]).mean(1))
 
-    gm = analysed(MHABlock().eval(), torch.randn(2, 5, 6), "prune")
+    model, x = MHABlock().eval(), torch.randn(2, 5, 6)
+    gm = analysed(model, x, "prune")
     stream = group_with(gm, "embed.weight")
-    assert stream.pinned and group_approx(stream) is None
-    assert stream.reasons == ["nn.MultiheadAttention at node attn needs input width == embed_dim"]
+    assert not stream.pinned and group_approx(stream) == "layernorm"
+    plan = plan_at(gm, 0.5, seed=0)
+    with torch.no_grad():
+        assert_close(prune(gm, plan).module(x), masked_reference(gm, plan)(x), 1.0)
 
 
 def test_plan_records_the_mode_and_refuses_the_other():
@@ -328,12 +332,11 @@ def test_stream_counts_vit_and_convnext():
         assert sum(g.pinned for g in graph_info(gm).unit_groups) == pinned_before - len(sizes) == 2
 
 
-def test_torchvision_vit_stream_stays_pinned_by_multihead_attention():
+def test_torchvision_vit_stream_is_prunable_through_multihead_attention():
     gm = analysed(fresh_model("tv_vit_b_16"), torch.randn(1, 3, 32, 32), "prune")  # torchvision:vit_b_16
     stream = group_with(gm, "conv_proj.weight")
-    assert stream.pinned and group_approx(stream) is None
-    assert all("needs input width == embed_dim" in r for r in stream.reasons)
-    assert not ln_groups(gm)
+    assert not stream.pinned and group_approx(stream) == "layernorm"
+    assert ln_groups(gm) == [stream]
 
 
 # ----------------------------------------------------------------------------- CLI

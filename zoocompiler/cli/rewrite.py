@@ -20,6 +20,10 @@ from .common import SPEC_HELP, json_option, load_model_and_input, model_options,
 
 REWRITE_ATOL = 1e-4  # pruned vs masked, fused vs unfused: max |Δ| <= REWRITE_ATOL * max(1, |reference|)
 PRUNE_FILES = ("plan.json", "model.onnx", "report.json")
+# `zoocompile prune` prunes normalised token streams too (statistics over the kept units) and keeps ConvNeXt-style
+# streams through depthwise convs whole: the verdicts of docs/bench_layernorm_default.md. The analysis API keeps
+# "pin", the exact-masking semantics that slicing, modularize and pack train with.
+DEFAULT_PRUNE_STREAMS = "auto"
 
 
 def _max_abs_diff(a, b) -> tuple[float, float]:
@@ -125,7 +129,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
     ln_mode = args.layernorm_streams or (Plan.load(args.plan).meta.get("layernorm_streams") if args.plan else None)
     model, x = load_model_and_input(args)
-    gm = run_analysis(trace(model, x, analyze=False), layernorm_streams=ln_mode or "pin")
+    gm = run_analysis(trace(model, x, analyze=False), layernorm_streams=ln_mode or DEFAULT_PRUNE_STREAMS)
     plan = _plan_for(args, gm)
     if not args.plan:
         _check_prunes_something(args, gm, plan)
@@ -268,9 +272,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     prune_cmd.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --importance random")
     prune_cmd.add_argument(
         "--layernorm-streams",
-        choices=("pin", "prune"),
-        help="residual streams a LayerNorm normalises over: keep them whole, or prune them too (the pruned "
-        "LayerNorms then average over the kept units only) (default: pin; with --plan: the plan's)",
+        choices=("pin", "prune", "auto"),
+        help="residual streams a LayerNorm, RMSNorm or mean/var reduction normalises over: keep them whole, "
+        "prune them too (the pruned norms then compute their statistics over the kept units only), or auto: "
+        "prune token streams, keep ConvNeXt-style streams through depthwise convs whole (measured in "
+        "docs/bench_layernorm_default.md) (default: auto; with --plan: the plan's)",
     )
     model_options(prune_cmd)
     json_option(prune_cmd)

@@ -1,4 +1,6 @@
-"""Small facts about torch modules: eval mode for a while, parameter and MAC counts, non-finite weights."""
+"""Small facts about torch modules: eval mode for a while, parameter and MAC counts, non-finite weights.
+
+Importing it completes ``torch.utils.flop_counter``'s formulas for CPU attention (:func:`_count_cpu_attention`)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,66 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def _count_cpu_attention() -> None:
+    """Give ``torch.utils.flop_counter`` the formula it lacks for the CPU kernel of
+    ``F.scaled_dot_product_attention`` (``_scaled_dot_product_flash_attention_for_cpu``): the same as
+    its CUDA flash kernel. Without it every attention layer run on CPU counts 0 MACs for q·kᵀ and attn·v."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_registry or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op, get_raw=True)
+    def _cpu_sdpa_flop(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _count_recurrent_layers() -> None:
+    """Formulas for ``nn.LSTM``/``GRU``/``RNN``'s fused ops (``aten.lstm`` etc., padded-tensor form), which
+    ``torch.utils.flop_counter`` lacks: every weight matrix (input, recurrent, projection) is applied once per
+    time step and sequence, so FLOPs = 2 · steps · batch · Σ matrix sizes."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    aten = torch.ops.aten
+    for op in (aten.lstm, aten.gru, aten.rnn_tanh, aten.rnn_relu):
+        if op in flop_registry:
+            continue
+
+        @register_flop_formula(op, get_raw=True)
+        def _rnn_flop(*args, out_val=None, **kwargs) -> int:
+            x = args[0]
+            if isinstance(args[1], torch.Tensor):  # packed: (data, batch_sizes, hx, params, ...)
+                rows, params = x.shape[0], args[3]
+            else:  # padded: (input, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first)
+                rows, params = (x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]), args[2]
+            return 2 * rows * sum(w.numel() for w in params if w.dim() == 2)
+
+    mkldnn = aten.mkldnn_rnn_layer  # the oneDNN LSTM kernel CPU builds use instead: one call per layer and direction
+    if mkldnn not in flop_registry:
+
+        @register_flop_formula(mkldnn, get_raw=True)
+        def _mkldnn_rnn_flop(x, w_ih, w_hh, *args, out_val=None, **kwargs) -> int:
+            return 2 * x.shape[0] * x.shape[1] * (w_ih.numel() + w_hh.numel())
+
+
+_count_cpu_attention()
+_count_recurrent_layers()
+
+
+@contextlib.contextmanager
+def countable_attention() -> Iterator[None]:
+    """Turn off ``nn.MultiheadAttention``'s inference fast path for a while: its fused kernel
+    (``_native_multi_head_attention``) has no ``torch.utils.flop_counter`` formula, so MACs counted
+    through it miss the whole attention layer. The slow path computes the same values."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def count_params(module: nn.Module) -> int:
     """Parameters of ``module``, each shared tensor counted once."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
@@ -42,6 +104,7 @@ def count_macs(module: nn.Module, x: torch.Tensor | Sequence[int], *, eval: bool
         if eval:
             stack.enter_context(eval_mode(module))
         stack.enter_context(torch.no_grad())
+        stack.enter_context(countable_attention())
         counter = stack.enter_context(FlopCounterMode(display=False))
         module(x)
     return int(counter.get_total_flops()) // 2

@@ -14,9 +14,12 @@ up in its registry, which :func:`~.unit_rules.register_module_rule` extends), wh
 ``UnitGroupPass`` stores the groups in ``graph_info(gm).unit_groups`` and, per tensor node,
 ``node_info(n).unit_dim`` / ``unit_groups`` (group id per index of that dim).
 
-Option ``layernorm_streams``: ``"pin"`` (default) pins the units a LayerNorm normalises over;
-``"prune"`` leaves them prunable and marks their groups ``approx == "layernorm"`` (pruned ==
-the masked reference with LayerNorm statistics over the kept units, see docs/prune.md).
+Option ``layernorm_streams``: ``"pin"`` (default) pins the units a LayerNorm, RMSNorm or
+mean/var/std/sum reduction normalises over; ``"prune"`` leaves them prunable and marks their
+groups ``approx == "layernorm"`` (pruned == the masked reference with statistics over the kept
+units, see docs/prune.md); ``"auto"`` is ``"prune"`` except for streams that also pass depthwise
+convolutions (ConvNeXt-style), which it pins: where pruning the statistics was measured to pay
+(docs/bench_layernorm_default.md).
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from zoocompiler.core.errors import PassError
-from zoocompiler.core.modules import eval_mode
+from zoocompiler.core.errors import InputShapeError, PassError
 from zoocompiler.core.text import first_line
 from zoocompiler.ir import Layout, UnitGroup, UnitMember, graph_info, node_info
 
@@ -50,6 +52,7 @@ from .unit_rules import (
     op_name,
     unknown,
 )
+from .values import SharedValues, record_values
 
 MAX_REASONS = 12
 APPROX_TEXT = {APPROX_LAYERNORM: "LayerNorm statistics over the kept units"}
@@ -91,35 +94,20 @@ def _example_input(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     return tuple(inputs)
 
 
-def _spec(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return TensorSpec(tuple(int(s) for s in value.shape), value.dtype)
-    if isinstance(value, torch.Size):
-        return tuple(int(s) for s in value)
-    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
-        return [_spec(v) for v in value]
-    return value
-
-
-def concrete_metas(gm: fx.GraphModule) -> dict[fx.Node, Any]:
-    """Run the graph once on its example input: shapes/dtypes of tensors, values of the rest."""
-    metas: dict[fx.Node, Any] = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            result = super().run_node(n)
-            metas[n] = _spec(result)
-            return result
-
+def concrete_metas(gm: fx.GraphModule, shared: SharedValues | None = None) -> dict[fx.Node, Any]:
+    """Shapes/dtypes of tensors and values of the rest, from one run of the graph on its example input
+    (``shared``'s run when given). ``PassError`` when the graph does not run on it."""
+    inputs = _example_input(gm)
     try:
-        with eval_mode(gm), torch.no_grad():
-            _Recorder(gm).run(*_example_input(gm))
-    except Exception as err:  # noqa: BLE001 - the graph must run on its own example input
+        if shared is not None and len(inputs) == 1 and inputs[0] is graph_info(gm).example_input:
+            return shared.get(gm).specs
+        return record_values(gm, *inputs).specs
+    except InputShapeError as err:
+        cause = err.__cause__ or err
         raise PassError(
-            f"graph does not run on its example input ({first_line(err)})",
+            f"graph does not run on its example input ({first_line(cause)})",
             "re-trace the model with an input shape it accepts",
-        ) from err
-    return metas
+        ) from cause
 
 
 # ----------------------------------------------------------------------------- propagation
@@ -321,11 +309,15 @@ def _members_of_place(
     g, u, pos = g[order], u[order], pos[order]
     starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
     ends = np.r_[starts[1:], len(g)]
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts.tolist(), ends.tolist()):
         group = groups[int(g[s])]
-        indices: list[list[int]] = [[] for _ in range(group.size)]
-        for unit, p in zip(u[s:e].tolist(), pos[s:e].tolist()):
-            indices[unit].append(p)
+        positions = pos[s:e].tolist()
+        if e - s == group.size and (u[s:e] == np.arange(group.size)).all():  # each unit once: one position each
+            indices = [[p] for p in positions]
+        else:
+            indices = [[] for _ in range(group.size)]
+            for unit, p in zip(u[s:e].tolist(), positions):
+                indices[unit].append(p)
         group.members.append(UnitMember(pl.node, dim, indices, pl.role, pl.param))
 
 
@@ -347,13 +339,16 @@ def _kind(group: UnitGroup, is_head: bool, ranks: dict[str, int], layouts: dict[
     return "channel" if votes["channel"] >= votes["feature"] else "feature"
 
 
-def find_unit_groups(gm: fx.GraphModule, *, layernorm_streams: str = "pin") -> list[UnitGroup]:
+def find_unit_groups(
+    gm: fx.GraphModule, *, layernorm_streams: str = "pin", shared: SharedValues | None = None
+) -> list[UnitGroup]:
     """Analyse ``gm`` and return its unit groups (also annotating ``node_info(n).unit_dim/unit_groups``).
 
-    ``layernorm_streams="prune"``: LayerNorms over a unit dim do not pin it (see the module docstring).
+    ``layernorm_streams="prune"`` / ``"auto"``: norms over a unit dim do not pin it (see the module docstring).
+    ``shared``: the run of the example input to read concrete values from (else a run of its own).
     """
     check_layernorm_streams(layernorm_streams)
-    metas = concrete_metas(gm)
+    metas = concrete_metas(gm, shared)
     store, _ = propagate(gm, metas, layernorm_streams)
     places = _merge_param_duplicates(store)
     labels = _make_rectangular(store, places)
@@ -367,6 +362,8 @@ def find_unit_groups(gm: fx.GraphModule, *, layernorm_streams: str = "pin") -> l
         for g in np.unique(group_of[labels[ids]]):
             if g >= 0 and groups[int(g)].prunable:
                 groups[int(g)].approx = tag
+    if layernorm_streams == "auto":
+        _pin_depthwise_streams(groups)
     head_labels = np.unique(labels[np.concatenate(store.heads)]) if store.heads else np.zeros(0, dtype=np.int64)
     head_groups = {int(g) for g in group_of[head_labels] if g >= 0}
     ranks = {n.name: len(m.shape) for n, m in metas.items() if isinstance(m, TensorSpec)}
@@ -375,6 +372,15 @@ def find_unit_groups(gm: fx.GraphModule, *, layernorm_streams: str = "pin") -> l
         g.kind = _kind(g, g.gid in head_groups, ranks, layouts)
     _annotate_nodes(gm, places, flat_dims, group_of)
     return groups
+
+
+def _pin_depthwise_streams(groups: list[UnitGroup]) -> None:
+    """``layernorm_streams="auto"``: pin the approx groups with a depthwise-conv member (ConvNeXt streams)."""
+    for g in groups:
+        if g.approx is not None and any(m.role == "conv_dw" for m in g.members):
+            g.pinned, g.approx = True, None
+            g.reasons.append("normalised stream through depthwise convs: kept whole by layernorm_streams='auto' "
+                             "(pass 'prune' to prune it; docs/bench_layernorm_default.md)")
 
 
 def _apply_pins(
@@ -413,7 +419,7 @@ def _annotate_nodes(
         if n.name in by_node:
             dim, lab = by_node[n.name]
             info.unit_dim = int(dim)
-            info.unit_groups = [int(g) for g in group_of[lab]]
+            info.unit_groups = group_of[lab].tolist()
         else:
             info.unit_dim = None
             info.unit_groups = None
@@ -437,12 +443,13 @@ class UnitGroupPass(PassBase):
     The option is recorded in ``graph_info(gm).extra["layernorm_streams"]`` (plans and prune read it).
     """
 
-    def __init__(self, layernorm_streams: str = "pin"):
+    def __init__(self, layernorm_streams: str = "pin", shared: SharedValues | None = None):
         super().__init__()
         self.layernorm_streams = check_layernorm_streams(layernorm_streams)
+        self.shared = shared
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         info = graph_info(graph_module)
-        info.unit_groups = find_unit_groups(graph_module, layernorm_streams=self.layernorm_streams)
+        info.unit_groups = find_unit_groups(graph_module, layernorm_streams=self.layernorm_streams, shared=self.shared)
         info.extra["layernorm_streams"] = self.layernorm_streams
         return PassResult(graph_module, False)

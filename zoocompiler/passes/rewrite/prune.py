@@ -5,8 +5,8 @@ groups, updates module attributes (channels, features, conv groups, norm sizes),
 scatters (``pad`` strategy), rewrites size-encoding node arguments and checks every value's shape
 on the example input (:mod:`.prune_args`). ``masked_reference(gm, plan)`` is the semantics it must
 equal: a copy of ``gm`` with the removed units zeroed and, for groups analysed with
-``layernorm_streams="prune"``, every LayerNorm over them computing its statistics over the kept
-units only (:func:`masked_layer_norm`; docs/prune.md). The input is never modified.
+``layernorm_streams="prune"``, every norm or reduction over them computing its statistics over the
+kept units only (:mod:`.masked_stats`; docs/prune.md). The input is never modified.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from zoocompiler.core.errors import PassError
-from zoocompiler.core.modules import count_params, eval_mode
+from zoocompiler.core.modules import count_params, countable_attention, eval_mode
 from zoocompiler.ir import META_KEY, GraphInfo, graph_info
 
 from ..analysis.costs import total_cost
 from ..analysis.plans import STRATEGIES, Plan, validate_plan
 from ..analysis.unit_groups import layernorm_streams_of
-from ..analysis.unit_rules import op_name
+from .explicit_mha import ExplicitMultiheadAttention
+from .masked_stats import mask_statistics
 from .prune_args import ArgRewriter, Layout
 from .prune_layout import PruneLayout, compute_layout, old_shape, tensor_of
 
@@ -76,116 +77,12 @@ def _example(gm: fx.GraphModule) -> torch.Tensor:
 # ----------------------------------------------------------------------------- masked reference
 
 
-def masked_layer_norm(
-    x: torch.Tensor,
-    normalized_shape: int | list[int] | tuple[int, ...],
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """``F.layer_norm`` whose mean and (biased) variance run over the positions where ``mask`` is 1
-    only; the output is 0 where it is 0. ``mask`` broadcasts to ``normalized_shape``."""
-    return _masked_layer_norm_stats(x, normalized_shape, weight, bias, eps, mask)[0]
-
-
-def masked_native_layer_norm(
-    x: torch.Tensor,
-    normalized_shape: list[int] | tuple[int, ...],
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`masked_layer_norm` for ``aten.native_layer_norm``: (output, mean, rstd)."""
-    return _masked_layer_norm_stats(x, normalized_shape, weight, bias, eps, mask)
-
-
-def _masked_layer_norm_stats(
-    x: torch.Tensor,
-    normalized_shape: int | list[int] | tuple[int, ...],
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    dims = tuple(range(-len(shape), 0))
-    m = mask.to(x.dtype)
-    count = m.expand(shape).sum()
-    mean = (x * m).sum(dims, keepdim=True) / count
-    centred = (x - mean) * m
-    rstd = torch.rsqrt((centred * centred).sum(dims, keepdim=True) / count + eps)
-    y = centred * rstd
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y * m, mean, rstd
-
-
-_LN_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
-
-
-def _layer_norm_args(gm: fx.GraphModule, n: fx.Node) -> tuple[list[Any], bool] | None:
-    """(input, normalized_shape, weight, bias, eps; native?) of a LayerNorm node, else None. For an
-    ``nn.LayerNorm`` module weight and bias are the qualified parameter names (str) or None."""
-    if n.op == "call_function" and op_name(n) in ("layer_norm", "native_layer_norm"):
-        defaults = (None, None, None, None, 1e-5)
-        args = [n.args[i] if i < len(n.args) else n.kwargs.get(k, defaults[i]) for i, k in enumerate(_LN_ARGS)]
-        return args, op_name(n) == "native_layer_norm"
-    if n.op == "call_module" and isinstance(m := gm.get_submodule(n.target), nn.LayerNorm):
-        if type(m).forward is not nn.LayerNorm.forward:
-            raise PassError(f"LayerNorm module '{n.target}' ({type(m).__name__}) overrides forward",
-                            "analyse with layernorm_streams='pin', or trace through the module")
-        w = f"{n.target}.weight" if m.weight is not None else None
-        b = f"{n.target}.bias" if m.bias is not None else None
-        return [n.args[0], tuple(m.normalized_shape), w, b, m.eps], False
-    return None
-
-
-def _mask_layer_norms(ref: fx.GraphModule, layout: PruneLayout) -> int:
-    """Replace every LayerNorm whose normalised dims lose units by :func:`masked_layer_norm` over the kept
-    units (the input's pad-chain layout if it has one, else its group's); return how many."""
-    count = 0
-    for n in list(ref.graph.nodes):
-        if n.op not in ("call_function", "call_module") or not n.args or not isinstance(n.args[0], fx.Node):
-            continue
-        x = n.args[0]
-        lay = layout.pre_values.get(x.name) or layout.values.get(x.name)
-        shape = old_shape(x)
-        found = _layer_norm_args(ref, n) if lay is not None and shape is not None else None
-        if found is None:
-            continue
-        args, native = found
-        k = 1 if isinstance(args[1], int) else len(args[1])
-        dim, kept = lay
-        if dim < len(shape) - k:  # units off the normalised dims: the norm is per unit, nothing to mask
-            continue
-        mask = torch.zeros([shape[d] if d == dim else 1 for d in range(len(shape) - k, len(shape))])
-        mask.view(-1)[kept] = 1.0
-        buf = f"_zc_ln_mask_{count}"
-        ref.register_buffer(buf, mask)
-        with ref.graph.inserting_before(n):
-            args[2:4] = [ref.graph.get_attr(a) if isinstance(a, str) else a for a in args[2:4]]
-            mask_node = ref.graph.get_attr(buf)
-            fn = masked_native_layer_norm if native else masked_layer_norm
-            masked = ref.graph.call_function(fn, (*args, mask_node))
-        masked.meta = dict(n.meta)
-        n.replace_all_uses_with(masked)
-        ref.graph.erase_node(n)
-        count += 1
-    if count:
-        ref.recompile()
-    return count
-
-
 def masked_reference(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """A copy of ``gm`` with every removed unit zeroed in all its parameter members (producers and
     consumers; BatchNorm running statistics are left alone) and, for ``pad``, each producer's
-    unkept union units zeroed in that producer's layer and norms. Every LayerNorm over a pruned
-    unit dim (groups with ``approx == "layernorm"``) becomes :func:`masked_layer_norm`: statistics
-    over the kept units, 0 at the removed ones. See docs/prune.md."""
+    unkept union units zeroed in that producer's layer and norms. Every LayerNorm, RMSNorm or
+    mean/var/std/sum reduction over a pruned unit dim (groups with ``approx == "layernorm"``) computes
+    its statistics over the kept units (:func:`.masked_stats.mask_statistics`). See docs/prune.md."""
     validate_plan(gm, plan)
     layout = compute_layout(gm, plan)
     ref = copy.deepcopy(gm)
@@ -196,7 +93,7 @@ def masked_reference(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
                 continue
             for dim, positions in dims.items():
                 t.index_fill_(dim, torch.tensor(positions, dtype=torch.long), 0.0)
-    _mask_layer_norms(ref, layout)
+    mask_statistics(ref, layout)
     return ref
 
 
@@ -241,7 +138,7 @@ def _fix_module(path: str, old: nn.Module, mod: nn.Module) -> None:
         if (old.num_groups * c) % old.num_channels:
             raise PassError(f"GroupNorm '{path}': {c} channels are not whole norm groups", "keep whole norm groups")
         mod.num_groups, mod.num_channels = old.num_groups * c // old.num_channels, c
-    elif isinstance(mod, nn.LayerNorm):
+    elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
         mod.normalized_shape = tuple(mod.weight.shape)
     elif isinstance(mod, nn.Embedding):
         mod.embedding_dim = mod.weight.shape[1]
@@ -334,11 +231,15 @@ def build_pruned(gm: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, PruneL
     new = copy.deepcopy(gm)
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for path in sorted(_slice_state(new, layout) & called):  # others are only read via get_attr
-        _fix_module(path, gm.get_submodule(path) if path else gm, new.get_submodule(path) if path else new)
+        old = gm.get_submodule(path) if path else gm
+        if isinstance(old, nn.MultiheadAttention):  # sliced heads / input width: the explicit-width module
+            new.set_submodule(path, ExplicitMultiheadAttention.from_sliced(new.get_submodule(path), old.head_dim))
+            continue
+        _fix_module(path, old, new.get_submodule(path) if path else new)
     expected, layouts = _expected(gm, layout)
     scatters = _insert_scatters(new, layout, layouts, expected)
     orig = {n.name: n for n in gm.graph.nodes}
-    with eval_mode(new), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(new), torch.no_grad(), countable_attention(), FlopCounterMode(display=False) as counter:
         ArgRewriter(new, expected, layouts, orig, gm).propagate(x)
     new.graph.lint()
     new.recompile()

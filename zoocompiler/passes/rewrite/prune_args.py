@@ -4,9 +4,10 @@
 size-encoding arguments are rewritten from the *expected* new shapes (old shape minus the removed
 positions along unit dims, see :mod:`.prune_layout`): reshape/view/expand/unflatten sizes, split /
 chunk sections, getitem slices, narrow/select/slice positions, functional group_norm groups,
-layer_norm shapes (functional and ``nn.LayerNorm``) and conv groups, GroupNorm module groups. After
-it runs, its output shape must equal the expected one; anything else raises ``PassError`` naming the
-node and op (fail closed).
+layer_norm/rms_norm shapes (functional, ``nn.LayerNorm``, ``nn.RMSNorm``), conv groups and GroupNorm
+module groups; a batch-independent size read from another tensor's pruned unit count is set to the
+expected one. After it runs, its output shape must equal the expected one; anything else raises
+``PassError`` naming the node and op (fail closed).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class ArgRewriter(ShapeProp):
             self._positional(n, op)
         elif op == "group_norm":
             self._group_norm_fn(n, op)
-        elif op in ("layer_norm", "native_layer_norm"):
+        elif op in ("layer_norm", "native_layer_norm", "rms_norm"):
             self._layer_norm_fn(n, op)
         elif op in _CONV_FUNCTIONS:
             self._conv_fn(n, op)
@@ -124,10 +125,14 @@ class ArgRewriter(ShapeProp):
             kwargs[where] = value
             n.kwargs = kwargs
 
+    def _batch_independent(self, e: fx.Node) -> bool:
+        """Whether shape value ``e`` had the same value at batch + 1 (or was not measured there)."""
+        info = node_info(self.orig[e.name]) if e.name in self.orig else None
+        return info is None or info.shape_value_alt_batch is None or info.shape_value_alt_batch == info.shape_value
+
     def _scaled(self, n: fx.Node, e: fx.Node, old: int, new: int) -> Any:
         """A replacement for shape value ``e`` (old value ``old``) that evaluates to ``new``."""
-        info = node_info(self.orig[e.name]) if e.name in self.orig else None
-        if info is None or info.shape_value_alt_batch is None or info.shape_value_alt_batch == info.shape_value:
+        if self._batch_independent(e):
             return new  # batch-independent: a constant
         g = math.gcd(old, new)
         with self.graph.inserting_before(n):
@@ -145,8 +150,11 @@ class ArgRewriter(ShapeProp):
             actual = self._value(e)
             if not isinstance(actual, int) or actual == -1 or actual == want[i]:
                 continue
-            if actual != old[i]:
-                self._fail(n, op, f"size argument {i} is {actual}; expected {want[i]} (was {old[i]})")
+            if actual != old[i]:  # read from another tensor's (pruned) unit count: BEiT's reshape(B, N, C)
+                if not (isinstance(e, fx.Node) and self._batch_independent(e)):
+                    self._fail(n, op, f"size argument {i} is {actual}; expected {want[i]} (was {old[i]})")
+                out[i] = want[i]
+                continue
             out[i] = self._scaled(n, e, old[i], want[i]) if isinstance(e, fx.Node) else want[i]
         return out
 
@@ -157,7 +165,10 @@ class ArgRewriter(ShapeProp):
         if want is None or not hasattr(tm, "shape"):
             return None
         old = tuple(int(s) for s in tm.shape)
-        return (old, want) if old != tuple(want) else None
+        changed_size = any(isinstance(self._value(a), int) and a.name in self.orig
+                           and self._value(a) != getattr(node_info(self.orig[a.name]), "shape_value", None)
+                           for a in n.all_input_nodes)
+        return (old, want) if old != tuple(want) or changed_size else None
 
     # ------------------------------------------------------------------ rules
 
@@ -328,7 +339,8 @@ class ArgRewriter(ShapeProp):
 
     def _module(self, n: fx.Node) -> None:
         m = self.module.get_submodule(n.target)
-        plain_ln = isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward
+        plain_ln = isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and type(m).forward in (nn.LayerNorm.forward,
+                                                                                    nn.RMSNorm.forward)
         if plain_ln and isinstance(self._value(n.args[0]), torch.Tensor):
             x = self._value(n.args[0])  # normalized_shape follows the input (also without an affine)
             m.normalized_shape = tuple(x.shape[x.dim() - len(m.normalized_shape) :])

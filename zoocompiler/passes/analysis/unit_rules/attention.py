@@ -145,10 +145,11 @@ def heads_units(
     proj_w: str,
     proj_b: str | None,
     extra: list[tuple[str, int, str]],
-    reason: str,
+    reason: str | None,
     in_weights: list[tuple[Any, str]],
 ) -> Table:
-    """A fused attention layer: input consumed like a linear, heads as units (pinned with ``reason``), output fresh.
+    """A fused attention layer: input consumed like a linear, heads as units (pinned with ``reason`` unless
+    None), output fresh.
 
     ``qkv``: (weight or bias, copies of the per-head rows); ``extra``: (parameter, dim, "head" or
     "dim") per-head tables; ``in_weights``: (input node, weight consuming it on dim 1).
@@ -169,7 +170,8 @@ def heads_units(
     cx.store.param(cx.node.name, proj_w, (1,), per_head, "linear_in")
     for name, pdim, kind in extra:
         cx.store.param(cx.node.name, name, (pdim,), hid if kind == "head" else per_head, "param")
-    cx.store.pin(hid, reason)
+    if reason is not None:
+        cx.store.pin(hid, reason)
     out = cx.store.fresh(c_out)
     cx.store.param(cx.node.name, proj_w, (0,), out, "linear_out")
     if proj_b is not None:
@@ -181,16 +183,29 @@ def heads_units(
     )
 
 
+def mha_prunable(m: nn.MultiheadAttention) -> bool:
+    """Whether the prune pass can replace ``m`` by an explicit-width equivalent (fused q/k/v projection,
+    no ``bias_k``/``bias_v``, no zero attention): then its heads and input width are prunable."""
+    return m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None and not m.add_zero_attn
+
+
 @module_rule(nn.MultiheadAttention)
 def rule_mha(cx: Cx, m: nn.MultiheadAttention) -> Any:
-    """nn.MultiheadAttention: heads are units but pinned (the module derives head_dim from embed_dim)."""
+    """nn.MultiheadAttention: heads are units, the input is consumed like a linear, the output is fresh.
+
+    Prunable when :func:`mha_prunable` (the prune pass then swaps in
+    :class:`~zoocompiler.passes.rewrite.explicit_mha.ExplicitMultiheadAttention`); otherwise the heads
+    and the query (and fused key/value) width are pinned, since the module derives ``head_dim`` from
+    ``embed_dim`` and checks the query width.
+    """
     t = cx.node.target
     q = cx.arg(0, "query")
     k, v = cx.arg(1, "key", q), cx.arg(2, "value", q)
     e, h = m.embed_dim, m.num_heads
+    prunable = mha_prunable(m)
     reason = (
-        f"nn.MultiheadAttention at node {cx.node.name} derives head_dim from embed_dim; "
-        "replace the module to prune heads"
+        f"nn.MultiheadAttention at node {cx.node.name} has separate k/v projections, bias_k/bias_v or "
+        "add_zero_attn; its heads cannot be pruned"
     )
     extra = [(f"{t}.{n}", 2, "dim") for n in ("bias_k", "bias_v") if getattr(m, n, None) is not None]
     if m._qkv_same_embed_dim:
@@ -199,7 +214,7 @@ def rule_mha(cx: Cx, m: nn.MultiheadAttention) -> Any:
     else:
         qkv = [(f"{t}.{n}_proj_weight", 1) for n in "qkv"]
         in_weights = [(q, f"{t}.q_proj_weight"), (k, f"{t}.k_proj_weight"), (v, f"{t}.v_proj_weight")]
-    fixed = [q] if not m._qkv_same_embed_dim else list(dict.fromkeys([q, k, v]))
+    fixed = [] if prunable else [q] if not m._qkv_same_embed_dim else list(dict.fromkeys([q, k, v]))
     for a in fixed:  # the module checks query (and fused key/value) width == embed_dim
         s = cx.st(a)
         if isinstance(s, Table):
@@ -208,7 +223,8 @@ def rule_mha(cx: Cx, m: nn.MultiheadAttention) -> Any:
         qkv.append((f"{t}.in_proj_bias", 3))
     bias = f"{t}.out_proj.bias" if m.out_proj.bias is not None else None
     out = heads_units(
-        cx, q, h, e // h, m.out_proj.out_features, qkv, f"{t}.out_proj.weight", bias, extra, reason, in_weights
+        cx, q, h, e // h, m.out_proj.out_features, qkv, f"{t}.out_proj.weight", bias, extra,
+        None if prunable else reason, in_weights
     )
     return [out, None]
 

@@ -33,7 +33,13 @@ class Cx:
     states: dict[fx.Node, Any]
     metas: dict[fx.Node, Any]
     op: str
-    layernorm_streams: str = "pin"  # "pin": a LayerNorm over a unit dim pins it; "prune": it does not
+    layernorm_streams: str = "pin"  # "pin": a LayerNorm over a unit dim pins it; "prune"/"auto": it does not
+
+    @property
+    def prunes_streams(self) -> bool:
+        """Whether norms and statistics over a unit dim leave it prunable (marked approx) instead of pinning it
+        ("auto" decides per group afterwards, :func:`~..unit_groups.find_unit_groups`)."""
+        return self.layernorm_streams in ("prune", "auto")
 
     def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
         """Argument ``i`` (counted after ``self`` for methods) or keyword ``name``, else ``default``."""

@@ -168,7 +168,8 @@ def rule_cat(cx: Cx) -> Any:
     ops = [(cx.st(t), cx.shape(t), cx.label(t)) for t in tensors]
     if cx.op == "stack":  # stack == unsqueeze + cat along the new dim
         ops = [(unsqueezed(s, dim), sh[:dim] + (1,) + sh[dim:], lab) for s, sh, lab in ops]
-    if not any(isinstance(s, Table) and dim in s.dims for s, _, _ in ops):
+    params_1d = len(b) == 1 and all(isinstance(s, ParamRef) for s, _, _ in ops)  # cat((q_bias, k_bias, v_bias))
+    if not params_1d and not any(isinstance(s, Table) and dim in s.dims for s, _, _ in ops):
         return _cat_coupled(cx, ops, dim, b)
     other = sorted({d for s, _, _ in ops if isinstance(s, Table) for d in s.dims if d != dim})
     all_dims = sorted(set(other) | {dim})

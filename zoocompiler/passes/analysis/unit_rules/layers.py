@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from .context import Cx, leaf_input
 from .coupling import taint_all, unknown
+from .names import op_name
 from .registry import function_rule, module_rule
 from .states import ParamRef, Table
 from .tables import project
@@ -81,8 +83,11 @@ def conv_units(cx: Cx, x: Any, weight: str, bias: str | None, groups: int, c_in:
     return Table((1,), out)
 
 
-def linear_units(cx: Cx, x: Any, weight: str, bias: str | None, out_features: int) -> Table:
-    """Linear over the last dim: input features consumed (weight dim 1), output features fresh."""
+def linear_units(cx: Cx, x: Any, weight: str, bias: str | list[tuple[str, int]] | None, out_features: int) -> Table:
+    """Linear over the last dim: input features consumed (weight dim 1), output features fresh.
+
+    ``bias`` is a parameter name, or the (name, length) pieces of a bias concatenated from parameters.
+    """
     s, a = cx.st(x), cx.shape(x)
     last = len(a) - 1
     if isinstance(s, Table):
@@ -94,9 +99,26 @@ def linear_units(cx: Cx, x: Any, weight: str, bias: str | None, out_features: in
         taint_all(cx, s, f"consumed by {cx.where()}")
     out = cx.store.fresh(out_features)
     cx.store.param(cx.node.name, weight, (0,), out, "linear_out")
-    if bias is not None:
-        cx.store.param(cx.node.name, bias, (0,), out, "linear_out")
+    offset = 0
+    for name, length in [(bias, out_features)] if isinstance(bias, str) else bias or []:
+        cx.store.param(cx.node.name, name, (0,), out[offset : offset + length], "linear_out")
+        offset += length
     return Table((len(cx.out_shape) - 1,), out)
+
+
+def concatenated_params(cx: Cx, a: Any) -> list[tuple[str, int]] | None:
+    """The (name, length) pieces of a 1-d tensor ``torch.cat``-ed from plain 1-d parameters or buffers
+    (BEiT/EVA's ``cat((q_bias, k_bias, v_bias))``), else None."""
+    if not isinstance(a, fx.Node) or a.op not in ("call_function", "call_method") or op_name(a) != "cat":
+        return None
+    pieces = a.args[0] if a.args else a.kwargs.get("tensors")
+    dim = a.args[1] if len(a.args) > 1 else a.kwargs.get("dim", 0)
+    if dim not in (0, -1) or not isinstance(pieces, (list, tuple)):
+        return None
+    names = [simple_param(cx.st(p), 1) for p in pieces]
+    if any(n is None for n in names):
+        return None
+    return [(n, cx.shape(p)[0]) for n, p in zip(names, pieces)]
 
 
 def embedding_units(cx: Cx, idx: Any, weight: str, dim: int) -> Table:
@@ -130,10 +152,11 @@ def embedding_module(cx: Cx, m: nn.Embedding) -> Any:
 @function_rule("linear")
 def rule_linear_fn(cx: Cx) -> Any:
     x, w, b = cx.arg(0, "input"), cx.arg(1, "weight"), cx.arg(2, "bias")
-    names = param_names(cx, [w, b], [2, 1])
+    pieces = concatenated_params(cx, b)
+    names = param_names(cx, [w, None if pieces else b], [2, 1])
     if names is None:
-        return unknown(cx, f"{cx.where()} uses a weight that is not a plain parameter")
-    return linear_units(cx, x, names[0], names[1], cx.shape(w)[0])
+        return unknown(cx, f"{cx.where()} uses a weight or bias that is not a plain parameter")
+    return linear_units(cx, x, names[0], pieces or names[1], cx.shape(w)[0])
 
 
 @function_rule("conv1d", "conv2d", "conv3d", "convolution")

@@ -44,10 +44,11 @@ def groupnorm_units(cx: Cx, x: Any, groups: int, names: list[str | None]) -> Any
     return s
 
 
-def layernorm_units(cx: Cx, x: Any, k: int, names: list[str | None]) -> Any:
-    """LayerNorm over the last ``k`` dims: units there are coupled (statistics change when pruned).
+def layernorm_units(cx: Cx, x: Any, k: int, names: list[str | None], kind: str = "LayerNorm") -> Any:
+    """LayerNorm (or RMSNorm, ``kind``) over the last ``k`` dims: units there are coupled (statistics change
+    when pruned).
 
-    ``cx.layernorm_streams == "pin"`` pins them; ``"prune"`` leaves them prunable and marks them
+    ``cx.layernorm_streams == "pin"`` pins them; ``"prune"`` (and ``"auto"``) leaves them prunable and marks them
     :data:`~.states.APPROX_LAYERNORM`: the pruned norm computes its statistics over the kept units only.
     The affine is recorded as ``norm`` either way.
     """
@@ -56,10 +57,10 @@ def layernorm_units(cx: Cx, x: Any, k: int, names: list[str | None]) -> Any:
         return None
     normed = [d for d in s.dims if d >= len(a) - k]
     if normed:
-        if cx.layernorm_streams == "prune":
+        if cx.prunes_streams:
             cx.store.mark_approx(s.ids, APPROX_LAYERNORM)
         else:
-            cx.store.pin(s.ids, f"LayerNorm over the unit dim couples all its units (node {cx.node.name})")
+            cx.store.pin(s.ids, f"{kind} over the unit dim couples all its units (node {cx.node.name})")
         for name in names:
             if name is not None:
                 record_param(cx, s, name, {d: d - (len(a) - k) for d in normed}, "norm")
@@ -88,6 +89,24 @@ def layernorm_module(cx: Cx, m: nn.LayerNorm) -> Any:
         return unknown(cx, f"{type(m).__name__} at node {cx.node.name} overrides LayerNorm.forward")
     names = [cx.param_name("weight"), cx.param_name("bias")]
     return layernorm_units(cx, leaf_input(cx), len(m.normalized_shape), names)
+
+
+@module_rule(nn.RMSNorm)
+def rmsnorm_module(cx: Cx, m: nn.RMSNorm) -> Any:
+    """nn.RMSNorm: as LayerNorm (statistics over its dims), a weight and no bias."""
+    if type(m).forward is not nn.RMSNorm.forward:
+        return unknown(cx, f"{type(m).__name__} at node {cx.node.name} overrides RMSNorm.forward")
+    return layernorm_units(cx, leaf_input(cx), len(m.normalized_shape), [cx.param_name("weight")], "RMSNorm")
+
+
+@function_rule("rms_norm")
+def rule_rmsnorm_fn(cx: Cx) -> Any:
+    shape = cx.val(cx.arg(1, "normalized_shape"))
+    k = 1 if isinstance(shape, int) else len(shape)
+    names = param_names(cx, [cx.arg(2, "weight")], [k])
+    if names is None:
+        return unknown(cx, f"{cx.where()} uses a weight that is not a plain parameter")
+    return layernorm_units(cx, cx.arg(0, "input"), k, names, "RMSNorm")
 
 
 @function_rule("batch_norm", "_native_batch_norm_legit_no_training")

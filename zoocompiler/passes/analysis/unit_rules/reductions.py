@@ -1,4 +1,5 @@
-"""Reductions and normalisations: over a unit dim they couple all its units (pinned); elsewhere units carry."""
+"""Reductions and normalisations: over a unit dim they couple all its units (pinned, or with
+``layernorm_streams="prune"`` statistics over the kept units for mean/sum/var/std); elsewhere units carry."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .context import Cx, RuleFailure, norm_dim
 from .coupling import taint_all
 from .elementwise import rule_pointwise
 from .registry import function_rule, module_rule
-from .states import ParamRef, Table, TensorSpec
+from .states import APPROX_LAYERNORM, ParamRef, Table, TensorSpec
 from .tables import table_or_none
 
 
@@ -22,12 +23,20 @@ def _reduce_dims(ndim: int, dim_arg: Any) -> list[int]:
     return [norm_dim(int(d), ndim) for d in dims] if dims else list(range(ndim))
 
 
+STATISTICS = ("mean", "sum", "var", "std", "var_mean", "std_mean")  # pruned: computed over the kept units
+
+
 @function_rule(
     "mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod", "all", "any", "argmax",
     "argmin", "nansum", "nanmean", "var_mean", "std_mean", "median", "linalg_vector_norm",
 )
 def rule_reduce(cx: Cx) -> Any:
-    """mean/sum/amax/var/...: reducing a unit dim couples all its units (pinned); others carry."""
+    """mean/sum/amax/var/...: reducing a unit dim couples all its units; others carry.
+
+    The coupled units are pinned, except for :data:`STATISTICS` when ``cx.prunes_streams``:
+    those are marked :data:`~.states.APPROX_LAYERNORM` (the pruned model reduces over the kept units;
+    the masked reference does the same, :mod:`zoocompiler.passes.rewrite.masked_stats`).
+    """
     x = cx.this()
     s, a = cx.st(x), cx.shape(x)
     is_method = cx.node.op == "call_method"
@@ -43,7 +52,9 @@ def rule_reduce(cx: Cx) -> Any:
     result: Any = None
     if isinstance(s, Table):
         hit = [d for d in s.dims if d in dims]
-        if hit:
+        if hit and cx.prunes_streams and cx.op in STATISTICS:
+            cx.store.mark_approx(s.ids, APPROX_LAYERNORM)
+        elif hit:
             cx.store.pin(s.ids, f"{cx.where()} reduces over unit dim {hit[0]} (all its units are coupled)")
         ids, new_dims = s.ids, []
         for ax, d in reversed(list(enumerate(s.dims))):

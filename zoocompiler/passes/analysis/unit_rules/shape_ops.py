@@ -19,7 +19,11 @@ from .tables import permute_state, reshape_paramref, reshape_table
     "_reshape_alias", "ravel",
 )
 def rule_reshape(cx: Cx) -> Any:
-    """Element ids follow their positions through the reshape (see :func:`~.tables.reshape_table`)."""
+    """Element ids follow their positions through the reshape (see :func:`~.tables.reshape_table`).
+
+    Target sizes read from unit counts (``reshape(B, N, C)`` with ``C = x.shape[-1]``) need no coupling:
+    the prune pass sets every batch-independent size from the expected shapes (:mod:`..prune_args`).
+    """
     x = cx.this()
     s, a, b = cx.st(x), cx.shape(x), cx.out_shape
     if isinstance(s, Table):

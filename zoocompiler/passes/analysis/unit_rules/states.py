@@ -16,7 +16,7 @@ import torch
 
 PRODUCER_ROLES = ("conv_out", "conv_dw", "linear_out", "norm", "embedding_out", "param")
 CONSUMER_ROLES = ("conv_in", "linear_in")
-LAYERNORM_STREAMS = ("pin", "prune")  # what a LayerNorm over a unit dim does to its units (docs/prune.md)
+LAYERNORM_STREAMS = ("pin", "prune", "auto")  # what a LayerNorm over a unit dim does to its units (docs/prune.md)
 APPROX_LAYERNORM = "layernorm"  # group semantics: LayerNorm statistics over the kept units only
 
 
