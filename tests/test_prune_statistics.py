@@ -48,6 +48,8 @@ class TokenStream(nn.Module):
         if self.kind == "grn":  # ConvNeXt V2 global response norm, on tokens: norm over N, mean over units
             gx = torch.norm(x, p=2, dim=1, keepdim=True)
             return x * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)) * self.gamma + x
+        if self.kind == "ln_then_rms":  # a norm feeding a norm (Swin's stem norm → block norm1)
+            return self.norms[i](F.layer_norm(x, (x.shape[-1],)))
         if self.kind == "sum":
             return x / (x.abs().sum(-1, keepdim=True) + 1.0)
         raise ValueError(self.kind)
@@ -59,7 +61,7 @@ class TokenStream(nn.Module):
         return self.head(x.mean(1))
 
 
-KINDS = ("rms_module", "rms_fn", "var", "var_biased", "std_mean", "grn", "sum")
+KINDS = ("rms_module", "rms_fn", "var", "var_biased", "std_mean", "grn", "sum", "ln_then_rms")
 
 
 def _model(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

@@ -168,11 +168,13 @@ def mask_statistics(ref: fx.GraphModule, layout: PruneLayout) -> int:
     masked form over the kept units (the input's pad-chain layout if it has one, else its group's);
     return how many nodes were replaced."""
     count = 0
+    original: dict[str, str] = {}  # replacement node -> the node it replaced (layouts are keyed by the latter)
     for n in list(ref.graph.nodes):
         if n.op not in ("call_function", "call_method", "call_module") or not n.args:
             continue
         x = n.args[0]
-        lay = (layout.pre_values.get(x.name) or layout.values.get(x.name)) if isinstance(x, fx.Node) else None
+        name = original.get(x.name, x.name) if isinstance(x, fx.Node) else None
+        lay = (layout.pre_values.get(name) or layout.values.get(name)) if name is not None else None
         shape = old_shape(x) if lay is not None else None
         if shape is None:
             continue
@@ -198,6 +200,7 @@ def mask_statistics(ref: fx.GraphModule, layout: PruneLayout) -> int:
                     for i, a in enumerate(args)]
             masked = ref.graph.call_function(fn, (*args, ref.graph.get_attr(buf)))
         masked.meta = dict(n.meta)
+        original[masked.name] = n.name
         n.replace_all_uses_with(masked)
         ref.graph.erase_node(n)
         count += 1

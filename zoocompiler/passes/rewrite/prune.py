@@ -28,7 +28,9 @@ from zoocompiler.ir import META_KEY, GraphInfo, graph_info
 from ..analysis.costs import total_cost
 from ..analysis.plans import STRATEGIES, Plan, validate_plan
 from ..analysis.unit_groups import layernorm_streams_of
+from ..analysis.unit_rules import op_name
 from .explicit_mha import ExplicitMultiheadAttention
+from .explicit_swin import explicit_shifted_window_attention
 from .masked_stats import mask_statistics
 from .prune_args import ArgRewriter, Layout
 from .prune_layout import PruneLayout, compute_layout, old_shape, tensor_of
@@ -159,6 +161,26 @@ def _fix_recurrent(mod: nn.RNNBase) -> None:
     mod._init_flat_weights()  # _flat_weights still holds the unsliced tensors
 
 
+def _explicit_swin_attention(new: fx.GraphModule, layout: PruneLayout) -> None:
+    """Calls of torchvision's ``shifted_window_attention`` whose weights were sliced call
+    :func:`.explicit_swin.explicit_shifted_window_attention` with the original head width."""
+    for n in new.graph.nodes:
+        if n.op != "call_function" or op_name(n) != "torchvision.models.swin_transformer.shifted_window_attention":
+            continue
+        qkv_w = n.args[1] if len(n.args) > 1 else n.kwargs["qkv_weight"]
+        proj_w = n.args[2] if len(n.args) > 2 else n.kwargs["proj_weight"]
+        heads = n.args[5] if len(n.args) > 5 else n.kwargs["num_heads"]
+        if not any(getattr(w, "op", None) == "get_attr" and w.target in layout.params for w in (qkv_w, proj_w)):
+            continue
+        head_dim = old_shape(qkv_w)[0] // (3 * int(heads)) if old_shape(qkv_w) else None
+        if head_dim is None:
+            raise PassError(f"Swin attention at node {n.name}: the qkv weight's shape is unknown",
+                            "trace the model with zoocompiler.trace(model, x)")
+        n.target = explicit_shifted_window_attention
+        n.kwargs = {**n.kwargs, "head_dim": head_dim}
+    new.recompile()
+
+
 def _insert_scatters(new: fx.GraphModule, layout: PruneLayout, layouts: dict[str, Layout],
                      expected: dict[str, tuple[int, ...]]) -> int:
     """Pad: after each producer chain, scatter its units into the union space (F.pad + index_select)."""
@@ -236,11 +258,14 @@ def build_pruned(gm: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, PruneL
             new.set_submodule(path, ExplicitMultiheadAttention.from_sliced(new.get_submodule(path), old.head_dim))
             continue
         _fix_module(path, old, new.get_submodule(path) if path else new)
+    _explicit_swin_attention(new, layout)
     expected, layouts = _expected(gm, layout)
     scatters = _insert_scatters(new, layout, layouts, expected)
     orig = {n.name: n for n in gm.graph.nodes}
     with eval_mode(new), torch.no_grad(), countable_attention(), FlopCounterMode(display=False) as counter:
-        ArgRewriter(new, expected, layouts, orig, gm).propagate(x)
+        sliced = {name: {d: (tensor_of(gm, name).shape[d], len(kept)) for d, kept in dims.items()}
+                  for name, dims in layout.params.items()}
+        ArgRewriter(new, expected, layouts, orig, gm, sliced).propagate(x)
     new.graph.lint()
     new.recompile()
     for n in new.graph.nodes:

@@ -43,7 +43,8 @@ class ArgRewriter(ShapeProp):
     ``expected``: node name → expected output shape (nodes not listed are not checked);
     ``layouts``: node name → layout of that value in the pruned graph (only values that lost positions);
     ``orig``: node name → node of the original graph (for batch-dependence of shape values);
-    ``orig_gm``: the original module (for module attributes such as GroupNorm's num_groups).
+    ``orig_gm``: the original module (for module attributes such as GroupNorm's num_groups);
+    ``sliced``: parameter name → {dim: (old size, kept count)} (for views of sliced parameters).
     """
 
     def __init__(
@@ -53,9 +54,11 @@ class ArgRewriter(ShapeProp):
         layouts: dict[str, Layout],
         orig: dict[str, fx.Node],
         orig_gm: fx.GraphModule,
+        sliced: dict[str, dict[int, tuple[int, int]]] | None = None,
     ):
         super().__init__(gm)
         self.expected, self.layouts, self.orig, self.orig_gm = expected, layouts, orig, orig_gm
+        self.sliced = sliced or {}
 
     # ------------------------------------------------------------------ driver
 
@@ -172,9 +175,44 @@ class ArgRewriter(ShapeProp):
 
     # ------------------------------------------------------------------ rules
 
+    def _param_view(self, n: fx.Node, op: str) -> None:
+        """A view/reshape of a tensor computed from sliced parameters alone (no expected shape: the slicing
+        decides it), e.g. ``scale.view(C, 1, 1)`` or ``bias_table[index].view(N, N, heads)``: the one literal
+        size equal to a sliced dim's old size of those parameters becomes its kept count."""
+        x = n.args[0] if n.args else None
+        tm = self.orig[x.name].meta.get("tensor_meta") if isinstance(x, fx.Node) and x.name in self.orig else None
+        rest = list(n.args[1:])
+        sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        if op not in ("view", "reshape") or tm is None or not all(isinstance(v, int) for v in sizes):
+            return
+        if self._value(x).numel() == math.prod(tm.shape):
+            return
+        params, todo, seen = set(), [x], set()
+        while todo:
+            a = todo.pop()
+            if a.name in seen:
+                continue
+            seen.add(a.name)
+            if a.op == "get_attr":
+                params.add(a.target)
+            todo.extend(a.all_input_nodes)
+        dims = [(d - self.orig_gm.get_parameter(p).dim() if p in dict(self.orig_gm.named_parameters()) else None,
+                 old, kept) for p in params for d, (old, kept) in self.sliced.get(p, {}).items()]
+        # the same dim counted from the end (bias_table[index] keeps the heads last), else a unique old size
+        hits = {len(sizes) + e: kept for e, old, kept in dims if e is not None and -len(sizes) <= e
+                and sizes[len(sizes) + e] == old}
+        if len(hits) != 1:
+            hits = {i: kept for i, v in enumerate(sizes) for _, old, kept in dims if v == old}
+        if len(hits) != 1:
+            return  # ambiguous or nothing to change: the run fails and names the node
+        (i, kept), = hits.items()
+        sizes[i] = kept
+        n.args = (n.args[0], tuple(sizes)) if len(rest) == 1 else (n.args[0], *sizes)
+
     def _sizes(self, n: fx.Node, op: str) -> None:
         ow = self._old_want(n)
         if ow is None:
+            self._param_view(n, op)
             return
         old, want = ow
         start = 0 if op in _FACTORY_OPS and n.op == "call_function" else 1
@@ -193,7 +231,8 @@ class ArgRewriter(ShapeProp):
             self._set(n, start, tuple(new))
         elif len(rest) == 1 and isinstance(rest[0], fx.Node) and not isinstance(self._value(rest[0]), int):
             value = tuple(self._value(rest[0]))
-            if value != tuple(want):
+            inferred = sum(v == -1 for v in value) == 1 and all(v in (-1, w) for v, w in zip(value, want))
+            if value != tuple(want) and not (len(value) == len(want) and inferred):  # -1 takes the pruned size
                 self._fail(n, op, f"sizes come from a computed shape value {list(value)}; expected {list(want)}")
         else:
             new = self._fixed_sizes(n, op, rest, want, old)

@@ -30,7 +30,12 @@ module_rule(
 
 @function_rule("torchvision.models.swin_transformer.shifted_window_attention")
 def rule_swin_attention(cx: Cx) -> Any:
-    """torchvision's ``shifted_window_attention``: heads as units; head_dim comes from the input width."""
+    """torchvision's ``shifted_window_attention``: input consumed like a linear, heads as units, output fresh.
+
+    The relative position bias (a table view, or Swin V2's MLP output) and V2's logit scale are per-head
+    members. Pruned, the call becomes ``explicit_swin.explicit_shifted_window_attention`` of the rewrite
+    passes (torchvision's derives head_dim and its output width from the input width).
+    """
     x = cx.arg(0, "input")
     qkv_w, proj_w, rpb = cx.arg(1, "qkv_weight"), cx.arg(2, "proj_weight"), cx.arg(3, "relative_position_bias")
     heads = int(cx.val(cx.arg(5, "num_heads")))
@@ -38,11 +43,9 @@ def rule_swin_attention(cx: Cx) -> Any:
     names = param_names(cx, [qkv_w, proj_w, qkv_b, proj_b], [2, 2, 1, 1])
     if names is None:
         return unknown(cx, f"{cx.where()} uses weights that are not plain parameters")
-    qkv_rows = cx.shape(qkv_w)[0]
-    head_dim = qkv_rows // (3 * heads)
+    head_dim = cx.shape(qkv_w)[0] // (3 * heads)
     extra: list[tuple[str, int, str]] = []
     rs = cx.st(rpb)
-    reason = f"{cx.where()} derives head_dim and its output width from the input width"
     if isinstance(rs, ParamRef):
         for name, dmap in rs.sources:
             if dmap[1] is not None and dmap[1] >= 0:
@@ -54,19 +57,25 @@ def rule_swin_attention(cx: Cx) -> Any:
         extra.append((ln[0], 0, "head"))
     qkv = [(names[0], 3)] + ([(names[2], 3)] if names[2] else [])
     out = heads_units(
-        cx, x, heads, head_dim, cx.shape(proj_w)[0], qkv, names[1], names[3], extra, reason, [(x, names[0])]
+        cx, x, heads, head_dim, cx.shape(proj_w)[0], qkv, names[1], names[3], extra, None, [(x, names[0])]
     )
-    cx.store.pin(out.ids, reason)
-    s = cx.st(x)
-    if isinstance(s, Table):
-        cx.store.pin(s.ids, reason)
+    hid = cx.store.heads[-1]
+    if isinstance(rs, Table):  # Swin V2: the bias comes from an MLP whose outputs are the heads
+        if rs.dims == (1,):
+            cx.store.union(rs.ids, hid)
+        else:
+            cx.store.pin(np.concatenate([hid, rs.ids.ravel()]), f"{cx.where()} adds a bias with units off the head dim")
     return out
 
 
 @function_rule("torchvision.models.swin_transformer._get_relative_position_bias")
 def rule_swin_rel_bias(cx: Cx) -> Any:
-    """torchvision's ``_get_relative_position_bias(table, index, window)``: (1, heads, N, N) from table (L, heads)."""
-    name = simple_param(cx.st(cx.arg(0)), 2)
+    """torchvision's ``_get_relative_position_bias(table, index, window)``: (1, heads, N, N) from table (L, heads);
+    the table is a parameter (Swin) or an MLP's output with the heads as units (Swin V2)."""
+    table = cx.st(cx.arg(0))
+    if isinstance(table, Table) and table.dims == (1,):
+        return Table((1,), table.ids)
+    name = simple_param(table, 2)
     if name is None:
         return unknown(cx)
     return ParamRef(((name, (-1, 1, None, None)),))
@@ -93,3 +102,25 @@ def rule_maybe_add_mask(cx: Cx) -> Any:
     if not isinstance(mask, fx.Node):
         return cx.st(cx.arg(0))
     return rule_pointwise(cx)
+
+
+_WINDOW_FUNCTIONS = ("window_partition", "window_reverse", "grid_partition", "grid_reverse")
+_WINDOW_MODULES = ("maxxvit", "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr", "gcvit")
+
+
+@function_rule(
+    *(f"timm.models.{m}.{f}" for m in _WINDOW_MODULES for f in _WINDOW_FUNCTIONS),
+    *(f"timm.models.maxxvit.{f}_nchw" for f in _WINDOW_FUNCTIONS),
+)
+def rule_window_layout(cx: Cx) -> Any:
+    """timm's window / grid partition and reverse: spatial positions move, the channel dim (last, or dim 1 for
+    the ``_nchw`` forms) is carried; units anywhere else are pinned."""
+    x = cx.this()
+    s, a, b = cx.st(x), cx.shape(x), cx.out_shape
+    if not isinstance(s, Table):
+        return None if s is None else unknown(cx)
+    nchw = cx.op.endswith("_nchw")
+    ch_in, ch_out = (1, 1) if nchw else (len(a) - 1, len(b) - 1)
+    if s.dims == (ch_in,) and a[ch_in] == b[ch_out]:
+        return Table((ch_out,), s.ids)
+    return unknown(cx, f"{cx.where()} moves positions along a unit dim")
