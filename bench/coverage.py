@@ -119,31 +119,30 @@ def load_families(console: Console) -> dict[str, Any]:
 
 
 def _build(source: str, name: str):
-    """The model and example input: 64×64 first (timm: built for it when it takes img_size), else the default size."""
+    """The model and example input: 64×64 first (built for it when the model takes img_size / image_size),
+    else the default size."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
     if source == "timm":
         import timm
 
-        tries = [({"img_size": SMALL}, SMALL), ({}, SMALL), ({}, None)]
-        for kwargs, size in tries:
-            try:
-                model = timm.create_model(name, num_classes=10, **kwargs).eval()
-                shape = (3, size, size) if size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-                x = torch.randn(1, *shape, generator=g)
-                with torch.no_grad():
-                    model(x)
-                return model, x
-            except Exception as err:  # noqa: BLE001 - try the next input
-                last = err
-        raise last
-    import torchvision.models as tvm
+        def make(kwargs):
+            return timm.create_model(name, num_classes=10, **kwargs)
 
-    for kwargs, size in (({"image_size": SMALL}, SMALL), ({}, SMALL), ({}, 224)):
+        tries = [({"img_size": SMALL}, SMALL), ({}, SMALL), ({}, None)]
+    else:
+        import torchvision.models as tvm
+
+        def make(kwargs):
+            return tvm.get_model(name, num_classes=10, **kwargs)
+
+        tries = [({"image_size": SMALL}, SMALL), ({}, SMALL), ({}, 224)]
+    g = torch.Generator().manual_seed(0)
+    for kwargs, size in tries:
         try:
-            model = tvm.get_model(name, num_classes=10, **kwargs).eval()
-            x = torch.randn(1, 3, size, size, generator=g)
+            model = make(kwargs).eval()
+            shape = (3, size, size) if size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+            x = torch.randn(1, *shape, generator=g)
             with torch.no_grad():
                 model(x)
             return model, x
