@@ -452,7 +452,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     a.axhline(TARGETS["transformer_median_mac_ratio"], color="gray", ls="--", lw=0.8)
     a.set(xlabel="families, sorted", ylabel="MAC ratio after pruning 50%", title="MAC ratio per family")
     a.legend()
-    top = s["pin_reasons"][:12][::-1]
+    top = [p for p in s["pin_reasons"] if p["reason"] not in ("model input", "model output")][:12][::-1]  # by design
     b.barh([p["reason"][:60] for p in top], [p["families"] for p in top])
     b.set(xlabel="families with pinned groups for this reason", title="remaining pin reasons")
     b.tick_params(axis="y", labelsize=7)
