@@ -20,10 +20,10 @@ import torch.nn as nn
 from zoocompiler.core.errors import PassError
 
 from ..analysis.unit_rules import op_name
+from ..analysis.unit_rules.reductions import STATISTICS
 from .prune_layout import PruneLayout, old_shape
 
 Shape = int | list[int] | tuple[int, ...]
-REDUCTIONS = ("mean", "sum", "var", "std", "var_mean", "std_mean")
 
 
 def _as_tuple(shape: Shape) -> tuple[int, ...]:
@@ -83,7 +83,7 @@ def masked_rms_norm(
 def masked_reduction(
     x: torch.Tensor, op: str, dims: Sequence[int], keepdim: bool, correction: float, mask: torch.Tensor
 ) -> Any:
-    """``x.<op>(dims, keepdim)`` (``op`` in :data:`REDUCTIONS`; var/std with ``correction``) over the
+    """``x.<op>(dims, keepdim)`` (``op`` in the analysis's ``STATISTICS``; var/std with ``correction``) over the
     positions where ``mask`` (broadcastable to ``x``) is 1 only."""
     m = mask.to(x.dtype).expand_as(x)
     dims = tuple(dims)
@@ -139,7 +139,7 @@ def _norm_args(gm: fx.GraphModule, n: fx.Node) -> tuple[str, list[Any]] | None:
 
 def _reduction_args(n: fx.Node, rank: int) -> tuple[str, list[int], bool, float] | None:
     """(op, dims, keepdim, correction) of a mean/sum/var/std(_mean) node over explicit dims, else None."""
-    if n.op not in ("call_function", "call_method") or op_name(n) not in REDUCTIONS:
+    if n.op not in ("call_function", "call_method") or op_name(n) not in STATISTICS:
         return None
     op, rest, kw = op_name(n), list(n.args[1:]), n.kwargs
     dim = rest[0] if rest else kw.get("dim")

@@ -178,7 +178,6 @@ def _explicit_swin_attention(new: fx.GraphModule, layout: PruneLayout) -> None:
                             "trace the model with zoocompiler.trace(model, x)")
         n.target = explicit_shifted_window_attention
         n.kwargs = {**n.kwargs, "head_dim": head_dim}
-    new.recompile()
 
 
 def _insert_scatters(new: fx.GraphModule, layout: PruneLayout, layouts: dict[str, Layout],
