@@ -199,10 +199,13 @@ def test_export_fp16(capsys, tmp_path):
     out_path = tmp_path / "tiny16.onnx"
     code, out, err = run(capsys, "export", TINY, "--out", str(out_path), "--fp16", "--runs", "0", "--json")
     assert code == 0, err
-    export = json.loads(out)["export"]
-    assert export["fp16"] is True
-    assert export["max_abs_diff"] <= export["tolerance"]
-    assert json.loads(out)["latency"] is None
+    data = json.loads(out)
+    deploy = data["deploy"]
+    assert deploy["precision"] == "fp16" and Path(deploy["path"]) == out_path
+    fp16 = deploy["precisions"]["fp16"]
+    assert fp16["max_abs_diff"] <= fp16["tolerance"] and fp16["rel_tolerance"] == 1e-2
+    assert data["export"]["max_abs_diff"] <= data["export"]["tolerance"]  # the fp32 export it derives from
+    assert data["latency"] is None
 
 
 def test_zoo_list_json(capsys):

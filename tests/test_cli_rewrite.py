@@ -96,6 +96,7 @@ def test_prune_report_numbers_are_consistent(pruned, traced):
         "importance": "l1",
         "strategy": "union",
         "round_to": None,
+        "round_to_reason": "target any (no rounding, implied by --precision fp32)",
         "seed": 0,
         "scope": "group",
     }
@@ -216,12 +217,12 @@ def test_prune_plan_with_out_of_range_index_is_rejected(pruned, weights, tmp_pat
 
 def test_prune_failure_while_writing_leaves_nothing(monkeypatch, tmp_path):
     from zoocompiler.core.errors import ExportError
-    from zoocompiler.exports import onnx_export
+    from zoocompiler.exports import deploy
 
     def failing_export(*args, **kwargs):
         raise ExportError("exporter exploded", "try again")
 
-    monkeypatch.setattr(onnx_export, "export_onnx", failing_export)
+    monkeypatch.setattr(deploy, "export_onnx_bytes", failing_export)
     out_dir = tmp_path / "out"
     code, _, err = run_cli("prune", TINY, "--ratio", "0.5", "--out", str(out_dir))
     assert code == 2
@@ -274,6 +275,7 @@ def test_prune_options_reach_the_plan(tmp_path):
         "importance": "l2",
         "strategy": "pad",
         "round_to": 4,
+        "round_to_reason": "--round-to",
         "seed": 0,
         "scope": "producer",
     }

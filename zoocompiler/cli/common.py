@@ -252,3 +252,151 @@ def print_json(data: Any) -> None:
 def one_line(text: str) -> str:
     """``text`` with every run of whitespace, newlines included, as one space: error messages stay one line."""
     return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- deployment precision
+
+
+def deploy_options(parser: argparse.ArgumentParser, *, data: bool = False, target: bool = False) -> None:
+    """The options of every command that writes ONNX (``core.deploy.DeployOptions``): ``--precision``,
+    ``--io-types``, ``--calibration-size``, ``--latency-batch``, ``--latency-runs``, ``--latency-threads``,
+    ``--provider``. ``data``: also ``--data`` (commands without a task of their own: int8 calibration and
+    accuracy); ``target``: also ``--target`` (commands whose plans have a ``--round-to``)."""
+    from zoocompiler.core.deploy import IO_TYPES, PRECISIONS, PROVIDERS, TARGET_ROUND_TO, DeployOptions
+
+    group = parser.add_argument_group("deployment (docs/deploy.md)")
+    group.add_argument(
+        "--precision", choices=PRECISIONS, default=default_of(DeployOptions, "precision"),
+        help="precision of the written ONNX model: fp16 (GPU), int8 (CPU/edge, calibrated on the data)",
+    )
+    group.add_argument(
+        "--io-types", choices=IO_TYPES, default=default_of(DeployOptions, "io_types"),
+        help="fp16 only: type of the model's inputs and outputs",
+    )
+    if data:
+        group.add_argument(
+            "--data", metavar="DATA",
+            help="digits, mnist5k, npz:PATH, imagefolder:PATH: int8 calibration (train split) and accuracy (test)",
+        )
+    group.add_argument(
+        "--calibration-size", type=int, default=default_of(DeployOptions, "calibration_size"), metavar="N",
+        help="int8: calibration rows, a seeded sample of the training split",
+    )
+    latency = (
+        ("--latency-batch", "latency_batch", "latency table: the batch measured besides 1"),
+        ("--latency-runs", "latency_runs", "latency table: timed runs per cell (0: no table)"),
+        ("--latency-threads", "latency_threads", "latency table: ONNX Runtime intra-op threads (0: all cores)"),
+    )
+    for flag, name, text in latency:
+        if _has_option(parser, flag, LATENCY_ALIASES.get(name)):  # the command's own timing option serves
+            continue
+        group.add_argument(flag, type=int, default=default_of(DeployOptions, name), metavar="N", help=text)
+    group.add_argument(
+        "--provider", choices=tuple(PROVIDERS), default=default_of(DeployOptions, "provider"),
+        help="execution provider that checks the written model (cuda/tensorrt need the gpu extra and a GPU)",
+    )
+    if target:
+        group.add_argument(
+            "--target", choices=tuple(TARGET_ROUND_TO),
+            help="sets the --round-to default: gpu 8 (fp16 tensor cores), cpu 16 (x86 NCHWc blocks), any none "
+            "(default: gpu with --precision fp16, cpu with int8, any with fp32)",
+        )
+
+
+# a command's own timing options that the latency table uses instead of --latency-runs/--latency-threads
+LATENCY_ALIASES = {"latency_runs": "--runs", "latency_threads": "--threads"}
+
+
+def _has_option(parser: argparse.ArgumentParser, *flags: str | None) -> bool:
+    return any(flag in parser._option_string_actions for flag in flags if flag)
+
+
+def deploy_from_args(args: argparse.Namespace):
+    """The ``DeployOptions`` of the parsed :func:`deploy_options`, checked (``--runs``/``--threads`` of a command
+    that has them stand for ``--latency-runs``/``--latency-threads``)."""
+    from zoocompiler.core.deploy import DeployOptions
+
+    aliases = {name: getattr(args, flag[2:]) for name, flag in LATENCY_ALIASES.items()
+               if not hasattr(args, name) and hasattr(args, flag[2:])}
+    options = config_from_args(DeployOptions, args, **aliases)
+    options.check()
+    return options
+
+
+def deploy_data(args: argparse.Namespace, example):
+    """``(calibration x, (test x, test y))`` from ``--data`` shaped like ``example`` (images resized to its
+    square size), or ``(None, None)`` without ``--data``. A sample shape the model does not take is a
+    ``ZooError``, raised before any export."""
+    if not getattr(args, "data", None):
+        return None, None
+    from zoocompiler.data import load_dataset
+
+    shape = tuple(example.shape[1:])
+    size = shape[-1] if len(shape) == 3 and shape[-1] == shape[-2] else None
+    train = load_dataset(args.data, "train", image_size=size)
+    test = load_dataset(args.data, "test", image_size=size)
+    if tuple(train.input_shape) != shape:
+        raise InputShapeError(
+            f"--data {args.data} has samples of shape {tuple(train.input_shape)}, the model takes {shape}",
+            "pass --input-shape matching the data (e.g. 1,28,28) and a model with that many input channels "
+            "(timm: in_chans=1)",
+        )
+    return train.x, (test.x, test.y)
+
+
+def chosen_latency(deploy: dict[str, Any]) -> dict[str, Any] | None:
+    """The latency-table row of the written precision on the CPU at batch 1 (``None`` without a table)."""
+    for row in deploy.get("latency", []):
+        if (row["precision"], row["provider"], row["batch"]) == (deploy["precision"], "CPUExecutionProvider", 1):
+            return row
+    return None
+
+
+def _pp(change: float | None) -> str:
+    return "-" if change is None else f"{100 * change:+.1f} pp"
+
+
+def _ms(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    return f"{row['median_ms']:.3f}" if row.get("status") == "ok" else str(row.get("status"))
+
+
+def render_deploy(console_: Any, deploy: dict[str, Any], title: str = "deployment") -> None:
+    """The precision table (size, parity, accuracy) and the latency table of an ``export_deployable`` report."""
+    from zoocompiler.core.text import human
+
+    rows = []
+    for precision, r in deploy["precisions"].items():
+        chosen = " (written)" if precision == deploy["precision"] else ""
+        if r.get("error"):
+            rows.append([precision + chosen, "-", f"not built: {r['error']}", "-", "-", "-"])
+            continue
+        parity = "-" if r.get("rel_diff") is None else f"rel {r['rel_diff']:.2g}"
+        if r.get("rel_tolerance") is not None:
+            parity += f" (≤ {r['rel_tolerance']:g})"
+        accuracy = "-" if r.get("accuracy") is None else f"{r['accuracy']:.1%}"
+        agreement = "-" if r.get("agreement") is None else f"{r['agreement']:.1%}"
+        rows.append([precision + chosen, human(r["file_bytes"]) + "B", parity, accuracy,
+                     _pp(r.get("accuracy_change")), agreement])
+    calib = deploy.get("calibration")
+    note = f", int8 calibrated on {calib['rows']} rows" if calib else ""
+    console_.print(table(f"{title}: {deploy['precision']} written to {deploy['path']}{note}",
+                         ["precision", "size", "parity vs PyTorch fp32", "accuracy", "vs fp32", "agrees with fp32"],
+                         rows, right=("size", "accuracy", "vs fp32", "agrees with fp32")))
+    cells = {(r["precision"], r["provider"], r["batch"]): r for r in deploy.get("latency", [])}
+    if not cells:
+        return
+    batches = sorted({b for _, _, b in cells})
+    lat_rows = []
+    for provider in dict.fromkeys(prov for _, prov, _ in cells):
+        name = provider.removesuffix("ExecutionProvider")
+        mine = [r for r in deploy["latency"] if r["provider"] == provider]
+        if all(r.get("status") != "ok" for r in mine):  # one line for a provider that cannot run here
+            why = f"not available ({mine[0].get('why') or 'unknown'})"
+            lat_rows.append([name, "all", why, *([""] * (len(batches) - 1))])
+            continue
+        for precision in dict.fromkeys(r["precision"] for r in mine):
+            lat_rows.append([name, precision, *(_ms(cells.get((precision, provider, b))) for b in batches)])
+    columns = ["provider", "precision", *(f"batch {b} ms" for b in batches)]
+    console_.print(table("ONNX Runtime latency (median)", columns, lat_rows, right=columns[2:]))

@@ -11,7 +11,21 @@ from zoocompiler.core.errors import ZooError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.text import human
 
-from .common import EXAMPLE_SEED, SPEC_HELP, classes_text, json_option, load_model_and_input, model_options, table
+from .common import (
+    EXAMPLE_SEED,
+    SPEC_HELP,
+    chosen_latency,
+    classes_text,
+    deploy_data,
+    deploy_from_args,
+    deploy_options,
+    json_option,
+    load_model_and_input,
+    model_options,
+    progress,
+    render_deploy,
+    table,
+)
 
 MEMBER_NAMES_SHOWN = 3
 
@@ -234,38 +248,38 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         raise ZooError(f"bad --runs {args.runs}", "pass 0 (no timing) or a positive number of timed runs")
     if args.threads < 0:
         raise ZooError(f"bad --threads {args.threads}", "pass 1, or 0 for ONNX Runtime's default")
+    if args.fp16:
+        args.precision = "fp16"
+    options = deploy_from_args(args)
     model, x = load_model_and_input(args)
     check_input(model, x)  # a shape the model rejects is a one-line InputShapeError, not an exporter trace
-    from zoocompiler.exports.onnx_export import export_onnx
+    calibration, evaluation = deploy_data(args, x)
+    from zoocompiler.exports.deploy import export_deployable
 
-    export = export_onnx(model, x, args.out, fp16=args.fp16)
-    result = {"spec": args.spec, "input_shape": list(x.shape), "export": jsonable(export), "latency": None}
-    if args.runs > 0:
-        from zoocompiler.exports.latency import measure_latency
-
-        latency = measure_latency(export.path, input_shape=tuple(x.shape), runs=args.runs, threads=args.threads)
-        result["latency"] = jsonable(latency)
-    return result
+    deploy = export_deployable(model, x, args.out, options, calibration=calibration, evaluation=evaluation,
+                               progress=progress(args))
+    return {
+        "spec": args.spec,
+        "input_shape": list(x.shape),
+        "export": jsonable(deploy.export),
+        "deploy": jsonable(deploy.to_dict()),
+        "latency": chosen_latency(deploy.to_dict()),
+    }
 
 
 def render_export(console, data: dict[str, Any]) -> None:
-    e = data["export"]
+    e, d = data["export"], data["deploy"]
     rows = [
-        ["file", f"{e['path']} ({e['file_bytes'] / 1e6:.2f} MB, {e['onnx_nodes']} nodes)"],
-        ["exporter", f"{e['exporter']}, opset {e['opset']}{', fp16' if e['fp16'] else ''}"],
-        ["parity", f"max |ORT - PyTorch| = {e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g}), {e['provider']}"],
+        ["file", f"{d['path']} ({d['file_bytes'] / 1e6:.2f} MB, {d['precision']})"],
+        ["exporter", f"{e['exporter']}, opset {e['opset']}, {e['onnx_nodes']} nodes in fp32"],
+        ["fp32 parity", f"max |ORT - PyTorch| = {e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g})"],
         ["batch", "dynamic" if e["dynamic_batch"] else "fixed"],
     ]
     if e.get("output_note"):
         rows.append(["output", e["output_note"]])
-    if data["latency"] is not None:
-        t = data["latency"]
-        rows.append(["latency", f"median {t['median_ms']:.3f} ms (p10 {t['p10_ms']:.3f}, p90 {t['p90_ms']:.3f})"])
-        rows.append(
-            ["timing", f"{t['runs']} runs after {t['warmup']} warm-up, {t['threads']} thread(s), {t['provider']}"]
-        )
     shape = "×".join(map(str, data["input_shape"]))
     console.print(table(f"export {data['spec']} (input {shape})", ["", ""], rows))
+    render_deploy(console, d)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -296,11 +310,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
     export.add_argument("--out", required=True, metavar="FILE", help="where to write the .onnx model")
-    export.add_argument("--fp16", action="store_true", help="export with float16 weights and activations")
-    export.add_argument("--runs", type=int, default=50, metavar="N", help="timed ONNX Runtime runs (0 skips timing)")
+    export.add_argument("--fp16", action="store_true", help="the same as --precision fp16")
+    export.add_argument(
+        "--runs", type=int, default=20, metavar="N", help="timed ONNX Runtime runs per latency cell (0: no timing)"
+    )
     export.add_argument(
         "--threads", type=int, default=1, metavar="N", help="ONNX Runtime intra-op threads (0: ONNX Runtime's default)"
     )
+    deploy_options(export, data=True)
     model_options(export)
     json_option(export)
     export.set_defaults(run=cmd_export, render=render_export)

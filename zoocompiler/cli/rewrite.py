@@ -10,13 +10,26 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from zoocompiler.core.atomic import check_out_dir, staged_dir
+from zoocompiler.core.atomic import check_out_dir, check_out_file, staged_dir
+from zoocompiler.core.deploy import round_to_for
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.text import human
 from zoocompiler.pipelines.base import write_report
 
-from .common import SPEC_HELP, json_option, load_model_and_input, model_options, out_dir_options, table
+from .common import (
+    SPEC_HELP,
+    deploy_data,
+    deploy_from_args,
+    deploy_options,
+    json_option,
+    load_model_and_input,
+    model_options,
+    out_dir_options,
+    progress,
+    render_deploy,
+    table,
+)
 
 REWRITE_ATOL = 1e-4  # pruned vs masked, fused vs unfused: max |Δ| <= REWRITE_ATOL * max(1, |reference|)
 PRUNE_FILES = ("plan.json", "model.onnx", "report.json")
@@ -95,8 +108,8 @@ def _check_prunes_something(args: argparse.Namespace, gm, plan) -> None:
         raise ZooError(f"{args.spec} has no prunable unit group: the plan prunes nothing", "prune another model")
     if args.round_to is not None and args.round_to >= largest:
         raise ZooError(
-            f"--round-to {args.round_to} is not smaller than any prunable group (the largest has {largest} units): "
-            "the plan prunes nothing",
+            f"--round-to {args.round_to} ({args.round_to_reason}) is not smaller than any prunable group "
+            f"(the largest has {largest} units): the plan prunes nothing",
             f"pass a --round-to below {largest}, or drop it",
         )
     raise ZooError(
@@ -116,19 +129,25 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     _check_ratio(args.ratio, args.plan)
     if args.round_to is not None and args.round_to < 1:
         raise ZooError(f"bad --round-to {args.round_to}", "pass a positive channel multiple, e.g. --round-to 8")
-    if args.plan and (args.importance is not None or args.round_to is not None):
-        raise ZooError("--importance and --round-to only apply when computing a plan", "drop them, or drop --plan")
+    if args.plan and (args.importance is not None or args.round_to is not None or args.target is not None):
+        raise ZooError(
+            "--importance, --round-to and --target only apply when computing a plan", "drop them, or drop --plan"
+        )
     if args.plan and not Path(args.plan).is_file():
         raise ZooError(f"plan file {args.plan} not found", "pass the plan.json written by an earlier zoocompile prune")
     out = Path(args.out)
     check_out_dir(out, args.force)
-    from zoocompiler.exports.onnx_export import export_onnx
+    options = deploy_from_args(args)
+    if not args.plan:
+        args.round_to, args.round_to_reason = round_to_for(options.precision, args.target, args.round_to)
+    from zoocompiler.exports.deploy import export_deployable
     from zoocompiler.passes.analysis import run_analysis, trace
     from zoocompiler.passes.analysis.plans import Plan
     from zoocompiler.passes.rewrite.prune import masked_reference, prune
 
     ln_mode = args.layernorm_streams or (Plan.load(args.plan).meta.get("layernorm_streams") if args.plan else None)
     model, x = load_model_and_input(args)
+    calibration, evaluation = deploy_data(args, x)
     gm = run_analysis(trace(model, x, analyze=False), layernorm_streams=ln_mode or DEFAULT_PRUNE_STREAMS)
     plan = _plan_for(args, gm)
     if not args.plan:
@@ -137,8 +156,12 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     masked_diff = _check_equal("pruned model vs masked reference", result.module, masked_reference(gm, plan), x)
     with staged_dir(out, args.force) as staging:
         plan.save(staging / "plan.json")
-        export = export_onnx(result.module, x, staging / "model.onnx")
-        export.path = str(out / "model.onnx")
+        deploy = export_deployable(result.module, x, staging / "model.onnx", options, calibration=calibration,
+                                   evaluation=evaluation, progress=progress(args))
+        deploy.path = str(out / "model.onnx")
+        export = deploy.export
+        if options.precision == "fp32":
+            export.path = deploy.path
         report = {
             "spec": args.spec,
             "input_shape": list(x.shape),
@@ -148,12 +171,14 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                 "importance": None if args.plan else args.importance or "l1",
                 "strategy": plan.strategy,
                 "round_to": args.round_to,
+                "round_to_reason": None if args.plan else args.round_to_reason,
                 "seed": None if args.plan else args.seed,
                 "scope": None if args.plan else _scope(args),
             },
             "prune": jsonable(result.report.to_dict()),
             "masked_max_abs_diff": masked_diff,
             "export": jsonable(export),
+            "deploy": jsonable(deploy.to_dict()),
             "files": {name: str(out / name) for name in PRUNE_FILES},
         }
         write_report(staging, report)
@@ -172,7 +197,7 @@ def render_prune(console, data: dict[str, Any]) -> None:
         f"replayed {plan['source']}"
         if plan["source"] != "computed"
         else f"ratio {plan['ratio']}, {plan['importance']} importance, {plan['strategy']}"
-        + (f", round to {plan['round_to']}" if plan["round_to"] else "")
+        + (f", round to {plan['round_to']} ({plan.get('round_to_reason')})" if plan["round_to"] else "")
     ) + (", LayerNorm streams pruned (statistics over kept units)" if p.get("layernorm_streams") == "prune" else "")
     rows = [
         ["plan", how],
@@ -189,27 +214,33 @@ def render_prune(console, data: dict[str, Any]) -> None:
     ]
     shape = "×".join(map(str, data["input_shape"]))
     console.print(table(f"prune {data['spec']} (input {shape})", ["", ""], rows))
+    render_deploy(console, data["deploy"])
 
 
 # ----------------------------------------------------------------------------- fuse
 
 
 def cmd_fuse(args: argparse.Namespace) -> dict[str, Any]:
-    from zoocompiler.exports.onnx_export import export_onnx
+    check_out_file(Path(args.out))
+    options = deploy_from_args(args)
+    from zoocompiler.exports.deploy import export_deployable
     from zoocompiler.passes.analysis import trace
     from zoocompiler.passes.rewrite.fuse import fuse, fuse_report
 
     model, x = load_model_and_input(args)
+    calibration, evaluation = deploy_data(args, x)
     gm = trace(model, x)
     fused = fuse(gm, analyze=False)
     diff = _check_equal("fused model vs unfused model", fused, model, x)
-    export = export_onnx(fused, x, args.out)
+    deploy = export_deployable(fused, x, args.out, options, calibration=calibration, evaluation=evaluation,
+                               progress=progress(args))
     return {
         "spec": args.spec,
         "input_shape": list(x.shape),
         "fuse": jsonable(fuse_report(gm, fused).to_dict()),
         "fused_max_abs_diff": diff,
-        "export": jsonable(export),
+        "export": jsonable(deploy.export),
+        "deploy": jsonable(deploy.to_dict()),
     }
 
 
@@ -223,13 +254,14 @@ def render_fuse(console, data: dict[str, Any]) -> None:
             f"{f['batchnorms_folded']} BatchNorm, {f['affines_folded']} affine, {f['identities_removed']} identities",
         ],
         ["fused vs unfused", f"max |Δ| = {data['fused_max_abs_diff']:.3g}"],
-        ["file", f"{e['path']} ({e['onnx_nodes']} ONNX nodes, {e['file_bytes'] / 1e6:.2f} MB)"],
-        ["ONNX parity", f"max |ORT - PyTorch| = {e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g})"],
+        ["file", f"{data['deploy']['path']} ({e['onnx_nodes']} ONNX nodes in fp32)"],
+        ["ONNX parity", f"fp32: max |ORT - PyTorch| = {e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g})"],
     ]
     if f.get("note"):
         rows.append(["note", f["note"]])
     shape = "×".join(map(str, data["input_shape"]))
     console.print(table(f"fuse {data['spec']} (input {shape})", ["", ""], rows))
+    render_deploy(console, data["deploy"])
 
 
 # ----------------------------------------------------------------------------- parser
@@ -261,7 +293,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="groups with several producers (residual adds, SE muls): every producer keeps the union, the "
         "intersection, or its own units padded into the union (default: union; with --plan: the plan's)",
     )
-    prune_cmd.add_argument("--round-to", type=int, metavar="N", help="keep unit counts multiples of N (e.g. 8)")
+    prune_cmd.add_argument(
+        "--round-to", type=int, metavar="N",
+        help="keep unit counts multiples of N (default: from --target: 8 gpu, 16 cpu, none for any)",
+    )
     prune_cmd.add_argument(
         "--scope",
         choices=("group", "producer"),
@@ -278,6 +313,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "prune token streams, keep ConvNeXt-style streams through depthwise convs whole (measured in "
         "docs/bench_layernorm_default.md) (default: auto; with --plan: the plan's)",
     )
+    deploy_options(prune_cmd, data=True, target=True)
     model_options(prune_cmd)
     json_option(prune_cmd)
     prune_cmd.set_defaults(run=cmd_prune, render=render_prune)
@@ -291,6 +327,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     fuse_cmd.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
     fuse_cmd.add_argument("--out", required=True, metavar="FILE", help="where to write the fused .onnx model")
+    deploy_options(fuse_cmd, data=True)
     model_options(fuse_cmd)
     json_option(fuse_cmd)
     fuse_cmd.set_defaults(run=cmd_fuse, render=render_fuse)

@@ -37,12 +37,39 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def cuda_device_present() -> bool:
+    """Whether a CUDA device is visible (ONNX Runtime GPU builds list their providers without one)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def provider_usable(name: str) -> bool:
+    """Whether execution provider ``name`` is in this onnxruntime build and, for GPU providers, has a device."""
+    return name in available_providers() and (name not in GPU_PROVIDERS or cuda_device_present())
+
+
+def why_unavailable(name: str) -> str | None:
+    """Why execution provider ``name`` cannot run here (``None`` if it can)."""
+    if name not in available_providers():
+        return "onnxruntime-gpu not installed" if name in GPU_PROVIDERS else "not in this onnxruntime build"
+    if name in GPU_PROVIDERS and not cuda_device_present():
+        return "no CUDA device"
+    return None
+
+
 def resolve_providers(providers: list[str] | tuple[str, ...] | None) -> list[str]:
-    """``providers`` (default: CPU) after checking each is available; a missing GPU provider names the extra."""
+    """``providers`` (default: CPU) after checking each is available; a missing GPU provider names the extra,
+    a GPU provider without a CUDA device says so."""
     requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
     available = available_providers()
     for name in requested:
         if name in available:
+            if name in GPU_PROVIDERS and not cuda_device_present():
+                raise ZooError(
+                    f"execution provider '{name}' is installed but this machine has no CUDA device",
+                    "run on a machine with an NVIDIA GPU, or use the CPU provider (--provider cpu)",
+                )
             continue
         if name in GPU_PROVIDERS:
             raise ZooError(

@@ -48,7 +48,7 @@ from ..core.errors import ExportError, InputShapeError
 from ..core.logs import captured_logs
 from ..core.modules import eval_mode, nonfinite_weights
 from ..core.text import first_line, plain_text
-from .latency import ort_session, resolve_providers
+from .latency import ORT_INPUT_TYPES, ort_session, resolve_providers
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_ATOL = 1e-4
@@ -240,7 +240,7 @@ def _opset(proto: onnx.ModelProto) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _second_batch(example: torch.Tensor, size: int) -> torch.Tensor:
+def second_batch(example: torch.Tensor, size: int) -> torch.Tensor:
     """An input like ``example`` with ``size`` rows: fresh noise at the same mean/std (floats), else cycled rows."""
     if example.is_floating_point():
         gen = torch.Generator().manual_seed(1234)
@@ -311,12 +311,16 @@ def _compare(
 ) -> ParityStats:
     session = ort_session(onnx_model, threads=torch.get_num_threads(), providers=providers)
     input_name = session.get_inputs()[0].name
+    input_type = ORT_INPUT_TYPES.get(session.get_inputs()[0].type)  # e.g. float16 for an fp16-I/O model
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a failing run is reported by its exception, not also logged to stderr
     max_abs, scale = 0.0, 0.0
     for x, ref in zip(batches, refs):
         try:
-            got = session.run(None, {input_name: x.detach().cpu().numpy()}, quiet)[0]
+            feed = x.detach().cpu().numpy()
+            if input_type is not None and feed.dtype.kind == "f":
+                feed = feed.astype(input_type)
+            got = session.run(None, {input_name: feed}, quiet)[0]
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise ExportError(
                 f"ONNX Runtime cannot run the model on input {tuple(x.shape)} ({first_line(err, limit=300)})",
@@ -430,6 +434,72 @@ def _failure(errors: dict[str, BaseException], fp16: bool) -> ExportError:
     return ExportError(f"ONNX export ({precision}) failed with every exporter — {summary}", fix)
 
 
+def export_onnx_bytes(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    fp16: bool = False,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    atol: float | None = None,
+    check: bool = True,
+    providers: list[str] | None = None,
+    exporters: Sequence[str] = EXPORTERS,
+) -> ExportReport:
+    """Export ``model`` (run in eval mode; its mode is restored) and verify it, in memory: the serialised
+    ONNX model and its report (``path`` empty). Arguments and errors as :func:`export_onnx`.
+
+    ``opset=None`` lets each exporter choose. ``atol`` defaults to 1e-4 (fp32) or 1e-2 (fp16)
+    and scales with the output magnitude (see the module docstring). ``check=False`` skips the
+    checker and parity runs (the report then has NaN diffs). Raises ``ExportError`` if the model has
+    NaN/inf weights (or, with ``check``, NaN/inf outputs), or if no exporter yields a checked model
+    within tolerance.
+    """
+    unknown = [e for e in exporters if e not in EXPORTERS]
+    if unknown or not exporters:
+        raise ExportError(f"unknown exporters {unknown or list(exporters)}", f"use some of: {', '.join(EXPORTERS)}")
+    atol = atol if atol is not None else (DEFAULT_ATOL_FP16 if fp16 else DEFAULT_ATOL)
+    resolve_providers(providers)  # fail fast, with the install hint, on an unavailable provider
+    _check_finite_weights(model, fp16=False)
+    with eval_mode(model):
+        first_out, leaf, note = first_tensor(_run_eager(model, example_input))
+        batches = [example_input]
+        if dynamic_batch:
+            batches.append(second_batch(example_input, 3 if example_input.shape[0] != 3 else 2))
+        refs = [_as_numpy(first_out), *_reference_outputs(model, batches[1:])] if check else []
+        _check_finite_refs(refs, batches)
+        module: nn.Module = model if note is None else _SelectLeaf(model, leaf)
+        if fp16:
+            module = _HalfPrecision(module)
+            _check_finite_weights(module, fp16=True)
+        errors: dict[str, BaseException] = {}
+        with captured_logs(warnings_too=True) as log:
+            verified, exporter = _first_that_works(
+                exporters, errors, module, batches, refs, check, opset=opset, dynamic_batch=dynamic_batch, atol=atol,
+                providers=providers,
+            )
+        if verified is None:
+            raise _failure(errors, fp16) from errors[exporters[-1]]
+    return verified.data, ExportReport(
+        path="",
+        opset=_opset(verified.proto),
+        exporter=exporter,
+        fp16=fp16,
+        max_abs_diff=verified.stats.max_abs_diff,
+        rel_diff=verified.stats.rel_diff,
+        tolerance=verified.tolerance,
+        batch_sizes_checked=tuple(int(b.shape[0]) for b in batches) if check else (),
+        onnx_nodes=len(verified.proto.graph.node),
+        file_bytes=len(verified.data),
+        provider=verified.stats.provider,
+        dynamic_batch=dynamic_batch,
+        output_note=note,
+        checker=verified.checker,
+        exporter_errors={name: plain_text(e) for name, e in errors.items()},
+        exporter_log=log[-_LOG_LINES:],
+    )
+
+
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -451,50 +521,13 @@ def export_onnx(
     NaN/inf weights (or, with ``check``, NaN/inf outputs), or if no exporter yields a checked model
     within tolerance; ``path`` is then left untouched.
     """
-    unknown = [e for e in exporters if e not in EXPORTERS]
-    if unknown or not exporters:
-        raise ExportError(f"unknown exporters {unknown or list(exporters)}", f"use some of: {', '.join(EXPORTERS)}")
-    atol = atol if atol is not None else (DEFAULT_ATOL_FP16 if fp16 else DEFAULT_ATOL)
-    resolve_providers(providers)  # fail fast, with the install hint, on an unavailable provider
-    _check_finite_weights(model, fp16=False)
-    with eval_mode(model):
-        first_out, leaf, note = first_tensor(_run_eager(model, example_input))
-        batches = [example_input]
-        if dynamic_batch:
-            batches.append(_second_batch(example_input, 3 if example_input.shape[0] != 3 else 2))
-        refs = [_as_numpy(first_out), *_reference_outputs(model, batches[1:])] if check else []
-        _check_finite_refs(refs, batches)
-        module: nn.Module = model if note is None else _SelectLeaf(model, leaf)
-        if fp16:
-            module = _HalfPrecision(module)
-            _check_finite_weights(module, fp16=True)
-        errors: dict[str, BaseException] = {}
-        with captured_logs(warnings_too=True) as log:
-            verified, exporter = _first_that_works(
-                exporters, errors, module, batches, refs, check, opset=opset, dynamic_batch=dynamic_batch, atol=atol,
-                providers=providers,
-            )
-        if verified is None:
-            raise _failure(errors, fp16) from errors[exporters[-1]]
-    write_bytes_atomic(path, verified.data)
-    return ExportReport(
-        path=str(path),
-        opset=_opset(verified.proto),
-        exporter=exporter,
-        fp16=fp16,
-        max_abs_diff=verified.stats.max_abs_diff,
-        rel_diff=verified.stats.rel_diff,
-        tolerance=verified.tolerance,
-        batch_sizes_checked=tuple(int(b.shape[0]) for b in batches) if check else (),
-        onnx_nodes=len(verified.proto.graph.node),
-        file_bytes=len(verified.data),
-        provider=verified.stats.provider,
-        dynamic_batch=dynamic_batch,
-        output_note=note,
-        checker=verified.checker,
-        exporter_errors={name: plain_text(e) for name, e in errors.items()},
-        exporter_log=log[-_LOG_LINES:],
+    data, report = export_onnx_bytes(
+        model, example_input, fp16=fp16, opset=opset, dynamic_batch=dynamic_batch, atol=atol, check=check,
+        providers=providers, exporters=exporters,
     )
+    write_bytes_atomic(path, data)
+    report.path = str(path)
+    return report
 
 
 def _first_that_works(

@@ -1,0 +1,263 @@
+"""Export at a deployment precision: one verified fp32 export, the fp16/int8 models derived from it, each checked,
+and their ONNX Runtime latencies side by side.
+
+``export_deployable`` is what every command that writes ONNX calls:
+
+1. ``export_onnx_bytes``: the fp32 model, checked against PyTorch (``docs/export.md``).
+2. The precisions the report compares: the one asked for, plus (with a latency table) the others it can build:
+   fp16 always, int8 when there is calibration data. A precision other than the one asked for that fails to
+   build is a table row saying why, not an error.
+3. Checks per precision. fp16: parity against the fp32 PyTorch model on the export's batches, relative
+   tolerance ``DEFAULT_ATOL_FP16`` (1e-2 of the output scale), on ``options.provider``; a failure names the
+   first node that leaves fp16's range when there is one. int8: parity is reported for information only; with
+   ``evaluation`` data (the task's test split), top-1 accuracy of each precision on ONNX Runtime and the change
+   against fp32.
+4. Latency (``measure_latency``) per precision × provider × batch (1 and ``options.latency_batch``); the CUDA
+   (and, if installed, TensorRT) rows say "not available" without a usable GPU.
+5. The chosen precision's model is written atomically to ``path``; nothing is written on any error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from ..core.atomic import write_bytes_atomic
+from ..core.deploy import PRECISIONS, DeployOptions
+from ..core.errors import ExportError, ZooError
+from ..core.modules import eval_mode
+from ..core.text import first_line
+from .latency import (
+    GPU_PROVIDERS,
+    available_providers,
+    measure_latency,
+    ort_session,
+    provider_usable,
+    why_unavailable,
+)
+from .onnx_export import DEFAULT_ATOL_FP16, ExportReport, ParityStats, export_onnx_bytes, parity_stats, second_batch
+from .precision import fp16_overflow, quantize_int8, to_fp16
+
+INT8_NEEDS_DATA = (
+    "pass --data (digits, mnist5k, npz:PATH or imagefolder:PATH; a seeded sample of its training split calibrates "
+    "the activation ranges), or choose --precision fp32|fp16"
+)
+
+
+@dataclass
+class PrecisionResult:
+    """One precision's model: size, parity against the fp32 PyTorch model, task accuracy when there is data."""
+
+    precision: str
+    file_bytes: int | None = None
+    max_abs_diff: float | None = None
+    rel_diff: float | None = None
+    tolerance: float | None = None  # fp16: the absolute bound applied; fp32/int8: None (parity is information)
+    rel_tolerance: float | None = None  # fp16: the bound relative to the output scale (DEFAULT_ATOL_FP16)
+    provider: str = ""
+    accuracy: float | None = None  # top-1 on the evaluation split (ONNX Runtime)
+    accuracy_change: float | None = None  # accuracy - fp32 accuracy (points are 100×)
+    agreement: float | None = None  # fraction of evaluation rows whose top-1 matches the fp32 model's
+    error: str | None = None  # why this precision could not be built (a precision not asked for only)
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class DeployReport:
+    """What ``export_deployable`` wrote and measured."""
+
+    path: str
+    precision: str
+    io_types: str
+    file_bytes: int
+    export: ExportReport  # the fp32 export every precision derives from
+    precisions: dict[str, PrecisionResult]
+    latency: list[dict[str, object]]
+    calibration: dict[str, object] | None
+
+    @property
+    def chosen(self) -> PrecisionResult:
+        return self.precisions[self.precision]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["export"] = self.export.to_dict()
+        return d
+
+
+def calibration_sample(x: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """``size`` rows of ``x`` (all when fewer), chosen by a permutation seeded with ``seed``."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return x[order[: min(size, len(x))]]
+
+
+def _precisions_to_build(options: DeployOptions, has_calibration: bool) -> list[str]:
+    """The one asked for first (its failure is the error), then fp32 (the reference of every comparison), then,
+    with a latency table, the others that can be built."""
+    wanted = [p for p in PRECISIONS if p != "int8" or has_calibration] if options.latency_runs else ["fp32"]
+    return [options.precision] + [p for p in wanted if p != options.precision]
+
+
+def _predictions(data: bytes, x: torch.Tensor, providers: list[str], batch: int = 256) -> np.ndarray:
+    session = ort_session(data, threads=torch.get_num_threads(), providers=providers)
+    meta = session.get_inputs()[0]
+    dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
+    rows = []
+    for i in range(0, len(x), batch):
+        out = session.run(None, {meta.name: x[i : i + batch].numpy().astype(dtype)})[0]
+        rows.append(np.asarray(out, dtype=np.float32).reshape(out.shape[0], -1).argmax(axis=1))
+    return np.concatenate(rows)
+
+
+def _verify_fp16(result: PrecisionResult, fp16: bytes, fp32: onnx.ModelProto, model: nn.Module,
+                 batches: list[torch.Tensor], providers: list[str]) -> None:
+    """Overflow first: the CPU EP runs ops without an fp16 kernel in fp32 and drops the Casts between them, so an
+    fp16 overflow that a GPU would hit can pass CPU parity; the fp32 graph's values show it on any machine."""
+    overflow = fp16_overflow(fp32, [b.numpy().astype(np.float32) for b in batches])
+    if overflow is not None:
+        raise ExportError(
+            f"fp16 outputs overflow: {overflow.text()}, beyond fp16's ±65504",
+            "export in fp32 or int8 (--precision fp32|int8), or rescale the layers feeding that node",
+        )
+    stats = parity_stats(fp16, model, batches, providers)
+    tolerance = DEFAULT_ATOL_FP16 * stats.ref_scale
+    _set_parity(result, stats, tolerance)
+    result.rel_tolerance = DEFAULT_ATOL_FP16
+    if not stats.max_abs_diff <= tolerance:  # also catches NaN
+        raise ExportError(
+            f"fp16 ONNX output differs from PyTorch: max |Δ|={stats.max_abs_diff:.3g} "
+            f"(relative {stats.rel_diff:.3g}) > tolerance {tolerance:.3g}",
+            "export in fp32 or int8 (--precision fp32|int8)",
+        )
+
+
+def _set_parity(result: PrecisionResult, stats: ParityStats, tolerance: float | None) -> None:
+    result.max_abs_diff, result.rel_diff = stats.max_abs_diff, stats.rel_diff
+    result.tolerance, result.provider = tolerance, stats.provider
+
+
+def _build(precision: str, fp32_data: bytes, fp32_proto: onnx.ModelProto, model: nn.Module, batches: list,
+           options: DeployOptions, calibration: torch.Tensor | None) -> tuple[bytes, PrecisionResult]:
+    result = PrecisionResult(precision)
+    providers = [options.execution_provider]
+    if precision == "fp32":
+        data = fp32_data
+        _set_parity(result, parity_stats(data, model, batches, providers), None)
+    elif precision == "fp16":
+        data = to_fp16(fp32_proto, io_types=options.io_types).SerializeToString()
+        _verify_fp16(result, data, fp32_proto, model, batches, providers)
+    else:
+        if calibration is None:
+            raise ZooError("--precision int8 needs data to calibrate on", INT8_NEEDS_DATA)
+        int8 = quantize_int8(fp32_data, calibration.numpy())
+        data = int8.data
+        _set_parity(result, parity_stats(data, model, batches, providers), None)
+        result.notes = {"preprocessed": int8.preprocessed, "quantize_nodes": int8.quantized_nodes}
+    result.file_bytes = len(data)
+    return data, result
+
+
+def _evaluate(results: dict[str, PrecisionResult], models: dict[str, bytes], evaluation, providers) -> None:
+    x, y = evaluation
+    labels = y.numpy()
+    predicted = {p: _predictions(data, x, providers) for p, data in models.items()}
+    base = predicted.get("fp32")
+    for precision, pred in predicted.items():
+        r = results[precision]
+        r.accuracy = float((pred == labels).mean())
+        if base is not None:
+            r.agreement = float((pred == base).mean())
+            r.accuracy_change = r.accuracy - float((base == labels).mean())
+
+
+def _latency_rows(models: dict[str, bytes], input_shape: tuple[int, ...], options: DeployOptions,
+                  say: Callable[[str], None]) -> list[dict[str, object]]:
+    providers = ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    providers += [p for p in GPU_PROVIDERS if p in available_providers() and p not in providers]
+    rows: list[dict[str, object]] = []
+    for provider in providers:
+        usable = provider_usable(provider)
+        for precision, data in models.items():
+            for batch in sorted({1, options.latency_batch}):
+                row: dict[str, object] = {"precision": precision, "provider": provider, "batch": batch}
+                if not usable:
+                    rows.append({**row, "status": "not available", "why": why_unavailable(provider)})
+                    continue
+                say(f"latency: {precision} on {provider.removesuffix('ExecutionProvider')}, batch {batch}")
+                lat = measure_latency(data, (batch, *input_shape), runs=options.latency_runs,
+                                      warmup=max(1, options.latency_runs // 5), threads=options.latency_threads,
+                                      providers=[provider])
+                rows.append({**row, "status": "ok", "median_ms": lat.median_ms, "p10_ms": lat.p10_ms,
+                             "p90_ms": lat.p90_ms, "threads": lat.threads})
+    return rows
+
+
+def export_deployable(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike[str],
+    options: DeployOptions | None = None,
+    *,
+    calibration: torch.Tensor | None = None,
+    evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DeployReport:
+    """Export ``model`` at ``options.precision`` to ``path``, verified, with the other precisions measured.
+
+    ``calibration``: float inputs to sample int8 calibration rows from (e.g. the task's training split);
+    ``evaluation``: ``(x, y)`` of the task's test split for per-precision accuracy. Raises ``ZooError`` (int8
+    without ``calibration``, an unusable provider), ``ExportError`` (fp16 overflow naming the node, a failed
+    export); ``path`` is then untouched.
+    """
+    options = options or DeployOptions()
+    options.check()
+    say = progress or (lambda _text: None)
+    from .latency import resolve_providers
+
+    resolve_providers([options.execution_provider])  # a CUDA provider without a GPU fails before any work
+    if options.precision == "int8" and calibration is None:
+        raise ZooError("--precision int8 needs data to calibrate on", INT8_NEEDS_DATA)
+    sample = None if calibration is None else calibration_sample(calibration, options.calibration_size, options.seed)
+    fp32_data, export = export_onnx_bytes(model, example_input)
+    fp32_proto = onnx.load_from_string(fp32_data)
+    batches = [example_input]
+    if export.dynamic_batch and len(export.batch_sizes_checked) > 1:
+        batches.append(second_batch(example_input, export.batch_sizes_checked[1]))
+    models: dict[str, bytes] = {}
+    results: dict[str, PrecisionResult] = {}
+    with eval_mode(model):
+        for precision in _precisions_to_build(options, sample is not None):
+            say(f"{precision}: building and checking the model")
+            try:
+                models[precision], results[precision] = _build(
+                    precision, fp32_data, fp32_proto, model, batches, options, sample
+                )
+            except ZooError as err:
+                if precision == options.precision:
+                    raise
+                results[precision] = PrecisionResult(precision, error=first_line(err, limit=300))
+    if options.latency_runs and "int8" not in results:
+        results["int8"] = PrecisionResult("int8", error="no data to calibrate on (--data)")
+    models = {p: models[p] for p in PRECISIONS if p in models}  # reports list precisions in one order
+    results = {p: results[p] for p in PRECISIONS if p in results}
+    if evaluation is not None:
+        say(f"accuracy of {', '.join(models)} on {len(evaluation[0])} test rows")
+        _evaluate(results, models, evaluation, [options.execution_provider])
+    latency = _latency_rows(models, tuple(example_input.shape[1:]), options, say) if options.latency_runs else []
+    data = models[options.precision]
+    write_bytes_atomic(path, data)
+    if options.precision == "fp32":
+        export.path = str(path)
+    calibration_info = None if sample is None else {"rows": len(sample), "seed": options.seed,
+                                                      "method": "minmax", "of_rows": len(calibration)}
+    return DeployReport(
+        path=str(Path(path)), precision=options.precision, io_types=options.io_types, file_bytes=len(data),
+        export=export, precisions=results, latency=latency, calibration=calibration_info,
+    )
