@@ -133,6 +133,13 @@ def test_assemble_end_to_end(tmp_path):
     assert report["macs"] <= 6e6 and report["params"] <= 4e5
     assert len(report["chosen"]) == config.k
     assert report["export"]["max_abs_diff"] <= 1e-4
+    # default precision: fp32, the same verified export as before, the other precisions only measured beside it
+    deploy = report["deploy"]
+    assert (report["precision"], deploy["precision"], deploy["path"], report["export"]["path"]) == (
+        "fp32", "fp32", "model.onnx", "model.onnx")
+    assert deploy["file_bytes"] == (out / "model.onnx").stat().st_size
+    assert deploy["precisions"]["fp32"]["accuracy"] == pytest.approx(report["accuracy"], abs=0.01)
+    assert {r["precision"] for r in deploy["latency"]} == {"fp32", "fp16", "int8"}
     # without tuning the chosen one is the best held-out probe among the tuned (= the best candidate)
     assert report["probe"] == report["val_accuracy"] == max(c["probe"] for c in report["candidates"])
     assert report["kept_head"] == "ridge" and report["accuracy"] == report["accuracy_before_tuning"]

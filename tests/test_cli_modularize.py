@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from helpers.cli import (
     assert_help_documents_every_option,
@@ -21,6 +22,9 @@ from helpers.cli import (
 
 from zoocompiler import cli
 from zoocompiler.cli import modularize as cli_modularize
+from zoocompiler.core.deploy import DeployOptions
+from zoocompiler.core.errors import ZooError
+from zoocompiler.data import load_dataset
 from zoocompiler.pipelines.modularize.config import (
     ModularizeExtractConfig,
     ModularizeReuseConfig,
@@ -35,7 +39,10 @@ TRUST = "--trust-code"  # the trained directory names a python: spec
 FAST_TIMING = ("--runs", "3")
 TRAIN_FILES = ["modular.safetensors", "modularize.json", "standard.safetensors", "training.png"]
 REUSE_FILES = ["module.onnx", "report.json", "whole.onnx"]
+MODULE, WHOLE = "module.onnx", "whole.onnx"
 PARITY = 1e-5
+FP16, FP32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+FP32_IO = (FP32, FP32)
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +174,175 @@ def test_reuse_writes_module_and_whole(reused, head):
 
 
 def test_reuse_passes_residual_and_round_to_through(trained, tmp_path):
-    """The options reach the report (their effect on residual nets is tested in test_mask_generators.py)."""
+    """The options reach the report (their effect on residual nets is tested in test_mask_generators.py); an
+    explicit --round-to wins over --target's default; --precision fp16 writes both files in half precision."""
     out = tmp_path / "union8"
     data = run_json("modularize", "reuse", trained[0], "--classes", "2,5", "--residual", "union", "--round-to", "8",
-                    TRUST, *FAST_TIMING, "--out", out)
-    assert (data["residual"], data["round_to"]) == ("union", 8)
-    assert data["module"]["onnx_max_abs_diff"] <= 1e-4
+                    "--precision", "fp16", "--target", "cpu", TRUST, *FAST_TIMING, "--out", out)
+    assert (data["residual"], data["round_to"], data["round_to_reason"]) == ("union", 8, "--round-to")
+    assert data["precision"] == "fp16" and data["deploy"]["precision"] == "fp16"
+    for name, row in ((MODULE, data["module"]), (WHOLE, data["whole"])):
+        assert row["onnx_max_abs_diff"] <= 1e-4  # the fp32 export's parity, as before
+        assert FP16 in _initializer_types(out / name) and FP32_IO == _io_types(out / name)
+        written = row["onnx_precision"]
+        assert written["precision"] == "fp16" and written["file_bytes"] == (out / name).stat().st_size
+        assert written["max_abs_diff"] <= written["tolerance"]  # parity vs the fp32 PyTorch model, fp16 bound
+        assert abs(written["accuracy_change"]) <= 0.05  # fp16 barely moves the accuracy
+    fp32 = data["deploy"]["precisions"]["fp32"]  # the module has the table: the change is against ONNX fp32
+    module = data["module"]["onnx_precision"]
+    assert module["accuracy_change"] == pytest.approx(module["accuracy"] - fp32["accuracy"])
+    whole = data["whole"]["onnx_precision"]  # no table: against the PyTorch fp32 model's accuracy
+    assert whole["accuracy_change"] == pytest.approx(whole["accuracy"] - data["whole"]["accuracy"])
+    assert all(n % 8 == 0 or n in (16, 32) for n in _conv_out_channels(out / MODULE))
+
+
+# ----------------------------------------------------------------------------- precision (issue 17)
+
+
+def _initializer_types(path: Path) -> set[int]:
+    """The element types of the model's floating-point initializers (weights)."""
+    floats = (FP16, FP32)
+    return {i.data_type for i in onnx.load(path).graph.initializer if i.data_type in floats}
+
+
+def _io_types(path: Path) -> tuple[int, int]:
+    graph = onnx.load(path).graph
+    return graph.input[0].type.tensor_type.elem_type, graph.output[0].type.tensor_type.elem_type
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def _conv_out_channels(path: Path) -> list[int]:
+    """The output channels of every Conv (its weight's first dimension; int8: the weight before DequantizeLinear)."""
+    graph = onnx.load(path).graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    counts = []
+    for node in graph.node:
+        if node.op_type == "Conv":
+            weight = node.input[1]
+            while weight not in shapes and weight in producer:  # Cast / DequantizeLinear in front of it
+                weight = producer[weight].input[0]
+            counts.append(shapes[weight][0])
+    return counts
+
+
+def _assert_latency_table(deploy: dict, batch: int) -> None:
+    """Every precision timed on the CPU at batches 1 and ``batch``; the CUDA rows say "not available" (no GPU)."""
+    cpu = {(r["precision"], r["batch"]): r for r in deploy["latency"] if r["provider"] == "CPUExecutionProvider"}
+    assert set(cpu) == {(p, b) for p in ("fp32", "fp16", "int8") for b in (1, batch)}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in cpu.values())
+    cuda = [r for r in deploy["latency"] if r["provider"] == "CUDAExecutionProvider"]
+    assert len(cuda) == 6 and {r["status"] for r in cuda} == {"not available"}
+
+
+def test_extract_default_is_fp32_with_one_timed_module(extracted):
+    """Default: every class_<c>.onnx is fp32 as before, kept sets are not rounded (fp32 → target any), and the
+    largest module gets the per-precision table (fp16 and int8 built from it, int8 calibrated on its class)."""
+    out, data = extracted
+    assert (data["precision"], data["round_to"]) == ("fp32", 1)
+    assert data["round_to_reason"] == "target any (no rounding, implied by --precision fp32)"
+    for row in data["per_class"]:
+        assert _initializer_types(out / row["onnx"]) == {FP32} and "QuantizeLinear" not in _ops(out / row["onnx"])
+        written = row["onnx_precision"]
+        assert written["precision"] == "fp32" and written["file_bytes"] == (out / row["onnx"]).stat().st_size
+        assert written["accuracy"] == pytest.approx(row["gated"]["recall"], abs=1e-6)  # ONNX recall = PyTorch
+        assert written["accuracy_change"] == 0
+    kernels = [row["kernels"] for row in data["per_class"]]
+    assert data["deploy_class"] == kernels.index(max(kernels))
+    deploy = data["deploy"]
+    assert (deploy["path"], deploy["precision"]) == (f"class_{data['deploy_class']}.onnx", "fp32")
+    assert list(deploy["precisions"]) == ["fp32", "fp16", "int8"]
+    int8 = deploy["precisions"]["int8"]
+    assert int8["accuracy_change"] == pytest.approx(int8["accuracy"] - deploy["precisions"]["fp32"]["accuracy"])
+    own = int((load_dataset("digits", "train").y == data["deploy_class"]).sum())  # the timed class's training rows
+    assert deploy["calibration"]["of_rows"] == own and deploy["calibration"]["rows"] == min(256, own)
+    _assert_latency_table(deploy, 32)
+    text = _render(cli_modularize.render_modularize_extract, data)
+    assert "recall (fp32 ONNX)" in text and "ONNX Runtime latency" in text and "(the largest module)" in text
+    assert "multiples of 1 (target any" in text
+
+
+@pytest.fixture(scope="module")
+def two_class_dir(tmp_path_factory) -> Path:
+    """SPEC trained 1 epoch on a 2-class npz dataset (no standard model): extract has 2 modules to cut."""
+    root = tmp_path_factory.mktemp("two")
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(2), 40)
+    images = rng.integers(0, 256, size=(len(labels), 8, 8), dtype=np.uint8)
+    np.savez(root / "two.npz", x=images, y=labels)
+    out = root / "trained"
+    run_json("modularize", "train", f"{SPEC},num_classes=2", "--data", f"npz:{root / 'two.npz'}", "--epochs", "1",
+             "--batch-size", "32", "--no-standard", "--out", out)
+    return out
+
+
+def test_extract_fp16_rounds_to_8_and_writes_half_modules(two_class_dir, tmp_path):
+    out = tmp_path / "fp16"
+    data = run_json("modularize", "extract", two_class_dir, "--precision", "fp16", "--latency-runs", "0", TRUST,
+                    "--out", out)
+    assert (data["precision"], data["round_to"]) == ("fp16", 8)
+    assert data["round_to_reason"] == "target gpu (fp16 tensor cores, implied by --precision fp16)"
+    assert data["deploy"] is None and data["deploy_class"] is None  # --latency-runs 0: no module timed
+    for row in data["per_class"]:
+        path = out / row["onnx"]
+        assert FP16 in _initializer_types(path) and _io_types(path) == FP32_IO  # fp32 I/O by default
+        assert all(n % 8 == 0 for n in _conv_out_channels(path))  # rounded to multiples of 8
+        written = row["onnx_precision"]
+        assert written["precision"] == "fp16" and written["max_abs_diff"] <= written["tolerance"]
+        assert written["accuracy_change"] == pytest.approx(written["accuracy"] - row["gated"]["recall"])
+        assert row["onnx_max_abs_diff"] <= 1e-4  # the fp32 export it derives from
+    text = _render(cli_modularize.render_modularize_extract, data)
+    assert "recall (fp16 ONNX)" in text and "multiples of 8 (target gpu" in text and "ONNX Runtime latency" not in text
+
+
+def test_reuse_int8_is_calibrated_qdq_with_the_accuracy_change(trained, tmp_path):
+    out = tmp_path / "int8"
+    data = run_json("modularize", "reuse", trained[0], "--classes", "1,3,7", "--precision", "int8", "--runs", "2",
+                    "--latency-batch", "4", TRUST, "--out", out)
+    assert (data["precision"], data["round_to"]) == ("int8", 16)
+    assert data["round_to_reason"] == "target cpu (x86 NCHWc blocks, implied by --precision int8)"
+    for name, row in ((MODULE, data["module"]), (WHOLE, data["whole"])):
+        ops = _ops(out / name)
+        assert ops.count("QuantizeLinear") >= 2 and "DequantizeLinear" in ops
+        assert row["onnx_precision"]["precision"] == "int8" and row["onnx_precision"]["accuracy"] is not None
+        assert row["latency_ms"] > 0  # the written (int8) file, timed
+        assert all(n % 16 == 0 for n in _conv_out_channels(out / name))
+    deploy = data["deploy"]
+    assert (deploy["path"], deploy["precision"]) == (MODULE, "int8")
+    precisions = deploy["precisions"]
+    assert precisions["int8"]["accuracy_change"] == pytest.approx(
+        precisions["int8"]["accuracy"] - precisions["fp32"]["accuracy"])
+    assert precisions["fp32"]["accuracy"] == pytest.approx(data["module"]["accuracy"], abs=1e-6)
+    sub_train = load_dataset("digits", "train", classes=[1, 3, 7])  # calibration: the sub-task's training split
+    assert deploy["calibration"] == {"rows": 256, "seed": 0, "method": "minmax", "of_rows": len(sub_train)}
+    _assert_latency_table(deploy, 4)
+    assert {r["threads"] for r in deploy["latency"] if r["status"] == "ok"} == {1}
+    text = _render(cli_modularize.render_modularize_reuse, data)
+    assert "accuracy (int8 ONNX)" in text and "mixed module: int8 written to module.onnx" in text
+    assert "int8 calibrated on 256 rows" in text and "multiples of 16 (target cpu" in text
+
+
+def test_round_to_follows_the_target_unless_given():
+    def rounding(**values) -> tuple[int, str]:
+        deploy = DeployOptions(precision=values.pop("precision", "fp32"))
+        config = ModularizeExtractConfig(deploy=deploy, **values)
+        config.check()
+        return config.rounding()
+
+    assert rounding() == (1, "target any (no rounding, implied by --precision fp32)")
+    assert rounding(precision="fp16")[0] == 8 and rounding(precision="int8")[0] == 16
+    assert rounding(precision="fp16", target="cpu") == (16, "target cpu (x86 NCHWc blocks)")
+    assert rounding(precision="int8", target="any") == (1, "target any (no rounding)")
+    assert rounding(precision="fp16", round_to=4, target="cpu") == (4, "--round-to")
+    assert rounding(round_to=1, precision="int8") == (1, "--round-to")
+    for bad, message in (({"target": "tpu"}, "unknown --target 'tpu'"), ({"round_to": 0}, "bad --round-to 0")):
+        with pytest.raises(ZooError, match=message):
+            ModularizeReuseConfig(classes=[1], **bad).check()
+    with pytest.raises(ZooError, match="bad --calibration-size 0"):
+        ModularizeReuseConfig(classes=[1], deploy=DeployOptions(calibration_size=0)).check()
 
 
 # ----------------------------------------------------------------------------- errors
@@ -229,6 +399,9 @@ EXTRACT_ERRORS = {
     "residual": (["--residual", "bogus"], "unknown residual layout 'bogus'"),
     "round to": (["--round-to", "0"], "bad --round-to 0"),
     "python spec untrusted": ([], "may not import and run code — pass --trust-code"),
+    "cuda without a GPU": (["--provider", "cuda"], "execution provider 'CUDAExecutionProvider'"),
+    "io types": (["--io-types", "fp16"], "--io-types fp16 needs --precision fp16"),
+    "calibration size": (["--precision", "int8", "--calibration-size", "0"], "bad --calibration-size 0"),
 }
 
 

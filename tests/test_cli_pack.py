@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 from helpers.cli import (
     assert_help_documents_every_option,
@@ -25,6 +26,7 @@ from torch import nn
 
 from zoocompiler import cli
 from zoocompiler.cli import pack as cli_pack
+from zoocompiler.data import load_dataset
 from zoocompiler.pipelines.pack.config import PackBuildConfig, PackSliceConfig
 from zoocompiler.pipelines.pack.store import STORE_FORMAT, read_store
 
@@ -241,7 +243,100 @@ def test_build_table(built):
     text = _render(cli_pack.render_pack_build, built[1])
     assert "pack build: classes 3,1 from" in text and "→" in text  # the title's paths are truncated under xdist
     assert "test accuracy" in text and "latency b1" in text and "packing" in text and "slicing those fragments" in text
-    assert f"{built[0] / 'packed.onnx'} (max |ONNX − PyTorch|" in text
+    assert f"{built[0] / 'packed.onnx'} (fp32; fp32 export max |ONNX − PyTorch|" in text
+    assert "packed model: fp32 written to packed.onnx, int8 calibrated on 256 rows" in text
+    assert "ONNX Runtime latency (median)" in text and "not available" in text
+
+
+# ----------------------------------------------------------------------------- precision (issue 17)
+
+
+FP16, FP32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+
+def _initializer_types(path: Path) -> set[int]:
+    return {i.data_type for i in onnx.load(path).graph.initializer if i.data_type in (FP16, FP32)}
+
+
+def _io_types(path: Path) -> tuple[int, int]:
+    graph = onnx.load(path).graph
+    return graph.input[0].type.tensor_type.elem_type, graph.output[0].type.tensor_type.elem_type
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_build_default_is_fp32_with_the_latency_table(built):
+    """Default: packed.onnx is the fp32 export as before; the latency table has every precision (its cells timed
+    --runs times), int8 calibrated on the packed classes' training split, CUDA "not available" (no GPU)."""
+    out, data = built
+    assert data["precision"] == "fp32" and _initializer_types(out / "packed.onnx") == {FP32}
+    assert "QuantizeLinear" not in _ops(out / "packed.onnx")
+    written = data["onnx_precision"]
+    assert written["precision"] == "fp32" and written["file_bytes"] == (out / "packed.onnx").stat().st_size
+    assert written["accuracy"] == pytest.approx(data["test_accuracy"], abs=1e-6)  # ONNX fp32 = PyTorch
+    deploy = data["deploy"]
+    assert (deploy["path"], deploy["precision"], list(deploy["precisions"])) == (
+        "packed.onnx", "fp32", ["fp32", "fp16", "int8"])
+    fp16, int8 = deploy["precisions"]["fp16"], deploy["precisions"]["int8"]
+    assert fp16["max_abs_diff"] <= fp16["tolerance"] and fp16["file_bytes"] < written["file_bytes"]
+    assert int8["accuracy_change"] == pytest.approx(int8["accuracy"] - deploy["precisions"]["fp32"]["accuracy"])
+    train = load_dataset("mnist5k", "train", classes=[3, 1])
+    assert deploy["calibration"] == {"rows": 256, "seed": 0, "method": "minmax", "of_rows": len(train)}
+    cpu = {(r["precision"], r["batch"]): r for r in deploy["latency"] if r["provider"] == "CPUExecutionProvider"}
+    assert set(cpu) == {(p, b) for p in ("fp32", "fp16", "int8") for b in (1, 32)}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in cpu.values())
+    cuda = [r for r in deploy["latency"] if r["provider"] == "CUDAExecutionProvider"]
+    assert len(cuda) == 6 and {r["status"] for r in cuda} == {"not available"}
+    assert data["settings"]["deploy"]["latency_runs"] == data["settings"]["runs"] == 2  # --runs times the cells
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_build_at_a_precision(store, precision, tmp_path):
+    """fp16 (here with fp16 inputs and outputs): half weights, parity within the fp16 bound. int8: QDQ, calibrated,
+    with its accuracy change on the test split against fp32 (the latency table builds fp32 too)."""
+    out = tmp_path / precision
+    extra = ["--io-types", "fp16"] if precision == "fp16" else []
+    data = run_json("pack", "build", store[0], "--classes", "3,1", *BUILD, "--precision", precision, *extra,
+                    "--latency-batch", "4", "--out", out)
+    path = out / "packed.onnx"
+    written = data["onnx_precision"]
+    assert data["precision"] == written["precision"] == precision and data["latency_ms"] > 0
+    assert data["onnx_max_abs_diff"] <= PARITY  # the fp32 export it derives from
+    fp32 = data["deploy"]["precisions"]["fp32"]
+    assert written["accuracy_change"] == pytest.approx(written["accuracy"] - fp32["accuracy"])
+    if precision == "fp16":
+        assert FP16 in _initializer_types(path) and _io_types(path) == (FP16, FP16)
+        assert written["max_abs_diff"] <= written["tolerance"] and abs(written["accuracy_change"]) <= 0.02
+    else:
+        ops = _ops(path)
+        assert ops.count("QuantizeLinear") >= 2 and "DequantizeLinear" in ops
+        assert written["notes"]["quantize_nodes"] == ops.count("QuantizeLinear")
+        assert data["deploy"]["calibration"]["rows"] == 256
+    text = _render(cli_pack.render_pack_build, data)
+    assert f"packed model: {precision} written to packed.onnx" in text and f"({precision} ONNX Runtime" in text
+
+
+def test_slice_int8_fragments(tmp_path):
+    """pack slice --precision int8: every fragment's ONNX is QDQ, calibrated on its source's training split; the
+    store records it (weights stay fp32: pack build rebuilds fragments from them)."""
+    out = tmp_path / "store"
+    data = run_json("pack", "slice", "--zoo", "vgg_s_01", *QUICK, "--precision", "int8", "--out", out)
+    assert data["precision"] == "int8"
+    assert [(r["class"], r["precision"]) for r in data["added"]] == [(0, "int8"), (1, "int8")]
+    store = read_store(out)
+    for fragment in store.doc["fragments"]:
+        ops = _ops(out / fragment["onnx"])
+        assert ops.count("QuantizeLinear") >= 2 and "DequantizeLinear" in ops
+        written = fragment["onnx_precision"]
+        assert (fragment["precision"], written["precision"]) == ("int8", "int8")
+        assert written["accuracy"] is None  # a fragment returns features: no accuracy to compare
+        assert written["file_bytes"] == (out / fragment["onnx"]).stat().st_size
+        assert fragment["onnx_max_abs_diff"] <= PARITY  # the fp32 export the int8 model derives from
+    store.check_files()  # the recorded sha256 are the int8 files'
+    text = _render(cli_pack.render_pack_slice, data)
+    assert "ONNX" in text and "int8" in text
 
 
 # ----------------------------------------------------------------------------- errors
@@ -267,6 +362,8 @@ SLICE_ERRORS = {
     "lr": (["--lr", "0"], "lr must be a positive number, got 0.0"),
     "runs": (["--runs", "-1"], "bad --runs -1"),
     "seed": (["--seed", "-1"], "bad --seed -1"),
+    "cuda without a GPU": (["--provider", "cuda"], "execution provider 'CUDAExecutionProvider'"),
+    "io types": (["--io-types", "fp16"], "--io-types fp16 needs --precision fp16"),
     "unknown zoo model": (["--zoo", "vgg_s_0to"], "unknown zoo model 'vgg_s_0to' — did you mean vgg_s_0to3"),
     "classes offered twice": (["--zoo", f"{SOURCE},vgg_s"], f"class 0 of vgg_s is already offered by {SOURCE}"),
     "a source twice": (["--zoo", f"{SOURCE},{SOURCE}"], "names a model twice"),
@@ -399,6 +496,10 @@ BUILD_ERRORS = {
     "runs": (["--classes", "1", "--runs", "0"], "steps and runs positive"),
     "lr": (["--classes", "1", "--lr", "0"], "lr must be a positive number"),
     "seed": (["--classes", "1", "--seed", "-1"], "bad --seed -1"),
+    "negative runs": (["--classes", "1", "--runs", "-1"], "bad --runs -1"),
+    "cuda without a GPU": (["--classes", "1", "--provider", "cuda"], "execution provider 'CUDAExecutionProvider'"),
+    "calibration size": (["--classes", "1", "--precision", "int8", "--calibration-size", "0"],
+                         "bad --calibration-size 0"),
 }
 
 

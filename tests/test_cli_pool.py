@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from helpers.cli import (
@@ -25,6 +26,7 @@ from helpers.cli import (
 
 from zoocompiler import cli
 from zoocompiler.cli import pool as cli_pool
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.pipelines.pool.config import PoolBuildConfig, PoolDistillConfig, PoolFinetuneConfig
 from zoocompiler.pipelines.pool.store import POOL_FORMAT
 
@@ -135,7 +137,11 @@ def test_defaults_are_the_config_defaults():
     args = parser.parse_args(["pool", "finetune", "P", "--no-kd", "--json"])
     assert cli_pool.finetune_config(args) == PoolFinetuneConfig(kd=False, progress=False)
     args = parser.parse_args(["pool", "build", "P", "--all", "--budget", "params=1M", "--out", "O"])
-    assert cli_pool.build_config(args) == PoolBuildConfig(budget="params=1M", export_all=True)
+    # --runs and --threads also time the latency table of the deployment options (fp32 by default)
+    assert cli_pool.build_config(args) == PoolBuildConfig(budget="params=1M", export_all=True,
+                                                          deploy=DeployOptions(latency_runs=30, latency_threads=1))
+    args = parser.parse_args(["pool", "build", "P", "--precision", "int8", "--runs", "3", "--out", "O"])
+    assert cli_pool.build_config(args).deploy == DeployOptions(precision="int8", latency_runs=3)
 
 
 # ----------------------------------------------------------------------------- pool list
@@ -256,6 +262,14 @@ def test_build_picks_the_most_accurate_descendant_within_the_budget(tuned, built
             next(r["accuracy"] for r in tuned[1]["descendants"] if r["low"] == row["low"]))
     kept = out / "descendants" / f"low{chosen['low']}_high{chosen['high']}.onnx"
     assert (out / "descendant.onnx").read_bytes() == kept.read_bytes()
+    # default precision fp32: every file as before, the chosen one's report compares the precisions side by side
+    assert data["precision"] == "fp32" and all(r["precision"] == r["deploy"]["precision"] == "fp32" for r in rows)
+    deploy = data["deploy"]
+    assert (deploy["path"], deploy["precision"], deploy["file_bytes"]) == (
+        "descendant.onnx", "fp32", (out / "descendant.onnx").stat().st_size)
+    assert deploy["precisions"]["fp32"]["accuracy"] == pytest.approx(chosen["accuracy"], abs=0.002)
+    cells = {(r["precision"], r["batch"]) for r in deploy["latency"] if r["status"] == "ok"}
+    assert cells == {(p, b) for p in ("fp32", "fp16", "int8") for b in (1, 32)}  # --runs 2 serves the table
 
 
 def test_build_all_serves_every_descendant(built):
@@ -289,6 +303,38 @@ def test_build_table(built):
     assert f"low={built[1]['chosen']['low']}, high={built[1]['chosen']['high']}" in text
     assert "ElasticModel.from_manifest(" in text and "median of 2 runs at batch 1" in text
     assert "small row" in text and "stitches" in text
+    assert "(fp32 ONNX)" in text and "chosen descendant (low=" in text and "ONNX Runtime latency" in text
+
+
+@pytest.mark.slow  # ~30 s: every descendant exported, quantized and scored, the chosen one with the latency table
+def test_build_int8_every_descendant_served(tuned, tmp_path):
+    from zoocompiler.exports.elastic import ElasticModel
+
+    out = tmp_path / "int8"
+    data = run_json("pool", "build", tuned[0], "--all", "--precision", "int8", "--runs", "2", "--latency-batch", "4",
+                    "--out", out)
+    folder = out / "descendants"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (data["precision"], manifest["precision"], data["deploy"]["precision"]) == ("int8", "int8", "int8")
+    for row in data["descendants"]:
+        path = folder / f"low{row['low']}_high{row['high']}.onnx"
+        assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(path)).graph.node}
+        written = row["deploy"]
+        assert row["precision"] == written["precision"] == "int8" and row["onnx_max_abs_diff"] <= PARITY
+        assert written["accuracy_change"] == pytest.approx(written["accuracy"] - row["accuracy"], abs=0.002)
+    assert (out / "descendant.onnx").read_bytes() == (folder / f"low{data['chosen']['low']}_high"
+                                                                f"{data['chosen']['high']}.onnx").read_bytes()
+    latency = {(r["precision"], r["provider"], r["batch"]): r for r in data["deploy"]["latency"]}
+    for precision in ("fp32", "fp16", "int8"):
+        assert latency[(precision, "CPUExecutionProvider", 4)]["median_ms"] > 0
+        assert latency[(precision, "CUDAExecutionProvider", 1)]["status"] == "not available"
+    model = ElasticModel.from_manifest(folder)
+    assert all(model.metadata[r]["precision"] == "int8" for r in model.rates)
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    result = model.run(x, rate=model.rates[0])
+    assert result.outputs.shape == (2, 10) and np.isfinite(result.outputs).all()
+    text = _text(rendered(cli_pool.render_pool_build, data))
+    assert "int8 accuracy" in text and "vs fp32" in text and "(int8 ONNX)" in text
 
 
 def test_build_without_all_human_output(pooled, tmp_path):
@@ -387,6 +433,8 @@ BUILD_ERRORS = {
     "runs": (["--runs", "0"], "runs must be an integer >= 1, got 0"),
     "batch": (["--batch", "0"], "batch must be an integer >= 1, got 0"),
     "threads": (["--threads", "-2"], "threads must be an integer >= 1, got -2"),
+    "fp16 io without fp16": (["--io-types", "fp16"], "--io-types fp16 needs --precision fp16"),
+    "calibration size": (["--precision", "int8", "--calibration-size", "0"], "bad --calibration-size 0"),
 }
 
 

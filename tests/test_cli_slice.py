@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -22,8 +23,10 @@ from torch import nn
 
 from zoocompiler import cli
 from zoocompiler.cli import slice as cli_slice
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.data import load_dataset
 from zoocompiler.exports.elastic import ElasticModel, LatencyBudgetError
+from zoocompiler.exports.onnx_export import DEFAULT_ATOL_FP16
 from zoocompiler.pipelines.slice.train import SliceTrainConfig, load_trained, read_record
 
 SPEC = "zoo:vgg_s"
@@ -126,7 +129,16 @@ def test_export_rates_match_the_sliced_models(trained, exported, model):
         assert row["accuracy"] == accuracy[row["rate"]]  # same weights, same test split as slice train
         assert row["budget_macs"] is None
         assert row["latency_ms"] > 0 and row["per_sample_ms"] > 0 and row["max_abs_diff"] <= ATOL
+        # default precision fp32: each file's own result agrees with the fp32 PyTorch r-subnet
+        written = row["deploy"]
+        assert (row["precision"], written["precision"], written["accuracy_change"]) == ("fp32", "fp32", 0.0)
+        assert written["accuracy"] == pytest.approx(row["accuracy"], abs=0.002)
+        assert written["file_bytes"] == (out / row["onnx"]).stat().st_size
     assert manifest["full_macs"] == model.macs_at(1.0)
+    # one latency table, the largest rate's (--runs and --latency-batch serve it), every precision side by side
+    assert (manifest["precision"], manifest["deploy"]["path"]) == ("fp32", "rate_1.0000.onnx")
+    cells = {(r["precision"], r["batch"]) for r in manifest["deploy"]["latency"] if r["status"] == "ok"}
+    assert cells == {(p, b) for p in ("fp32", "fp16", "int8") for b in (1, 4)}
 
 
 def test_export_onnx_equals_the_sliced_torch_module(exported, model):
@@ -184,6 +196,91 @@ def test_export_table(exported):
     assert "manifest.json" in text and "ElasticModel.from_manifest" in text
 
 
+def _op_types(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _fp16_share(path: Path) -> float:
+    """The fraction of the float weights (elements) stored as fp16 (fp16 graphs keep a few fp32 norm constants)."""
+    sizes = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
+    for t in onnx.load(str(path)).graph.initializer:
+        if t.data_type in sizes:
+            sizes[t.data_type] += int(np.prod(t.dims))
+    return sizes[onnx.TensorProto.FLOAT16] / sum(sizes.values())
+
+
+@pytest.fixture(scope="module")
+def exported_int8(trained, tmp_path_factory) -> tuple[Path, dict]:
+    """``slice export --rates 0.5,1 --precision int8``."""
+    out = tmp_path_factory.mktemp("export_int8") / "rates"
+    data = run_json("slice", "export", trained[0], "--rates", "0.5,1", "--precision", "int8", *FAST_TIMING,
+                    "--out", out)
+    return out, data
+
+
+def test_export_int8_writes_every_rate_quantized(exported_int8, trained):
+    out, data = exported_int8
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["precision"], manifest["io_types"]) == ("int8", "fp32")
+    torch_accuracy = {r["rate"]: r["accuracy"] for r in trained[1]["rates"]}
+    for row in manifest["rates"]:
+        assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(out / row["onnx"])
+        written = row["deploy"]
+        assert (row["precision"], written["precision"]) == ("int8", "int8")
+        assert written["file_bytes"] == (out / row["onnx"]).stat().st_size
+        assert row["accuracy"] == torch_accuracy[row["rate"]]  # still the fp32 r-subnet's
+        assert row["max_abs_diff"] <= ATOL  # the fp32 export's parity, as before
+        # accuracy change of the int8 file against fp32 on the test split (ONNX Runtime)
+        assert written["accuracy_change"] == pytest.approx(written["accuracy"] - row["accuracy"], abs=0.002)
+        assert abs(written["accuracy_change"]) <= 0.05 and written["agreement"] >= 0.9
+    main = manifest["deploy"]  # the largest rate's report: calibration, every precision, the latency table
+    assert main["path"] == "rate_1.0000.onnx" and main["calibration"]["of_rows"] == 4000  # mnist5k's training split
+    assert set(main["precisions"]) == {"fp32", "fp16", "int8"}
+    rows = {(r["precision"], r["provider"], r["batch"]): r for r in main["latency"]}
+    for precision in ("fp32", "fp16", "int8"):
+        for batch in (1, 4):
+            assert rows[(precision, "CPUExecutionProvider", batch)]["median_ms"] > 0
+            assert rows[(precision, "CUDAExecutionProvider", batch)]["status"] == "not available"
+
+
+def test_elastic_model_serves_the_int8_export(exported_int8, model):
+    out, data = exported_int8
+    elastic = ElasticModel.from_manifest(out)
+    assert elastic.rates == [0.5, 1.0] and elastic.input_dtype == np.float32
+    assert elastic.per_sample == pytest.approx({r["rate"]: r["per_sample_ms"] / 1e3 for r in data["rates"]})
+    x = load_dataset("mnist5k", "test").x[:64]
+    for rate in (0.5, 1.0):
+        got = elastic.run(x.numpy(), rate=rate).outputs
+        with torch.no_grad():
+            want = model.slice(rate).module(x).numpy()
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+
+
+def test_export_int8_table(exported_int8):
+    text = rendered(cli_slice.render_slice_export, exported_int8[1])
+    assert "int8 accuracy" in text and "vs fp32" in text and "int8 parity" in text
+    assert "rate 1: int8 written to" in text and "ONNX Runtime latency" in text and "not available" in text
+
+
+def test_export_fp16_with_fp16_io_runs_in_the_elastic_runtime(trained, model, tmp_path):
+    out = tmp_path / "fp16"
+    data = run_json("slice", "export", trained[0], "--rates", "0.5,1", "--precision", "fp16", "--io-types", "fp16",
+                    *FAST_TIMING, "--out", out)
+    assert data["precision"] == "fp16" and data["io_types"] == "fp16"
+    for row in data["rates"]:
+        assert _fp16_share(out / row["onnx"]) > 0.99
+        written = row["deploy"]
+        assert written["precision"] == "fp16" and written["max_abs_diff"] <= written["tolerance"]
+    elastic = ElasticModel.from_manifest(out)
+    assert elastic.input_dtype == np.float16
+    x = load_dataset("mnist5k", "test").x[:16]
+    got = elastic.run(x.numpy().astype(np.float16), rate=0.5).outputs
+    with torch.no_grad():
+        want = model.slice(0.5).module(x).numpy()
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - want).max() <= DEFAULT_ATOL_FP16 * max(1.0, float(np.abs(want).max()))
+
+
 def test_export_default_out_is_inside_the_trained_directory(trained, monkeypatch):
     """Without --out the export goes to DIR/export (export_rates stubbed: only the directory logic runs)."""
     seen = {}
@@ -201,6 +298,7 @@ def test_export_default_out_is_inside_the_trained_directory(trained, monkeypatch
         assert data["out"] == str(trained[0] / "export")
         assert (trained[0] / "export" / "manifest.json").is_file()
         assert (seen["rates"], seen["flops"], seen["latency_batch"], seen["runs"]) == (None, None, 32, 30)
+        assert seen["deploy"] == DeployOptions(latency_batch=32, latency_runs=30)  # fp32; --runs serves the table
         assert seen["staging"].parent == trained[0]
     finally:
         import shutil
@@ -255,6 +353,7 @@ EXPORT_ERRORS = {
     "bad flops": (["--flops", "lots"], "bad --flops 'lots'"),
     "flops below smallest": (["--flops", "1k"], "is below the smallest slice (rate 0.5"),
     "latency batch": (["--latency-batch", "0"], "bad --latency-batch 0"),
+    "fp16 io without fp16": (["--io-types", "fp16"], "--io-types fp16 needs --precision fp16"),
 }
 
 

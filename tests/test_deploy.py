@@ -371,3 +371,12 @@ def test_every_precision_on_real_architectures(tmp_path, arch):
     timed = {r["precision"] for r in report.latency if r.get("status") == "ok"}
     assert timed == {"fp32", "fp16", "int8"}
 
+
+
+def test_cli_prune_implied_round_to_that_prunes_nothing_says_where_it_came_from(tmp_path):
+    out = tmp_path / "p"
+    code, _, err = run_cli("prune", TINY, "--ratio", "0.5", "--precision", "fp16", "--out", out)
+    assert code == 2
+    assert_one_line_error(err, "--round-to 8 (target gpu (fp16 tensor cores, implied by --precision fp16)) is not "
+                               "smaller than any prunable group (the largest has 8 units)")
+    assert list(tmp_path.iterdir()) == []

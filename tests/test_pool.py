@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -35,6 +37,7 @@ from hypothesis import strategies as st
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from zoocompiler.core.budget import Budget
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import BudgetError, CheckpointError, PassError, ZooError
 from zoocompiler.core.modules import count_params
 from zoocompiler.data import DataSplit, load_dataset
@@ -579,6 +582,41 @@ def test_descendants_export_with_parity(tmp_path):
             p.add_(1.0)
         for descendant, expected in exported.values():
             assert torch.equal(descendant(x), expected)
+
+
+def _initializer_elements(path: Path) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for t in onnx.load(str(path)).graph.initializer:
+        sizes[t.data_type] = sizes.get(t.data_type, 0) + int(np.prod(t.dims))
+    return sizes
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_measure_descendants_at_a_deployment_precision(precision, tmp_path, mnist_train):
+    """Each descendant's file is written at the precision asked for, timed as written, and scored on the test data
+    against fp32; the fp32 export's parity stays in ``onnx_max_abs_diff``."""
+    pool = make_pool()
+    test = load_dataset("mnist5k", "test")
+    evaluation = (test.x[:200], test.y[:200])
+    rows = [{"low": 1, "high": pool.depth - 1}]
+    pipeline.measure_descendants(pool, rows, tmp_path, torch.randn(*X_SHAPE), runs=2,
+                                 deploy=DeployOptions(precision=precision), calibration=mnist_train.x[:128],
+                                 evaluation=evaluation)
+    row, path = rows[0], tmp_path / "low1_high2.onnx"
+    written = row["deploy"]
+    assert (row["precision"], written["precision"]) == (precision, precision)
+    assert row["onnx_max_abs_diff"] <= 1e-4 and row["latency_ms"] > 0
+    assert written["file_bytes"] == path.stat().st_size
+    sizes = _initializer_elements(path)
+    if precision == "fp16":  # fp16 weights (LayerNorm's scale and bias stay fp32), parity within fp16's tolerance
+        assert sizes[onnx.TensorProto.FLOAT16] > 0.9 * sum(sizes.values())
+        assert written["max_abs_diff"] <= written["tolerance"]
+    else:  # QDQ: int8 weights, calibrated activations
+        assert sizes[onnx.TensorProto.INT8] > 0.5 * sum(sizes.values())
+        assert written["notes"]["quantize_nodes"] > 0 and written["tolerance"] is None
+    with torch.no_grad():
+        torch_accuracy = float((pool.descendant(1)(evaluation[0]).argmax(1) == evaluation[1]).float().mean())
+    assert written["accuracy_change"] == pytest.approx(written["accuracy"] - torch_accuracy, abs=0.011)
 
 
 # ----------------------------------------------------------------------------- 9. fine-tuning

@@ -22,6 +22,8 @@ _EXPORTS = {
     "run_analysis": "zoocompiler.passes.analysis",
     "extract_block": "zoocompiler.passes.rewrite.blocks",
     "export_onnx": "zoocompiler.exports.onnx_export",
+    "export_deployable": "zoocompiler.exports.deploy",
+    "DeployOptions": "zoocompiler.core.deploy",
     "measure_latency": "zoocompiler.exports.latency",
     "load_dataset": "zoocompiler.data",
     "register_module_rule": "zoocompiler.passes.analysis.unit_rules",
@@ -29,8 +31,10 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "DeployOptions",
     "ZooError",
     "__version__",
+    "export_deployable",
     "export_onnx",
     "extract_block",
     "load_dataset",
@@ -44,8 +48,10 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from zoocompiler.passes.analysis import trace
 
+    from .core.deploy import DeployOptions
     from .core.errors import ZooError
     from .data import load_dataset
+    from .exports.deploy import export_deployable
     from .exports.latency import measure_latency
     from .exports.onnx_export import export_onnx
     from .passes.analysis import run_analysis

@@ -14,7 +14,18 @@ from zoocompiler.core.text import human
 
 from ..pipelines.assemble.config import POOL_MODES, PROXIES, TUNE_MODES, AssembleConfig
 from ..pipelines.base import run_staged
-from .common import check_at_least, default_of, json_option, out_dir_options, progress, table, written_files
+from .common import (
+    check_at_least,
+    default_of,
+    deploy_from_args,
+    deploy_options,
+    json_option,
+    out_dir_options,
+    progress,
+    render_deploy,
+    table,
+    written_files,
+)
 
 CONFIG = AssembleConfig
 ZOO_HELP = "'demo' (the built-in zoo) or comma-separated specs, e.g. zoo:resnet_s,zoo:vgg_s"
@@ -41,6 +52,7 @@ def _config(args: argparse.Namespace, budget) -> Any:
         seed=args.seed,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         **{name: getattr(args, name) for name in TUNING_OPTIONS if hasattr(args, name)},
+        **({"deploy": deploy_from_args(args)} if hasattr(args, "precision") else {}),  # assemble only
     )
 
 
@@ -95,7 +107,10 @@ def cmd_assemble(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     report = run_staged(config, out, args.force, lambda staging: assemble(config, staging, progress(args)))
     report["files"] = written_files(out)
-    report["export"]["path"] = str(out / "model.onnx")
+    for export in (report["export"], report["deploy"]["export"]):
+        if export["path"]:
+            export["path"] = str(out / export["path"])
+    report["deploy"]["path"] = str(out / report["deploy"]["path"])
     return report
 
 
@@ -145,7 +160,7 @@ def render_assemble(console, data: dict[str, Any]) -> None:
         ["task", f"{task['data']} at {'×'.join(map(str, task['input_shape']))}, {task['num_classes']} classes "
                  f"(fit {task['fit']}, held out {task['val']}, test {task['test']})"],
         ["params / MACs", f"{human(data['params'])} / {human(data['macs'])}"],
-        ["latency (ORT, batch 1)", f"{data['latency_ms']:.3f} ms"],
+        ["latency (ORT, batch 1)", f"{data['latency_ms']:.3f} ms ({data['precision']} model.onnx)"],
         ["budget use", use or "-"],
         [f"proxy ({data['proxy']})", f"{data['probe']:.2%} held-out linear probe"
          + (f", NASWOT {data['naswot']:.2f}" if data["naswot"] is not None else "")],
@@ -155,7 +170,7 @@ def render_assemble(console, data: dict[str, Any]) -> None:
             f"{data['accuracy']:.2%} ({data['tune']} tuning, {data['kept_head']} head kept; least-squares head "
             f"before: {data['accuracy_before_tuning']:.2%})",
         ],
-        ["ONNX parity", f"max |ORT - PyTorch| = {data['export']['max_abs_diff']:.3g}"],
+        ["ONNX parity", f"max |ORT - PyTorch| = {data['export']['max_abs_diff']:.3g} (fp32 export)"],
         ["files", ", ".join(data["files"].values())],
     ]
     console.print(table("assemble", ["", ""], summary))
@@ -174,6 +189,7 @@ def render_assemble(console, data: dict[str, Any]) -> None:
                             ["network", "params", "least-squares head", "kept after tuning"], rows,
                             right=("params", "least-squares head", "kept after tuning")))
     console.print(data["verdict"]["message"])
+    render_deploy(console, data["deploy"], "model.onnx")
 
 
 def _zoo_options(parser: argparse.ArgumentParser) -> None:
@@ -249,11 +265,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Deep Model Reassembly: partition the zoo, pick one block per equivalence set and stage with "
         "an integer program under the budget (top-M with no-good cuts), re-rank them and the zoo models kept "
         "whole by held-out linear-probe accuracy, tune the best few and keep the best on held-out data, "
-        "evaluate the best single zoo model and a from-scratch twin the same way, and export ONNX with a "
-        "report, a plan and plots.",
+        "evaluate the best single zoo model and a from-scratch twin the same way, and export ONNX (at --precision: "
+        "fp32, fp16, or int8 calibrated on the task's training data) with a report, a plan and plots.",
         epilog="examples:\n  zoocompile assemble --budget flops=2M --train-size 500 --out out/asm\n"
         "  zoocompile assemble --zoo demo --data mnist5k --budget params=150k,flops=8M,latency=2ms "
-        "--tune frozen --epochs 3 --out out/asm2",
+        "--tune frozen --epochs 3 --out out/asm2\n"
+        "  zoocompile assemble --budget flops=3M --precision int8 --out out/asm_int8",
     )
     asm.add_argument("--budget", required=True, help="params=N,flops=N[,latency=Tms] with k/M/G suffixes")
     out_dir_options(asm, default="assembly")
@@ -269,4 +286,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     asm.add_argument("--tune", choices=TUNE_MODES, default=default_of(CONFIG, "tune"), help="tuning protocol")
     asm.add_argument("--epochs", type=int, default=default_of(CONFIG, "epochs"), metavar="N", help="tuning epochs")
     _zoo_options(asm)
+    deploy_options(asm)  # int8 calibrates on the task's training split (--data) and is scored on its test split
     asm.set_defaults(run=cmd_assemble, render=render_assemble)

@@ -257,11 +257,15 @@ def one_line(text: str) -> str:
 # ----------------------------------------------------------------------------- deployment precision
 
 
-def deploy_options(parser: argparse.ArgumentParser, *, data: bool = False, target: bool = False) -> None:
+def deploy_options(
+    parser: argparse.ArgumentParser, *, data: bool = False, target: bool = False, latency: bool = True
+) -> None:
     """The options of every command that writes ONNX (``core.deploy.DeployOptions``): ``--precision``,
     ``--io-types``, ``--calibration-size``, ``--latency-batch``, ``--latency-runs``, ``--latency-threads``,
     ``--provider``. ``data``: also ``--data`` (commands without a task of their own: int8 calibration and
-    accuracy); ``target``: also ``--target`` (commands whose plans have a ``--round-to``)."""
+    accuracy); ``target``: also ``--target`` (commands whose plans have a ``--round-to``); ``latency=False``:
+    no latency-table options (a command that writes no table). Add it after the command's own options: a
+    ``--runs``/``--threads``/``--latency-batch`` it already has serves the table."""
     from zoocompiler.core.deploy import IO_TYPES, PRECISIONS, PROVIDERS, TARGET_ROUND_TO, DeployOptions
 
     group = parser.add_argument_group("deployment (docs/deploy.md)")
@@ -282,12 +286,12 @@ def deploy_options(parser: argparse.ArgumentParser, *, data: bool = False, targe
         "--calibration-size", type=int, default=default_of(DeployOptions, "calibration_size"), metavar="N",
         help="int8: calibration rows, a seeded sample of the training split",
     )
-    latency = (
+    table_options = (
         ("--latency-batch", "latency_batch", "latency table: the batch measured besides 1"),
         ("--latency-runs", "latency_runs", "latency table: timed runs per cell (0: no table)"),
         ("--latency-threads", "latency_threads", "latency table: ONNX Runtime intra-op threads (0: all cores)"),
     )
-    for flag, name, text in latency:
+    for flag, name, text in table_options if latency else ():
         if _has_option(parser, flag, LATENCY_ALIASES.get(name)):  # the command's own timing option serves
             continue
         group.add_argument(flag, type=int, default=default_of(DeployOptions, name), metavar="N", help=text)
@@ -318,6 +322,7 @@ def deploy_from_args(args: argparse.Namespace):
 
     aliases = {name: getattr(args, flag[2:]) for name, flag in LATENCY_ALIASES.items()
                if not hasattr(args, name) and hasattr(args, flag[2:])}
+    check_at_least(args, 0, *(LATENCY_ALIASES[name][2:] for name in aliases))  # named as typed: --runs, --threads
     options = config_from_args(DeployOptions, args, **aliases)
     options.check()
     return options

@@ -248,6 +248,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         raise ZooError(f"bad --runs {args.runs}", "pass 0 (no timing) or a positive number of timed runs")
     if args.threads < 0:
         raise ZooError(f"bad --threads {args.threads}", "pass 1, or 0 for ONNX Runtime's default")
+    if args.fp16 and args.precision not in ("fp32", "fp16"):
+        raise ZooError(f"--fp16 contradicts --precision {args.precision}", "pass one of them")
     if args.fp16:
         args.precision = "fp16"
     options = deploy_from_args(args)

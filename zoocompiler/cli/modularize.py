@@ -5,6 +5,8 @@ a ``ModularizeReuseConfig``; their options default to the configs' field default
 JSON with ``--json`` (NaN → null), sends progress to stderr and writes its output directory all or nothing.
 ``extract`` and ``reuse`` read the trained directory's record (and refuse a ``python:`` spec in it without
 ``--trust-code``, class ids the model lacks, an ``--out`` that would replace it) before anything is written.
+They write their ONNX files at ``--precision`` (``cli.common.deploy_options``, with ``--target`` choosing the
+``--round-to`` default) and render the precision and latency tables (``render_deploy``).
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from .common import (
     check_at_least,
     config_from_args,
     default_of,
+    deploy_from_args,
+    deploy_options,
     json_option,
     out_dir_options,
     progress_or_silent,
+    render_deploy,
     table,
     training_options,
     written_files,
@@ -93,7 +98,7 @@ def out_beside(directory: Path, out_arg: str) -> Path:
 
 
 def extract_config(args: argparse.Namespace) -> ModularizeExtractConfig:
-    return config_from_args(ModularizeExtractConfig, args)
+    return config_from_args(ModularizeExtractConfig, args, deploy=deploy_from_args(args))
 
 
 def cmd_modularize_extract(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,8 +118,9 @@ def cmd_modularize_extract(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def reuse_config(args: argparse.Namespace) -> ModularizeReuseConfig:
-    check_at_least(args, 0, "seed")
-    return config_from_args(ModularizeReuseConfig, args, classes=parse_classes(args.classes))
+    check_at_least(args, 0, "seed", "runs")  # before deploy_from_args, which would name --runs --latency-runs
+    return config_from_args(ModularizeReuseConfig, args, classes=parse_classes(args.classes),
+                            deploy=deploy_from_args(args))
 
 
 def cmd_modularize_reuse(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,6 +155,19 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 def _files(data: dict[str, Any]) -> list[str]:
     return ["files", ", ".join(data["files"].values())]
+
+
+def _written(result: dict[str, Any]) -> str:
+    """The written ONNX file's accuracy on ONNX Runtime and its change against fp32, e.g. ``97.22% (-2.8 pp)``."""
+    if result.get("accuracy") is None:
+        return "-"
+    change = result.get("accuracy_change")
+    return f"{result['accuracy']:.2%}" + ("" if change is None else f" ({100 * change:+.1f} pp)")
+
+
+def _rounding(data: dict[str, Any]) -> list[str]:
+    return ["kept sets rounded to", f"multiples of {data['round_to']} ({data['round_to_reason']}); ONNX written in "
+                                    f"{data['precision']}"]
 
 
 def render_modularize_train(console, data: dict[str, Any]) -> None:
@@ -210,27 +229,37 @@ def render_modularize_extract(console, data: dict[str, Any]) -> None:
         ]
         for r in data["per_class"]
     ]
-    console.print(table(f"one module per class ({sem} semantics)", columns, rows, right=columns[1:7]))
+    precision = data["precision"]
+    columns.append(f"recall ({precision} ONNX)")
+    for row, r in zip(rows, data["per_class"], strict=True):
+        row.append(_written(r["onnx_precision"]))
+    console.print(table(f"one module per class ({sem} semantics)", columns, rows, right=columns[1:7] + columns[8:]))
     summary = [
         ["model", f"{model['kernels']} kernels, {human(model['params'])} params, {human(model['macs'])} MACs"],
-        ["recall", "the module's accuracy on its own class's test samples"],
+        ["recall", "the module's accuracy on its own class's test samples (PyTorch; ONNX: the written file, "
+                   "change vs fp32)"],
         ["parity", "max |gated module − modular model with the module's mask| on those samples"],
+        _rounding(data),
         _files(data),
     ]
     console.print(table("", ["", ""], summary))
+    if data.get("deploy"):
+        render_deploy(console, data["deploy"], f"class_{data['deploy_class']}.onnx (the largest module)")
 
 
 def render_modularize_reuse(console, data: dict[str, Any]) -> None:
     module, whole = data["module"], data["whole"]
     total = data["total_kernels"]
-    columns = ["model", "kernels", "KRR", "params", "MACs", "latency b1 (ms)", "accuracy", "ONNX parity"]
+    precision = data["precision"]
+    columns = ["model", "kernels", "KRR", "params", "MACs", f"latency b1 (ms, {precision})", "accuracy",
+               f"accuracy ({precision} ONNX)", "ONNX parity"]
     rows = [
         [f"mixed module ({data['semantics']})", data["kernels"], _pct(data["krr"]), human(module["params"]),
          human(module["macs"]), f"{module['latency_ms']:.3f}", _pct(module["accuracy"]),
-         f"{module['onnx_max_abs_diff']:.2g}"],
+         _written(module["onnx_precision"]), f"{module['onnx_max_abs_diff']:.2g}"],
         [f"whole model ({data['whole_model']})", "-" if total is None else total, "100.00%", human(whole["params"]),
          human(whole["macs"]), f"{whole['latency_ms']:.3f}", _pct(whole["accuracy"]),
-         f"{whole['onnx_max_abs_diff']:.2g}"],
+         _written(whole["onnx_precision"]), f"{whole['onnx_max_abs_diff']:.2g}"],
     ]  # fmt: skip
     classes = ",".join(map(str, data["classes"]))
     title = f"modularize reuse {data['spec']}: classes {classes} (τ {data['threshold']:g}) → {data['out']}"
@@ -244,9 +273,11 @@ def render_modularize_reuse(console, data: dict[str, Any]) -> None:
         ["latency module / whole", f"{data['latency_ratio']:.2f}"],
         ["accuracy module − whole", f"{data['accuracy_delta'] * 100:+.2f} points"],
         ["head", head],
+        _rounding(data),
         _files(data),
     ]
     console.print(table("", ["", ""], summary))
+    render_deploy(console, data["deploy"], "mixed module")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -281,8 +312,9 @@ def _module_options(parser: argparse.ArgumentParser, config: type) -> None:
         type=int,
         default=default_of(config, "round_to"),
         metavar="N",
-        help="grow every kept kernel set to a multiple of N with the next most used kernels (8: channel counts "
-        "ONNX Runtime's blocked conv kernels need); 1 keeps the exact sets",
+        help="grow every kept kernel set to a multiple of N with the next most used kernels (8: GPU fp16 tensor "
+        "cores, 16: x86 CPU blocked conv kernels); 1 keeps the exact sets (default: from --target: 8 with "
+        "--precision fp16, 16 with int8, 1 with fp32)",
     )
     parser.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
@@ -344,15 +376,18 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="cut one module per class out of a trained directory; ONNX per module, Table 2 metrics",
         description="Compute every class's kernel set on the training split, keep the kernels more than TAU of "
         "the class's samples use (a layer left empty lowers TAU by 0.05 for that layer), cut each module with "
-        "the prune pass (--residual pad or union), check it, and write OUTDIR/class_<c>.onnx, OUTDIR/modules.json, "
-        "OUTDIR/overlap.png and OUTDIR/report.json (all or nothing).",
+        "the prune pass (--residual pad or union), check it, and write OUTDIR/class_<c>.onnx (at --precision; int8 "
+        "calibrated on the class's training samples), OUTDIR/modules.json, OUTDIR/overlap.png and "
+        "OUTDIR/report.json (all or nothing). The largest module gets a latency table per precision.",
         epilog="examples:\n"
         "  zoocompile modularize extract vgg_mwt --out vgg_modules\n"
         "  zoocompile modularize extract vgg_mwt --threshold 0.8 --semantics static --out vgg_static --json\n"
+        "  zoocompile modularize extract vgg_mwt --precision fp16 --out vgg_fp16   # kept sets rounded to 8\n"
         "  zoocompile modularize extract my_mwt --trust-code --out my_modules   # trained from a python: spec",
     )
     extract.add_argument("dir", metavar="DIR", help="a directory written by `zoocompile modularize train`")
     _module_options(extract, EXTRACT_CONFIG)
+    deploy_options(extract, target=True)
     out_dir_options(extract, required=True, metavar="OUTDIR")
     json_option(extract)
     extract.set_defaults(run=cmd_modularize_extract, render=render_modularize_extract)
@@ -361,12 +396,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         "reuse",
         help="reuse the mixed module of a few classes; compare with the whole model (MACs, latency, accuracy)",
         description="Build the mixed module of --classes (the union of their modules' kernels), give it and the "
-        "whole (standard) model the same M-class head, export both to ONNX, time them in ONNX Runtime and "
-        "evaluate them on those classes' test samples; write OUTDIR/module.onnx, OUTDIR/whole.onnx and "
+        "whole (standard) model the same M-class head, export both to ONNX at --precision (int8 calibrated on "
+        "those classes' training samples), time them in ONNX Runtime (the module: a latency table per "
+        "precision) and evaluate them on those classes' test samples; write OUTDIR/module.onnx, OUTDIR/whole.onnx and "
         "OUTDIR/report.json (all or nothing).",
         epilog="examples:\n"
         "  zoocompile modularize reuse vgg_mwt --classes 1,3,7 --out vgg_137\n"
-        "  zoocompile modularize reuse vgg_mwt --classes 0,1 --head new --finetune-epochs 5 --out vgg_01 --json",
+        "  zoocompile modularize reuse vgg_mwt --classes 0,1 --head new --finetune-epochs 5 --out vgg_01 --json\n"
+        "  zoocompile modularize reuse vgg_mwt --classes 1,3,7 --precision int8 --out vgg_137_int8",
     )
     reuse.add_argument("dir", metavar="DIR", help="a directory written by `zoocompile modularize train`")
     reuse.add_argument("--classes", required=True, metavar="C,...", help="class ids of the sub-task, e.g. 1,3,7")
@@ -393,15 +430,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=default_of(REUSE_CONFIG, "runs"),
         metavar="N",
-        help="timed ONNX Runtime runs at batch 1",
+        help="timed ONNX Runtime runs at batch 1 (of the written files) and per cell of the latency table",
     )
     reuse.add_argument(
         "--seed",
         type=int,
         default=default_of(REUSE_CONFIG, "seed"),
         metavar="N",
-        help="seed of the new head and fine-tuning",
+        help="seed of the new head and fine-tuning (and of the int8 calibration sample)",
     )
+    deploy_options(reuse, target=True)  # after --runs: it times the latency table's cells too
     out_dir_options(reuse, required=True, metavar="OUTDIR")
     json_option(reuse)
     reuse.set_defaults(run=cmd_modularize_reuse, render=render_modularize_reuse)

@@ -6,6 +6,8 @@ of a few classes into one ONNX model; ``pack list`` shows what a store offers. O
 configs' field defaults. Every command prints standard JSON with ``--json`` (NaN → null); ``pack slice``
 shows progress bars on stderr (none with ``--json``). A store is replaced only when every new fragment is
 written, and a bad option, store or source is a one-line error before anything is sliced or written.
+``pack slice`` and ``pack build`` write their ONNX files at ``--precision`` (``cli.common.deploy_options``);
+``pack build`` renders the packed model's precision and latency tables (``render_deploy``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from .common import (
     check_at_least,
     config_from_args,
     default_of,
+    deploy_from_args,
+    deploy_options,
     json_option,
     out_dir_options,
     progress,
+    render_deploy,
     table,
     written_files,
 )
@@ -105,8 +110,8 @@ def _planned_classes(zoo: str, out: Path) -> int:
 
 def slice_config(args: argparse.Namespace) -> PackSliceConfig:
     """The ``PackSliceConfig`` the command line asks for."""
-    check_at_least(args, 0, "seed")
-    return config_from_args(PackSliceConfig, args)
+    check_at_least(args, 0, "seed", "runs")  # before deploy_from_args, which would name --runs --latency-runs
+    return config_from_args(PackSliceConfig, args, deploy=deploy_from_args(args))
 
 
 def cmd_pack_slice(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,8 +135,8 @@ def cmd_pack_slice(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_config(args: argparse.Namespace) -> PackBuildConfig:
-    check_at_least(args, 0, "seed")
-    return config_from_args(PackBuildConfig, args, classes=parse_classes(args.classes))
+    check_at_least(args, 0, "seed", "runs")  # before deploy_from_args, which would name --runs --latency-runs
+    return config_from_args(PackBuildConfig, args, classes=parse_classes(args.classes), deploy=deploy_from_args(args))
 
 
 def cmd_pack_build(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,16 +169,17 @@ def _settings_text(settings: dict[str, Any]) -> str:
 
 
 def _fragment_rows(rows: list[dict[str, Any]], *, data_hash: bool = False) -> tuple[list[str], list[list[Any]]]:
-    columns = ["class", "source", "units kept/total", "params", "MACs", "feature dim", "slice s"]
+    columns = ["class", "source", "units kept/total", "params", "MACs", "feature dim", "slice s", "ONNX"]
     table_rows = [[r["class"], r["source"], r["units"], human(r["params"]), human(r["macs"]), r["feature_dim"],
-                   _seconds(r["slice_seconds"])] + ([r["data_sha256"]] if data_hash else []) for r in rows]
+                   _seconds(r["slice_seconds"]), r.get("precision", "fp32")]
+                  + ([r["data_sha256"]] if data_hash else []) for r in rows]
     return columns + (["data sha256"] if data_hash else []), table_rows
 
 
 def render_pack_slice(console, data: dict[str, Any]) -> None:
     columns, rows = _fragment_rows(data["added"])
     title = f"pack slice: {data['fragments_added']} fragment(s) added to {data['store']}"
-    console.print(table(title, columns, rows, right=columns[2:]))
+    console.print(table(title, columns, rows, right=columns[2:7]))
     per_source = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in data["slice_seconds"].items())
     summary = [
         ["store", f"{data['store']} ({data['fragments']} fragment(s) of {len(data['sources'])} source(s): "
@@ -206,14 +212,17 @@ def render_pack_build(console, data: dict[str, Any]) -> None:
         ["sources", ", ".join(data["sources"])],
         ["packed model", f"{human(data['params'])} params, {human(data['macs'])} MACs, encoder width "
                          f"{data['encoder_width']}"],
-        ["latency b1", f"{data['latency_ms']:.3f} ms (ONNX Runtime, median of {data['settings']['runs']} runs)"],
+        ["latency b1", f"{data['latency_ms']:.3f} ms ({data['precision']} ONNX Runtime, median of "
+                       f"{data['settings']['runs']} runs)"],
         ["test accuracy", f"{accuracy} on {data['test_samples']} test samples of those classes "
                           f"(trained on {data['train_samples']} samples)"],
         ["time", f"packing {data['pack_seconds']:.1f} s vs slicing those fragments {data['slice_seconds']:.1f} s"],
-        ["ONNX", f"{Path(data['out']) / data['onnx']} (max |ONNX − PyTorch| {data['onnx_max_abs_diff']:.2g})"],
+        ["ONNX", f"{Path(data['out']) / data['onnx']} ({data['precision']}; fp32 export max |ONNX − PyTorch| "
+                 f"{data['onnx_max_abs_diff']:.2g})"],
         ["files", ", ".join(data["files"].values())],
     ]
     console.print(table("", ["", ""], summary))
+    render_deploy(console, data["deploy"], "packed model")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -241,9 +250,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="slice the source models into one fragment per (source, class) in a fragment store",
         description="Draw --k samples per class of each source's own data, slice every class of every source "
         "(per layer: ability pooling, unit selection, ability adaption with a repair layer; then combining) "
-        "and write one fragment per class (weights + verified ONNX) into the store --out. An existing store "
-        "gets the sources it lacks, with the same settings; it is replaced only when every new fragment is "
-        "written (existing files are hard-linked, untouched).",
+        "and write one fragment per class (weights + verified ONNX at --precision) into the store --out. An "
+        "existing store gets the sources it lacks, with the same settings; it is replaced only when every new "
+        "fragment is written (existing files are hard-linked, untouched).",
         epilog="examples:\n"
         "  zoocompile pack slice --data mnist5k --k 10 --out store\n"
         "  zoocompile pack slice --zoo vgg_s_0to3 --k 5 --steps 5 --out store\n"
@@ -304,7 +313,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=default_of(SLICE_CONFIG, "seed"),
         metavar="N",
-        help="seed of the samples and of slicing (mixed with each source's name)",
+        help="seed of the samples and of slicing (mixed with each source's name) and of the int8 calibration sample",
     )
     slice_.add_argument(
         "--runs",
@@ -313,6 +322,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="timed ONNX Runtime runs per fragment at batch 1 (0: not timed)",
     )
+    deploy_options(slice_, latency=False)  # fragments get no latency table (the packed model does: pack build)
     slice_.add_argument(
         "--out", required=True, metavar="STORE", help="the fragment store: a new directory, or a store to add to"
     )
@@ -324,11 +334,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="pack the fragments of a few classes into one verified ONNX model; params, MACs, latency, accuracy",
         description="Rebuild the fragments of --classes from STORE (frozen), train the encoder, decoders and "
         "head on their features (L^K = CE + delta·reconstruction) with the store's samples, export the packed "
-        "model to ONNX (parity-checked), time it and evaluate it on those classes' test samples; write "
+        "model to ONNX at --precision (verified; int8 calibrated on those classes' training split), time it "
+        "(with a latency table per precision) and evaluate it on those classes' test samples; write "
         "OUTDIR/packed.onnx and OUTDIR/report.json (all or nothing).",
         epilog="examples:\n"
         "  zoocompile pack build store --classes 1,5,9 --out pack_159\n"
-        "  zoocompile pack build store --classes 0,4 --delta 0 --steps 100 --out pack_04 --json",
+        "  zoocompile pack build store --classes 0,4 --delta 0 --steps 100 --out pack_04 --json\n"
+        "  zoocompile pack build store --classes 1,5,9 --precision int8 --out pack_159_int8",
     )
     _store_argument(build)
     build.add_argument(
@@ -357,15 +369,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=default_of(BUILD_CONFIG, "seed"),
         metavar="N",
-        help="seed of the encoder, decoders and head",
+        help="seed of the encoder, decoders and head (and of the int8 calibration sample)",
     )
     build.add_argument(
         "--runs",
         type=int,
         default=default_of(BUILD_CONFIG, "runs"),
         metavar="N",
-        help="timed ONNX Runtime runs at batch 1",
+        help="timed ONNX Runtime runs at batch 1 and per cell of the latency table",
     )
+    deploy_options(build)
     out_dir_options(build, required=True, metavar="OUTDIR")
     json_option(build)
     build.set_defaults(run=cmd_pack_build, render=render_pack_build)

@@ -24,9 +24,12 @@ from .common import (
     check_at_least,
     config_from_args,
     default_of,
+    deploy_from_args,
+    deploy_options,
     json_option,
     out_dir_options,
     progress,
+    render_deploy,
     table,
     training_options,
     written_files,
@@ -83,7 +86,8 @@ def cmd_pool_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_config(args: argparse.Namespace) -> PoolBuildConfig:
     """The ``PoolBuildConfig`` the command line asks for, checked (a malformed ``--budget`` fails here)."""
-    config = config_from_args(PoolBuildConfig, args)
+    config_from_args(PoolBuildConfig, args).check()  # its own options first: --runs/--threads name themselves
+    config = config_from_args(PoolBuildConfig, args, deploy=deploy_from_args(args))
     config.check()
     return config
 
@@ -115,15 +119,19 @@ def _accuracy(value: float | None) -> str:
 
 
 def _descendants(title: str, rows: list[dict[str, Any]], *, before: list[dict[str, Any]] | None = None,
-                 chosen: dict[str, Any] | None = None, batch: int | None = None):
+                 chosen: dict[str, Any] | None = None, batch: int | None = None, precision: str = "fp32"):
     """The descendant table: low, high, params, MACs, accuracy (and, when given, the accuracy before
-    fine-tuning, the latency and the chosen descendant)."""
+    fine-tuning, the latency and the chosen descendant; with ``batch``, the written files' ``precision``:
+    their latency, and, unless fp32, their own accuracy and its change against fp32)."""
     columns = ["low", "high", "params", "MACs", "accuracy"]
     earlier = {r["low"]: r.get("accuracy") for r in before or []}
     if before:
         columns.append("before fine-tuning")
+    lowered = batch is not None and precision != "fp32"
     if batch is not None:
-        columns += [f"latency b{batch} (ms)", "ONNX parity"]
+        columns += [f"latency b{batch} (ms)", "ONNX parity (fp32)"]
+    if lowered:
+        columns += [f"{precision} accuracy", "vs fp32"]
     if chosen is not None:
         columns.append("chosen")
     table_rows = []
@@ -135,6 +143,10 @@ def _descendants(title: str, rows: list[dict[str, Any]], *, before: list[dict[st
             latency = r.get("latency_ms")
             diff = r.get("onnx_max_abs_diff")
             row += ["-" if latency is None else f"{latency:.3f}", "-" if diff is None else f"{diff:.2g}"]
+        if lowered:
+            written = r.get("deploy") or {}
+            change = written.get("accuracy_change")
+            row += [_accuracy(written.get("accuracy")), "-" if change is None else f"{100 * change:+.1f} pp"]
         if chosen is not None:
             row.append("◀ chosen" if r["low"] == chosen["low"] else "")
         table_rows.append(row)
@@ -210,7 +222,10 @@ def render_pool_finetune(console, data: dict[str, Any]) -> None:
 def render_pool_build(console, data: dict[str, Any]) -> None:
     settings, chosen = data["settings"], data["chosen"]
     title = f"pool build: {len(data['descendants'])} descendants of {data['pool']} → {data['out']}"
-    console.print(_descendants(title, data["descendants"], chosen=chosen, batch=settings["batch"]))
+    title += f" ({data.get('precision', 'fp32')} ONNX)"
+    precision = data.get("precision", "fp32")
+    console.print(_descendants(title, data["descendants"], chosen=chosen, batch=settings["batch"],
+                               precision=precision))
     console.print(_storage(data.get("storage")))
     budget = str(Budget(**data["budget"])) if data["budget"] else ""
     latency = chosen.get("latency_ms")
@@ -221,13 +236,17 @@ def render_pool_build(console, data: dict[str, Any]) -> None:
                    + ("-" if latency is None else f"{latency:.3f} ms")],
         ["timing", f"ONNX Runtime, median of {settings['runs']} runs at batch {settings['batch']}, "
                    f"{settings['threads']} thread(s)"],
-        ["ONNX", str(Path(data["out"]) / data["onnx"])],
+        ["ONNX", f"{Path(data['out']) / data['onnx']} ({precision})"],
     ]
     if data.get("all"):
         folder = Path(data["out"]) / data["all"]
         summary.append(["every descendant", f"{folder} (serve: ElasticModel.from_manifest('{folder}'))"])
     summary.append(["files", ", ".join(data["files"].values())])
     console.print(table("", ["", ""], summary))
+    deploy = data.get("deploy")
+    if deploy:  # its path is relative to OUT, like "onnx"
+        render_deploy(console, {**deploy, "path": str(Path(data["out"]) / deploy["path"])},
+                      f"chosen descendant (low={chosen['low']}, high={chosen['high']})")
 
 
 def render_pool_list(console, data: dict[str, Any]) -> None:
@@ -392,12 +411,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "build",
         help="measure every descendant and export the most accurate one within a params/FLOPs/latency budget",
         description="Rebuild every descendant of the pool DIR, evaluate it, export it to ONNX (parity-checked) and "
-        "time it in ONNX Runtime; write the most accurate one within --budget (ties: fewer params) as "
-        "OUT/descendant.onnx, with OUT/report.json and OUT/descendants.png; --all also keeps every descendant's "
+        "time it in ONNX Runtime at --precision; write the most accurate one within --budget (ties: fewer params) "
+        "as OUT/descendant.onnx, with OUT/report.json and OUT/descendants.png; --all also keeps every descendant's "
         "ONNX with a manifest for the elastic runtime in OUT/descendants (all or nothing).",
         epilog="examples:\n"
         "  zoocompile pool build out/pool6 --budget params=1M,latency=0.5ms --out out/pool6_1M\n"
-        "  zoocompile pool build out/pool6 --all --out out/pool6_all --json",
+        "  zoocompile pool build out/pool6 --all --out out/pool6_all --json\n"
+        "  zoocompile pool build out/pool6 --budget flops=20M --precision int8 --out out/pool6_int8",
     )
     _pool_argument(build)
     build.add_argument(
@@ -418,7 +438,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=default_of(BUILD_CONFIG, "runs"),
         metavar="N",
-        help="timed ONNX Runtime runs per descendant (the median is kept)",
+        help="timed ONNX Runtime runs per descendant (the median is kept), and per cell of the latency table",
     )
     build.add_argument(
         "--batch", type=int, default=default_of(BUILD_CONFIG, "batch"), metavar="N", help="batch size of the timing"
@@ -428,10 +448,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=default_of(BUILD_CONFIG, "threads"),
         metavar="N",
-        help="ONNX Runtime intra-op threads of the timing",
+        help="ONNX Runtime intra-op threads of the timing and of the latency table",
     )
     out_dir_options(build, required=True, metavar="OUT")
     json_option(build)
+    # every descendant's ONNX at --precision (int8 calibrated on the training split of the pool's data); --runs
+    # and --threads also serve the chosen descendant's latency table
+    deploy_options(build)
     build.set_defaults(run=cmd_pool_build, render=render_pool_build)
 
     list_ = actions.add_parser(

@@ -93,6 +93,11 @@ def _plan_for(args: argparse.Namespace, gm):
     )
 
 
+def _why(reason: str) -> str:
+    """`` (target cpu ...)`` after an implied --round-to; nothing after one the user typed."""
+    return "" if reason == "--round-to" else f" ({reason})"
+
+
 def _check_prunes_something(args: argparse.Namespace, gm, plan) -> None:
     """A computed plan that keeps every unit of every group would write an unpruned model: refuse it."""
     from zoocompiler.passes.analysis import plans
@@ -108,7 +113,7 @@ def _check_prunes_something(args: argparse.Namespace, gm, plan) -> None:
         raise ZooError(f"{args.spec} has no prunable unit group: the plan prunes nothing", "prune another model")
     if args.round_to is not None and args.round_to >= largest:
         raise ZooError(
-            f"--round-to {args.round_to} ({args.round_to_reason}) is not smaller than any prunable group "
+            f"--round-to {args.round_to}{_why(args.round_to_reason)} is not smaller than any prunable group "
             f"(the largest has {largest} units): the plan prunes nothing",
             f"pass a --round-to below {largest}, or drop it",
         )

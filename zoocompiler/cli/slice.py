@@ -23,9 +23,12 @@ from .common import (
     check_at_least,
     config_from_args,
     default_of,
+    deploy_from_args,
+    deploy_options,
     json_option,
     out_dir_options,
     progress_or_silent,
+    render_deploy,
     table,
     training_options,
     written_files,
@@ -90,7 +93,9 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
     groups, lb = record["config"]["groups"], record["config"]["lb"]
     rates = parse_rates(args.rates, groups, lb=lb, strict=True) if args.rates is not None else None
     flops = _parse_flops(args.flops) if args.flops is not None else None
-    SliceExportConfig(latency_batch=args.latency_batch, runs=args.runs).check()
+    SliceExportConfig(latency_batch=args.latency_batch, runs=args.runs).check()  # its own options first
+    config = SliceExportConfig(latency_batch=args.latency_batch, runs=args.runs, deploy=deploy_from_args(args))
+    config.check()
     out = _export_dir(directory, args.out)
     check_out_dir(out, args.force)
     with staged_dir(out, args.force) as staging:
@@ -99,10 +104,11 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
             staging,
             rates=rates,
             flops=flops,
-            latency_batch=args.latency_batch,
-            runs=args.runs,
+            latency_batch=config.latency_batch,
+            runs=config.runs,
             say=progress_or_silent(args),
             trust_code=args.trust_code,
+            deploy=config.deploy,
         )
     return jsonable({"out": str(out), **manifest, "files": written_files(out)}, finite=True)
 
@@ -151,8 +157,20 @@ def render_slice_train(console, data: dict[str, Any]) -> None:
     console.print(table("", ["", ""], summary))
 
 
+def _change(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f} pp"
+
+
+def _precision_cells(deploy: dict[str, Any]) -> list[str]:
+    """A rate's written-precision cells: ONNX Runtime accuracy, its change against fp32, parity (relative)."""
+    parity = "-" if deploy.get("rel_diff") is None else f"rel {deploy['rel_diff']:.2g}"
+    return [_accuracy(deploy.get("accuracy")), _change(deploy.get("accuracy_change")), parity]
+
+
 def render_slice_export(console, data: dict[str, Any]) -> None:
     batch = data["latency_batch"]
+    precision = data.get("precision", "fp32")
+    extra = precision != "fp32"  # the written files' own accuracy and parity, beside the fp32 model's
     rows = [
         [
             f"{r['rate']:g}",
@@ -162,13 +180,18 @@ def render_slice_export(console, data: dict[str, Any]) -> None:
             f"{r['per_sample_ms']:.4f}",
             _accuracy(r["accuracy"]),
             f"{r['max_abs_diff']:.2g}",
+            *(_precision_cells(r["deploy"]) if extra else []),
             "-" if r["budget_macs"] is None else f"≤ {human(r['budget_macs'])}",
         ]
         for r in data["rates"]
     ]
-    columns = ["rate", "params", "MACs", "latency b1 (ms)", f"ms/sample b{batch}", "accuracy", "ONNX parity", "budget"]
-    title = f"slice export {data['spec']} (G={data['groups']}, lb {data['lb']:g}) → {data['out']}"
-    console.print(table(title, columns, rows, right=columns[1:7]))
+    columns = ["rate", "params", "MACs", f"latency b1 (ms, {precision})", f"ms/sample b{batch}", "accuracy (fp32)",
+               "ONNX parity (fp32)"]
+    if extra:
+        columns += [f"{precision} accuracy", "vs fp32", f"{precision} parity"]
+    columns.append("budget")
+    title = f"slice export {data['spec']} (G={data['groups']}, lb {data['lb']:g}) → {data['out']}: {precision}"
+    console.print(table(title, columns, rows, right=columns[1:-1]))
     summary = [
         ["source", data["source"]],
         ["timing", f"ONNX Runtime, {data['threads']} thread(s); per-sample time = median at batch {batch} / {batch}"],
@@ -176,6 +199,10 @@ def render_slice_export(console, data: dict[str, Any]) -> None:
         ["files", ", ".join(data["files"].values())],
     ]
     console.print(table("", ["", ""], summary))
+    main = data.get("deploy")
+    if main:
+        rate = max(r["rate"] for r in data["rates"])
+        render_deploy(console, {**main, "path": str(Path(data["out"]) / main["path"])}, f"rate {rate:g}")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -258,11 +285,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="export one verified ONNX model per slice rate with a manifest (params, MACs, latency, accuracy)",
         description="Materialise the r-subnets of a directory written by `slice train` (rates from --rates, from "
         "MAC budgets with --flops, or every trained rate), export each to ONNX with the parity check, time it in "
-        "ONNX Runtime, evaluate it, and write OUTDIR/rate_*.onnx, OUTDIR/manifest.json and OUTDIR/rates.png "
-        "(all or nothing).",
+        "ONNX Runtime, evaluate it, and write OUTDIR/rate_*.onnx (at --precision), OUTDIR/manifest.json and "
+        "OUTDIR/rates.png (all or nothing).",
         epilog="examples:\n"
         "  zoocompile slice export vgg_sliced --rates 0.375,0.5,0.75,1.0 --out vgg_rates\n"
         "  zoocompile slice export vgg_sliced --flops 1M,2M --json\n"
+        "  zoocompile slice export vgg_sliced --rates 0.5,1 --precision int8 --out vgg_int8\n"
         "  zoocompile slice export my_sliced --trust-code   # trained from a python: spec",
     )
     export.add_argument("dir", metavar="DIR", help="a directory written by `zoocompile slice train`")
@@ -275,14 +303,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=default_of(SliceExportConfig, "latency_batch"),
         metavar="N",
-        help="batch for the per-sample time t(r) that ElasticModel uses",
+        help="batch for the per-sample time t(r) that ElasticModel uses (and the latency table's second batch)",
     )
     export.add_argument(
         "--runs",
         type=int,
         default=default_of(SliceExportConfig, "runs"),
         metavar="N",
-        help="timed ONNX Runtime runs at batch 1",
+        help="timed ONNX Runtime runs at batch 1 (and per cell of the largest rate's latency table)",
     )
     export.add_argument(
         "--trust-code",
@@ -293,4 +321,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     # no --out default here: without one, _export_dir picks DIR/export
     out_dir_options(export, metavar="OUTDIR", help="output directory (default: DIR/export; new, or --force)")
     json_option(export)
+    # every rate at --precision (int8 calibrated on the training split of the record's data); --latency-batch and
+    # --runs also serve the largest rate's latency table
+    deploy_options(export)
     export.set_defaults(run=cmd_slice_export, render=render_slice_export)

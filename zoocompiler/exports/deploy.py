@@ -40,6 +40,7 @@ from .latency import (
     measure_latency,
     ort_session,
     provider_usable,
+    resolve_providers,
     why_unavailable,
 )
 from .onnx_export import DEFAULT_ATOL_FP16, ExportReport, ParityStats, export_onnx_bytes, parity_stats, second_batch
@@ -86,10 +87,26 @@ class DeployReport:
     def chosen(self) -> PrecisionResult:
         return self.precisions[self.precision]
 
-    def to_dict(self) -> dict:
+    def written(self) -> dict:
+        """The written precision's result as a dict: size, parity, accuracy and its change against fp32."""
+        return asdict(self.chosen)
+
+    def to_dict(self, name: str | None = None) -> dict:
+        """JSON-able; ``name``: the written file's path as the caller's output directory has it (a staged run
+        writes elsewhere first), for ``path`` and, when fp32 was written, ``export.path``."""
         d = asdict(self)
         d["export"] = self.export.to_dict()
+        if name is not None:
+            d["path"] = name
+            d["export"]["path"] = name if d["export"]["path"] else ""
         return d
+
+
+def check_deployable(options: DeployOptions) -> None:
+    """What a pipeline checks before any work: the options, and that their provider can run here (a CUDA provider
+    without onnxruntime-gpu or without a GPU is a ``ZooError``)."""
+    options.check()
+    resolve_providers([options.execution_provider])
 
 
 def calibration_sample(x: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
@@ -217,11 +234,8 @@ def export_deployable(
     export); ``path`` is then untouched.
     """
     options = options or DeployOptions()
-    options.check()
+    check_deployable(options)
     say = progress or (lambda _text: None)
-    from .latency import resolve_providers
-
-    resolve_providers([options.execution_provider])  # a CUDA provider without a GPU fails before any work
     if options.precision == "int8" and calibration is None:
         raise ZooError("--precision int8 needs data to calibrate on", INT8_NEEDS_DATA)
     sample = None if calibration is None else calibration_sample(calibration, options.calibration_size, options.seed)

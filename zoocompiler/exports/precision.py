@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import onnx
 
 from ..core.errors import ExportError
-from ..core.logs import captured_logs
+from ..core.logs import LIBRARY_LOGGERS, captured_logs
 from ..core.text import first_line
 
 FP16_MAX = 65504.0
@@ -46,6 +45,9 @@ FP32_OPS = (
     "Pow",
 )
 CALIBRATION_BATCH = 32
+# ONNX Runtime's converter and quantizer log through the root logger (e.g. "Axis 1 is out-of-range for weight"
+# on per-channel biases): kept off the terminal while they run
+_QUIET = (*LIBRARY_LOGGERS, "onnxruntime", "root")
 
 
 def _fp16_block_list() -> list[str]:
@@ -74,7 +76,7 @@ def to_fp16(fp32: onnx.ModelProto, *, io_types: str = "fp32") -> onnx.ModelProto
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     _check_fp16_range(fp32)
-    with captured_logs(warnings_too=True):  # the converter warns about clamped tiny values, which is intended
+    with captured_logs(_QUIET, warnings_too=True):  # the converter warns about clamped tiny values: intended
         half = convert_float_to_float16(
             fp32, keep_io_types=io_types == "fp32", op_block_list=_fp16_block_list(), disable_shape_infer=False
         )
@@ -169,7 +171,7 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> Int8Model:
         raise ExportError("int8 calibration sample is empty", "pass --data with a non-empty training split")
     proto = onnx.load_from_string(fp32)
     input_name = proto.graph.input[0].name
-    with tempfile.TemporaryDirectory(prefix="zc-int8-") as tmp, captured_logs(warnings_too=True):
+    with tempfile.TemporaryDirectory(prefix="zc-int8-") as tmp, captured_logs(_QUIET, warnings_too=True):
         raw, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         raw.write_bytes(fp32)
         try:
@@ -177,7 +179,6 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> Int8Model:
             source, preprocessed = pre, True
         except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantize the raw graph instead
             source, preprocessed = raw, False
-        logging.getLogger("onnxruntime").setLevel(logging.ERROR)
         try:
             quantize_static(
                 str(source),

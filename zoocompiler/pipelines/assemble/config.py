@@ -3,11 +3,12 @@ defaults without importing torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from zoocompiler.core.atomic import check_writable_parent
 from zoocompiler.core.budget import Budget
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import ZooError
 
 TUNE_MODES = ("frozen", "full", "none")
@@ -45,9 +46,11 @@ class AssembleConfig:
     pool: str = "auto"
     unbiased_cka: bool = False
     cache_dir: Path | None = None
-    latency_runs: int = 30
+    latency_runs: int = 30  # the written model.onnx's batch-1 latency (the latency budget's check) and each block's
+    deploy: DeployOptions = field(default_factory=DeployOptions)  # model.onnx's precision (docs/deploy.md)
 
     def check(self) -> None:
+        self.deploy.check()
         if self.tune not in TUNE_MODES:
             raise ZooError(f"unknown --tune {self.tune!r}", f"use one of: {', '.join(TUNE_MODES)}")
         if self.epochs < 1 and self.tune != "none":

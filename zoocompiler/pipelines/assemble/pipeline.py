@@ -5,7 +5,8 @@ re-rank (ILP candidates and zoo models kept whole, by held-out linear-probe accu
 best ``tune_top`` and keep the best on the held-out split → baselines (the best single zoo model that fits,
 a from-scratch twin of the chosen network; same tuning) → ONNX.
 
-``assemble(config, out_dir)`` writes ``model.onnx`` (parity checked), ``report.json``, ``plan.json``,
+``assemble(config, out_dir)`` writes ``model.onnx`` (parity checked, at ``config.deploy.precision``: fp32,
+fp16 or int8 calibrated on the task's training data, see docs/deploy.md), ``report.json``, ``plan.json``,
 ``assembly.safetensors`` (the kept weights) and three PNG plots into ``out_dir`` and returns the
 report. ``rebuild(plan)`` rebuilds the untuned assembly from the zoo and the data (a ``python:`` zoo spec
 in the plan is refused unless ``trust_code``: a plan file is data and may not import code).
@@ -377,12 +378,12 @@ def assemble(
 
     Stages (timed in ``report["timings"]``): analysis, probe_zoo, ilp, rerank, tune, baselines, export.
     """
-    from zoocompiler.exports.latency import measure_latency
-    from zoocompiler.exports.onnx_export import export_onnx
+    from zoocompiler.exports.deploy import check_deployable
 
     from .plots import plot_baselines, plot_candidates, plot_similarity
 
     config.check()
+    check_deployable(config.deploy)  # a CUDA provider without a GPU fails before any work
     stages = Stages(progress)
     with stages("analysis"):
         analysis = analyse_zoo(config, progress, executor)
@@ -406,15 +407,10 @@ def assemble(
     params = count_params(net)
     macs = model_macs(net, shape)
     _check_within(config.budget, params, macs)
-    with stages("export", "exporting ONNX (parity checked) and measuring latency"):
-        onnx_path = out_dir / "model.onnx"
-        export = export_onnx(net, analysis.test.x[:2], onnx_path)
-        latency = measure_latency(onnx_path, (1, *shape), runs=config.latency_runs)
-    if config.budget.latency_ms is not None and latency.median_ms > config.budget.latency_ms:
-        raise ZooError(
-            f"the chosen assembly measures {latency.median_ms:.3f} ms > latency budget {config.budget.latency_ms} ms",
-            "raise the latency budget or re-run (per-block latencies are cached and may be stale)",
-        )
+    precision = config.deploy.precision
+    with stages("export", f"exporting ONNX at {precision} (parity checked) and measuring latency"):
+        deploy, latency = export_model(net, analysis.task, out_dir, config, progress)
+    export = deploy.export
     plan = plan_dict(analysis, best.blocks, config)
     scores = [c.score(config.proxy) for c, _, _ in tuned]
     report = {
@@ -422,7 +418,8 @@ def assemble(
         "chosen_source": best.source,
         "params": params,
         "macs": macs,
-        "latency_ms": latency.median_ms,
+        "latency_ms": latency.median_ms,  # model.onnx as written (at "precision"), ONNX Runtime CPU, batch 1
+        "precision": precision,
         "surrogate": best.assembly.surrogate,
         "proxy": config.proxy,
         "probe": best.probe,
@@ -448,7 +445,10 @@ def assemble(
         "kendall_tau": kendall_tau(scores, [r.val for _, _, r in tuned]),
         "baselines": baselines,
         "verdict": _verdict(result.test, baselines, best.blocks[0].model if best.source == "whole" else None),
-        "export": {**export.to_dict(), "path": "model.onnx"},  # relative: out_dir is a staging dir here
+        # the verified fp32 export every precision derives from; its path is model.onnx when that is what was
+        # written (fp32), else "" (relative paths: out_dir is a staging directory here)
+        "export": {**export.to_dict(), "path": "model.onnx" if precision == "fp32" else ""},
+        "deploy": deploy.to_dict("model.onnx"),
         "data": config.data,
         "zoo": [m.spec for m in analysis.members],
         "timings": stages.timings,
@@ -461,6 +461,29 @@ def assemble(
         plot_baselines(report, out_dir / "baselines.png")
     write_report(out_dir, report)
     return report
+
+
+def export_model(net: nn.Module, task: TargetTask, out_dir: Path, config: AssembleConfig,
+                 progress: Progress | None = None):
+    """Write ``out_dir/model.onnx`` at ``config.deploy.precision`` (``export_deployable``: the fp32 export checked
+    against PyTorch, int8 calibrated on the task's training data, every precision scored on its test split) and
+    measure the written file's ONNX Runtime latency at batch 1 (median of ``config.latency_runs``): the
+    ``(DeployReport, LatencyReport)``. ``ZooError`` when that latency exceeds the budget's."""
+    from zoocompiler.exports.deploy import export_deployable
+    from zoocompiler.exports.latency import measure_latency
+
+    onnx_path = out_dir / "model.onnx"
+    deploy = export_deployable(net, task.test.x[:2], onnx_path, config.deploy, calibration=task.fit.x,
+                               evaluation=(task.test.x, task.test.y), progress=progress)
+    latency = measure_latency(onnx_path, (1, *task.input_shape), runs=config.latency_runs)  # the file written
+    limit = config.budget.latency_ms
+    if limit is not None and latency.median_ms > limit:
+        raise ZooError(
+            f"the chosen assembly measures {latency.median_ms:.3f} ms ({deploy.precision} model.onnx, batch 1) > "
+            f"latency budget {limit} ms",
+            "raise the latency budget or re-run (per-block latencies are cached, measured in fp32, and may be stale)",
+        )
+    return deploy, latency
 
 
 def _tune_candidate(

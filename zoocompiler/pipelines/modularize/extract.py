@@ -1,5 +1,6 @@
 """Modularizing (paper 004 §3.3): per-class module masks at threshold τ, Table 2's metrics, and one
-extracted module per class written as a verified ONNX model.
+extracted module per class written as a verified ONNX model at the chosen precision (``export_deployable``:
+int8 calibrated on the class's training samples; recall of the written model on the class's test samples).
 
 Kernel sets come from the whole training split: mask > 0 for the modular model, a non-zero output for
 the standard model (the same rule applied to it gives the "modularize a standard model" baseline).
@@ -11,6 +12,7 @@ against the modular model with the module's mask applied (``gated_parity``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +25,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from zoocompiler.core.atomic import write_json_atomic
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import DataError, PassError
 from zoocompiler.core.modules import count_macs, count_params, eval_mode
 from zoocompiler.data import DataSplit, load_dataset
-from zoocompiler.exports.onnx_export import export_onnx
+from zoocompiler.exports.deploy import check_deployable, export_deployable
 from zoocompiler.ir import graph_info
 from zoocompiler.passes.rewrite.mask_generators import (
     SEMANTICS,
@@ -143,14 +146,22 @@ def check_gated(trained: TrainedModularization, module: nn.Module, mask: np.ndar
                         "use --semantics static, or report the model (docs/modularize.md, gate points)")
 
 
+def representative_class(masks: ModuleMasks) -> int:
+    """The class whose module keeps the most kernels (the first such class): the module the latency table times."""
+    return int(np.argmax(masks.masks.sum(1)))
+
+
 def _class_module(
-    c: int, *, trained: TrainedModularization, masks: ModuleMasks, test: DataSplit, semantics: str, residual: str,
-    round_to: int, out_dir: Path, say: Callable[[str], None],
+    c: int, *, trained: TrainedModularization, masks: ModuleMasks, train_split: DataSplit, test: DataSplit,
+    semantics: str, residual: str, round_to: int, deploy: DeployOptions, timed: int | None, out_dir: Path,
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Cut, check, export and measure the module of class ``c``; its report row."""
+    """Cut, check, export (at ``deploy.precision``) and measure the module of class ``c``; its report row. Only
+    class ``timed`` gets the latency table (its full deploy report: the row's ``deploy``)."""
     say(f"class {c}: cut, check, export")
     mask = masks.masks[c]
-    own = test.x[test.y == c][:PARITY_SAMPLES]
+    own_all = test.x[test.y == c]
+    own = own_all[:PARITY_SAMPLES]
     shape = tuple(test.x.shape[1:])
     row: dict[str, Any] = {"class": c, "kernels": int(mask.sum()), "lowered": masks.lowered.get(c, {})}
     for sem in SEMANTICS:
@@ -163,8 +174,17 @@ def _class_module(
             row[sem]["parity"] = gated_parity(trained, module, mask, own if len(own) else test.x[:8])
         if sem == semantics:
             path = out_dir / f"class_{c}.onnx"
+            options = deploy if c == timed else dataclasses.replace(deploy, latency_runs=0)
+            calibration = train_split.x[train_split.y == c]
+            labels = torch.full((len(own_all),), c, dtype=torch.long)
+            report = export_deployable(module, test.x[:2].clone(), path, options, calibration=calibration,
+                                       evaluation=(own_all, labels) if len(own_all) else None,
+                                       progress=say if c == timed else None)
             row["onnx"] = path.name
-            row["onnx_max_abs_diff"] = export_onnx(module, test.x[:2].clone(), path).max_abs_diff
+            row["onnx_max_abs_diff"] = report.export.max_abs_diff  # the fp32 export's parity
+            row["onnx_precision"] = report.written()
+            if c == timed:
+                row["deploy"] = report.to_dict(path.name)
     return row
 
 
@@ -173,6 +193,8 @@ def extract_to_dir(directory: str | Path, out_dir: Path, config: ModularizeExtra
     """Write ``class_<c>.onnx`` (``config.semantics``), ``modules.json``, ``overlap.png`` and ``report.json``
     for the trained ``directory`` into ``out_dir`` (a fresh staging directory); return the report."""
     config.check()
+    check_deployable(config.deploy)  # a CUDA provider without a GPU fails before any work
+    round_to, round_to_reason = config.rounding()
     stages = Stages(say)
     with stages("load", f"load {directory}"):
         trained = load_trained(directory, trust_code=config.trust_code)
@@ -187,10 +209,13 @@ def extract_to_dir(directory: str | Path, out_dir: Path, config: ModularizeExtra
         if standard_sets is not None:
             standard_table = module_table(standard_sets.masks(n, config.threshold, trained.points).masks,
                                           standard_sets.by_class(n))
-    cut = functools.partial(_class_module, trained=trained, masks=masks, test=test, semantics=config.semantics,
-                            residual=config.residual, round_to=config.round_to, out_dir=out_dir, say=say)
+    timed = representative_class(masks) if config.deploy.latency_runs else None
+    cut = functools.partial(_class_module, trained=trained, masks=masks, train_split=train_split, test=test,
+                            semantics=config.semantics, residual=config.residual, round_to=round_to,
+                            deploy=config.deploy, timed=timed, out_dir=out_dir, say=say)
     with stages("extract"):
         rows = (executor or LocalExecutor()).map(cut, list(range(n)))
+    deploy = next((row.pop("deploy") for row in rows if "deploy" in row), None)
     shape = tuple(test.x.shape[1:])
     whole = {"macs": count_macs(trained.plain, shape, eval=True), "params": count_params(trained.plain),
              "kernels": trained.points.kernels}
@@ -201,7 +226,11 @@ def extract_to_dir(directory: str | Path, out_dir: Path, config: ModularizeExtra
         "threshold": config.threshold,
         "semantics": config.semantics,
         "residual": config.residual,
-        "round_to": config.round_to,
+        "round_to": round_to,
+        "round_to_reason": round_to_reason,
+        "precision": config.deploy.precision,
+        "deploy": deploy,  # the latency table and every precision of module `deploy_class` (None: --latency-runs 0)
+        "deploy_class": timed,
         "model": whole,
         "accuracy": {"standard": (trained.record.get("standard") or {}).get("accuracy"),
                      "modular": trained.record["modular"]["accuracy"]},

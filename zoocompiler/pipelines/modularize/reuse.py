@@ -4,12 +4,15 @@ with an M-class head, against reusing the whole standard model on the same sub-t
 ``head="slice"`` keeps the M class rows of the existing classifier (no training); ``head="new"`` appends
 a seeded random N→M layer and fine-tunes the sub-model for a few epochs on those classes' training
 samples (the paper). The whole model gets the same head and the same fine-tuning. Both are exported to
-ONNX (parity checked), timed in ONNX Runtime at batch 1 and evaluated on the sub-task's test samples.
+ONNX at the chosen precision (``export_deployable``: the fp32 export parity-checked, fp16 checked against it,
+int8 calibrated on the sub-task's training samples), timed in ONNX Runtime at batch 1 and evaluated on the
+sub-task's test samples; the mixed module also gets the per-precision latency table.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from zoocompiler.core.classes import check_classes
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
+from zoocompiler.exports.deploy import check_deployable, export_deployable
 from zoocompiler.exports.latency import measure_latency
-from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.ir import output_value
 from zoocompiler.training import evaluate, train
 
@@ -82,17 +86,24 @@ def with_head(body: fx.GraphModule, config: ModularizeReuseConfig, num_classes: 
     return net.eval()
 
 
-def _measure(net: nn.Module, name: str, out_dir: Path, test: DataSplit, runs: int) -> dict[str, Any]:
+def _measure(net: nn.Module, name: str, out_dir: Path, train_split: DataSplit, test: DataSplit, runs: int,
+             deploy: DeployOptions, say: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict]:
+    """Export ``net`` at ``deploy.precision`` to ``out_dir/name``, time the written file at batch 1 and evaluate
+    ``net`` (PyTorch, fp32) on ``test``: its report row and the deploy report (as a dict)."""
     shape = tuple(test.x.shape[1:])
-    export = export_onnx(net, test.x[:2].clone(), out_dir / name)
-    return {
+    report = export_deployable(net, test.x[:2].clone(), out_dir / name, deploy, calibration=train_split.x,
+                               evaluation=(test.x, test.y), progress=say)
+    accuracy = evaluate(net, test)
+    row = {
         "onnx": name,
-        "accuracy": evaluate(net, test),
+        "accuracy": accuracy,  # the PyTorch (fp32) model's; the written file's: onnx_precision.accuracy
         "macs": count_macs(net, shape, eval=True),
         "params": count_params(net),
-        "latency_ms": measure_latency(out_dir / name, (1, *shape), runs=runs).median_ms,
-        "onnx_max_abs_diff": export.max_abs_diff,
+        "latency_ms": measure_latency(out_dir / name, (1, *shape), runs=runs).median_ms,  # the written file
+        "onnx_max_abs_diff": report.export.max_abs_diff,  # the fp32 export's parity
+        "onnx_precision": report.written(),
     }
+    return row, report.to_dict(name)
 
 
 def mixed_module(trained: TrainedModularization, config: ModularizeReuseConfig) -> tuple[fx.GraphModule, Any, dict]:
@@ -102,7 +113,7 @@ def mixed_module(trained: TrainedModularization, config: ModularizeReuseConfig) 
     masks = sets.masks(trained.num_classes, config.threshold, trained.points)
     classes = list(config.classes)
     mask = masks.union(classes)
-    body = cut_module(trained, mask, config.semantics, residual=config.residual, round_to=config.round_to,
+    body = cut_module(trained, mask, config.semantics, residual=config.residual, round_to=config.rounding()[0],
                       scores=masks.scores(classes), scale=masks.scale(classes))
     return body, mask, {str(c): masks.lowered[c] for c in classes if c in masks.lowered}
 
@@ -112,6 +123,8 @@ def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseCo
     """Write ``module.onnx``, ``whole.onnx`` and ``report.json`` for the sub-task ``config.classes`` of the
     trained ``directory`` into ``out_dir`` (a fresh staging directory); return the report."""
     config.check()
+    check_deployable(config.deploy)  # a CUDA provider without a GPU fails before any work
+    round_to, round_to_reason = config.rounding()
     stages = Stages(say)
     with stages("load", f"load {directory}"):
         trained = load_trained(directory, trust_code=config.trust_code)
@@ -124,9 +137,11 @@ def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseCo
     with stages("head", f"head: {config.head}"):
         module = with_head(body, config, trained.num_classes, sub_train, progress)
         whole = with_head(whole_body, config, trained.num_classes, sub_train, progress)
-    with stages("measure", "export, time, evaluate"):
-        module_row = _measure(module, MODULE_ONNX, out_dir, sub_test, config.runs)
-        whole_row = _measure(whole, WHOLE_ONNX, out_dir, sub_test, config.runs)
+    with stages("measure", f"export ({config.deploy.precision}), time, evaluate"):
+        module_row, deploy = _measure(module, MODULE_ONNX, out_dir, sub_train, sub_test, config.runs, config.deploy,
+                                      say)
+        whole_row, _ = _measure(whole, WHOLE_ONNX, out_dir, sub_train, sub_test, config.runs,
+                                dataclasses.replace(config.deploy, latency_runs=0))
     report = {
         "source": str(directory),
         "spec": trained.record["config"]["spec"],
@@ -135,7 +150,9 @@ def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseCo
         "head": config.head,
         "semantics": config.semantics,
         "residual": config.residual,
-        "round_to": config.round_to,
+        "round_to": round_to,
+        "round_to_reason": round_to_reason,
+        "precision": config.deploy.precision,
         "threshold": config.threshold,
         "finetune_epochs": config.finetune_epochs if config.head == "new" else 0,
         "whole_model": "standard" if trained.standard is not None else "modular (no standard model trained)",
@@ -148,6 +165,7 @@ def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseCo
         "mac_ratio": module_row["macs"] / max(whole_row["macs"], 1),
         "latency_ratio": module_row["latency_ms"] / max(whole_row["latency_ms"], 1e-12),
         "accuracy_delta": module_row["accuracy"] - whole_row["accuracy"],
+        "deploy": deploy,  # the mixed module's precisions and latency table
         "timings": stages.timings,
     }
     write_report(out_dir, report)

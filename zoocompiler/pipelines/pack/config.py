@@ -7,10 +7,12 @@ import math
 from dataclasses import dataclass, field
 
 from zoocompiler.core.classes import check_classes
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import ZooError
 
 SELECTIONS = ("threshold", "rate")
 DEFAULT_BETA = {"threshold": 0.7, "rate": 0.4}  # measured in docs/bench_pack.md: fragments of 5-25% params
+BUILD_RUNS = 30  # timed ONNX Runtime runs of the packed model (batch 1, and each cell of the latency table)
 
 
 def check_beta(beta: float) -> None:
@@ -35,7 +37,8 @@ def _check_non_negative(**values: float) -> None:
 class PackSliceConfig:
     """What ``zoocompile pack slice`` does: ``k`` samples per class of every source, one fragment per
     (source, class). ``zoo``: ``pack`` (the demo source zoo) or comma-separated zoo model names.
-    ``beta=None``: :data:`DEFAULT_BETA` of the selection."""
+    ``beta=None``: :data:`DEFAULT_BETA` of the selection. ``deploy``: the fragments' ONNX precision (int8:
+    calibrated on the source's training split); no latency table (``runs`` times each written file)."""
 
     zoo: str = "pack"
     data: str = "mnist5k"
@@ -48,6 +51,8 @@ class PackSliceConfig:
     lr: float = 1e-3
     seed: int = 0
     runs: int = 0  # timed ONNX Runtime runs per fragment (0: not timed)
+    # the CLI's --runs also fills deploy.latency_runs; fragments get no latency table either way
+    deploy: DeployOptions = field(default_factory=lambda: DeployOptions(latency_runs=0))
 
     @property
     def resolved_beta(self) -> float:
@@ -65,6 +70,7 @@ class PackSliceConfig:
         _check_positive(lr=self.lr)
         if self.runs < 0:
             raise ZooError(f"bad --runs {self.runs}", "pass 0 (no timing) or a number of timed runs")
+        self.deploy.check()
 
     def settings(self) -> dict:
         """The options a store records and every later slice into it must repeat."""
@@ -75,7 +81,8 @@ class PackSliceConfig:
 @dataclass
 class PackBuildConfig:
     """What ``zoocompile pack build`` does: pack the fragments of ``classes`` (δ = ``delta``; encoder
-    ``width`` 0 = 32 per class), export one ONNX graph, time it (``runs``) and test it."""
+    ``width`` 0 = 32 per class), export one ONNX graph at ``deploy.precision`` (int8: calibrated on those
+    classes' training split), time it (``runs``; ``deploy``: the per-precision latency table) and test it."""
 
     classes: list[int] = field(default_factory=list)
     delta: float = 1.0
@@ -83,7 +90,9 @@ class PackBuildConfig:
     steps: int = 300
     lr: float = 1e-2
     seed: int = 0
-    runs: int = 30
+    runs: int = BUILD_RUNS
+    # deploy.latency_runs: timed runs per cell of the latency table (the CLI's --runs sets both)
+    deploy: DeployOptions = field(default_factory=lambda: DeployOptions(latency_runs=BUILD_RUNS))
 
     def check(self) -> None:
         check_classes(list(self.classes))
@@ -91,3 +100,4 @@ class PackBuildConfig:
         _check_positive(lr=self.lr)
         if self.width < 0 or self.steps < 1 or self.runs < 1:
             raise ZooError("width must be >= 0 and steps and runs positive", "fix --width/--steps/--runs")
+        self.deploy.check()

@@ -4,10 +4,16 @@ Slicing a store that exists adds the sources it lacks: the new store is staged n
 existing files hard-linked (untouched) and replaces it only when every new fragment is written, so a
 failure or Ctrl-C leaves the old store as it was. Every source is sliced from its own seed (its name),
 so a store built in two runs equals one built at once.
+
+ONNX files are written at the config's ``deploy.precision`` (``export_deployable``): a fragment's ONNX is
+calibrated (int8) on its source's training split and has no latency table (``--runs`` times the written file);
+the packed model is calibrated on the packed classes' training split, evaluated on their test split, and gets
+the per-precision latency table. A fragment's weights stay fp32 (``pack build`` rebuilds fragments from them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -23,8 +29,8 @@ from zoocompiler.core.cache import digest, weights_hash
 from zoocompiler.core.errors import DataError, PassError, ZooError
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
+from zoocompiler.exports.deploy import check_deployable, export_deployable
 from zoocompiler.exports.latency import measure_latency
-from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.rewrite.repairs import SliceLayers, slice_layers
 
@@ -119,17 +125,19 @@ def _sliceable(name: str, shape: tuple[int, ...], weights: bool = True) -> Slice
                         "slice zoo models with prunable units (see `zoocompile inspect zoo:NAME`)") from None
 
 
-Prepared = tuple[DataSplit, fx.GraphModule, SliceLayers]  # a source's k-shot samples, trace and S&P layers
+# a source's k-shot samples, trace, S&P layers and training split (int8 calibration of its fragments' ONNX)
+Prepared = tuple[DataSplit, fx.GraphModule, SliceLayers, DataSplit]
 
 
 def _preflight(names: list[str], config: PackSliceConfig) -> dict[str, Prepared]:
     """Before anything is sliced or written: every source's data fits and has ``k`` samples of each of its
-    classes (``draw_samples``' check), and it has prunable layers. Returns each source's samples and trace."""
+    classes (``draw_samples``' check), and it has prunable layers. Returns each source's samples, trace and
+    training split."""
     prepared = {}
     for name in names:
         split = _source_split(name, config)
         samples = draw_samples(split, config.k, config.seed, name)
-        prepared[name] = (samples, *_sliceable(name, tuple(split.x.shape[1:])))
+        prepared[name] = (samples, *_sliceable(name, tuple(split.x.shape[1:])), split)
     return prepared
 
 
@@ -160,7 +168,8 @@ def _slice_source(name: str, config: PackSliceConfig, staging: Path, tick: Tick 
     from zoocompiler.zoo import get_entry
 
     entry = get_entry(name)
-    samples, gm, layers = prepared
+    samples, gm, layers, split = prepared
+    options = dataclasses.replace(config.deploy, latency_runs=0)  # the packed model gets the latency table
     shape = tuple(samples.x.shape[1:])
     folder = staging / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,7 +185,8 @@ def _slice_source(name: str, config: PackSliceConfig, staging: Path, tick: Tick 
         module = sliced.fragment.module
         stem = f"{name}/class_{cls}"
         write_state_dict_atomic(staging / f"{stem}.safetensors", module.state_dict())
-        export = export_onnx(module, samples.x[:2].clone(), staging / f"{stem}.onnx")
+        deploy = export_deployable(module, samples.x[:2].clone(), staging / f"{stem}.onnx", options,
+                                   calibration=split.x)  # a fragment returns features: no accuracy to measure
         fragments.append({
             "source": name, "class": int(cls), "label": label,
             "weights": f"{stem}.safetensors", "weights_sha256": digest((staging / f"{stem}.safetensors").read_bytes()),
@@ -186,7 +196,8 @@ def _slice_source(name: str, config: PackSliceConfig, staging: Path, tick: Tick 
             "features": sliced.fragment.features, "feature_dim": len(sliced.fragment.features),
             "params": count_params(module), "macs": count_macs(module, shape, eval=True),
             "data_sha256": data_sha, "slice_seconds": round(sliced.seconds, 3),
-            "onnx_max_abs_diff": export.max_abs_diff, "repairs_left": sliced.fragment.repairs_left,
+            "onnx_max_abs_diff": deploy.export.max_abs_diff, "precision": deploy.precision,
+            "onnx_precision": deploy.written(), "repairs_left": sliced.fragment.repairs_left,
             "repair_residual": sliced.repair_residual,
             "latency_ms": measure_latency(staging / f"{stem}.onnx", (1, *shape), runs=config.runs).median_ms
             if config.runs else None,
@@ -214,6 +225,7 @@ def slice_to_store(config: PackSliceConfig, out: Path, *, progress: Callable[[st
     if existing is not None:
         existing.check_files()  # a corrupted store is refused before anything is linked into the new one
     names = _check_sources(source_names(config.zoo), config, existing)
+    check_deployable(config.deploy)  # a CUDA provider without a GPU fails before any work
     prepared = _preflight(names, config)
     executor = executor or LocalExecutor()
 
@@ -234,7 +246,7 @@ def slice_to_store(config: PackSliceConfig, out: Path, *, progress: Callable[[st
         doc["fragments"].sort(key=lambda f: f["class"])
         write_report(staging, doc, STORE_FILE)
         report = {"store": str(out), "added_sources": names, "fragments_added": sum(len(f) for _, f in results),
-                  "fragments": len(doc["fragments"]), "timings": stages.timings,
+                  "fragments": len(doc["fragments"]), "precision": config.deploy.precision, "timings": stages.timings,
                   "slice_seconds": {s["name"]: round(sum(f["slice_seconds"] for f in fr), 2) for s, fr in results}}
         write_report(staging, report)
         return report
@@ -247,7 +259,8 @@ def list_store(path: Path) -> dict[str, Any]:
     store = read_store(path)
     store.check_files()
     rows = [{k: f[k] for k in ("class", "source", "params", "macs", "feature_dim", "slice_seconds")}
-            | {"units": f"{f.get('kept_units', '?')}/{f.get('total_units', '?')}", "data_sha256": f["data_sha256"][:12]}
+            | {"units": f"{f.get('kept_units', '?')}/{f.get('total_units', '?')}", "data_sha256": f["data_sha256"][:12],
+               "precision": f.get("precision", "fp32")}  # stores sliced before --precision: fp32
             for f in store.doc["fragments"]]
     return {"store": str(path), "settings": store.settings,
             "sources": [{k: s[k] for k in ("name", "classes", "params", "macs", "layers")}
@@ -292,6 +305,7 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
     store = read_store(store_path)
     check_build_classes(store, config.classes)
     check_keeps(out, store_path, "the fragment store", Path(store_path).parent / "packed")
+    check_deployable(config.deploy)  # a CUDA provider without a GPU fails before any work
     for c in config.classes:  # missing or edited files: refused before --out is touched
         entry = store.fragments[c]
         store.verified_bytes(entry["weights"], entry["weights_sha256"])
@@ -314,11 +328,13 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
         if [weights_hash(f) for f in fragments] != hashes:
             raise ZooError("packing changed a fragment's weights", "report this: fragments must stay frozen")
         test = load_dataset(store.settings["data"], "test", classes=config.classes)
-        with stages("export", "exporting and verifying the packed model"):
-            export = export_onnx(model, test.x[:2].clone(), staging / PACKED_ONNX)
-            latency = measure_latency(staging / PACKED_ONNX, (1, *store.input_shape), runs=config.runs).median_ms
+        calibration = load_dataset(store.settings["data"], "train", classes=config.classes).x
         with torch.no_grad():
             accuracy = float((model(test.x).argmax(1) == test.y).float().mean())
+        with stages("export", f"exporting and verifying the packed model ({config.deploy.precision})"):
+            deploy = export_deployable(model, test.x[:2].clone(), staging / PACKED_ONNX, config.deploy,
+                                       calibration=calibration, evaluation=(test.x, test.y), progress=progress)
+            latency = measure_latency(staging / PACKED_ONNX, (1, *store.input_shape), runs=config.runs).median_ms
         entries = [store.fragments[c] for c in config.classes]
         report = {
             "store": str(store_path), "classes": config.classes,
@@ -328,7 +344,9 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
             "params": count_params(model), "macs": count_macs(model, store.input_shape, eval=True),
             "encoder_width": trained.encoder.out_features, "latency_ms": latency,
             "test_accuracy": accuracy, "test_samples": len(test), "train_samples": len(x),
-            "onnx": PACKED_ONNX, "onnx_max_abs_diff": export.max_abs_diff,
+            "onnx": PACKED_ONNX, "onnx_max_abs_diff": deploy.export.max_abs_diff,  # the fp32 export's parity
+            "precision": config.deploy.precision, "onnx_precision": deploy.written(),
+            "deploy": deploy.to_dict(PACKED_ONNX),
             "pack_seconds": round(pack_seconds, 3),
             "slice_seconds": round(sum(e["slice_seconds"] for e in entries), 3),
             "final_loss": trained.losses[-1], "settings": vars(config) | {"classes": config.classes},

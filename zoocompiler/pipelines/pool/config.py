@@ -4,9 +4,10 @@ defaults without importing torch. ``check()`` raises ``ZooError`` before any wor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zoocompiler.core.budget import Budget
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import ZooError
 
 DEFAULT_ANCESTRY = "zoo:vit_anc12"
@@ -106,13 +107,15 @@ class PoolFinetuneConfig:
 class PoolBuildConfig:
     """What ``zoocompile pool build`` does: measure every descendant (params, MACs, ONNX Runtime latency at
     ``batch`` over ``runs`` runs), pick the most accurate within ``budget`` and export it; ``export_all``
-    also exports every descendant with an elastic-runtime manifest."""
+    also exports every descendant with an elastic-runtime manifest. ``deploy``: the precision of every ONNX file
+    written (docs/deploy.md); the chosen descendant's report has the per-precision latency table."""
 
     budget: str | None = None
     export_all: bool = False
     runs: int = 30
     batch: int = 1
     threads: int = 1
+    deploy: DeployOptions = field(default_factory=DeployOptions)
 
     def parsed_budget(self) -> Budget:
         return Budget() if self.budget is None else Budget.parse(self.budget)
@@ -122,3 +125,4 @@ class PoolBuildConfig:
         _check_int("runs", self.runs, 1)
         _check_int("batch", self.batch, 1)
         _check_int("threads", self.threads, 1)
+        self.deploy.check()

@@ -8,6 +8,7 @@ atomically).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,13 @@ from torch import nn
 from zoocompiler.core.atomic import check_keeps, check_out_dir
 from zoocompiler.core.budget import Budget, human_metric
 from zoocompiler.core.cache import weights_hash
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import BudgetError, CheckpointError, DataError, ZooError
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
+from zoocompiler.exports.deploy import check_deployable, export_deployable
 from zoocompiler.exports.elastic import write_manifest
 from zoocompiler.exports.latency import measure_latency
-from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.training import evaluate, seed_everything
 
 from ..base import Executor, LocalExecutor, Stages, run_staged, write_report
@@ -235,16 +237,24 @@ def onnx_name(row: dict[str, Any]) -> str:
 
 
 def measure_descendants(pool: LearngenePool, rows: list[dict[str, Any]], folder: Path, example: torch.Tensor, *,
-                        runs: int, threads: int = 1, executor: Executor | None = None) -> list[dict[str, Any]]:
-    """Export each row's descendant to ``folder`` (ONNX, parity-checked against PyTorch on ``example``) and
-    add its ONNX Runtime latency at ``example``'s batch (median of ``runs``): ``latency_ms`` (the batch),
-    ``per_sample_ms`` and ``onnx_max_abs_diff``. Rows are updated in place and returned."""
+                        runs: int, threads: int = 1, executor: Executor | None = None,
+                        deploy: DeployOptions | None = None, calibration: torch.Tensor | None = None,
+                        evaluation: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """Export each row's descendant to ``folder`` at ``deploy.precision`` (default fp32; the fp32 export
+    parity-checked against PyTorch on ``example``, int8 calibrated on ``calibration``, every file scored on
+    ``evaluation``; no latency table) and add the written file's ONNX Runtime latency at ``example``'s batch
+    (median of ``runs``): ``latency_ms`` (the batch), ``per_sample_ms``, ``onnx_max_abs_diff`` (the fp32 export),
+    ``precision`` and ``deploy`` (the written file's precision result). Rows are updated in place and returned."""
+    options = dataclasses.replace(deploy or DeployOptions(), latency_runs=0)
 
     def measure(row: dict[str, Any]) -> dict[str, Any]:
-        report = export_onnx(pool.descendant(row["low"]), example, folder / onnx_name(row))
-        latency = measure_latency(folder / onnx_name(row), tuple(example.shape), runs=runs, threads=threads)
+        path = folder / onnx_name(row)
+        report = export_deployable(pool.descendant(row["low"]), example, path, options, calibration=calibration,
+                                   evaluation=evaluation)
+        latency = measure_latency(path, tuple(example.shape), runs=runs, threads=threads)
         return {"latency_ms": latency.median_ms, "per_sample_ms": latency.median_ms / len(example),
-                "onnx_max_abs_diff": report.max_abs_diff}
+                "onnx_max_abs_diff": report.export.max_abs_diff, "precision": report.precision,
+                "deploy": report.written()}
 
     for row, measured in zip(rows, (executor or LocalExecutor()).map(measure, rows), strict=True):
         row.update(measured)
@@ -255,6 +265,7 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
                     progress: Progress | None = None) -> dict[str, Any]:
     """Measure every descendant of the pool at ``directory`` and export the best one within the budget."""
     config.check()
+    check_deployable(config.deploy)  # a CUDA provider without a GPU fails before any work
     source = read_pool(Path(directory))
     budget = config.parsed_budget()
     check_keeps(out, source.root, "the pool directory", source.root.parent / (source.root.name + "_build"))
@@ -265,7 +276,9 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
     stages = Stages(progress)
     with stages("prepare", f"loading pool {source.root}"):  # every input, before any work
         pool = source.load_pool()
-        _, test_split = _splits(source.doc["data"], source.rows["large"])
+        train_split, test_split = _splits(source.doc["data"], source.rows["large"])
+    deploy = config.deploy
+    evaluation = (test_split.x, test_split.y)
 
     def body(staging: Path) -> dict[str, Any]:
         with stages("evaluate", f"evaluating {pool.depth + 1} descendants"):
@@ -273,27 +286,39 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
         folder = staging / ALL_DIR
         folder.mkdir()
         example = torch.randn(config.batch, *source.input_shape, generator=torch.Generator().manual_seed(0))
-        with stages("measure", f"exporting and timing {len(rows)} descendants (ONNX Runtime, batch {config.batch})"):
-            measure_descendants(pool, rows, folder, example, runs=config.runs, threads=config.threads)
+        with stages("measure", f"exporting and timing {len(rows)} descendants ({deploy.precision}, ONNX Runtime, "
+                               f"batch {config.batch})"):
+            measure_descendants(pool, rows, folder, example, runs=config.runs, threads=config.threads, deploy=deploy,
+                                calibration=train_split.x, evaluation=evaluation)
         chosen = pick_descendant(rows, budget)
-        shutil.copyfile(folder / onnx_name(chosen), staging / DESCENDANT_ONNX)
+        with stages("deploy", f"exporting the chosen descendant (low={chosen['low']}) at {deploy.precision}"
+                              + (" with the per-precision latency table" if deploy.latency_runs else "")):
+            # the same graph as its row's file (only the exporter's metadata may differ), the other precisions
+            # measured too; --all keeps this very file
+            report = export_deployable(pool.descendant(chosen["low"]), example, staging / DESCENDANT_ONNX, deploy,
+                                       calibration=train_split.x, evaluation=evaluation, progress=progress)
+            chosen["deploy"] = report.written()
         if config.export_all:
+            shutil.copyfile(staging / DESCENDANT_ONNX, folder / onnx_name(chosen))
             top = max(r["macs"] for r in rows)
             write_manifest(folder, [{"rate": r["macs"] / top, "onnx": onnx_name(r), "low": r["low"], "high": r["high"],
                                      "params": r["params"], "macs": r["macs"], "latency_ms": r["latency_ms"],
-                                     "per_sample_ms": r["per_sample_ms"], "accuracy": r["accuracy"]} for r in rows],
-                           extra={"pool": str(source.root), "rate_is": "MACs / the largest descendant's MACs"})
+                                     "per_sample_ms": r["per_sample_ms"], "accuracy": r["accuracy"],
+                                     "precision": r["precision"], "deploy": r["deploy"]} for r in rows],
+                           extra={"pool": str(source.root), "rate_is": "MACs / the largest descendant's MACs",
+                                  "precision": deploy.precision, "io_types": deploy.io_types})
         else:
             shutil.rmtree(folder)
         ancestry = source.doc["ancestry"]
         anchors = ({"ancestry": (ancestry["params"], ancestry["accuracy"])}
                    if "params" in ancestry and "accuracy" in ancestry else None)
         plot_descendants({"Learngene Pool": rows}, staging / PLOT, chosen=chosen, budget=budget, anchors=anchors)
-        report = {"pool": str(source.root), "budget": budget.to_dict(), "chosen": chosen, "descendants": rows,
-                  "storage": source.doc.get("storage"), "onnx": DESCENDANT_ONNX,
-                  "all": ALL_DIR if config.export_all else None, "plot": PLOT, "timings": stages.timings}
-        write_report(staging, report)
-        return report
+        out = {"pool": str(source.root), "budget": budget.to_dict(), "chosen": chosen, "descendants": rows,
+               "storage": source.doc.get("storage"), "onnx": DESCENDANT_ONNX,
+               "all": ALL_DIR if config.export_all else None, "plot": PLOT, "precision": deploy.precision,
+               "deploy": report.to_dict(DESCENDANT_ONNX), "timings": stages.timings}
+        write_report(staging, out)
+        return out
 
     return run_staged(config, Path(out), force, body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.rates import DEFAULT_GROUPS
 
@@ -51,6 +52,7 @@ class SliceExportConfig:
 
     latency_batch: int = 32  # batch of the per-sample time t(r) that ElasticModel uses
     runs: int = 30  # timed ONNX Runtime runs at batch 1
+    deploy: DeployOptions = field(default_factory=DeployOptions)  # every rate's precision (docs/deploy.md)
 
     def check(self) -> None:
         """Raise ``ZooError`` for options that cannot work, before anything slow runs."""
@@ -58,3 +60,4 @@ class SliceExportConfig:
             raise ZooError(f"bad --latency-batch {self.latency_batch}", "pass a positive batch size, e.g. 32")
         if self.runs < 1:
             raise ZooError(f"bad --runs {self.runs}", "pass a positive number of timed runs, e.g. 30")
+        self.deploy.check()

@@ -2,12 +2,15 @@
 
 Rates come from a list or from MAC budgets (:func:`~zoocompiler.passes.rewrite.slicing.rate_for_budget`,
 measured MACs). Every r-subnet is materialised by the prune pass, exported with ONNX Runtime parity
-checked, timed (batch 1, and per sample at ``latency_batch``) and evaluated on the test split. The
-manifest is what :class:`~zoocompiler.exports.elastic.ElasticModel` serves from.
+checked at the deployment precision (``DeployOptions``: fp32, fp16, or int8 calibrated on the training
+split; docs/deploy.md), timed as written (batch 1, and per sample at ``latency_batch``) and evaluated on
+the test split. Only the largest rate gets the per-precision latency table. The manifest is what
+:class:`~zoocompiler.exports.elastic.ElasticModel` serves from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +19,13 @@ from typing import Any
 import torch
 
 from zoocompiler.core.budget import Budget
+from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.rates import same_rate
 from zoocompiler.data import DataSplit, load_dataset
+from zoocompiler.exports.deploy import check_deployable, export_deployable
 from zoocompiler.exports.elastic import MANIFEST_NAME, write_manifest
 from zoocompiler.exports.latency import measure_latency
-from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.rewrite.slicing import SliceableModel, rate_for_budget
 from zoocompiler.training import evaluate
 
@@ -59,12 +63,19 @@ def export_rates(
     say: Callable[[str], None] = lambda _msg: None,
     executor: Executor | None = None,
     trust_code: bool = False,
+    deploy: DeployOptions | None = None,
 ) -> dict[str, Any]:
     """Write ``rate_*.onnx``, ``manifest.json`` and ``rates.png`` for the trained ``directory`` into
     ``out_dir`` (a fresh staging directory) and return the manifest. Without ``rates``/``flops``:
     every valid rate ≥ the training lower bound. Each rate is an independent item of ``executor``
     (default: in-process, in order). ``trust_code``: see :func:`~.train.load_trained` (a ``python:``
-    spec in ``slice.json`` is refused without it)."""
+    spec in ``slice.json`` is refused without it). ``deploy``: the files' precision (default: fp32, the
+    latency table at ``latency_batch`` over ``runs``); each row's ``deploy`` is its file's precision result, the
+    manifest's ``deploy`` the largest rate's whole report (with the latency table when ``deploy.latency_runs``
+    > 0)."""
+    deploy = deploy or DeployOptions(latency_batch=latency_batch, latency_runs=runs)
+    deploy.check()
+    check_deployable(deploy)  # a CUDA provider without a GPU fails before any work
     model, record = load_trained(directory, trust_code=trust_code)
     lb = record["config"]["lb"]
     budgets: dict[float, float] = {}
@@ -76,14 +87,16 @@ def export_rates(
         chosen = model.valid_rates(lb)
     data = record["config"]["data"]
     test = load_dataset(data, "test")
+    calibration = load_dataset(data, "train").x if deploy.precision == "int8" or deploy.latency_runs else None
     shape = tuple(record["input_shape"])
     export_one = functools.partial(
         _export_rate, model=model, test=test, shape=shape, out_dir=out_dir, latency_batch=latency_batch, runs=runs,
-        say=say,
+        say=say, deploy=deploy, main=max(chosen), calibration=calibration,
     )
     stages = Stages()
     with stages("export"):
         rows = (executor or LocalExecutor()).map(export_one, chosen)
+    main_report = next(r for r in (row.pop("deploy_report") for row in rows) if r is not None)
     for row in rows:
         row["budget_macs"] = next((c for q, c in budgets.items() if same_rate(q, row["rate"])), None)
     full = next((row for row in rows if same_rate(row["rate"], 1.0)), None)
@@ -96,6 +109,9 @@ def export_rates(
         "lb": lb,
         "latency_batch": latency_batch,
         "threads": 1,
+        "precision": deploy.precision,
+        "io_types": deploy.io_types,
+        "deploy": main_report,
         "torch": torch.__version__,
         "full_macs": full["macs"] if full else model.macs_at(1.0),
         "timings": stages.timings,
@@ -115,14 +131,22 @@ def _export_rate(
     latency_batch: int,
     runs: int,
     say: Callable[[str], None],
+    deploy: DeployOptions,
+    main: float,
+    calibration: torch.Tensor | None,
 ) -> dict[str, Any]:
-    """Slice, export (parity checked), time and evaluate one rate; its manifest row."""
-    say(f"rate {r:g}: slice, export, time, evaluate")
+    """Slice, export (parity checked, at ``deploy.precision``), time and evaluate one rate; its manifest row, with
+    ``deploy_report`` (the whole deployment report, for the ``main`` rate only; None for the others)."""
+    is_main = same_rate(r, main)
+    say(f"rate {r:g}: slice, export ({deploy.precision}), time, evaluate")
     sliced = model.slice(r)
     path = out_dir / onnx_name(sliced.rate)
-    export = export_onnx(sliced.module, test.x[:2].clone(), path)
-    one = measure_latency(path, (1, *shape), runs=runs)
+    options = deploy if is_main else dataclasses.replace(deploy, latency_runs=0)  # one latency table: the main rate
+    report = export_deployable(sliced.module, test.x[:2].clone(), path, options, calibration=calibration,
+                               evaluation=(test.x, test.y))
+    one = measure_latency(path, (1, *shape), runs=runs)  # the file written, at its precision
     batch = measure_latency(path, (latency_batch, *shape), runs=max(5, runs // 3))
+    accuracy = evaluate(sliced.module, test)
     return {
         "rate": sliced.rate,
         "onnx": path.name,
@@ -130,8 +154,11 @@ def _export_rate(
         "macs": sliced.macs,
         "latency_ms": one.median_ms,
         "per_sample_ms": batch.median_ms / latency_batch,
-        "accuracy": evaluate(sliced.module, test),
-        "max_abs_diff": export.max_abs_diff,
+        "accuracy": accuracy,  # the PyTorch r-subnet (fp32)
+        "max_abs_diff": report.export.max_abs_diff,  # the fp32 export against PyTorch
+        "precision": report.precision,
+        "deploy": report.written(),
+        "deploy_report": report.to_dict(path.name) if is_main else None,
     }
 
 
