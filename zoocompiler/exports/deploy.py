@@ -176,7 +176,8 @@ def _build(precision: str, fp32_data: bytes, fp32_proto: onnx.ModelProto, model:
         int8 = quantize_int8(fp32_data, calibration.numpy())
         data = int8.data
         _set_parity(result, parity_stats(data, model, batches, providers), None)
-        result.notes = {"preprocessed": int8.preprocessed, "quantize_nodes": int8.quantized_nodes}
+        result.notes = {"preprocessed": int8.preprocessed, "quantize_nodes": int8.quantized_nodes,
+                        "reduce_range": int8.reduce_range}
     result.file_bytes = len(data)
     return data, result
 
