@@ -9,7 +9,8 @@ and their ONNX Runtime latencies side by side.
    build is a table row saying why, not an error.
 3. Checks per precision. fp16: parity against the fp32 PyTorch model on the export's batches, relative
    tolerance ``DEFAULT_ATOL_FP16`` (1e-2 of the output scale), on ``options.provider``; a failure names the
-   first node that leaves fp16's range when there is one. int8: parity is reported for information only; with
+   first node that leaves fp16's range when there is one. int8: parity, for information only, on up to 64 test (else
+   calibration) rows, in-distribution inputs whose ranges the calibration saw; with
    ``evaluation`` data (the task's test split), top-1 accuracy of each precision on ONNX Runtime and the change
    against fp32.
 4. Latency (``measure_latency``) per precision × provider × batch (1 and ``options.latency_batch``); the CUDA
@@ -160,8 +161,14 @@ def _set_parity(result: PrecisionResult, stats: ParityStats, tolerance: float | 
     result.tolerance, result.provider = tolerance, stats.provider
 
 
+INT8_PARITY_ROWS = 64
+
+
 def _build(precision: str, fp32_data: bytes, fp32_proto: onnx.ModelProto, model: nn.Module, batches: list,
-           options: DeployOptions, calibration: torch.Tensor | None) -> tuple[bytes, PrecisionResult]:
+           options: DeployOptions, calibration: torch.Tensor | None,
+           in_distribution: torch.Tensor | None) -> tuple[bytes, PrecisionResult]:
+    """One precision's model and its checks. int8's parity is measured on ``in_distribution`` rows (test rows, else
+    calibration rows): the export's second batch is noise, outside the calibrated ranges, where int8 clips."""
     result = PrecisionResult(precision)
     providers = [options.execution_provider]
     if precision == "fp32":
@@ -175,9 +182,11 @@ def _build(precision: str, fp32_data: bytes, fp32_proto: onnx.ModelProto, model:
             raise ZooError("--precision int8 needs data to calibrate on", INT8_NEEDS_DATA)
         int8 = quantize_int8(fp32_data, calibration.numpy())
         data = int8.data
-        _set_parity(result, parity_stats(data, model, batches, providers), None)
+        rows = (in_distribution if in_distribution is not None else calibration)[:INT8_PARITY_ROWS]
+        _set_parity(result, parity_stats(data, model, [rows], providers), None)
         result.notes = {"preprocessed": int8.preprocessed, "quantize_nodes": int8.quantized_nodes,
-                        "reduce_range": int8.reduce_range}
+                        "reduce_range": int8.reduce_range,
+                        "parity_rows": f"{len(rows)} {'test' if in_distribution is not None else 'calibration'} rows"}
     result.file_bytes = len(data)
     return data, result
 
@@ -212,6 +221,9 @@ def _latency_rows(models: dict[str, bytes], input_shape: tuple[int, ...], option
                 lat = measure_latency(data, (batch, *input_shape), runs=options.latency_runs,
                                       warmup=max(1, options.latency_runs // 5), threads=options.latency_threads,
                                       providers=[provider])
+                if lat.provider != provider:  # ONNX Runtime fell back (e.g. TensorRT's libraries missing)
+                    rows.append({**row, "status": "not available", "why": f"ONNX Runtime fell back to {lat.provider}"})
+                    continue
                 rows.append({**row, "status": "ok", "median_ms": lat.median_ms, "p10_ms": lat.p10_ms,
                              "p90_ms": lat.p90_ms, "threads": lat.threads})
     return rows
@@ -252,12 +264,20 @@ def export_deployable(
             say(f"{precision}: building and checking the model")
             try:
                 models[precision], results[precision] = _build(
-                    precision, fp32_data, fp32_proto, model, batches, options, sample
+                    precision, fp32_data, fp32_proto, model, batches, options, sample,
+                    None if evaluation is None else evaluation[0],
                 )
             except ZooError as err:
                 if precision == options.precision:
                     raise
                 results[precision] = PrecisionResult(precision, error=first_line(err, limit=300))
+    ran = results[options.precision].provider
+    if ran != options.execution_provider:
+        raise ExportError(
+            f"the {options.precision} model was to be checked on {options.execution_provider}, but ONNX Runtime ran "
+            f"it on {ran} (the provider failed to load)",
+            "check the CUDA/TensorRT installation (onnxruntime-gpu, CUDA and cuDNN versions), or pass --provider cpu",
+        )
     if options.latency_runs and "int8" not in results:
         results["int8"] = PrecisionResult("int8", error="no data to calibrate on (--data)")
     models = {p: models[p] for p in PRECISIONS if p in models}  # reports list precisions in one order
