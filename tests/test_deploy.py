@@ -380,3 +380,41 @@ def test_cli_prune_implied_round_to_that_prunes_nothing_says_where_it_came_from(
     assert_one_line_error(err, "--round-to 8 (target gpu (fp16 tensor cores, implied by --precision fp16)) is not "
                                "smaller than any prunable group (the largest has 8 units)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_accuracy_guard_keeps_stem_and_classifier_float(tmp_path, monkeypatch):
+    """Full int8 losing more than --int8-max-drop points is re-quantized with the first and last weighted nodes in
+    float, and the more accurate model is written (accuracies stubbed: 100 % fp32, 50 % full int8, 90 % guarded)."""
+    from zoocompiler.exports import deploy
+
+    def stem_is_float(proto: onnx.ModelProto) -> bool:
+        dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+        return next(n for n in proto.graph.node if n.op_type == "Conv").input[1] not in dequantized
+
+    def stub_accuracy(data, evaluation, providers):
+        proto = onnx.load_from_string(data)
+        if not any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
+            return 1.0
+        return 0.9 if stem_is_float(proto) else 0.5
+
+    monkeypatch.setattr(deploy, "_accuracy", stub_accuracy)
+    model = _trained_tiny()
+    test = _task(48, seed=4)
+    options = DeployOptions(precision="int8", latency_runs=0)
+    report = export_deployable(model, test[0][:2], tmp_path / "m.onnx", options, calibration=_task(64)[0],
+                               evaluation=test)
+    notes = report.chosen.notes
+    assert notes["full_int8_drop_points"] == pytest.approx(50.0)
+    written = onnx.load(tmp_path / "m.onnx")
+    assert stem_is_float(written)  # the guarded model was written
+    assert next(n for n in written.graph.node if n.op_type == "Conv").name in notes["float_nodes"]
+    assert len(notes["float_nodes"]) == 2 and notes["quantize_nodes"] > 0
+
+
+def test_int8_within_the_allowed_drop_stays_fully_int8(tmp_path):
+    model = _trained_tiny()
+    test = _task(96, seed=4)
+    options = DeployOptions(precision="int8", latency_runs=0, int8_max_drop=100.0)
+    report = export_deployable(model, test[0][:2], tmp_path / "m.onnx", options, calibration=_task(64)[0],
+                               evaluation=test)
+    assert report.chosen.notes["float_nodes"] == []

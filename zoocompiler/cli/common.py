@@ -286,6 +286,11 @@ def deploy_options(
         "--calibration-size", type=int, default=default_of(DeployOptions, "calibration_size"), metavar="N",
         help="int8: calibration rows, a seeded sample of the training split",
     )
+    group.add_argument(
+        "--int8-max-drop", type=float, default=default_of(DeployOptions, "int8_max_drop"), metavar="POINTS",
+        help="int8 with test data: losing more accuracy points than this re-quantizes with the stem and classifier "
+        "in float (the more accurate model is kept)",
+    )
     table_options = (
         ("--latency-batch", "latency_batch", "latency table: the batch measured besides 1"),
         ("--latency-runs", "latency_runs", "latency table: timed runs per cell (0: no table)"),

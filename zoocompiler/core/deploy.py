@@ -30,6 +30,8 @@ class DeployOptions:
     ``latency_batch``: the second batch size of the latency table (the first is 1); ``latency_runs`` timed runs
     per cell (0: no latency table); ``latency_threads``: ONNX Runtime intra-op threads. ``provider``: where
     the emitted model's parity/accuracy is checked ("cpu", "cuda", "tensorrt"). ``seed``: calibration sample.
+    ``int8_max_drop``: with evaluation data, an int8 model losing more accuracy points than this against fp32 is
+    quantized again with its first and last weighted layers in float, and the better of the two is kept.
     """
 
     precision: str = "fp32"
@@ -40,6 +42,7 @@ class DeployOptions:
     latency_threads: int = 1
     provider: str = "cpu"
     seed: int = 0
+    int8_max_drop: float = 1.0  # accuracy points int8 may lose before its stem and classifier stay float
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -51,6 +54,8 @@ class DeployOptions:
                 f"--io-types fp16 needs --precision fp16 (got --precision {self.precision})",
                 "pass --precision fp16, or drop --io-types",
             )
+        if not isinstance(self.int8_max_drop, int | float) or not self.int8_max_drop >= 0:
+            raise ZooError(f"bad --int8-max-drop {self.int8_max_drop}", "pass accuracy points >= 0, e.g. 1.0")
         if self.provider not in PROVIDERS:
             raise ZooError(f"unknown --provider {self.provider!r}", f"use one of: {', '.join(PROVIDERS)}")
         for flag, value, minimum in (

@@ -10,7 +10,8 @@ and their ONNX Runtime latencies side by side.
 3. Checks per precision. fp16: parity against the fp32 PyTorch model on the export's batches, relative
    tolerance ``DEFAULT_ATOL_FP16`` (1e-2 of the output scale), on ``options.provider``; a failure names the
    first node that leaves fp16's range when there is one. int8: parity, for information only, on up to 64 test (else
-   calibration) rows, in-distribution inputs whose ranges the calibration saw; with
+   calibration) rows, in-distribution inputs whose ranges the calibration saw; an int8 model losing more than
+   ``options.int8_max_drop`` accuracy points is quantized again with its stem and classifier in float; with
    ``evaluation`` data (the task's test split), top-1 accuracy of each precision on ONNX Runtime and the change
    against fp32.
 4. Latency (``measure_latency``) per precision × provider × batch (1 and ``options.latency_batch``); the CUDA
@@ -166,9 +167,9 @@ INT8_PARITY_ROWS = 64
 
 def _build(precision: str, fp32_data: bytes, fp32_proto: onnx.ModelProto, model: nn.Module, batches: list,
            options: DeployOptions, calibration: torch.Tensor | None,
-           in_distribution: torch.Tensor | None) -> tuple[bytes, PrecisionResult]:
-    """One precision's model and its checks. int8's parity is measured on ``in_distribution`` rows (test rows, else
-    calibration rows): the export's second batch is noise, outside the calibrated ranges, where int8 clips."""
+           evaluation: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[bytes, PrecisionResult]:
+    """One precision's model and its checks. int8's parity is measured on up to 64 evaluation rows (else calibration
+    rows): the export's second batch is noise, outside the calibrated ranges, where int8 clips."""
     result = PrecisionResult(precision)
     providers = [options.execution_provider]
     if precision == "fp32":
@@ -180,15 +181,36 @@ def _build(precision: str, fp32_data: bytes, fp32_proto: onnx.ModelProto, model:
     else:
         if calibration is None:
             raise ZooError("--precision int8 needs data to calibrate on", INT8_NEEDS_DATA)
-        int8 = quantize_int8(fp32_data, calibration.numpy())
-        data = int8.data
-        rows = (in_distribution if in_distribution is not None else calibration)[:INT8_PARITY_ROWS]
+        data, result.notes = _guarded_int8(fp32_data, calibration, evaluation, options)
+        rows = (evaluation[0] if evaluation is not None else calibration)[:INT8_PARITY_ROWS]
         _set_parity(result, parity_stats(data, model, [rows], providers), None)
-        result.notes = {"preprocessed": int8.preprocessed, "quantize_nodes": int8.quantized_nodes,
-                        "reduce_range": int8.reduce_range,
-                        "parity_rows": f"{len(rows)} {'test' if in_distribution is not None else 'calibration'} rows"}
+        result.notes["parity_rows"] = f"{len(rows)} {'test' if evaluation is not None else 'calibration'} rows"
     result.file_bytes = len(data)
     return data, result
+
+
+def _guarded_int8(fp32: bytes, calibration: torch.Tensor, evaluation: tuple[torch.Tensor, torch.Tensor] | None,
+                  options: DeployOptions) -> tuple[bytes, dict[str, object]]:
+    """Full int8; with evaluation data, if it loses more than ``options.int8_max_drop`` accuracy points against
+    fp32, int8 again with the stem and classifier in float, keeping the more accurate (full int8 on a tie)."""
+    full = quantize_int8(fp32, calibration.numpy())
+    notes: dict[str, object] = {"preprocessed": full.preprocessed, "reduce_range": full.reduce_range}
+    chosen = full
+    if evaluation is not None:
+        providers = [options.execution_provider]
+        base, quantized = (_accuracy(data, evaluation, providers) for data in (fp32, full.data))
+        drop = 100 * (base - quantized)
+        notes["full_int8_drop_points"] = drop
+        if drop > options.int8_max_drop:
+            ends = quantize_int8(fp32, calibration.numpy(), keep_ends_float=True)
+            if _accuracy(ends.data, evaluation, providers) > quantized:
+                chosen = ends
+    notes.update({"quantize_nodes": chosen.quantized_nodes, "float_nodes": list(chosen.float_nodes)})
+    return chosen.data, notes
+
+
+def _accuracy(data: bytes, evaluation: tuple[torch.Tensor, torch.Tensor], providers: list[str]) -> float:
+    return float((_predictions(data, evaluation[0], providers) == evaluation[1].numpy()).mean())
 
 
 def _evaluate(results: dict[str, PrecisionResult], models: dict[str, bytes], evaluation, providers) -> None:
@@ -264,8 +286,7 @@ def export_deployable(
             say(f"{precision}: building and checking the model")
             try:
                 models[precision], results[precision] = _build(
-                    precision, fp32_data, fp32_proto, model, batches, options, sample,
-                    None if evaluation is None else evaluation[0],
+                    precision, fp32_data, fp32_proto, model, batches, options, sample, evaluation
                 )
             except ZooError as err:
                 if precision == options.precision:

@@ -9,7 +9,9 @@
 * **int8**: ONNX Runtime static quantization in QDQ format (``quantize_static``): per-channel int8 weights,
   uint8 activations (U8S8: ONNX Runtime's x86 int8 kernels take uint8 activations; S8S8 measured 3.8× slower
   than U8S8 on ResNet-18 here, no faster than fp32), ranges calibrated (MinMax) on a sample of the task's data,
-  after ORT's quantization pre-processing (shape inference, graph optimisation). On an x86 CPU without VNNI,
+  after ORT's quantization pre-processing (shape inference, graph optimisation). ``keep_ends_float`` leaves the
+  first and the last weighted op (Conv/MatMul/Gemm: the stem and the classifier) in float, the usual remedy when
+  full int8 loses accuracy (the caller decides: ``exports.deploy``'s accuracy guard). On an x86 CPU without VNNI,
   weights use 7 bits (``reduce_range``): the AVX2 U8S8 kernels can saturate otherwise.
 * :func:`fp16_overflow` finds the first node whose float32 values exceed fp16's range on given inputs: the
   node to name when an fp16 model's outputs overflow.
@@ -47,6 +49,7 @@ FP32_OPS = (
     "Pow",
 )
 CALIBRATION_BATCH = 32
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # ONNX Runtime's converter and quantizer log through the root logger (e.g. "Axis 1 is out-of-range for weight"
 # on per-channel biases): kept off the terminal while they run
 _QUIET = (*LIBRARY_LOGGERS, "onnxruntime", "root")
@@ -163,6 +166,7 @@ class Int8Model:
     preprocessed: bool  # ORT's quant_pre_process ran (False: it failed and the raw fp32 graph was quantized)
     quantized_nodes: int  # QuantizeLinear nodes in the graph
     reduce_range: bool  # 7-bit weights (an x86 CPU without VNNI)
+    float_nodes: tuple[str, ...] = ()  # weighted nodes left in float: the first and the last
 
 
 def _x86_without_vnni() -> bool:
@@ -178,8 +182,15 @@ def _x86_without_vnni() -> bool:
     return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def quantize_int8(fp32: bytes, calibration: np.ndarray) -> Int8Model:
-    """Static QDQ int8 quantization of the serialised fp32 model, calibrated on ``calibration`` (N×…, float32)."""
+def float_ends(model: onnx.ModelProto) -> list[str]:
+    """Names of the first and the last weighted node (graph order): the ones int8 leaves in float."""
+    weighted = [n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and n.name]
+    return list(dict.fromkeys(weighted[:1] + weighted[-1:]))
+
+
+def quantize_int8(fp32: bytes, calibration: np.ndarray, *, keep_ends_float: bool = False) -> Int8Model:
+    """Static QDQ int8 quantization of the serialised fp32 model, calibrated on ``calibration`` (N×…, float32);
+    with ``keep_ends_float``, the first and the last weighted node stay float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -206,6 +217,7 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> Int8Model:
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=(kept := float_ends(onnx.load(str(source))) if keep_ends_float else []),
             )
         except Exception as err:  # noqa: BLE001 - ORT's quantizer raises untyped errors
             raise ExportError(
@@ -213,4 +225,4 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> Int8Model:
             ) from err
         data = out.read_bytes()
     quantized = sum(n.op_type == "QuantizeLinear" for n in onnx.load_from_string(data).graph.node)
-    return Int8Model(data, len(calibration), preprocessed, quantized, _x86_without_vnni())
+    return Int8Model(data, len(calibration), preprocessed, quantized, _x86_without_vnni(), tuple(kept))
