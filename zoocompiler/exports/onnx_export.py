@@ -445,7 +445,7 @@ def export_onnx_bytes(
     check: bool = True,
     providers: list[str] | None = None,
     exporters: Sequence[str] = EXPORTERS,
-) -> ExportReport:
+) -> tuple[bytes, ExportReport]:
     """Export ``model`` (run in eval mode; its mode is restored) and verify it, in memory: the serialised
     ONNX model and its report (``path`` empty). Arguments and errors as :func:`export_onnx`.
 
