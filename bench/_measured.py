@@ -4,10 +4,12 @@ versions), add the figures derived from them, write the JSON; then print the tab
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,15 @@ def run_measured(args: argparse.Namespace, console: Console, run: Callable[[argp
                machine=platform.platform(), python=sys.version.split()[0], torch=torch.__version__)
     doc.update(derive(doc))
     write_json_atomic(args.out, doc)
+    return doc
+
+
+def rederived(path: Path, derive: Callable[[Doc], Doc]) -> Doc:
+    """A ``--render-only`` run's document: the JSON at ``path`` with ``derive(doc)``'s keys recomputed (the rules
+    may have changed since the measurement), written back."""
+    doc = json.loads(path.read_text())
+    doc.update(derive(doc))
+    write_json_atomic(path, doc)
     return doc
 
 

@@ -32,11 +32,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from _measured import run_measured, show  # bench/_measured.py (this script's folder is on sys.path)
+from _measured import rederived, run_measured, show  # bench/_measured.py (this script's folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
-from zoocompiler.core.atomic import write_json_atomic
 from zoocompiler.core.plots import pyplot, save_png
 from zoocompiler.ir import graph_info, node_info
 from zoocompiler.passes.analysis import gc_paused, trace
@@ -225,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown models {unknown}; use some of: {', '.join(MODELS)}")
     console = Console(width=160)
     if args.render_only:
-        doc = json.loads(args.out.read_text())
-        doc.update(derived(doc))
-        write_json_atomic(args.out, doc)
+        doc = rederived(args.out, derived)
     else:
         if args.quick:
             args.models, args.sizes, args.runs, args.warmup = ["resnet50", "mobilenet_v3_large"], [64], 3, 1

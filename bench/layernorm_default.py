@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -49,12 +48,11 @@ import numpy as np
 import onnxruntime
 import torch
 import torch.nn as nn
-from _measured import run_measured, show  # bench/_measured.py (this script's folder is on sys.path)
+from _measured import rederived, run_measured, show  # bench/_measured.py (this script's folder is on sys.path)
 from rewrite import Setup, export_variant, interleaved_latency  # bench/rewrite.py: the same export and timing path
 from rich.console import Console
 from rich.table import Table
 
-from zoocompiler.core.atomic import write_json_atomic
 from zoocompiler.core.plots import pyplot, save_png
 from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.analysis import run_analysis, trace
@@ -543,9 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown models {unknown}; use some of: {', '.join(MODELS)}")
     console = Console(width=200)
     if args.render_only:
-        doc = json.loads(args.out.read_text())
-        doc.update(derived(doc))
-        write_json_atomic(args.out, doc)
+        doc = rederived(args.out, derived)
         if args.markdown:
             render(doc, console, markdown=True)
             return 0

@@ -260,12 +260,13 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     deploy = export_deployable(model, x, args.out, options, calibration=calibration, evaluation=evaluation,
                                progress=progress(args))
+    report = jsonable(deploy.to_dict())
     return {
         "spec": args.spec,
         "input_shape": list(x.shape),
-        "export": jsonable(deploy.export),
-        "deploy": jsonable(deploy.to_dict()),
-        "latency": chosen_latency(deploy.to_dict()),
+        "export": report["export"],
+        "deploy": report,
+        "latency": chosen_latency(report),
     }
 
 

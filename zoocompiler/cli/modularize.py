@@ -118,7 +118,7 @@ def cmd_modularize_extract(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def reuse_config(args: argparse.Namespace) -> ModularizeReuseConfig:
-    check_at_least(args, 0, "seed", "runs")
+    check_at_least(args, 0, "seed")  # --runs: deploy_from_args
     return config_from_args(ModularizeReuseConfig, args, classes=parse_classes(args.classes),
                             deploy=deploy_from_args(args))
 

@@ -110,7 +110,7 @@ def _planned_classes(zoo: str, out: Path) -> int:
 
 def slice_config(args: argparse.Namespace) -> PackSliceConfig:
     """The ``PackSliceConfig`` the command line asks for."""
-    check_at_least(args, 0, "seed", "runs")
+    check_at_least(args, 0, "seed")  # --runs: deploy_from_args
     return config_from_args(PackSliceConfig, args, deploy=deploy_from_args(args))
 
 
@@ -135,7 +135,7 @@ def cmd_pack_slice(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_config(args: argparse.Namespace) -> PackBuildConfig:
-    check_at_least(args, 0, "seed", "runs")
+    check_at_least(args, 0, "seed")  # --runs: deploy_from_args
     return config_from_args(PackBuildConfig, args, classes=parse_classes(args.classes), deploy=deploy_from_args(args))
 
 

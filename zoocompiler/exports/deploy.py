@@ -165,16 +165,22 @@ def _set_parity(result: PrecisionResult, stats: ParityStats, tolerance: float | 
 INT8_PARITY_ROWS = 64
 
 
-def _build(precision: str, fp32_data: bytes, fp32_proto: onnx.ModelProto, model: nn.Module, batches: list,
+def _build(precision: str, fp32_data: bytes, export: ExportReport, model: nn.Module, batches: list,
            options: DeployOptions, calibration: torch.Tensor | None,
            evaluation: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[bytes, PrecisionResult]:
-    """One precision's model and its checks. int8's parity is measured on up to 64 evaluation rows (else calibration
-    rows): the export's second batch is noise, outside the calibrated ranges, where int8 clips."""
+    """One precision's model and its checks. fp32's parity is the export's own when it ran on ``options.provider``
+    (same batches). int8's parity is measured on up to 64 evaluation rows (else calibration rows): the export's
+    second batch is noise, outside the calibrated ranges, where int8 clips."""
     result = PrecisionResult(precision)
     providers = [options.execution_provider]
+    fp32_proto = onnx.load_from_string(fp32_data) if precision == "fp16" else None
     if precision == "fp32":
         data = fp32_data
-        _set_parity(result, parity_stats(data, model, batches, providers), None)
+        if export.provider == options.execution_provider:  # the export checked these batches there already
+            result.max_abs_diff, result.rel_diff = export.max_abs_diff, export.rel_diff
+            result.provider = export.provider
+        else:
+            _set_parity(result, parity_stats(data, model, batches, providers), None)
     elif precision == "fp16":
         data = to_fp16(fp32_proto, io_types=options.io_types).SerializeToString()
         _verify_fp16(result, data, fp32_proto, model, batches, providers)
@@ -275,7 +281,6 @@ def export_deployable(
         raise ZooError("--precision int8 needs data to calibrate on", INT8_NEEDS_DATA)
     sample = None if calibration is None else calibration_sample(calibration, options.calibration_size, options.seed)
     fp32_data, export = export_onnx_bytes(model, example_input)
-    fp32_proto = onnx.load_from_string(fp32_data)
     batches = [example_input]
     if export.dynamic_batch and len(export.batch_sizes_checked) > 1:
         batches.append(second_batch(example_input, export.batch_sizes_checked[1]))
@@ -286,7 +291,7 @@ def export_deployable(
             say(f"{precision}: building and checking the model")
             try:
                 models[precision], results[precision] = _build(
-                    precision, fp32_data, fp32_proto, model, batches, options, sample, evaluation
+                    precision, fp32_data, export, model, batches, options, sample, evaluation
                 )
             except ZooError as err:
                 if precision == options.precision:
