@@ -47,7 +47,7 @@ def test_map_keeps_item_order_and_equals_local(local_ray):
 
 
 def test_a_failing_item_is_named(local_ray):
-    with pytest.raises(ZooError, match=r"item 3 of 5 failed on a Ray worker: ValueError: 3 is not allowed"):
+    with pytest.raises(ZooError, match=r"item 4 of 5 \(3\) failed on a Ray worker: ValueError: 3 is not allowed"):
         local_ray.map(_fails_on(3), range(5))
 
 

@@ -11,10 +11,13 @@
   run on the same ``out`` are removed by the next one.
 * **One report writer.** :func:`write_report` writes ``report.json`` through the one JSON sanitiser.
 * **An executor seam.** Loops whose items are independent (per model, per candidate, per rate) go
-  through ``Executor.map(fn, items)``. :class:`LocalExecutor` runs them in-process in order; a
-  distributed executor runs the same items elsewhere. Results must not depend on the executor:
-  ``fn`` gets everything it needs from its item and its bound arguments, and ``map`` returns results
-  in item order.
+  through ``Executor.map(fn, items)``; items that write files go through ``map_writing(fn, items, folder)``
+  (``fn(item, folder)`` writes into the folder it is given, which is ``folder`` itself in-process and a
+  worker's private folder elsewhere, whose files the executor places into ``folder``); latency runs through
+  ``at_target(fn, *args)``, on the driver or the node the user names, never on an arbitrary worker.
+  :class:`LocalExecutor` runs everything in-process in order; ``executors.RayExecutor`` runs the same items
+  on Ray. Results must not depend on the executor: ``fn`` gets everything it needs from its item and its
+  bound arguments (no progress callbacks: :func:`local_only`), and ``map`` returns results in item order.
 """
 
 from __future__ import annotations
@@ -36,16 +39,36 @@ Progress = Callable[[str], None]
 
 
 class Executor(Protocol):
-    """Runs ``fn`` on every item; returns the results in item order."""
+    """Runs ``fn`` on every item; returns the results in item order. ``remote``: items run in other processes."""
+
+    remote: bool
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]: ...
+
+    def map_writing(self, fn: Callable[[T, Path], R], items: Iterable[T], folder: Path) -> list[R]: ...
+
+    def at_target(self, fn: Callable[..., R], *args: Any) -> R: ...
 
 
 class LocalExecutor:
     """The default executor: in-process, one item after the other, in order."""
 
+    remote = False
+
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         return [fn(item) for item in items]
+
+    def map_writing(self, fn: Callable[[T, Path], R], items: Iterable[T], folder: Path) -> list[R]:
+        return [fn(item, Path(folder)) for item in items]
+
+    def at_target(self, fn: Callable[..., R], *args: Any) -> R:
+        return fn(*args)
+
+
+def local_only(executor: Executor | None, callback: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """``callback`` when ``executor`` runs items in this process, else None (a remote item reports no progress
+    of its own: the executor reports items done)."""
+    return None if executor is not None and executor.remote else callback
 
 
 class PipelineConfig(Protocol):
