@@ -1,9 +1,9 @@
 """What crosses between the driver and a Ray worker: sealed payloads (cloudpickle + sha256) and written files.
 
 * **Traced graphs keep their annotations.** A ``torch.fx.GraphModule`` pickles by re-tracing its generated code,
-  which drops every node's ``meta`` (shapes, the analysis passes' ``zc`` records). :func:`seal` pickles it with
-  its nodes' names and ``meta`` and the receiver re-attaches them, refusing a graph whose nodes came back
-  different.
+  which drops every node's ``meta`` (shapes, the analysis passes' ``zc`` records) and may rename nodes. :func:`seal`
+  sends its graph node by node instead (name, op, target, arguments, ``meta``) with its modules, and the receiver
+  rebuilds the same graph: same names, same annotations.
 * **Checked before use.** A :class:`Sealed` payload carries the sha256 of its bytes; :func:`unseal` recomputes it
   and raises ``ZooError`` naming the payload on a mismatch, so a result that left a worker is verified before a
   pipeline uses it.
@@ -34,28 +34,62 @@ class Sealed:
     sha256: str
 
 
-def _restore_graph_module(rebuild, args, names: list[str], metas: list[dict]):
-    gm = rebuild(*args)
-    nodes = list(gm.graph.nodes)
-    if [n.name for n in nodes] != names:
-        raise ZooError("a traced graph changed its nodes when it was sent to a Ray worker",
-                       "run with --executor local; report the model")
-    for node, meta in zip(nodes, metas, strict=True):
-        node.meta.update(meta)
+def _graph_records(gm) -> tuple[list[tuple], dict]:
+    """``gm``'s nodes as (name, op, target, args, kwargs, meta) with node arguments as names, and its own meta."""
+    import torch.fx as fx
+
+    def names(value):
+        return fx.node.map_arg(value, lambda n: _NodeName(n.name))
+
+    records = [(n.name, n.op, n.target, names(n.args), names(n.kwargs), dict(n.meta), n.type) for n in gm.graph.nodes]
+    return records, dict(gm.meta)
+
+
+@dataclass(frozen=True)
+class _NodeName:
+    name: str
+
+
+def _rebuild_graph_module(root, records: list[tuple], meta: dict, codegen, tracer_cls, class_name: str):
+    import torch.fx as fx
+    from torch.utils._pytree import tree_map
+
+    graph = fx.Graph(tracer_cls=tracer_cls)
+    graph._codegen = codegen
+    made: dict[str, fx.Node] = {}
+
+    def nodes(value):
+        return tree_map(lambda v: made[v.name] if isinstance(v, _NodeName) else v, value)
+
+    for name, op, target, args, kwargs, node_meta, type_ in records:
+        node = graph.create_node(op, target, nodes(args), nodes(kwargs), name=name, type_expr=type_)
+        if node.name != name:
+            raise ZooError(f"a traced graph's node {name!r} came back as {node.name!r} on a Ray worker",
+                           "run with --executor local; report the model")
+        node.meta.update(node_meta)
+        made[name] = node
+    gm = fx.GraphModule(root, graph, class_name=class_name)
+    gm.meta.update(meta)
     return gm
 
 
 def _pickler_class():
     import torch
     import torch.fx as fx
+    import torch.nn as nn
     from ray import cloudpickle
 
     class GraphPickler(cloudpickle.CloudPickler):
         def reducer_override(self, obj):
             if isinstance(obj, fx.GraphModule):
-                rebuild, args = obj.__reduce__()[:2]
-                nodes = list(obj.graph.nodes)
-                return _restore_graph_module, (rebuild, args, [n.name for n in nodes], [dict(n.meta) for n in nodes])
+                root = nn.Module()
+                root._modules, root._parameters, root._buffers = obj._modules, obj._parameters, obj._buffers
+                for name, value in obj.__dict__.items():  # get_attr targets that are plain tensors or constants
+                    if not name.startswith("_") and name not in ("training", "meta", "shape_env"):
+                        root.__dict__[name] = value
+                records, meta = _graph_records(obj)
+                return _rebuild_graph_module, (root, records, meta, obj.graph._codegen, obj.graph._tracer_cls,
+                                               type(obj).__name__)
             if isinstance(obj, torch.memory_format):  # in tensor_meta; pickles by a name only `torch` resolves
                 return getattr, (torch, str(obj).removeprefix("torch."))
             return super().reducer_override(obj)
