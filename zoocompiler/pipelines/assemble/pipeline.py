@@ -98,7 +98,7 @@ def analyse_zoo(
     sizes = ", ".join(f"{k} {v}" for k, v in task.sizes().items())
     say(progress, f"task {config.data} at {tuple(task.input_shape)}: {task.num_classes} classes ({sizes})")
     say(progress, f"loading and tracing the zoo ({config.zoo})")
-    members = load_members(config.zoo, task.input_shape)
+    members = load_members(config.zoo, task.input_shape, executor=executor)
     probe = probe_batch(task.fit, config.probe_fraction, seed=config.seed)
     say(progress, f"cut-point similarity (linear CKA, {config.pool} pooling) on {len(probe)} probe images")
     sim = zoo_similarity(

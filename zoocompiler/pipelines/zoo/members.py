@@ -7,6 +7,7 @@ previous spec as a ``key=value`` option, and a bare demo-zoo name stands for ``z
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import torch.nn as nn
 from zoocompiler.core.errors import InputShapeError, ZooError
 from zoocompiler.passes.analysis.activations import assembly_positions
 from zoocompiler.passes.analysis.cut_points import CutPoint
+
+from ..base import Executor, LocalExecutor, local_only
 
 TRACE_BATCH = 2
 
@@ -126,12 +129,17 @@ def load_member(spec: str, input_shape: Sequence[int]) -> ZooMember:
 
 
 def load_members(
-    zoo: str, input_shape: Sequence[int], progress: Callable[[str], None] | None = None
+    zoo: str, input_shape: Sequence[int], progress: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
 ) -> list[ZooMember]:
-    """Every model of ``--zoo``, traced at the data's ``input_shape``."""
-    members = []
-    for spec in zoo_specs(zoo):
-        if progress is not None:
-            progress(spec)
-        members.append(load_member(spec, input_shape))
-    return members
+    """Every model of ``--zoo``, traced at the data's ``input_shape``; each model is an item of ``executor``
+    (default: in-process, in order)."""
+    load = functools.partial(_load_reporting, input_shape=tuple(int(s) for s in input_shape),
+                             progress=local_only(executor, progress))
+    return (executor or LocalExecutor()).map(load, zoo_specs(zoo))
+
+
+def _load_reporting(spec: str, input_shape: tuple[int, ...], progress: Callable[[str], None] | None) -> ZooMember:
+    if progress is not None:
+        progress(spec)
+    return load_member(spec, input_shape)

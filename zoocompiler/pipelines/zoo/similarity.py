@@ -32,7 +32,7 @@ from zoocompiler.passes.analysis.activations import assembly_positions, cut_poin
 from zoocompiler.passes.analysis.cut_points import CutPoint
 from zoocompiler.solvers.cka import cka_from_packed, packed_gram
 
-from ..base import Executor, LocalExecutor
+from ..base import Executor, LocalExecutor, local_only
 
 CODE_VERSION = "zoo-similarity-1"  # bump when activations, pooling or CKA change meaning
 _LOG = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def compute_similarity_matrix(
     """
     grams_of = functools.partial(
         _model_grams, positions=positions, probe=probe, pool=pool, unbiased=unbiased,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=local_only(executor, progress),
     )  # fmt: skip
     per_model = (executor or LocalExecutor()).map(grams_of, list(graphs.items()))
     return cka_from_packed([g for grams in per_model for g in grams], unbiased=unbiased)
