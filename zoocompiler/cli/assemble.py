@@ -19,6 +19,8 @@ from .common import (
     default_of,
     deploy_from_args,
     deploy_options,
+    executor_from_args,
+    executor_options,
     json_option,
     out_dir_options,
     progress,
@@ -82,7 +84,7 @@ def cmd_partition(args: argparse.Namespace) -> dict[str, Any]:
     from zoocompiler.core.budget import Budget
     from zoocompiler.pipelines.assemble.pipeline import analyse_zoo, pickable_per_set
 
-    analysis = analyse_zoo(_config(args, Budget()), progress(args))
+    analysis = analyse_zoo(_config(args, Budget()), progress(args), executor_from_args(args))
     part = analysis.partition
     return {
         "zoo": [m.spec for m in analysis.members],
@@ -105,7 +107,8 @@ def cmd_assemble(args: argparse.Namespace) -> dict[str, Any]:
 
     config = _config(args, Budget.parse(args.budget))
     out = Path(args.out)
-    report = run_staged(config, out, args.force, lambda staging: assemble(config, staging, progress(args)))
+    executor = executor_from_args(args)
+    report = run_staged(config, out, args.force, lambda staging: assemble(config, staging, progress(args), executor))
     report["files"] = written_files(out)
     for export in (report["export"], report["deploy"]["export"]):
         if export["path"]:
@@ -257,6 +260,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         epilog="example:\n  zoocompile partition --zoo demo -K 4 --eps 0.2 --restarts 200",
     )
     _zoo_options(part)
+    executor_options(part, latency=False)
     part.set_defaults(run=cmd_partition, render=render_partition)
 
     asm = commands.add_parser(
@@ -286,5 +290,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     asm.add_argument("--tune", choices=TUNE_MODES, default=default_of(CONFIG, "tune"), help="tuning protocol")
     asm.add_argument("--epochs", type=int, default=default_of(CONFIG, "epochs"), metavar="N", help="tuning epochs")
     _zoo_options(asm)
+    executor_options(asm)
     deploy_options(asm)  # int8 calibrates on the task's training split (--data) and is scored on its test split
     asm.set_defaults(run=cmd_assemble, render=render_assemble)

@@ -254,6 +254,36 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# ----------------------------------------------------------------------------- executor
+
+
+def executor_options(parser: argparse.ArgumentParser, latency: bool = True) -> None:
+    """``--executor local|ray|ray=ADDRESS`` and (``latency``: the command measures latency) ``--latency-node IP``."""
+    group = parser.add_argument_group("scale-out (docs/scale.md)")
+    group.add_argument(
+        "--executor", default="local", metavar="local|ray|ray=ADDRESS",
+        help="where independent items run: in this process (local, default), on a local Ray instance (ray) or "
+        "on the Ray cluster at ADDRESS (what `ray start --head` prints); results are the same",
+    )
+    if latency:
+        group.add_argument(
+            "--latency-node", metavar="IP",
+            help="with --executor ray=ADDRESS: measure latency on the cluster node with this IP (the target "
+            "hardware); default: this machine, never an arbitrary worker",
+        )
+
+
+def executor_from_args(args: argparse.Namespace):
+    """The executor of ``--executor``/``--latency-node``, connected now (a bad address, an unreachable cluster or
+    workers with another version fail before any work); its progress messages follow the command's."""
+    from zoocompiler.pipelines.executors import parse_executor
+
+    executor = parse_executor(args.executor, getattr(args, "latency_node", None), progress=progress(args))
+    if executor.remote:
+        executor.connect()
+    return executor
+
+
 # ----------------------------------------------------------------------------- deployment precision
 
 

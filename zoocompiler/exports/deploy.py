@@ -21,10 +21,12 @@ and their ONNX Runtime latencies side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -84,6 +86,8 @@ class DeployReport:
     precisions: dict[str, PrecisionResult]
     latency: list[dict[str, object]]
     calibration: dict[str, object] | None
+    untimed: dict[str, bytes] = field(default_factory=dict, repr=False)  # time_latency=False: what to time later
+    input_shape: tuple[int, ...] = ()  # per sample
 
     @property
     def chosen(self) -> PrecisionResult:
@@ -96,7 +100,8 @@ class DeployReport:
     def to_dict(self, name: str | None = None) -> dict:
         """JSON-able; ``name``: the written file's path as the caller's output directory has it (a staged run
         writes elsewhere first), for ``path`` and, when fp32 was written, ``export.path``."""
-        d = asdict(self)
+        d = asdict(dataclasses.replace(self, untimed={}))
+        del d["untimed"], d["input_shape"]
         d["export"] = self.export.to_dict()
         if name is not None:
             d["path"] = name
@@ -232,8 +237,11 @@ def _evaluate(results: dict[str, PrecisionResult], models: dict[str, bytes], eva
             r.accuracy_change = r.accuracy - float((base == labels).mean())
 
 
-def _latency_rows(models: dict[str, bytes], input_shape: tuple[int, ...], options: DeployOptions,
-                  say: Callable[[str], None]) -> list[dict[str, object]]:
+def latency_table(models: dict[str, bytes], input_shape: tuple[int, ...], options: DeployOptions,
+                  say: Callable[[str], None] | None = None) -> list[dict[str, object]]:
+    """The latency rows of ``models`` (precision → ONNX bytes) per provider × precision × batch (1 and
+    ``options.latency_batch``) on this machine; ``input_shape`` is per sample."""
+    say = say or (lambda _text: None)
     providers = ["CPUExecutionProvider", "CUDAExecutionProvider"]
     providers += [p for p in GPU_PROVIDERS if p in available_providers() and p not in providers]
     rows: list[dict[str, object]] = []
@@ -266,9 +274,13 @@ def export_deployable(
     calibration: torch.Tensor | None = None,
     evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
+    time_latency: bool = True,
 ) -> DeployReport:
     """Export ``model`` at ``options.precision`` to ``path``, verified, with the other precisions measured.
 
+    ``time_latency=False`` builds everything the latency table needs but leaves it empty, keeping the models in
+    ``untimed``: :func:`time_report` times them later, where the target is (a pipeline's workers build, the
+    driver or ``--latency-node`` times).
     ``calibration``: float inputs to sample int8 calibration rows from (e.g. the task's training split);
     ``evaluation``: ``(x, y)`` of the task's test split for per-precision accuracy. Raises ``ZooError`` (int8
     without ``calibration``, an unusable provider), ``ExportError`` (fp16 overflow naming the node, a failed
@@ -311,7 +323,9 @@ def export_deployable(
     if evaluation is not None:
         say(f"accuracy of {', '.join(models)} on {len(evaluation[0])} test rows")
         _evaluate(results, models, evaluation, [options.execution_provider])
-    latency = _latency_rows(models, tuple(example_input.shape[1:]), options, say) if options.latency_runs else []
+    shape = tuple(example_input.shape[1:])
+    timed = options.latency_runs and time_latency
+    latency = latency_table(models, shape, options, say) if timed else []
     data = models[options.precision]
     write_bytes_atomic(path, data)
     if options.precision == "fp32":
@@ -321,4 +335,18 @@ def export_deployable(
     return DeployReport(
         path=str(Path(path)), precision=options.precision, io_types=options.io_types, file_bytes=len(data),
         export=export, precisions=results, latency=latency, calibration=calibration_info,
+        untimed=models if options.latency_runs and not time_latency else {}, input_shape=shape,
     )
+
+
+def time_report(report: DeployReport, options: DeployOptions, at: Callable[..., Any] | None = None,
+                progress: Callable[[str], None] | None = None) -> DeployReport:
+    """Fill ``report.latency`` from its ``untimed`` models (``export_deployable(time_latency=False)``) through
+    ``at(latency_table, models, input_shape, options)`` (default: here), and drop the models."""
+    if report.untimed:
+        if at is None:
+            report.latency = latency_table(report.untimed, report.input_shape, options, progress)
+        else:
+            report.latency = at(latency_table, report.untimed, report.input_shape, options)
+        report.untimed = {}
+    return report

@@ -14,7 +14,7 @@
   through ``Executor.map(fn, items)``; items that write files go through ``map_writing(fn, items, folder)``
   (``fn(item, folder)`` writes into the folder it is given, which is ``folder`` itself in-process and a
   worker's private folder elsewhere, whose files the executor places into ``folder``); latency runs through
-  ``at_target(fn, *args)``, on the driver or the node the user names, never on an arbitrary worker.
+  ``at_target(fn, *args, **kwargs)``, on the driver or the node the user names, never on an arbitrary worker.
   :class:`LocalExecutor` runs everything in-process in order; ``executors.RayExecutor`` runs the same items
   on Ray. Results must not depend on the executor: ``fn`` gets everything it needs from its item and its
   bound arguments (no progress callbacks: :func:`local_only`), and ``map`` returns results in item order.
@@ -47,7 +47,7 @@ class Executor(Protocol):
 
     def map_writing(self, fn: Callable[[T, Path], R], items: Iterable[T], folder: Path) -> list[R]: ...
 
-    def at_target(self, fn: Callable[..., R], *args: Any) -> R: ...
+    def at_target(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R: ...
 
 
 class LocalExecutor:
@@ -61,8 +61,8 @@ class LocalExecutor:
     def map_writing(self, fn: Callable[[T, Path], R], items: Iterable[T], folder: Path) -> list[R]:
         return [fn(item, Path(folder)) for item in items]
 
-    def at_target(self, fn: Callable[..., R], *args: Any) -> R:
-        return fn(*args)
+    def at_target(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        return fn(*args, **kwargs)
 
 
 def local_only(executor: Executor | None, callback: Callable[..., Any] | None) -> Callable[..., Any] | None:

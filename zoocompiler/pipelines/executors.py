@@ -49,8 +49,8 @@ def _call_writing(fn: Sealed, item: Sealed) -> Sealed:
         return seal((result, collect_files(Path(folder))))
 
 
-def _call_plain(fn: Sealed, *args: Any) -> Sealed:
-    return seal(unseal(fn, "the function")(*args))
+def _call_plain(fn: Sealed, *args: Any, **kwargs: Any) -> Sealed:
+    return seal(unseal(fn, "the function")(*args, **kwargs))
 
 
 def _label(item: Any, index: int, count: int) -> str:
@@ -133,16 +133,16 @@ class RayExecutor:
             out.append(result)
         return out
 
-    def at_target(self, fn: Callable[..., R], *args: Any) -> R:
-        """``fn(*args)`` on the driver, or, with ``latency_node``, as a task pinned to that node."""
+    def at_target(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """``fn(*args, **kwargs)`` on the driver, or, with ``latency_node``, as a task pinned to that node."""
         if not self.latency_node:
-            return fn(*args)
+            return fn(*args, **kwargs)
         ray = self.connect()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         task = ray.remote(max_retries=MAX_RETRIES)(_call_plain).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(self._node_id(ray), soft=False))
-        return self._collect(ray, [task.remote(seal(fn), *args)], [None])[0]
+        return self._collect(ray, [task.remote(seal(fn), *args, **kwargs)], [None])[0]
 
     def _run(self, body: Callable[..., Sealed], fn: Callable, items: list) -> list:
         ray = self.connect()

@@ -209,16 +209,18 @@ def _score_candidate(
 
 
 def solve(analysis: ZooAnalysis, config: AssembleConfig, progress: Progress | None = None,
-          quality: dict[str, float] | None = None):
+          quality: dict[str, float] | None = None, executor: Executor | None = None):
     """ILP top-M for the config's budget: (AssemblyOptions, assemblies, solver stats); ``quality`` as in
-    :func:`problem.assembly_options`."""
+    :func:`problem.assembly_options`. Per-block latencies are measured where ``executor.at_target`` runs (this
+    machine or ``--latency-node``)."""
     latency = None
     join_latency = None
     if config.budget.latency_ms is not None:
         from ..zoo.block_latency import block_latencies, fit_join_latency
 
         say(progress, "measuring per-block latency in ONNX Runtime (cached)")
-        latency = block_latencies(analysis.members, analysis.partition, runs=config.latency_runs)
+        latency = (executor or LocalExecutor()).at_target(block_latencies, analysis.members, analysis.partition,
+                                                          runs=config.latency_runs)
         join_latency = fit_join_latency(latency, analysis.members, analysis.partition)
     opts = assembly_options(
         analysis.partition,
@@ -392,11 +394,13 @@ def assemble(
     with stages("probe_zoo", f"linear probe of each zoo model on {len(analysis.task.val)} held-out images"):
         quality = member_probes(analysis, probes, executor)
     with stages("ilp"):
-        opts, assemblies, stats = solve(analysis, config, progress, quality)
+        opts, assemblies, stats = solve(analysis, config, progress, quality, executor)
     with stages("rerank", f"re-rank of {len(assemblies)} ILP candidates and the whole zoo models by {config.proxy}"):
         candidates = rank_candidates(analysis, opts, assemblies, config, probes, executor, quality)
     with stages("tune", f"{config.tune} tuning of the best {min(config.tune_top, len(candidates))} candidates"):
-        tuned = [(c, *_tune_candidate(c, analysis, probes, config)) for c in candidates[: config.tune_top]]
+        top = candidates[: config.tune_top]
+        tune_one = functools.partial(_tune_candidate, analysis=analysis, probes=probes, config=config)
+        tuned = [(c, *pair) for c, pair in zip(top, (executor or LocalExecutor()).map(tune_one, top), strict=True)]
         best, net, result = max(tuned, key=lambda t: t[2].val)  # first (best proxy) wins a tie
     say(progress, f"chosen: {best.key} (val {result.val:.1%}, test {result.test:.1%}, {result.kept} head)")
     baselines = None
@@ -409,7 +413,7 @@ def assemble(
     _check_within(config.budget, params, macs)
     precision = config.deploy.precision
     with stages("export", f"exporting ONNX at {precision} (parity checked) and measuring latency"):
-        deploy, latency = export_model(net, analysis.task, out_dir, config, progress)
+        deploy, latency = export_model(net, analysis.task, out_dir, config, progress, executor)
     export = deploy.export
     plan = plan_dict(analysis, best.blocks, config)
     scores = [c.score(config.proxy) for c, _, _ in tuned]
@@ -464,18 +468,21 @@ def assemble(
 
 
 def export_model(net: nn.Module, task: TargetTask, out_dir: Path, config: AssembleConfig,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, executor: Executor | None = None):
     """Write ``out_dir/model.onnx`` at ``config.deploy.precision`` (``export_deployable``: the fp32 export checked
     against PyTorch, int8 calibrated on the task's training data, every precision scored on its test split) and
-    measure the written file's ONNX Runtime latency at batch 1 (median of ``config.latency_runs``): the
-    ``(DeployReport, LatencyReport)``. ``ZooError`` when that latency exceeds the budget's."""
-    from zoocompiler.exports.deploy import export_deployable
+    measure the written file's ONNX Runtime latency at batch 1 (median of ``config.latency_runs``), both where
+    ``executor.at_target`` runs (this machine or ``--latency-node``): the ``(DeployReport, LatencyReport)``.
+    ``ZooError`` when that latency exceeds the budget's."""
+    from zoocompiler.exports.deploy import export_deployable, time_report
     from zoocompiler.exports.latency import measure_latency
 
+    at = (executor or LocalExecutor()).at_target
     onnx_path = out_dir / "model.onnx"
     deploy = export_deployable(net, task.test.x[:2], onnx_path, config.deploy, calibration=task.fit.x,
-                               evaluation=(task.test.x, task.test.y), progress=progress)
-    latency = measure_latency(onnx_path, (1, *task.input_shape), runs=config.latency_runs)  # the file written
+                               evaluation=(task.test.x, task.test.y), progress=progress, time_latency=False)
+    time_report(deploy, config.deploy, at=at, progress=progress)
+    latency = at(measure_latency, onnx_path.read_bytes(), (1, *task.input_shape), runs=config.latency_runs)
     limit = config.budget.latency_ms
     if limit is not None and latency.median_ms > limit:
         raise ZooError(

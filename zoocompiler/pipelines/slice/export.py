@@ -23,13 +23,13 @@ from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.rates import same_rate
 from zoocompiler.data import DataSplit, load_dataset
-from zoocompiler.exports.deploy import check_deployable, export_deployable
+from zoocompiler.exports.deploy import check_deployable, export_deployable, time_report
 from zoocompiler.exports.elastic import MANIFEST_NAME, write_manifest
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.passes.rewrite.slicing import SliceableModel, rate_for_budget
 from zoocompiler.training import evaluate
 
-from ..base import Executor, LocalExecutor, Stages
+from ..base import Executor, LocalExecutor, Stages, local_only
 from .config import SliceExportConfig
 from .train import load_trained, plot_accuracy, requested_rates
 
@@ -89,14 +89,24 @@ def export_rates(
     test = load_dataset(data, "test")
     calibration = load_dataset(data, "train").x if deploy.precision == "int8" or deploy.latency_runs else None
     shape = tuple(record["input_shape"])
+    executor = executor or LocalExecutor()
     export_one = functools.partial(
-        _export_rate, model=model, test=test, shape=shape, out_dir=out_dir, latency_batch=latency_batch, runs=runs,
-        say=say, deploy=deploy, main=max(chosen), calibration=calibration,
+        _export_rate, model=model, test=test, say=local_only(executor, say), deploy=deploy, main=max(chosen),
+        calibration=calibration,
     )
     stages = Stages()
     with stages("export"):
-        rows = (executor or LocalExecutor()).map(export_one, chosen)
-    main_report = next(r for r in (row.pop("deploy_report") for row in rows) if r is not None)
+        rows = executor.map_writing(export_one, chosen, out_dir)
+    with stages("latency"):  # on this machine or --latency-node, never on a worker
+        for row in rows:
+            data = (out_dir / row["onnx"]).read_bytes()  # the file written, at its precision
+            one = executor.at_target(measure_latency, data, (1, *shape), runs=runs)
+            batch = executor.at_target(measure_latency, data, (latency_batch, *shape), runs=max(5, runs // 3))
+            row["latency_ms"], row["per_sample_ms"] = one.median_ms, batch.median_ms / latency_batch
+        main = next(row.pop("deploy_report") for row in rows if row["deploy_report"] is not None)
+        main_report = time_report(main, deploy, at=executor.at_target, progress=say).to_dict(main.path)
+        for row in rows:
+            row.pop("deploy_report", None)
     for row in rows:
         row["budget_macs"] = next((c for q, c in budgets.items() if same_rate(q, row["rate"])), None)
     full = next((row for row in rows if same_rate(row["rate"], 1.0)), None)
@@ -123,42 +133,38 @@ def export_rates(
 
 def _export_rate(
     r: float,
+    folder: Path,
     *,
     model: SliceableModel,
     test: DataSplit,
-    shape: tuple[int, ...],
-    out_dir: Path,
-    latency_batch: int,
-    runs: int,
-    say: Callable[[str], None],
+    say: Callable[[str], None] | None,
     deploy: DeployOptions,
     main: float,
     calibration: torch.Tensor | None,
 ) -> dict[str, Any]:
-    """Slice, export (parity checked, at ``deploy.precision``), time and evaluate one rate; its manifest row, with
-    ``deploy_report`` (the whole deployment report, for the ``main`` rate only; None for the others)."""
+    """Slice, export into ``folder`` (parity checked, at ``deploy.precision``) and evaluate one rate; its manifest
+    row without latency, with ``deploy_report`` (for the ``main`` rate: its ``DeployReport``, the latency table
+    still to time; None for the others)."""
     is_main = same_rate(r, main)
-    say(f"rate {r:g}: slice, export ({deploy.precision}), time, evaluate")
+    if say is not None:
+        say(f"rate {r:g}: slice, export ({deploy.precision}), evaluate")
     sliced = model.slice(r)
-    path = out_dir / onnx_name(sliced.rate)
+    path = folder / onnx_name(sliced.rate)
     options = deploy if is_main else dataclasses.replace(deploy, latency_runs=0)  # one latency table: the main rate
     report = export_deployable(sliced.module, test.x[:2].clone(), path, options, calibration=calibration,
-                               evaluation=(test.x, test.y))
-    one = measure_latency(path, (1, *shape), runs=runs)  # the file written, at its precision
-    batch = measure_latency(path, (latency_batch, *shape), runs=max(5, runs // 3))
+                               evaluation=(test.x, test.y), time_latency=False)
+    report.path = path.name
     accuracy = evaluate(sliced.module, test)
     return {
         "rate": sliced.rate,
         "onnx": path.name,
         "params": sliced.params,
         "macs": sliced.macs,
-        "latency_ms": one.median_ms,
-        "per_sample_ms": batch.median_ms / latency_batch,
         "accuracy": accuracy,  # the PyTorch r-subnet (fp32)
         "max_abs_diff": report.export.max_abs_diff,  # the fp32 export against PyTorch
         "precision": report.precision,
         "deploy": report.written(),
-        "deploy_report": report.to_dict(path.name) if is_main else None,
+        "deploy_report": report if is_main else None,
     }
 
 
