@@ -34,6 +34,8 @@ from .common import (
     default_of,
     deploy_from_args,
     deploy_options,
+    executor_from_args,
+    executor_options,
     json_option,
     out_dir_options,
     progress_or_silent,
@@ -110,7 +112,9 @@ def cmd_modularize_extract(args: argparse.Namespace) -> dict[str, Any]:
     read_trained_record(directory, config.trust_code)
     out = out_beside(directory, args.out)
     say = progress_or_silent(args)
-    report = run_staged(config, out, args.force, lambda staging: extract_to_dir(directory, staging, config, say=say))
+    executor = executor_from_args(args)
+    report = run_staged(config, out, args.force,
+                        lambda staging: extract_to_dir(directory, staging, config, say=say, executor=executor))
     return jsonable({"out": str(out), **report, "files": written_files(out)}, finite=True)
 
 
@@ -133,11 +137,12 @@ def cmd_modularize_reuse(args: argparse.Namespace) -> dict[str, Any]:
     check_classes(list(config.classes), int(record["num_classes"]))  # before --out is touched
     out = out_beside(directory, args.out)
     say = progress_or_silent(args)
+    executor = executor_from_args(args)
     report = run_staged(
         config,
         out,
         args.force,
-        lambda staging: reuse_to_dir(directory, staging, config, say=say, progress=not args.json),
+        lambda staging: reuse_to_dir(directory, staging, config, say=say, progress=not args.json, executor=executor),
     )
     return jsonable({"out": str(out), **report, "files": written_files(out)}, finite=True)
 
@@ -387,6 +392,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     extract.add_argument("dir", metavar="DIR", help="a directory written by `zoocompile modularize train`")
     _module_options(extract, EXTRACT_CONFIG)
+    executor_options(extract)
     deploy_options(extract, target=True)
     out_dir_options(extract, required=True, metavar="OUTDIR")
     json_option(extract)
@@ -439,6 +445,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="seed of the new head and fine-tuning (and of the int8 calibration sample)",
     )
+    executor_options(reuse)
     deploy_options(reuse, target=True)  # after --runs: it times the latency table's cells too
     out_dir_options(reuse, required=True, metavar="OUTDIR")
     json_option(reuse)

@@ -25,6 +25,8 @@ from .common import (
     default_of,
     deploy_from_args,
     deploy_options,
+    executor_from_args,
+    executor_options,
     json_option,
     out_dir_options,
     progress_or_silent,
@@ -98,6 +100,7 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
     config.check()
     out = _export_dir(directory, args.out)
     check_out_dir(out, args.force)
+    executor = executor_from_args(args)
     with staged_dir(out, args.force) as staging:
         manifest = export_rates(
             directory,
@@ -109,6 +112,7 @@ def cmd_slice_export(args: argparse.Namespace) -> dict[str, Any]:
             say=progress_or_silent(args),
             trust_code=args.trust_code,
             deploy=config.deploy,
+            executor=executor,
         )
     return jsonable({"out": str(out), **manifest, "files": written_files(out)}, finite=True)
 
@@ -323,5 +327,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     json_option(export)
     # every rate at --precision (int8 calibrated on the training split of the record's data); --latency-batch and
     # --runs also serve the largest rate's latency table
+    executor_options(export)
     deploy_options(export)
     export.set_defaults(run=cmd_slice_export, render=render_slice_export)

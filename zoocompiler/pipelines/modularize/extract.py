@@ -29,7 +29,7 @@ from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import DataError, PassError
 from zoocompiler.core.modules import count_macs, count_params, eval_mode
 from zoocompiler.data import DataSplit, load_dataset
-from zoocompiler.exports.deploy import check_deployable, export_deployable
+from zoocompiler.exports.deploy import check_deployable, export_deployable, time_report
 from zoocompiler.ir import graph_info
 from zoocompiler.passes.rewrite.mask_generators import (
     SEMANTICS,
@@ -40,7 +40,7 @@ from zoocompiler.passes.rewrite.mask_generators import (
 )
 from zoocompiler.training import fixed_threads
 
-from ..base import Executor, LocalExecutor, Stages, write_report
+from ..base import Executor, LocalExecutor, Stages, local_only, write_report
 from .config import ModularizeExtractConfig
 from .metrics import ModuleMasks, module_masks, module_table
 from .plots import plot_overlap
@@ -152,13 +152,15 @@ def representative_class(masks: ModuleMasks) -> int:
 
 
 def _class_module(
-    c: int, *, trained: TrainedModularization, masks: ModuleMasks, train_split: DataSplit, test: DataSplit,
-    semantics: str, residual: str, round_to: int, deploy: DeployOptions, timed: int | None, out_dir: Path,
-    say: Callable[[str], None],
+    c: int, folder: Path, *, trained: TrainedModularization, masks: ModuleMasks, train_split: DataSplit,
+    test: DataSplit, semantics: str, residual: str, round_to: int, deploy: DeployOptions, timed: int | None,
+    say: Callable[[str], None] | None,
 ) -> dict[str, Any]:
-    """Cut, check, export (at ``deploy.precision``) and measure the module of class ``c``; its report row. Only
-    class ``timed`` gets the latency table (its full deploy report: the row's ``deploy``)."""
-    say(f"class {c}: cut, check, export")
+    """Cut, check, export into ``folder`` (at ``deploy.precision``) and measure the module of class ``c``; its
+    report row. Only class ``timed`` builds the latency table's models (the row's ``deploy``: its ``DeployReport``,
+    still to time with ``time_report``)."""
+    if say is not None:
+        say(f"class {c}: cut, check, export")
     mask = masks.masks[c]
     own_all = test.x[test.y == c]
     own = own_all[:PARITY_SAMPLES]
@@ -173,18 +175,19 @@ def _class_module(
         if sem == "gated":
             row[sem]["parity"] = gated_parity(trained, module, mask, own if len(own) else test.x[:8])
         if sem == semantics:
-            path = out_dir / f"class_{c}.onnx"
+            path = folder / f"class_{c}.onnx"
             options = deploy if c == timed else dataclasses.replace(deploy, latency_runs=0)
             calibration = train_split.x[train_split.y == c]
             labels = torch.full((len(own_all),), c, dtype=torch.long)
             report = export_deployable(module, test.x[:2].clone(), path, options, calibration=calibration,
                                        evaluation=(own_all, labels) if len(own_all) else None,
-                                       progress=say if c == timed else None)
+                                       progress=say if c == timed else None, time_latency=False)
             row["onnx"] = path.name
             row["onnx_max_abs_diff"] = report.export.max_abs_diff  # the fp32 export's parity
             row["onnx_precision"] = report.written()
             if c == timed:
-                row["deploy"] = report.to_dict(path.name)
+                report.path = path.name
+                row["deploy"] = report
     return row
 
 
@@ -210,12 +213,16 @@ def extract_to_dir(directory: str | Path, out_dir: Path, config: ModularizeExtra
             standard_table = module_table(standard_sets.masks(n, config.threshold, trained.points).masks,
                                           standard_sets.by_class(n))
     timed = representative_class(masks) if config.deploy.latency_runs else None
+    executor = executor or LocalExecutor()
     cut = functools.partial(_class_module, trained=trained, masks=masks, train_split=train_split, test=test,
                             semantics=config.semantics, residual=config.residual, round_to=round_to,
-                            deploy=config.deploy, timed=timed, out_dir=out_dir, say=say)
+                            deploy=config.deploy, timed=timed, say=local_only(executor, say))
     with stages("extract"):
-        rows = (executor or LocalExecutor()).map(cut, list(range(n)))
+        rows = executor.map_writing(cut, list(range(n)), out_dir)
     deploy = next((row.pop("deploy") for row in rows if "deploy" in row), None)
+    if deploy is not None:
+        with stages("latency"):  # on this machine or --latency-node, never on a worker
+            deploy = time_report(deploy, config.deploy, at=executor.at_target, progress=say).to_dict(deploy.path)
     shape = tuple(test.x.shape[1:])
     whole = {"macs": count_macs(trained.plain, shape, eval=True), "params": count_params(trained.plain),
              "kernels": trained.points.kernels}

@@ -25,12 +25,12 @@ from zoocompiler.core.classes import check_classes
 from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
-from zoocompiler.exports.deploy import check_deployable, export_deployable
+from zoocompiler.exports.deploy import check_deployable, export_deployable, time_report
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.ir import output_value
 from zoocompiler.training import evaluate, train
 
-from ..base import Stages, write_report
+from ..base import Executor, LocalExecutor, Stages, write_report
 from .config import ModularizeReuseConfig
 from .extract import cut_module, kernel_sets
 from .train import TrainedModularization, load_trained
@@ -87,19 +87,23 @@ def with_head(body: fx.GraphModule, config: ModularizeReuseConfig, num_classes: 
 
 
 def _measure(net: nn.Module, name: str, out_dir: Path, train_split: DataSplit, test: DataSplit, runs: int,
-             deploy: DeployOptions, say: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict]:
-    """Export ``net`` at ``deploy.precision`` to ``out_dir/name``, time the written file at batch 1 and evaluate
-    ``net`` (PyTorch, fp32) on ``test``: its report row and the deploy report (as a dict)."""
+             deploy: DeployOptions, say: Callable[[str], None] | None = None,
+             at: Callable[..., Any] | None = None) -> tuple[dict[str, Any], dict]:
+    """Export ``net`` at ``deploy.precision`` to ``out_dir/name``, time the written file at batch 1 (through ``at``,
+    an executor's ``at_target``: this machine or ``--latency-node``) and evaluate ``net`` (PyTorch, fp32) on
+    ``test``: its report row and the deploy report (as a dict)."""
+    at = at or LocalExecutor().at_target
     shape = tuple(test.x.shape[1:])
     report = export_deployable(net, test.x[:2].clone(), out_dir / name, deploy, calibration=train_split.x,
-                               evaluation=(test.x, test.y), progress=say)
+                               evaluation=(test.x, test.y), progress=say, time_latency=False)
+    time_report(report, deploy, at=at, progress=say)
     accuracy = evaluate(net, test)
     row = {
         "onnx": name,
         "accuracy": accuracy,  # the PyTorch (fp32) model's; the written file's: onnx_precision.accuracy
         "macs": count_macs(net, shape, eval=True),
         "params": count_params(net),
-        "latency_ms": measure_latency(out_dir / name, (1, *shape), runs=runs).median_ms,  # the written file
+        "latency_ms": at(measure_latency, (out_dir / name).read_bytes(), (1, *shape), runs=runs).median_ms,
         "onnx_max_abs_diff": report.export.max_abs_diff,  # the fp32 export's parity
         "onnx_precision": report.written(),
     }
@@ -119,9 +123,12 @@ def mixed_module(trained: TrainedModularization, config: ModularizeReuseConfig) 
 
 
 def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseConfig,
-                 say: Callable[[str], None] = lambda _msg: None, progress: bool = True) -> dict[str, Any]:
+                 say: Callable[[str], None] = lambda _msg: None, progress: bool = True,
+                 executor: Executor | None = None) -> dict[str, Any]:
     """Write ``module.onnx``, ``whole.onnx`` and ``report.json`` for the sub-task ``config.classes`` of the
-    trained ``directory`` into ``out_dir`` (a fresh staging directory); return the report."""
+    trained ``directory`` into ``out_dir`` (a fresh staging directory); return the report. Latency is measured
+    where ``executor.at_target`` runs (default: here)."""
+    at = (executor or LocalExecutor()).at_target
     config.check()
     check_deployable(config.deploy)  # a CUDA provider without a GPU fails before any work
     round_to, round_to_reason = config.rounding()
@@ -139,9 +146,9 @@ def reuse_to_dir(directory: str | Path, out_dir: Path, config: ModularizeReuseCo
         whole = with_head(whole_body, config, trained.num_classes, sub_train, progress)
     with stages("measure", f"export ({config.deploy.precision}), time, evaluate"):
         module_row, deploy = _measure(module, MODULE_ONNX, out_dir, sub_train, sub_test, config.runs, config.deploy,
-                                      say)
+                                      say, at)
         whole_row, _ = _measure(whole, WHOLE_ONNX, out_dir, sub_train, sub_test, config.runs,
-                                dataclasses.replace(config.deploy, latency_runs=0))
+                                dataclasses.replace(config.deploy, latency_runs=0), at=at)
     report = {
         "source": str(directory),
         "spec": trained.record["config"]["spec"],
