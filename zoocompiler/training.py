@@ -10,6 +10,16 @@ Pipelines that need another objective (random slice rates, extra losses) pass ``
 Divergence stops a run: a non-finite loss (checked every step, before the update), non-finite
 weights (checked after every epoch) or non-finite outputs in :func:`evaluate` raise
 :class:`~zoocompiler.core.errors.TrainingError` naming the epoch (and step) and the likely cause.
+
+Data-parallel: inside ``with sharded(Shard(rank, world)):`` (a process of an initialised ``torch.distributed``
+group; ``pipelines.data_parallel`` sets it on each Ray Train worker) ``train`` runs the same loop on every process
+— same seed, same global batches, same augmentation draws, same random choices in ``loss_fn`` — but each process
+computes the loss on its slice ``[rank]`` of every global batch (``torch.tensor_split``) through
+``DistributedDataParallel``, which averages the gradients. Each shard's loss is weighted by
+``shard size × world / batch size`` (1 when the batch divides evenly), so for a loss that is a mean over samples the
+update equals single-process training up to floating point; batch statistics (BatchNorm, losses over sample pairs)
+are per shard. The logged loss and accuracy are all-reduced over the global batch, so a non-finite loss stops every
+process at the same step.
 """
 
 from __future__ import annotations
@@ -19,15 +29,18 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .core.errors import TrainingError
+from .core.errors import TrainingError, ZooError
 from .core.modules import eval_mode, nonfinite_weights
 from .data import DataSplit
 
@@ -61,6 +74,83 @@ class History:
     @property
     def final_loss(self) -> float:
         return self.epochs[-1].loss if self.epochs else math.nan
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of data-parallel training: rank ``rank`` of ``world`` processes of the initialised
+    ``torch.distributed`` group."""
+
+    rank: int
+    world: int
+
+    def take(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch (sizes differ by at most one)."""
+        return torch.tensor_split(batch, self.world)[self.rank]
+
+    def check_batch(self, smallest: int) -> None:
+        """``ZooError`` when a global batch of ``smallest`` samples leaves a process without samples."""
+        if smallest < self.world:
+            raise ZooError(f"--workers {self.world} is more than the {smallest} samples of a training batch: "
+                           "every worker needs a part of every batch", f"pass --workers {smallest} or fewer")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel (unused parameters allowed: a loss may run part of the model)."""
+        return _Replica(model, find_unused_parameters=True)
+
+    def reduce(self, loss: torch.Tensor, samples: int, correct: int) -> tuple[torch.Tensor, int]:
+        """(the global batch's mean loss, its correct predictions) from every rank's mean ``loss`` over its
+        ``samples`` and its ``correct``."""
+        import torch.distributed as dist
+
+        sums = torch.stack([loss.detach().double().sum() * samples, torch.tensor(float(samples), dtype=torch.float64),
+                            torch.tensor(float(correct), dtype=torch.float64)])
+        dist.all_reduce(sums)
+        return sums[0] / sums[1], int(sums[2])
+
+
+class _Replica(DistributedDataParallel):
+    """DistributedDataParallel that reads attributes it lacks from the wrapped module (a ``loss_fn`` may read
+    e.g. ``model.depth``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+_SHARD: ContextVar[Shard | None] = ContextVar("zoocompiler_training_shard", default=None)
+
+
+@contextlib.contextmanager
+def sharded(shard: Shard) -> Iterator[None]:
+    """Every :func:`train` in the block trains data-parallel as ``shard`` (see the module docstring)."""
+    token = _SHARD.set(shard)
+    try:
+        yield
+    finally:
+        _SHARD.reset(token)
+
+
+def current_shard() -> Shard | None:
+    """The :class:`Shard` of the enclosing :func:`sharded` block; None in ordinary (single-process) training."""
+    return _SHARD.get()
+
+
+def gather(obj: Any) -> list[Any]:
+    """``[obj]``, or in a :func:`sharded` block every process's ``obj`` in rank order (a collective: every
+    process must call it, e.g. from ``on_epoch``)."""
+    shard = current_shard()
+    if shard is None:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * shard.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -176,7 +266,9 @@ def train(
     replaces the cross-entropy objective. ``eval_split`` adds per-epoch eval accuracy;
     ``max_steps`` stops early (tests); ``on_epoch`` is called with each epoch's stats. Leaves the
     model in eval mode. A non-finite loss or weights raise :class:`TrainingError` (see the module
-    docstring); the model is then left with the weights it had when the run stopped.
+    docstring); the model is then left with the weights it had when the run stopped. In a :func:`sharded`
+    block ``loss_fn`` gets the DistributedDataParallel wrapper and this rank's slice of the batch, and no
+    progress bar is shown.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -184,6 +276,9 @@ def train(
         raise ValueError(f"schedule must be 'onecycle' or 'cosine', got {schedule!r}")
     shift = random_shift() if augment is True else (augment or None)
     drop_last = len(train_split) > batch_size  # avoid a size-1 last batch (BatchNorm)
+    shard = current_shard()
+    if shard is not None:
+        shard.check_batch(min(batch_size, len(train_split)))
     history = History()
     start = time.perf_counter()
     initial = nonfinite_weights(model)
@@ -200,8 +295,9 @@ def train(
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         total_steps = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
         scheduler = _scheduler(optimizer, schedule, lr, total_steps)
+        net = model if shard is None else shard.wrap(model)
         step = 0
-        bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, unit="step")
+        bar = tqdm(total=total_steps, desc=desc, disable=not progress or shard is not None, leave=False, unit="step")
         try:
             for epoch in range(epochs):
                 model.train()
@@ -211,21 +307,31 @@ def train(
                     if step >= total_steps:
                         break
                     if shift is not None:
-                        x = shift(x, aug_generator)
+                        x = shift(x, aug_generator)  # on the global batch: the same draws as single-process
+                    samples = len(y)
+                    if shard is not None:
+                        x, y = shard.take(x), shard.take(y)
                     optimizer.zero_grad(set_to_none=True)
+                    step_correct = 0
                     if loss_fn is None:
-                        logits = model(x)
+                        logits = net(x)
                         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-                        correct += int((logits.argmax(1) == y).sum())
+                        step_correct = int((logits.argmax(1) == y).sum())
                     else:
-                        loss = loss_fn(model, x, y)
-                    loss_value = check_finite_loss(loss, epoch + 1, epoch_step, lr=lr, data=train_split.x)
+                        loss = loss_fn(net, x, y)
+                    global_loss = loss
+                    if shard is not None:
+                        global_loss, step_correct = shard.reduce(loss, len(y), step_correct)
+                        if len(y) * shard.world != samples:  # uneven shards: DDP's mean of shard means, reweighted
+                            loss = loss * (len(y) * shard.world / samples)
+                    loss_value = check_finite_loss(global_loss, epoch + 1, epoch_step, lr=lr, data=train_split.x)
                     loss.backward()
                     optimizer.step()
                     scheduler.step()
                     step += 1
-                    loss_sum += loss_value * len(y)
-                    seen += len(y)
+                    correct += step_correct
+                    loss_sum += loss_value * samples
+                    seen += samples
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.3f}")
                 check_finite_weights(model, epoch + 1, lr=lr, data=train_split.x)

@@ -30,6 +30,8 @@ from .common import (
     default_of,
     deploy_from_args,
     deploy_options,
+    executor_from_args,
+    executor_options,
     json_option,
     out_dir_options,
     progress,
@@ -121,7 +123,8 @@ def cmd_pack_slice(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     bars = None if args.json else SliceBars(lambda: _planned_classes(config.zoo, out))
     try:
-        report = slice_to_store(config, out, progress=bars and bars.message, tick=bars and bars.tick)
+        report = slice_to_store(config, out, progress=bars and bars.message, tick=bars and bars.tick,
+                                executor=executor_from_args(args))
     finally:
         if bars is not None:
             bars.close()
@@ -144,7 +147,8 @@ def cmd_pack_build(args: argparse.Namespace) -> dict[str, Any]:
 
     config = build_config(args)
     out = Path(args.out)
-    report = build_pack(Path(args.store), config, out, force=args.force, progress=progress(args))
+    report = build_pack(Path(args.store), config, out, force=args.force, progress=progress(args),
+                        executor=executor_from_args(args))
     return jsonable({"out": str(out), **report, "files": written_files(out)}, finite=True)
 
 
@@ -322,6 +326,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="timed ONNX Runtime runs per fragment at batch 1 (0: not timed)",
     )
+    executor_options(slice_)
     deploy_options(slice_, latency=False)  # fragments get no latency table (the packed model does: pack build)
     slice_.add_argument(
         "--out", required=True, metavar="STORE", help="the fragment store: a new directory, or a store to add to"
@@ -378,6 +383,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="timed ONNX Runtime runs at batch 1 and per cell of the latency table",
     )
+    executor_options(build)
     deploy_options(build)
     out_dir_options(build, required=True, metavar="OUTDIR")
     json_option(build)

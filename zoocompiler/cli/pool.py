@@ -26,6 +26,8 @@ from .common import (
     default_of,
     deploy_from_args,
     deploy_options,
+    executor_from_args,
+    executor_options,
     json_option,
     out_dir_options,
     progress,
@@ -54,7 +56,7 @@ def cmd_pool_distill(args: argparse.Namespace) -> dict[str, Any]:
 
     config = distill_config(args)
     out = Path(args.out)
-    doc = distill_pool(config, out, force=args.force, progress=progress(args))
+    doc = distill_pool(config, out, force=args.force, progress=progress(args), executor=executor_from_args(args))
     return jsonable({"out": str(out), **doc, "files": written_files(out)}, finite=True)
 
 
@@ -97,7 +99,8 @@ def cmd_pool_build(args: argparse.Namespace) -> dict[str, Any]:
 
     config = build_config(args)
     out = Path(args.out)
-    report = build_from_pool(Path(args.dir), config, out, force=args.force, progress=progress(args))
+    report = build_from_pool(Path(args.dir), config, out, force=args.force, progress=progress(args),
+                             executor=executor_from_args(args))
     settings = {"runs": config.runs, "batch": config.batch, "threads": config.threads, "all": config.export_all}
     return jsonable({"out": str(out), **report, "settings": settings, "files": written_files(out)}, finite=True)
 
@@ -350,6 +353,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="seed of the auxiliary models, data order and stitches",
     )
     out_dir_options(distill, required=True, help="the pool directory (new, or --force)")
+    executor_options(distill, latency=False)
     json_option(distill)
     distill.set_defaults(run=cmd_pool_distill, render=render_pool_distill)
 
@@ -454,6 +458,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     json_option(build)
     # every descendant's ONNX at --precision (int8 calibrated on the training split of the pool's data); --runs
     # and --threads also serve the chosen descendant's latency table
+    executor_options(build)
     deploy_options(build)
     build.set_defaults(run=cmd_pool_build, render=render_pool_build)
 

@@ -350,3 +350,19 @@ def time_report(report: DeployReport, options: DeployOptions, at: Callable[..., 
             report.latency = at(latency_table, report.untimed, report.input_shape, options)
         report.untimed = {}
     return report
+
+
+def export_timed(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str],
+                 options: DeployOptions, *, runs: int, batch: int = 1, at: Callable[..., Any] | None = None,
+                 calibration: torch.Tensor | None = None,
+                 evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 progress: Callable[[str], None] | None = None):
+    """:func:`export_deployable`, then its latency table and the written file's latency at ``batch`` (median of
+    ``runs``), both through ``at(fn, *args, **kwargs)`` (an executor's ``at_target``: where the target is;
+    default: here). Returns ``(DeployReport, LatencyReport)``."""
+    report = export_deployable(model, example_input, path, options, calibration=calibration, evaluation=evaluation,
+                               progress=progress, time_latency=False)
+    time_report(report, options, at=at, progress=progress)
+    at = at or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
+    shape = (batch, *example_input.shape[1:])
+    return report, at(measure_latency, Path(path).read_bytes(), shape, runs=runs)

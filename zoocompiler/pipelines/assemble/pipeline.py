@@ -474,15 +474,11 @@ def export_model(net: nn.Module, task: TargetTask, out_dir: Path, config: Assemb
     measure the written file's ONNX Runtime latency at batch 1 (median of ``config.latency_runs``), both where
     ``executor.at_target`` runs (this machine or ``--latency-node``): the ``(DeployReport, LatencyReport)``.
     ``ZooError`` when that latency exceeds the budget's."""
-    from zoocompiler.exports.deploy import export_deployable, time_report
-    from zoocompiler.exports.latency import measure_latency
+    from zoocompiler.exports.deploy import export_timed
 
-    at = (executor or LocalExecutor()).at_target
-    onnx_path = out_dir / "model.onnx"
-    deploy = export_deployable(net, task.test.x[:2], onnx_path, config.deploy, calibration=task.fit.x,
-                               evaluation=(task.test.x, task.test.y), progress=progress, time_latency=False)
-    time_report(deploy, config.deploy, at=at, progress=progress)
-    latency = at(measure_latency, onnx_path.read_bytes(), (1, *task.input_shape), runs=config.latency_runs)
+    deploy, latency = export_timed(net, task.test.x[:2], out_dir / "model.onnx", config.deploy,
+                                   runs=config.latency_runs, at=(executor or LocalExecutor()).at_target,
+                                   calibration=task.fit.x, evaluation=(task.test.x, task.test.y), progress=progress)
     limit = config.budget.latency_ms
     if limit is not None and latency.median_ms > limit:
         raise ZooError(

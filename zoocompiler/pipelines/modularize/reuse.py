@@ -25,8 +25,7 @@ from zoocompiler.core.classes import check_classes
 from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
-from zoocompiler.exports.deploy import check_deployable, export_deployable, time_report
-from zoocompiler.exports.latency import measure_latency
+from zoocompiler.exports.deploy import check_deployable, export_timed
 from zoocompiler.ir import output_value
 from zoocompiler.training import evaluate, train
 
@@ -92,18 +91,16 @@ def _measure(net: nn.Module, name: str, out_dir: Path, train_split: DataSplit, t
     """Export ``net`` at ``deploy.precision`` to ``out_dir/name``, time the written file at batch 1 (through ``at``,
     an executor's ``at_target``: this machine or ``--latency-node``) and evaluate ``net`` (PyTorch, fp32) on
     ``test``: its report row and the deploy report (as a dict)."""
-    at = at or LocalExecutor().at_target
     shape = tuple(test.x.shape[1:])
-    report = export_deployable(net, test.x[:2].clone(), out_dir / name, deploy, calibration=train_split.x,
-                               evaluation=(test.x, test.y), progress=say, time_latency=False)
-    time_report(report, deploy, at=at, progress=say)
+    report, latency = export_timed(net, test.x[:2].clone(), out_dir / name, deploy, runs=runs, at=at,
+                                   calibration=train_split.x, evaluation=(test.x, test.y), progress=say)
     accuracy = evaluate(net, test)
     row = {
         "onnx": name,
         "accuracy": accuracy,  # the PyTorch (fp32) model's; the written file's: onnx_precision.accuracy
         "macs": count_macs(net, shape, eval=True),
         "params": count_params(net),
-        "latency_ms": at(measure_latency, (out_dir / name).read_bytes(), (1, *shape), runs=runs).median_ms,
+        "latency_ms": latency.median_ms,  # the written file
         "onnx_max_abs_diff": report.export.max_abs_diff,  # the fp32 export's parity
         "onnx_precision": report.written(),
     }

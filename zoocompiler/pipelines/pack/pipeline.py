@@ -14,6 +14,7 @@ the per-precision latency table. A fragment's weights stay fp32 (``pack build`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -29,12 +30,12 @@ from zoocompiler.core.cache import digest, weights_hash
 from zoocompiler.core.errors import DataError, PassError, ZooError
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
-from zoocompiler.exports.deploy import check_deployable, export_deployable
+from zoocompiler.exports.deploy import check_deployable, export_deployable, export_timed
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.rewrite.repairs import SliceLayers, slice_layers
 
-from ..base import LocalExecutor, Stages, run_staged, say, write_report
+from ..base import Executor, LocalExecutor, Stages, local_only, run_staged, say, write_report
 from ..zoo.trainable import example_input
 from .config import PackBuildConfig, PackSliceConfig
 from .packing import PackedModel, PackSettings, fragment_features, train_pack
@@ -160,60 +161,56 @@ def _link_existing(store: Store, staging: Path) -> None:
                 shutil.copy2(path, target)
 
 
-def _slice_source(name: str, config: PackSliceConfig, staging: Path, tick: Tick | None,
-                  progress: Callable[[str], None] | None,
-                  prepared: Prepared) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Slice every class of source ``name`` (its :func:`_preflight` samples and trace) into
-    ``staging/<name>/``; its source and fragment entries."""
-    from zoocompiler.zoo import get_entry
-
-    entry = get_entry(name)
-    samples, gm, layers, split = prepared
+def _slice_class(item: tuple[str, int, int], folder: Path, *, config: PackSliceConfig,
+                 prepared: dict[str, Prepared], data_sha: dict[str, str], tick: Tick | None,
+                 progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """Slice class ``cls`` (label ``label``) of source ``name`` (``item``) into ``folder/<name>/class_<cls>.*``;
+    its fragment entry (without latency: the driver times the files)."""
+    name, label, cls = item
+    samples, gm, layers, split = prepared[name]
     options = dataclasses.replace(config.deploy, latency_runs=0)  # the packed model gets the latency table
     shape = tuple(samples.x.shape[1:])
-    folder = staging / name
-    folder.mkdir(parents=True, exist_ok=True)
-    data = samples_bytes(samples.x, samples.y)
-    write_bytes_atomic(folder / "samples.npz", data)
-    data_sha = digest(data)
-    settings = slice_settings(config, name)
-    fragments = []
-    for label, cls in enumerate(entry.classes):
-        say(progress, f"slicing {name}, class {cls}: {len(layers.layers)} layers")
-        done = (lambda stage, name=name, cls=cls: tick(stage, f"{name} class {cls}")) if tick else None
-        sliced = slice_class(gm, layers, samples.x, samples.y, label, settings, done)
-        module = sliced.fragment.module
-        stem = f"{name}/class_{cls}"
-        write_state_dict_atomic(staging / f"{stem}.safetensors", module.state_dict())
-        deploy = export_deployable(module, samples.x[:2].clone(), staging / f"{stem}.onnx", options,
-                                   calibration=split.x)  # a fragment returns features: no accuracy to measure
-        fragments.append({
-            "source": name, "class": int(cls), "label": label,
-            "weights": f"{stem}.safetensors", "weights_sha256": digest((staging / f"{stem}.safetensors").read_bytes()),
-            "onnx": f"{stem}.onnx", "onnx_sha256": digest((staging / f"{stem}.onnx").read_bytes()),
-            "units": {layer.point.producer: kept for layer, kept in zip(layers.layers, sliced.kept, strict=True)},
-            "kept_units": sum(len(k) for k in sliced.kept), "total_units": sum(sliced.units),
-            "features": sliced.fragment.features, "feature_dim": len(sliced.fragment.features),
-            "params": count_params(module), "macs": count_macs(module, shape, eval=True),
-            "data_sha256": data_sha, "slice_seconds": round(sliced.seconds, 3),
-            "onnx_max_abs_diff": deploy.export.max_abs_diff, "precision": deploy.precision,
-            "onnx_precision": deploy.written(), "repairs_left": sliced.fragment.repairs_left,
-            "repair_residual": sliced.repair_residual,
-            "latency_ms": measure_latency(staging / f"{stem}.onnx", (1, *shape), runs=config.runs).median_ms
-            if config.runs else None,
-        })
-        if tick is not None:
-            tick("class", f"{name} class {cls}")
-    source = {"name": name, "spec": f"zoo:{name}", "classes": [int(c) for c in entry.classes],
-              "samples": f"{name}/samples.npz", "samples_sha256": data_sha, "layers": len(layers.layers),
-              "repaired_layers": sum(1 for layer in layers.layers if layer.repaired),
-              "zeroed": {layer.point.producer: layer.zeroed for layer in layers.layers if not layer.repaired},
-              "skipped": layers.skipped, "params": count_params(gm), "macs": count_macs(gm, shape, eval=True)}
-    return source, fragments
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    say(progress, f"slicing {name}, class {cls}: {len(layers.layers)} layers")
+    done = (lambda stage: tick(stage, f"{name} class {cls}")) if tick else None
+    sliced = slice_class(gm, layers, samples.x, samples.y, label, slice_settings(config, name), done)
+    module = sliced.fragment.module
+    stem = f"{name}/class_{cls}"
+    write_state_dict_atomic(folder / f"{stem}.safetensors", module.state_dict())
+    deploy = export_deployable(module, samples.x[:2].clone(), folder / f"{stem}.onnx", options,
+                               calibration=split.x)  # a fragment returns features: no accuracy to measure
+    if tick is not None:
+        tick("class", f"{name} class {cls}")
+    return {
+        "source": name, "class": int(cls), "label": label,
+        "weights": f"{stem}.safetensors", "weights_sha256": digest((folder / f"{stem}.safetensors").read_bytes()),
+        "onnx": f"{stem}.onnx", "onnx_sha256": digest((folder / f"{stem}.onnx").read_bytes()),
+        "units": {layer.point.producer: kept for layer, kept in zip(layers.layers, sliced.kept, strict=True)},
+        "kept_units": sum(len(k) for k in sliced.kept), "total_units": sum(sliced.units),
+        "features": sliced.fragment.features, "feature_dim": len(sliced.fragment.features),
+        "params": count_params(module), "macs": count_macs(module, shape, eval=True),
+        "data_sha256": data_sha[name], "slice_seconds": round(sliced.seconds, 3),
+        "onnx_max_abs_diff": deploy.export.max_abs_diff, "precision": deploy.precision,
+        "onnx_precision": deploy.written(), "repairs_left": sliced.fragment.repairs_left,
+        "repair_residual": sliced.repair_residual,
+    }
+
+
+def _source_entry(name: str, prepared: Prepared, data_sha: str) -> dict[str, Any]:
+    """Source ``name``'s store entry."""
+    from zoocompiler.zoo import get_entry
+
+    samples, gm, layers, _ = prepared
+    shape = tuple(samples.x.shape[1:])
+    return {"name": name, "spec": f"zoo:{name}", "classes": [int(c) for c in get_entry(name).classes],
+            "samples": f"{name}/samples.npz", "samples_sha256": data_sha, "layers": len(layers.layers),
+            "repaired_layers": sum(1 for layer in layers.layers if layer.repaired),
+            "zeroed": {layer.point.producer: layer.zeroed for layer in layers.layers if not layer.repaired},
+            "skipped": layers.skipped, "params": count_params(gm), "macs": count_macs(gm, shape, eval=True)}
 
 
 def slice_to_store(config: PackSliceConfig, out: Path, *, progress: Callable[[str], None] | None = None,
-                   tick: Tick | None = None, executor: Any = None) -> dict[str, Any]:
+                   tick: Tick | None = None, executor: Executor | None = None) -> dict[str, Any]:
     """Slice the sources of ``config`` into the store ``out`` (created, or extended when it is a store).
     Returns the report (also ``out/report.json``)."""
     config.check()
@@ -228,6 +225,7 @@ def slice_to_store(config: PackSliceConfig, out: Path, *, progress: Callable[[st
     check_deployable(config.deploy)  # a CUDA provider without a GPU fails before any work
     prepared = _preflight(names, config)
     executor = executor or LocalExecutor()
+    from zoocompiler.zoo import get_entry
 
     def body(staging: Path) -> dict[str, Any]:
         stages = Stages(progress)
@@ -236,12 +234,29 @@ def slice_to_store(config: PackSliceConfig, out: Path, *, progress: Callable[[st
         doc = {**doc, "sources": list(doc["sources"]), "fragments": list(doc["fragments"])}
         if existing is not None:
             _link_existing(existing, staging)
-        with stages("slice", f"slicing {len(names)} source(s) into {out}"):
-            results = executor.map(
-                lambda name: _slice_source(name, config, staging, tick, progress, prepared[name]), names)
-        for source, fragments in results:
+        data_sha = {}
+        for name in names:  # each source's k-shot samples, written here: every fragment of it was cut with them
+            samples = prepared[name][0]
+            data = samples_bytes(samples.x, samples.y)
+            (staging / name).mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(staging / name / "samples.npz", data)
+            data_sha[name] = digest(data)
+        items = [(name, label, int(cls)) for name in names for label, cls in enumerate(get_entry(name).classes)]
+        with stages("slice", f"slicing {len(names)} source(s), {len(items)} classes, into {out}"):
+            cut = functools.partial(_slice_class, config=config, prepared=prepared, data_sha=data_sha,
+                                    tick=local_only(executor, tick), progress=local_only(executor, progress))
+            fragments = executor.map_writing(cut, items, staging)
+        with stages("latency"):  # on this machine or --latency-node, never on a worker
+            for fragment in fragments:
+                fragment["latency_ms"] = executor.at_target(
+                    measure_latency, (staging / fragment["onnx"]).read_bytes(),
+                    (1, *prepared[fragment["source"]][0].x.shape[1:]), runs=config.runs).median_ms \
+                    if config.runs else None
+        results = [(_source_entry(name, prepared[name], data_sha[name]), [f for f in fragments if f["source"] == name])
+                   for name in names]
+        for source, fragments_of in results:
             doc["sources"].append(source)
-            doc["fragments"].extend(fragments)
+            doc["fragments"].extend(fragments_of)
         doc["input_shape"] = list(load_dataset(config.data, "test").x.shape[1:])
         doc["fragments"].sort(key=lambda f: f["class"])
         write_report(staging, doc, STORE_FILE)
@@ -299,8 +314,9 @@ def load_fragments(store: Store, classes: list[int]) -> tuple[list[torch.nn.Modu
 
 
 def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: bool = False,
-               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Pack the fragments of ``config.classes`` from the store into ``out`` (``packed.onnx`` + report)."""
+               progress: Callable[[str], None] | None = None, executor: Executor | None = None) -> dict[str, Any]:
+    """Pack the fragments of ``config.classes`` from the store into ``out`` (``packed.onnx`` + report); latency is
+    measured where ``executor.at_target`` runs (default: here)."""
     config.check()
     store = read_store(store_path)
     check_build_classes(store, config.classes)
@@ -332,9 +348,10 @@ def build_pack(store_path: Path, config: PackBuildConfig, out: Path, *, force: b
         with torch.no_grad():
             accuracy = float((model(test.x).argmax(1) == test.y).float().mean())
         with stages("export", f"exporting and verifying the packed model ({config.deploy.precision})"):
-            deploy = export_deployable(model, test.x[:2].clone(), staging / PACKED_ONNX, config.deploy,
-                                       calibration=calibration, evaluation=(test.x, test.y), progress=progress)
-            latency = measure_latency(staging / PACKED_ONNX, (1, *store.input_shape), runs=config.runs).median_ms
+            deploy, timed = export_timed(model, test.x[:2].clone(), staging / PACKED_ONNX, config.deploy,
+                                         runs=config.runs, at=(executor or LocalExecutor()).at_target,
+                                         calibration=calibration, evaluation=(test.x, test.y), progress=progress)
+            latency = timed.median_ms
         entries = [store.fragments[c] for c in config.classes]
         report = {
             "store": str(store_path), "classes": config.classes,

@@ -9,6 +9,7 @@ atomically).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import BudgetError, CheckpointError, DataError, ZooError
 from zoocompiler.core.modules import count_macs, count_params
 from zoocompiler.data import DataSplit, load_dataset
-from zoocompiler.exports.deploy import check_deployable, export_deployable
+from zoocompiler.exports.deploy import check_deployable, export_deployable, time_report
 from zoocompiler.exports.elastic import write_manifest
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.training import evaluate, seed_everything
@@ -96,6 +97,13 @@ def distill_row(ancestry: nn.Module, aux_shape: VitShape, levels: list[tuple[int
     return aux.eval(), result
 
 
+def _distill_job(job: tuple[str, VitShape, list[tuple[int, int]]], *, ancestry: nn.Module, split: DataSplit,
+                 config: PoolDistillConfig) -> tuple[nn.Module, DistillResult]:
+    """One auxiliary model of the pool (``job``: its row name, shape and levels), an item of the executor."""
+    row, aux_shape, pairs = job
+    return distill_row(ancestry, aux_shape, pairs, split, config, f"distill {row} row")
+
+
 def _pool_doc(config: PoolDistillConfig, shape: VitShape, ancestry: nn.Module, narrow: VitShape, wide: VitShape,
               input_shape: tuple[int, ...]) -> dict[str, Any]:
     return {"format": POOL_FORMAT,
@@ -110,9 +118,10 @@ def _pool_doc(config: PoolDistillConfig, shape: VitShape, ancestry: nn.Module, n
 
 
 def distill_pool(config: PoolDistillConfig, out: Path, *, force: bool = False,
-                 progress: Progress | None = None) -> dict[str, Any]:
-    """Distil the ancestry into two auxiliary models, pool their blocks, initialise the stitches and
-    write the pool directory ``out`` (see :mod:`.store`); returns ``pool.json``'s content."""
+                 progress: Progress | None = None, executor: Executor | None = None) -> dict[str, Any]:
+    """Distil the ancestry into two auxiliary models (each an item of ``executor``), pool their blocks, initialise
+    the stitches and write the pool directory ``out`` (see :mod:`.store`); returns ``pool.json``'s content."""
+    executor = executor or LocalExecutor()
 
     config.check()
     check_out_dir(Path(out), force)
@@ -127,11 +136,14 @@ def distill_pool(config: PoolDistillConfig, out: Path, *, force: bool = False,
         doc = _pool_doc(config, shape, ancestry, narrow, wide, input_shape)
         doc["ancestry"]["accuracy"] = evaluate(ancestry, test_split)
         rows, maps, history = {}, {}, {}
-        for row, aux_shape in (("large", wide), ("small", narrow)):
-            pairs = dense_levels(shape.depth, blocks, levels[row])
-            with stages(f"distill_{row}", f"distilling {shape.depth} blocks at d={shape.embed_dim} into {blocks} at "
-                                          f"d={aux_shape.embed_dim} (levels {pairs})"):
-                aux, result = distill_row(ancestry, aux_shape, pairs, train_split, config, f"distill {row} row")
+        jobs = [(row, aux_shape, dense_levels(shape.depth, blocks, levels[row]))
+                for row, aux_shape in (("large", wide), ("small", narrow))]
+        with stages("distill", f"distilling {shape.depth} blocks at d={shape.embed_dim} into {blocks} at "
+                               + " and ".join(f"d={a.embed_dim} (levels {p})" for _, a, p in jobs)):
+            quiet = dataclasses.replace(config, progress=False) if executor.remote else config  # bars: in-process
+            done = executor.map(functools.partial(_distill_job, ancestry=ancestry, split=train_split, config=quiet),
+                                jobs)
+        for (row, _, pairs), (aux, result) in zip(jobs, done, strict=True):
             rows[row], maps[row] = aux, result.transforms
             history[row] = {"levels": [list(p) for p in pairs], "epochs": result.epochs,
                             "seconds": result.history.seconds, "accuracy": evaluate(aux, test_split)}
@@ -246,24 +258,31 @@ def measure_descendants(pool: LearngenePool, rows: list[dict[str, Any]], folder:
     (median of ``runs``): ``latency_ms`` (the batch), ``per_sample_ms``, ``onnx_max_abs_diff`` (the fp32 export),
     ``precision`` and ``deploy`` (the written file's precision result). Rows are updated in place and returned."""
     options = dataclasses.replace(deploy or DeployOptions(), latency_runs=0)
-
-    def measure(row: dict[str, Any]) -> dict[str, Any]:
-        path = folder / onnx_name(row)
-        report = export_deployable(pool.descendant(row["low"]), example, path, options, calibration=calibration,
-                                   evaluation=evaluation)
-        latency = measure_latency(path, tuple(example.shape), runs=runs, threads=threads)
-        return {"latency_ms": latency.median_ms, "per_sample_ms": latency.median_ms / len(example),
-                "onnx_max_abs_diff": report.export.max_abs_diff, "precision": report.precision,
-                "deploy": report.written()}
-
-    for row, measured in zip(rows, (executor or LocalExecutor()).map(measure, rows), strict=True):
-        row.update(measured)
+    executor = executor or LocalExecutor()
+    export = functools.partial(_export_descendant, pool=pool, example=example, options=options,
+                               calibration=calibration, evaluation=evaluation)
+    for row, exported in zip(rows, executor.map_writing(export, rows, folder), strict=True):
+        # the written file, timed on this machine or --latency-node, never on a worker
+        latency = executor.at_target(measure_latency, (folder / onnx_name(row)).read_bytes(), tuple(example.shape),
+                                     runs=runs, threads=threads)
+        row.update(exported, latency_ms=latency.median_ms, per_sample_ms=latency.median_ms / len(example))
     return rows
 
 
+def _export_descendant(row: dict[str, Any], folder: Path, *, pool: LearngenePool, example: torch.Tensor,
+                       options: DeployOptions, calibration: torch.Tensor | None,
+                       evaluation: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+    """Export ``row``'s descendant into ``folder``: the row's ``onnx_max_abs_diff``, ``precision`` and ``deploy``."""
+    report = export_deployable(pool.descendant(row["low"]), example, folder / onnx_name(row), options,
+                               calibration=calibration, evaluation=evaluation)
+    return {"onnx_max_abs_diff": report.export.max_abs_diff, "precision": report.precision,
+            "deploy": report.written()}
+
+
 def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, force: bool = False,
-                    progress: Progress | None = None) -> dict[str, Any]:
-    """Measure every descendant of the pool at ``directory`` and export the best one within the budget."""
+                    progress: Progress | None = None, executor: Executor | None = None) -> dict[str, Any]:
+    """Measure every descendant of the pool at ``directory`` and export the best one within the budget; each
+    descendant's export is an item of ``executor``, latency runs where its ``at_target`` runs."""
     config.check()
     check_deployable(config.deploy)  # a CUDA provider without a GPU fails before any work
     source = read_pool(Path(directory))
@@ -289,14 +308,16 @@ def build_from_pool(directory: Path, config: PoolBuildConfig, out: Path, *, forc
         with stages("measure", f"exporting and timing {len(rows)} descendants ({deploy.precision}, ONNX Runtime, "
                                f"batch {config.batch})"):
             measure_descendants(pool, rows, folder, example, runs=config.runs, threads=config.threads, deploy=deploy,
-                                calibration=train_split.x, evaluation=evaluation)
+                                calibration=train_split.x, evaluation=evaluation, executor=executor)
         chosen = pick_descendant(rows, budget)
         with stages("deploy", f"exporting the chosen descendant (low={chosen['low']}) at {deploy.precision}"
                               + (" with the per-precision latency table" if deploy.latency_runs else "")):
             # the same graph as its row's file (only the exporter's metadata may differ), the other precisions
             # measured too; --all keeps this very file
             report = export_deployable(pool.descendant(chosen["low"]), example, staging / DESCENDANT_ONNX, deploy,
-                                       calibration=train_split.x, evaluation=evaluation, progress=progress)
+                                       calibration=train_split.x, evaluation=evaluation, progress=progress,
+                                       time_latency=False)
+            time_report(report, deploy, at=(executor or LocalExecutor()).at_target, progress=progress)
             chosen["deploy"] = report.written()
         if config.export_all:
             shutil.copyfile(staging / DESCENDANT_ONNX, folder / onnx_name(chosen))
