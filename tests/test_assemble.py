@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers.executors import ReversedExecutor
 
 from zoocompiler.cli import main
 from zoocompiler.core.budget import Budget
@@ -102,14 +103,10 @@ def test_candidate_ranking_does_not_depend_on_the_executor(analysis, tmp_path):
     from zoocompiler.pipelines.assemble.pipeline import rank_candidates
     from zoocompiler.pipelines.base import LocalExecutor
 
-    class Reversed:
-        def map(self, fn, items):
-            return [fn(item) for item in reversed(list(items))][::-1]
-
     config = small_config(tmp_path)
     opts, assemblies, _ = solve(analysis, config)
     local = rank_candidates(analysis, opts, assemblies, config, executor=LocalExecutor())
-    other = rank_candidates(analysis, opts, assemblies, config, executor=Reversed())
+    other = rank_candidates(analysis, opts, assemblies, config, executor=ReversedExecutor())
     assert [c.to_dict() for c in local] == [c.to_dict() for c in other]
     assert len(local) == len(assemblies) >= 2
 

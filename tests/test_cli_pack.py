@@ -22,6 +22,7 @@ from helpers.cli import (
     run_json,
     strict_json,
 )
+from helpers.executors import ReversedExecutor
 from torch import nn
 
 from zoocompiler import cli
@@ -160,20 +161,12 @@ def test_slice_bars_follow_the_pipeline():
     assert "· slicing 1 source(s) into S" in buffer.getvalue() and "2/2" in buffer.getvalue()
 
 
-class _ReversedExecutor:
-    """Runs the per-source items last to first (results must not depend on the executor)."""
-
-    def map(self, fn, items):
-        items = list(items)
-        return [fn(item) for item in reversed(items)][::-1]
-
-
 def test_a_store_built_in_two_runs_equals_one_built_at_once(extended, tmp_path):
     """Two CLI runs (one source each) equal one run of both sources under a reversed executor."""
     from zoocompiler.pipelines.pack.pipeline import slice_to_store
 
     once = tmp_path / "once"
-    slice_to_store(PackSliceConfig(zoo=f"{SOURCE},{ADDED}", k=5, steps=2), once, executor=_ReversedExecutor())
+    slice_to_store(PackSliceConfig(zoo=f"{SOURCE},{ADDED}", k=5, steps=2), once, executor=ReversedExecutor())
     two = extended["path"]
     files = sorted(name for name in _snapshot(two) if name not in ("store.json", "report.json"))
     assert files == sorted(name for name in _snapshot(once) if name not in ("store.json", "report.json"))

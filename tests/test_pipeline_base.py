@@ -11,25 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.executors import ReversedExecutor
 
 from zoocompiler.core.errors import ZooError
 from zoocompiler.pipelines.base import LocalExecutor, Stages, run_staged, write_report
 
 
-class ReversedExecutor:
-    """Runs the items last to first (as a scheduler might), returns results in item order."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def map(self, fn, items):
-        items = list(items)
-        self.calls += 1
-        out = [fn(item) for item in reversed(items)]
-        return out[::-1]
-
-
-class ThreadExecutor:
+class ThreadExecutor(LocalExecutor):
     """Runs the items on two threads (results gathered in item order)."""
 
     def map(self, fn, items):

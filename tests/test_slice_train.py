@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.executors import ReversedExecutor
 
 from zoocompiler.core.errors import BudgetError, CheckpointError, DataError, ZooError
 from zoocompiler.data import load_dataset
@@ -170,14 +171,10 @@ def test_export_rates_and_serve(trained_dir, tmp_path):
 def test_export_does_not_depend_on_the_executor(trained_dir, tmp_path):
     """Rates exported last-to-first give the same ONNX files, costs and accuracies (latencies are measured)."""
 
-    class Reversed:
-        def map(self, fn, items):
-            return [fn(item) for item in reversed(list(items))][::-1]
-
     out, _ = trained_dir
     measured = {"latency_ms", "per_sample_ms"}
     docs = []
-    for name, executor in (("local", None), ("reversed", Reversed())):
+    for name, executor in (("local", None), ("reversed", ReversedExecutor())):
         (tmp_path / name).mkdir()
         doc = export_rates(
             out, tmp_path / name, rates=[0.5, 1.0], latency_batch=4, runs=5, executor=executor, trust_code=True

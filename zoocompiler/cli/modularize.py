@@ -20,6 +20,7 @@ from zoocompiler.core.text import human
 
 from ..core.classes import check_classes, parse_classes
 from ..pipelines.base import run_staged
+from ..pipelines.data_parallel import WORKERS_HELP, check_workers
 from ..pipelines.modularize.config import (
     HEADS,
     RESIDUAL_LAYOUTS,
@@ -65,10 +66,13 @@ def cmd_modularize_train(args: argparse.Namespace) -> dict[str, Any]:
     from zoocompiler.pipelines.modularize.train import train_to_dir
 
     config = train_config(args)
+    config.check()
+    workers = check_workers(args.workers, config.batch_size)
     out = Path(args.out)
     say = progress_or_silent(args)
     record = run_staged(
-        config, out, args.force, lambda staging: train_to_dir(config, staging, progress=not args.json, say=say)
+        config, out, args.force,
+        lambda staging: train_to_dir(config, staging, progress=not args.json, say=say, workers=workers),
     )
     return jsonable({"out": str(out), **record, "files": written_files(out)}, finite=True)
 
@@ -372,6 +376,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="seed for data order and generators",
     )
+    train.add_argument("--workers", type=int, default=1, metavar="N", help=WORKERS_HELP)
     out_dir_options(train, required=True)
     json_option(train)
     train.set_defaults(run=cmd_modularize_train, render=render_modularize_train)

@@ -19,6 +19,7 @@ from zoocompiler.core.budget import Budget
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.text import human
 
+from ..pipelines.data_parallel import WORKERS_HELP
 from ..pipelines.pool.config import INITS, PoolBuildConfig, PoolDistillConfig, PoolFinetuneConfig
 from .common import (
     check_at_least,
@@ -79,7 +80,8 @@ def cmd_pool_finetune(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out is not None else directory
     in_place = out.resolve() == directory.resolve()
     doc = finetune_pool(directory, config, out=None if in_place else out, force=args.force,
-                        trust_code=args.trust_code, allow_pickle=args.allow_pickle, progress=progress(args))
+                        trust_code=args.trust_code, allow_pickle=args.allow_pickle, progress=progress(args),
+                        workers=args.workers)
     return jsonable({"out": str(out), "in_place": in_place, **doc, "files": written_files(out)}, finite=True)
 
 
@@ -394,6 +396,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="seed of the data order and the sampled paths",
     )
+    finetune.add_argument("--workers", type=int, default=1, metavar="N", help=WORKERS_HELP)
     finetune.add_argument(
         "--trust-code",
         action="store_true",

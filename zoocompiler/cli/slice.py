@@ -18,6 +18,7 @@ from zoocompiler.core.rates import same_rate
 from zoocompiler.core.text import human
 
 from ..pipelines.base import run_staged
+from ..pipelines.data_parallel import WORKERS_HELP, check_workers
 from ..pipelines.slice.config import SliceExportConfig, SliceTrainConfig
 from .common import (
     check_at_least,
@@ -56,8 +57,11 @@ def cmd_slice_train(args: argparse.Namespace) -> dict[str, Any]:
     from zoocompiler.pipelines.slice.train import train_to_dir
 
     config = train_config(args)
+    config.check()
+    workers = check_workers(args.workers, config.batch_size)
     out = Path(args.out)
-    record = run_staged(config, out, args.force, lambda staging: train_to_dir(config, staging, progress=not args.json))
+    record = run_staged(config, out, args.force,
+                        lambda staging: train_to_dir(config, staging, progress=not args.json, workers=workers))
     return jsonable({"out": str(out), **record, "files": written_files(out)}, finite=True)
 
 
@@ -280,6 +284,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="seed for data order and slice rates",
     )
+    train.add_argument("--workers", type=int, default=1, metavar="N", help=WORKERS_HELP)
     out_dir_options(train, default="sliced")
     json_option(train)
     train.set_defaults(run=cmd_slice_train, render=render_slice_train)

@@ -43,9 +43,10 @@ from zoocompiler.passes.rewrite.mask_generators import (
     plain_state,
 )
 from zoocompiler.sources import check_spec_from_file, check_state_dict, read_state_dict
-from zoocompiler.training import EpochStats, evaluate, seed_everything, train
+from zoocompiler.training import EpochStats, evaluate, gather, seed_everything, train
 
 from ..base import Stages, write_report
+from ..data_parallel import check_workers, run_data_parallel
 from ..zoo.trainable import example_input, load_trainable
 from .config import ModularizeTrainConfig
 from .losses import cohesion_loss, coupling_loss
@@ -113,33 +114,57 @@ def _new_tracker() -> dict[str, Any]:
     return {"modularity": EpochModularity(), "correct": 0, "seen": 0, "losses": {}}
 
 
+def _merged(trackers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One tracker summing ``trackers`` (data-parallel workers' trackers, each over its slices of the batches)."""
+    if len(trackers) == 1:
+        return trackers[0]
+    out = _new_tracker()
+    for t in trackers:
+        out["correct"] += t["correct"]
+        out["seen"] += t["seen"]
+        for k, v in t["losses"].items():
+            out["losses"][k] = out["losses"].get(k, 0.0) + v
+        out["modularity"].sums += t["modularity"].sums
+        out["modularity"].counts += t["modularity"].counts
+    return out
+
+
 def _fit(net: nn.Module, loss: Callable[[dict], Callable], split: DataSplit, test: DataSplit,
-         config: ModularizeTrainConfig, desc: str, progress: bool) -> list[dict[str, Any]]:
-    """Train ``net`` with ``loss(tracker)``; one row per epoch (losses, accuracies, modularity, seconds)."""
+         config: ModularizeTrainConfig, desc: str, progress: bool, workers: int = 1) -> list[dict[str, Any]]:
+    """Train ``net`` with ``loss(tracker)``; one row per epoch (losses, accuracies, modularity, seconds). With
+    ``workers`` > 1 data-parallel on Ray Train: the rows sum every worker's tracker, whose losses and modularity
+    are computed on the worker's slice of each batch."""
     rows: list[dict[str, Any]] = []
     tracker = _new_tracker()
 
     def on_epoch(stats: EpochStats) -> None:
-        seen = max(tracker["seen"], 1)
+        epoch = _merged(gather(tracker))
+        seen = max(epoch["seen"], 1)
         rows.append({
             "epoch": stats.epoch, "loss": stats.loss, "seconds": stats.seconds,
-            **{k: v / seen for k, v in tracker["losses"].items()},
-            "train_accuracy": tracker["correct"] / seen,
+            **{k: v / seen for k, v in epoch["losses"].items()},
+            "train_accuracy": epoch["correct"] / seen,
             "accuracy": evaluate(FirstOutput(net), test),
-            **tracker["modularity"].means(),
+            **epoch["modularity"].means(),
         })
         tracker.update(_new_tracker())
 
-    train(net, split, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
-          progress=progress, weight_decay=config.weight_decay, loss_fn=loss(tracker), desc=desc, on_epoch=on_epoch)
-    return rows
+    def fit() -> list[dict[str, Any]]:
+        train(net, split, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
+              progress=progress, weight_decay=config.weight_decay, loss_fn=loss(tracker), desc=desc,
+              on_epoch=on_epoch)
+        return rows
+
+    return run_data_parallel(net, fit, workers)
 
 
 def train_to_dir(config: ModularizeTrainConfig, out_dir: Path, progress: bool = True,
-                 say: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
+                 say: Callable[[str], None] = lambda _msg: None, workers: int = 1) -> dict[str, Any]:
     """Build, train (modular and, unless ``config.standard`` is off, standard) and write the trained
-    directory into ``out_dir`` (an empty staging directory); return the record written to ``modularize.json``."""
+    directory into ``out_dir`` (an empty staging directory); return the record written to ``modularize.json``.
+    ``workers`` > 1 trains each model data-parallel on that many Ray Train workers (recorded as ``workers``)."""
     config.check()
+    check_workers(workers, config.batch_size)
     stages = Stages(say)
     with stages("build", f"build {config.spec} on {config.data}"):
         train_split, test_split = load_dataset(config.data, "train"), load_dataset(config.data, "test")
@@ -150,15 +175,17 @@ def train_to_dir(config: ModularizeTrainConfig, out_dir: Path, progress: bool = 
         points = gate_points(gm)
         standard = copy.deepcopy(gm) if config.standard else None
         modular = insert_mask_generators(gm, points, seed=config.seed)
-    what = f"modular training: {config.epochs} epochs, alpha {config.alpha:g}, beta {config.beta:g}"
+    on = f" on {workers} Ray Train workers" if workers > 1 else ""
+    what = f"modular training: {config.epochs} epochs, alpha {config.alpha:g}, beta {config.beta:g}{on}"
     with stages("modular_train", what):
         loss = functools.partial(_modularity_loss, config.alpha, config.beta, points.offsets())
-        modular_rows = _fit(modular, loss, train_split, test_split, config, "modular", progress)
+        modular_rows = _fit(modular, loss, train_split, test_split, config, "modular", progress, workers)
     standard_rows = None
     if standard is not None:
-        with stages("standard_train", f"standard training: {config.epochs} epochs"):
+        with stages("standard_train", f"standard training: {config.epochs} epochs{on}"):
             probed = insert_kernel_probes(standard, points)
-            standard_rows = _fit(probed, _standard_loss, train_split, test_split, config, "standard", progress)
+            standard_rows = _fit(probed, _standard_loss, train_split, test_split, config, "standard", progress,
+                                 workers)
     record = {
         "format": TRAINED_FORMAT,
         "config": asdict(config),
@@ -171,6 +198,7 @@ def train_to_dir(config: ModularizeTrainConfig, out_dir: Path, progress: bool = 
         "skipped": points.skipped,
         "modular": _summary(modular_rows),
         "standard": _summary(standard_rows) if standard_rows is not None else None,
+        "workers": workers,
         "timings": stages.timings,
     }
     write_state_dict_atomic(out_dir / MODULAR_FILE, modular.state_dict())

@@ -31,6 +31,7 @@ from zoocompiler.exports.latency import measure_latency
 from zoocompiler.training import evaluate, seed_everything
 
 from ..base import Executor, LocalExecutor, Stages, run_staged, write_report
+from ..data_parallel import check_workers, run_data_parallel
 from .ancestry import VitShape, ancestry_shape, build_vit
 from .config import PoolBuildConfig, PoolDistillConfig, PoolFinetuneConfig
 from .distill import DistillResult, dense_levels, distill
@@ -178,10 +179,13 @@ def _ancestry_of(doc: dict[str, Any], root: Path, trust_code: bool, allow_pickle
 
 def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | None = None, force: bool = False,
                   trust_code: bool = False, allow_pickle: bool = False,
-                  progress: Progress | None = None) -> dict[str, Any]:
+                  progress: Progress | None = None, workers: int = 1) -> dict[str, Any]:
     """Fine-tune the pool at ``directory`` (Algorithm 1, lines 11-14) into ``out`` (default: in place).
-    ``trust_code`` / ``allow_pickle`` allow a ``python:`` ancestry spec / a pickled ancestry checkpoint."""
+    ``trust_code`` / ``allow_pickle`` allow a ``python:`` ancestry spec / a pickled ancestry checkpoint.
+    ``workers`` > 1 fine-tunes data-parallel on that many Ray Train workers (``..data_parallel``; every worker
+    samples the same path each step), recorded as ``finetune.workers``."""
     config.check()
+    check_workers(workers, config.batch_size)
     source = read_pool(Path(directory))
     target = Path(out) if out is not None else source.root
     in_place = target.resolve() == source.root.resolve()
@@ -197,10 +201,11 @@ def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | No
 
     def body(staging: Path) -> dict[str, Any]:
         with stages("finetune", f"fine-tuning {pool.depth + 1} paths for {config.epochs} epochs"
-                                f"{' with the ancestry as teacher' if config.kd else ''}"):
-            history, counts = finetune(pool, train_split, ancestry=ancestry, epochs=config.epochs, lr=config.lr,
-                                       batch_size=config.batch_size, tau=config.tau, seed=config.seed,
-                                       progress=config.progress)
+                                f"{' with the ancestry as teacher' if config.kd else ''}"
+                                f"{f' on {workers} Ray Train workers' if workers > 1 else ''}"):
+            history, counts = run_data_parallel(pool, lambda: finetune(
+                pool, train_split, ancestry=ancestry, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+                tau=config.tau, seed=config.seed, progress=config.progress), workers)
         with stages("evaluate", "evaluating the descendants"):
             rows = pool.descendant_rows(test_split, source.input_shape)
         doc = dict(source.doc)
@@ -210,7 +215,7 @@ def finetune_pool(directory: Path, config: PoolFinetuneConfig, *, out: Path | No
                            "lr": config.lr, "batch_size": config.batch_size, "kd": config.kd, "tau": config.tau,
                            "seed": config.seed, "paths_sampled": dict(zip(map(str, range(pool.depth + 1)), counts,
                                                                            strict=True)),
-                           "seconds": history.seconds}
+                           "seconds": history.seconds, "workers": workers}
         doc["storage"] = pool.storage()
         doc["weights"] = write_weights(staging, pool, transforms)
         doc["timings"] = stages.timings

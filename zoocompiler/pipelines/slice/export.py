@@ -99,9 +99,9 @@ def export_rates(
         rows = executor.map_writing(export_one, chosen, out_dir)
     with stages("latency"):  # on this machine or --latency-node, never on a worker
         for row in rows:
-            data = (out_dir / row["onnx"]).read_bytes()  # the file written, at its precision
-            one = executor.at_target(measure_latency, data, (1, *shape), runs=runs)
-            batch = executor.at_target(measure_latency, data, (latency_batch, *shape), runs=max(5, runs // 3))
+            written = (out_dir / row["onnx"]).read_bytes()  # at its precision
+            one = executor.at_target(measure_latency, written, (1, *shape), runs=runs)
+            batch = executor.at_target(measure_latency, written, (latency_batch, *shape), runs=max(5, runs // 3))
             row["latency_ms"], row["per_sample_ms"] = one.median_ms, batch.median_ms / latency_batch
         main = next(row.pop("deploy_report") for row in rows if row["deploy_report"] is not None)
         main_report = time_report(main, deploy, at=executor.at_target, progress=say).to_dict(main.path)

@@ -36,6 +36,7 @@ from zoocompiler.sources import check_spec_from_file, read_state_dict
 from zoocompiler.training import History, evaluate, seed_everything, train
 
 from ..base import Stages, write_report
+from ..data_parallel import check_workers, run_data_parallel
 from ..zoo.trainable import example_input, load_trainable
 from .config import SliceTrainConfig
 
@@ -108,10 +109,13 @@ def train_sliceable(
     progress: bool = True,
     eval_split: DataSplit | None = None,
     on_rate: Callable[[float], None] | None = None,
+    workers: int = 1,
 ) -> History:
     """Train ``model`` in place: each batch runs the r-subnet for an r drawn from ``scheduler``
     (seeded numpy generator; progress = step / total steps). Progressive static scheduling keeps
-    the previous stage's subnet fixed. Leaves the model at rate 1.0 in eval mode."""
+    the previous stage's subnet fixed. Leaves the model at rate 1.0 in eval mode. ``workers`` > 1 trains
+    data-parallel on Ray Train (:mod:`..data_parallel`; every worker draws the same rates, ``on_rate`` is
+    called on the workers)."""
     steps_per_epoch = len(split) // batch_size if len(split) > batch_size else 1
     total = max(1, epochs * steps_per_epoch)
     rng = np.random.default_rng(seed)
@@ -130,10 +134,14 @@ def train_sliceable(
         state["step"] += 1
         return F.cross_entropy(net(x), y)
 
-    history = train(model, split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
-                    augment=augment, weight_decay=weight_decay, loss_fn=loss_fn, eval_split=eval_split,
-                    desc="slice-train")
-    freezer.restore()
+    def fit() -> History:
+        history = train(model, split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
+                        augment=augment, weight_decay=weight_decay, loss_fn=loss_fn, eval_split=eval_split,
+                        desc="slice-train")
+        freezer.restore()
+        return history
+
+    history = run_data_parallel(model, fit, workers)
     model.rate = 1.0
     return history
 
@@ -166,10 +174,12 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return save_png(fig, path)
 
 
-def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True, workers: int = 1) -> dict[str, Any]:
     """Build, train and evaluate per :class:`SliceTrainConfig`; write the trained directory into
-    ``out_dir`` (an empty staging directory) and return the record written to ``slice.json``."""
+    ``out_dir`` (an empty staging directory) and return the record written to ``slice.json``. ``workers`` > 1
+    trains data-parallel on that many Ray Train workers (recorded as ``workers``)."""
     config.check()
+    check_workers(workers, config.batch_size)
     stages = Stages()
     with stages("build"):
         train_split, test_split = load_dataset(config.data, "train"), load_dataset(config.data, "test")
@@ -184,7 +194,7 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
         scheduler = make_scheduler(config.scheduler, rates, **config.scheduler_options)
         history = train_sliceable(model, train_split, scheduler, epochs=config.epochs, lr=config.lr,
                                   batch_size=config.batch_size, weight_decay=config.weight_decay,
-                                  augment=config.augment, seed=config.seed, progress=progress)
+                                  augment=config.augment, seed=config.seed, progress=progress, workers=workers)
     with stages("evaluate"):
         per_rate = evaluate_rates(model, test_split, valid_rates(config.groups))
     record = {
@@ -194,6 +204,7 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True)
         "num_classes": train_split.num_classes,
         "fingerprint": graph_fingerprint(model.gm),
         "train_seconds": history.seconds,
+        "workers": workers,
         "history": jsonable([asdict(e) for e in history.epochs], finite=True),
         "rates": [
             {"rate": r, **{k: v for k, v in row.items() if k != "rate"}, "trained": r >= config.lb - RATE_TOLERANCE}
