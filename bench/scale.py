@@ -25,7 +25,9 @@ val), probe ``probe_batch(fit, minimum=--probe)`` (256 images).
   all position pairs on the driver (the rest of the call);
 * ``partition`` (driver): ``partition_members`` (K=4, eps 0.2, ``--restarts``, distinct sets, as assemble);
 * ``probe_zoo`` *(per member)*: ``member_probes`` (each model's linear probe on the task: the ILP's quality);
-* ``ilp`` (driver): ``assembly_options`` + ``solve_assemblies`` (top ``--top``, params ≤ the zoo's median model);
+* ``ilp_build`` (driver): ``assembly_options`` (every block, every stage-k → k+1 join with its stitch cost and
+  CKA, every head), and ``ilp_solve`` (driver): ``solve_assemblies`` (PuLP/CBC, top ``--top``, params ≤ the zoo's
+  median model);
 * ``rerank`` *(per candidate)*: ``rank_candidates`` (each ILP candidate built with LS stitches and scored).
 
 **Executors** (``--executors``): ``local1`` = ``LocalExecutor`` with torch and BLAS at 1 thread (what each Ray
@@ -74,9 +76,10 @@ QUICK_SIZES = (4, 8)
 EXECUTORS = ("local1", "local", "ray1", "ray2")
 EXECUTOR_LABEL = {"local1": "local, 1 thread", "local": "local, default threads", "ray1": "ray, 1 worker",
                   "ray2": "ray, 2 workers"}
-STAGES = ("load", "grams", "cka", "partition", "probe_zoo", "ilp", "rerank")
+STAGES = ("load", "grams", "cka", "partition", "probe_zoo", "ilp_build", "ilp_solve", "rerank")
 PER_MEMBER = ("load", "grams", "probe_zoo")  # items of the executor, one per zoo model
 MAPPED = (*PER_MEMBER, "rerank")  # stages whose work is the executor's map
+DRIVER = ("cka", "partition", "ilp_build", "ilp_solve")  # stages that run on the driver only
 TARGET_SPEEDUP = 1.7  # ray2 over local1, per-member stages, largest zoo
 SIM_TOL = 1e-6
 DATA = "mnist5k"
@@ -300,15 +303,12 @@ def run_zoo(specs: list[GeneratedSpec], shared: Shared, executor: TimedExecutor,
                                "quality": [quality[m.name] for m in members]}
     details: dict[str, Any] = {"models": len(members), "positions": positions, "budget_params": budget.params}
     if len(members) <= args.ilp_max_models:
-        start = time.perf_counter()
-        opts = assembly_options(partition, members, sim, shared.task.num_classes, quality=quality)
-        middle = time.perf_counter()
-        assemblies, stats = solve_assemblies(opts.options, opts.joins, opts.heads, budget, top=args.top,
-                                             forbidden=opts.forbidden)
-        seconds["ilp"] = time.perf_counter() - start
-        details["ilp"] = {"options_s": middle - start, "solve_s": time.perf_counter() - middle,
-                          "blocks": len(opts.options), "joins": len(opts.joins), "variables": stats.variables,
-                          "assemblies": len(assemblies), "status": stats.status}
+        opts = timed("ilp_build", lambda: assembly_options(partition, members, sim, shared.task.num_classes,
+                                                           quality=quality))
+        assemblies, stats = timed("ilp_solve", lambda: solve_assemblies(
+            opts.options, opts.joins, opts.heads, budget, top=args.top, forbidden=opts.forbidden))
+        details["ilp"] = {"blocks": len(opts.options), "joins": len(opts.joins), "variables": stats.variables,
+                          "constraints": stats.constraints, "assemblies": len(assemblies), "status": stats.status}
         config = AssembleConfig(budget=budget, proxy="probe", top=args.top, seed=0)
         ranked = timed("rerank", lambda: rank_candidates(analysis, opts, assemblies, config, probes, executor))
         results["ilp"] = [a.blocks for a in assemblies]
@@ -486,7 +486,8 @@ def targets(doc: dict, rows: list[dict]) -> list[dict[str, Any]]:
 
 def agreement(doc: dict) -> list[dict[str, Any]]:
     return [{"executor": r["executor"], "size": int(size), **z["agreement"]}
-            for r in doc["runs"] for size, z in r["zoos"].items() if not z["agreement"].get("reference")]
+            for r in doc["runs"] for size, z in r["zoos"].items()
+            if "agreement" in z and not z["agreement"].get("reference")]
 
 
 def _fit_linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -511,12 +512,14 @@ def projection(doc: dict) -> dict[str, Any]:
     workers' share w are added, not overlapped). Per task, on a worker, w = c + unseal(fn) + unseal(item) +
     seal(result); on the driver, d = o + seal(item) + unseal(result) + (i + r)·γ. c: measured seconds per item
     (local ×1, largest zoo); i, r, fn: sealed bytes of an item, a result and the function as the Ray run sent
-    them, and the seconds to seal/unseal each (timed on the driver), fitted linear in the zoo size; o: Ray
-    overhead per no-op task (ray ×2); γ: the object store's seconds per byte, what the echo tasks' round-trip cost
-    per byte leaves after two seals and two unseals, halved (one transfer); B: the driver's network bandwidth; S:
-    slots (nodes × cores). Driver stages (cka, partition, ilp): the largest zoo's time scaled by (N/n)^α, α fitted
-    between the two largest zoos (cka: α = 2, its work is P² Gram products), the CKA divided by ``cores per node
-    / driver threads`` (one matrix product; BLAS uses the driver's cores).
+    them, fitted linear in the zoo size (the function carries zoo-wide data), and the seconds to seal/unseal each
+    at the largest zoo's seconds per byte (timed on the driver); o: Ray overhead per no-op task (ray ×2); γ: the
+    object store's seconds per byte, what the echo tasks' round-trip cost per byte leaves after two seals and two
+    unseals, halved (one transfer); B: the driver's network bandwidth; S: slots (nodes × cores).
+    Driver stages (``DRIVER``): the largest zoo's time (local ×1) scaled by (N/n)^α, α fitted between the two
+    largest zoos (cka: α = 2, its work is P² Gram products); on the cluster the CKA is divided by the cores per
+    node (one matrix product: BLAS uses the driver's cores, assumed at linear speed-up), the others run as
+    measured (single-threaded solvers).
     """
     setup = doc["setup"]
     p = setup["projection"]
@@ -539,20 +542,24 @@ def projection(doc: dict) -> dict[str, Any]:
         c = m["seconds"] / m["items"]
         items = n_models if stage in PER_MEMBER else m["items"]
 
-        def at(kind: str, key: str, stage=stage, have=have) -> float:
-            a, b = _fit_linear(have, [sized["zoos"][str(s)]["maps"][stage][kind][key] for s in have])
-            return max(0.0, a + b * n_models)
+        largest = sized["zoos"][str(have[-1])]["maps"][stage]
 
-        fn, carried = at("bytes", "fn"), at("bytes", "item") + at("bytes", "result")
-        worker = c + at("unseal_s", "fn") + at("unseal_s", "item") + at("seal_s", "result")
-        driver = o + at("seal_s", "item") + at("unseal_s", "result") + carried * gamma
+        def size(key: str, stage=stage, have=have) -> float:
+            a, b = _fit_linear(have, [sized["zoos"][str(s)]["maps"][stage]["bytes"][key] for s in have])
+            return max(0.0, a + b * (n_models if stage in PER_MEMBER or key == "fn" else have[-1]))
+
+        def cost(kind: str, key: str, largest=largest) -> float:  # seconds, at the largest zoo's seconds per byte
+            return size(key) * largest[kind][key] / max(1, largest["bytes"][key])
+
+        fn, carried = size("fn"), size("item") + size("result")
+        worker = c + cost("unseal_s", "fn") + cost("unseal_s", "item") + cost("seal_s", "result")
+        driver = o + cost("seal_s", "item") + cost("unseal_s", "result") + carried * gamma
         network = (items * carried + nodes * fn) / bandwidth
         rows.append({"stage": stage, "kind": "per member" if stage in PER_MEMBER else "per candidate",
                      "per_item_s": c, "items": items, "fn_bytes": fn, "item_result_bytes": carried,
                      "worker_per_task_s": worker, "driver_per_task_s": driver, "network_s": network,
                      "local_s": items * c, "cluster_s": math.ceil(items / slots) * worker + items * driver + network})
-    driver_run = _run(doc, "local") or base
-    for stage in ("cka", "partition", "ilp"):
+    for stage in DRIVER:
         have = [s for s in sizes if stage in base["zoos"][str(s)]["seconds"]]
         if not have:
             rows.append({"stage": stage, "kind": "driver", "skipped": "not measured"})
@@ -560,10 +567,9 @@ def projection(doc: dict) -> dict[str, Any]:
         ys = [base["zoos"][str(s)]["seconds"][stage] for s in have]
         alpha = 2.0 if stage == "cka" else _power(have, ys)
         scale = (n_models / have[-1]) ** alpha
-        measured = driver_run["zoos"].get(str(have[-1]), {}).get("seconds", {}).get(stage, ys[-1])
-        blas = p["cores_per_node"] / driver_run.get("driver_threads", 1) if stage == "cka" else 1.0
+        blas = p["cores_per_node"] if stage == "cka" else 1.0
         rows.append({"stage": stage, "kind": "driver", "alpha": alpha, "items": 1, "measured_at": have[-1],
-                     "local_s": ys[-1] * scale, "cluster_s": measured * scale / blas, "driver_speedup": blas})
+                     "local_s": ys[-1] * scale, "cluster_s": ys[-1] * scale / blas, "driver_speedup": blas})
     total_local = sum(r.get("local_s", 0.0) for r in rows)
     total_cluster = sum(r.get("cluster_s", 0.0) for r in rows)
     return {"models": n_models, "nodes": nodes, "cores_per_node": p["cores_per_node"], "slots": slots,
@@ -668,19 +674,23 @@ def cost_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
 
 def projection_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     p = doc["projection"]
-    header = ["stage", "kind", "per item s (measured)", "items", "fn MB / task", "local s (1 core)",
-              f"{p.get('nodes', '-')} nodes s", "speed-up"]
+    header = ["stage", "kind", "per item s (measured)", "items", "fn MB / task", "worker s / task",
+              "driver ms / task", "network s", "local s (1 core)", f"{p.get('nodes', '-')} nodes s", "speed-up"]
     cells = []
     for r in p.get("rows", []):
         if "skipped" in r:
-            cells.append([r["stage"], r["kind"], "-", "-", "-", r["skipped"], "-", "-"])
+            cells.append([r["stage"], r["kind"], "-", "-", "-", "-", "-", "-", r["skipped"], "-", "-"])
             continue
-        per = f"{r['per_item_s']:.4f}" if "per_item_s" in r else f"α={r['alpha']:.2f} from {r['measured_at']}"
+        mapped = "per_item_s" in r
+        per = f"{r['per_item_s']:.4f}" if mapped else f"α={r['alpha']:.2f} from {r['measured_at']}"
         cells.append([r["stage"], r["kind"], per, f"{r['items']:,}",
-                      f"{r['fn_bytes'] / 2**20:.2f}" if "fn_bytes" in r else "-", _s(r["local_s"]),
+                      f"{r['fn_bytes'] / 2**20:.2f}" if mapped else "-",
+                      f"{r['worker_per_task_s']:.3f}" if mapped else "-",
+                      f"{1e3 * r['driver_per_task_s']:.2f}" if mapped else "-",
+                      f"{r['network_s']:.2f}" if mapped else "-", _s(r["local_s"]),
                       _s(r["cluster_s"]), _x(r["local_s"] / r["cluster_s"] if r["cluster_s"] else None)])
     if "rows" in p:
-        cells.append(["total", "", "", "", "", _s(p["total_local_s"]), _s(p["total_cluster_s"]),
+        cells.append(["total", "", "", "", "", "", "", "", _s(p["total_local_s"]), _s(p["total_cluster_s"]),
                       _x(p["total_local_s"] / p["total_cluster_s"])])
     return header, cells
 
@@ -759,9 +769,11 @@ def plot(doc: dict, path: Path) -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(TARGET_SPEEDUP, color="r", ls=":", lw=1, label=f"target {TARGET_SPEEDUP}× (per member, ray ×2)")
         ax.set_xticks(x, [s + ("*" if s in PER_MEMBER else "") for s in STAGES], rotation=30, ha="right")
-        ax.set(title=f"{size} models: speed-up over local ×1", ylabel="×")
+        top = max([TARGET_SPEEDUP, *[(by.get((size, s, n)) or {}).get("vs_local1") or 0 for s in STAGES
+                                     for n in others]])
+        ax.set(title=f"{size} models: speed-up over local ×1", ylabel="×", ylim=(0, 1.45 * top))
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     ax = axes[0][-1]
     rows = [r for r in proj if "local_s" in r]
     x = np.arange(len(rows))

@@ -52,3 +52,21 @@ def _shared_architecture_cases_unchanged():
 
     changed = shared_cases_changed()
     assert not changed, f"a test changed shared architecture cases in place (deep-copy them first): {changed}"
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray instance with 2 CPUs for the whole session (started on first use, shut down at the end); yields
+    a ``RayExecutor`` on it. Its workers can import the tests' ``python:`` model modules. Skipped where Ray is not
+    installed."""
+    ray = pytest.importorskip("ray")
+    from zoocompiler.pipelines.executors import RayExecutor
+
+    started = not ray.is_initialized()
+    if started:
+        path = os.pathsep.join([str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield RayExecutor()
+    if started:
+        ray.shutdown()

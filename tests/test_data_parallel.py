@@ -1,8 +1,10 @@
 """Data-parallel training with ``--workers N`` (Ray Train's TorchTrainer, DDP over gloo): 2 workers give the
 weights of single-process training with the same global batch, the pipelines run on it, bad values are refused.
 
-Tolerances: the weights of a 2-worker run and a 1-process run agree to 1e-5 relative to each tensor's largest
-magnitude (measured: ~3e-7 after 12 AdamW steps; the only difference is the order of floating-point sums).
+Tolerance: the weights of a 2-worker run and a 1-process run with the same global batches differ by at most 1e-5
+of the model's largest weight (measured: 2.2e-7 absolute after 12 AdamW steps); the only difference is the order of
+floating-point sums: a 1-process run that sums the gradient over the same two halves of each batch gives the
+2-worker weights exactly.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from zoocompiler.training import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-WEIGHT_RTOL = 1e-5  # max |w2 - w1| / max |w1| per tensor, 2 workers vs 1 process
+WEIGHT_RTOL = 1e-5  # max |w2 - w1| / max |w1|, 2 workers vs 1 process
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,10 @@ def local_ray():
 
 
 def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max |b - a| over every floating-point tensor, relative to the largest |a|."""
     assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a
-               if a[k].is_floating_point())
+    floats = [k for k in a if a[k].is_floating_point()]
+    return max(float((a[k] - b[k]).abs().max()) for k in floats) / max(float(a[k].abs().max()) for k in floats)
 
 
 def two_branch_net() -> nn.Module:
@@ -69,6 +72,19 @@ def branch_sampling_loss(seed: int):
     def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         branch = int(torch.randint(0, len(net.heads), (1,), generator=generator))
         return F.cross_entropy(net(x, branch), y)
+
+    return loss_fn
+
+
+def halves_loss(seed: int):
+    """:func:`branch_sampling_loss` with each batch run as its two :meth:`Shard.take` halves, their losses weighted
+    by their sizes: in one process, the gradient 2 DDP workers all-reduce."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        branch = int(torch.randint(0, len(net.heads), (1,), generator=generator))
+        return sum(len(part_y) / len(y) * F.cross_entropy(net(part_x, branch), part_y)
+                   for part_x, part_y in zip(x.tensor_split(2), y.tensor_split(2), strict=True))
 
     return loss_fn
 
@@ -141,17 +157,21 @@ def test_cli_bad_workers_is_a_one_line_error_before_any_work(argv, tmp_path):
 
 def test_two_workers_equal_single_process_training(local_ray):
     """Same global batches (33: uneven 17/16 slices), same augmentation, same head drawn per step on every
-    worker; the head off the step's path gets no gradient and no AdamW update, as in one process."""
+    worker; the head off the step's path gets no gradient and no AdamW update, as in one process. Against the
+    one-process run on whole batches: within :data:`WEIGHT_RTOL`; against one process summing the gradient over the
+    two halves of each batch (what the all-reduce computes): equal up to rounding (measured: identical)."""
     split = load_dataset("digits", "train")
     torch.manual_seed(0)
     model = two_branch_net()
-    single = copy.deepcopy(model)
+    single, halves = copy.deepcopy(model), copy.deepcopy(model)
     options = dict(epochs=1, batch_size=33, lr=3e-3, weight_decay=0.05, augment=True, max_steps=12, progress=False,
                    seed=3)
     expected = train(single, split, loss_fn=branch_sampling_loss(7), **options)
+    train(halves, split, loss_fn=halves_loss(7), **options)
     loss_fn = branch_sampling_loss(7)  # made here: the workers cannot import this module's functions
     history = run_data_parallel(model, lambda: train(model, split, loss_fn=loss_fn, **options), 2)
     assert max_relative_difference(single.state_dict(), model.state_dict()) <= WEIGHT_RTOL
+    assert max_relative_difference(halves.state_dict(), model.state_dict()) <= 1e-7
     assert not model.training  # train() leaves the model in eval mode; so does the driver's copy
     assert math.isclose(history.final_loss, expected.final_loss, rel_tol=1e-6)
 
@@ -169,25 +189,38 @@ def test_a_nonfinite_loss_stops_every_worker(local_ray):
     assert "\n" not in str(err.value)
 
 
-def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    return load_file(str(directory / "sliceable.safetensors"))
+
+
+def global_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||b - a|| / ||a|| over every floating-point tensor together."""
+    num = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a if a[k].is_floating_point())
+    return math.sqrt(num / sum(float((a[k] ** 2).sum()) for k in a if a[k].is_floating_point()))
 
 
 @pytest.mark.slow
-def test_slice_train_on_two_workers_matches_one(local_ray, tmp_path):
-    """``slice train --workers 2`` (GroupNorm: no batch statistics) writes the weights and accuracies of
-    ``--workers 1`` up to floating point."""
+def test_slice_train_on_two_workers_matches_one(local_ray, tmp_path, monkeypatch):
+    """``slice train --workers 2`` writes exactly the weights of a one-process run whose model sees each batch as
+    its two halves (the gradient summed over them, as DDP's all-reduce does), and weights close to plain
+    ``--workers 1``: slicing training (random rates, AdamW) amplifies float summation-order noise
+    (measured after 1 epoch: 1.5% relative L2, final loss within 0.2%)."""
+    from zoocompiler.passes.rewrite.slicing import SliceableModel
+
     args = ("slice", "train", "zoo:vgg_s", "--from-scratch", "--groups", "4", "--epochs", "1", "--lb", "0.375")
-    one = run_json(*args, "--out", tmp_path / "one")
     two = run_json(*args, "--workers", "2", "--out", tmp_path / "two")
-    assert (one["workers"], two["workers"]) == (1, 2)
-    assert max_relative_difference(_safetensors(tmp_path / "one" / "sliceable.safetensors"),
-                                   _safetensors(tmp_path / "two" / "sliceable.safetensors")) <= 1e-4
-    for a, b in zip(one["rates"], two["rates"], strict=True):
-        assert a["rate"] == b["rate"] and abs(a["accuracy"] - b["accuracy"]) <= 0.002, (a, b)
-    assert math.isclose(one["history"][-1]["loss"], two["history"][-1]["loss"], rel_tol=1e-5)
+    one = run_json(*args, "--out", tmp_path / "one")
+    forward = SliceableModel.forward
+    monkeypatch.setattr(SliceableModel, "forward", lambda self, x: torch.cat([forward(self, h) for h in x.chunk(2)]))
+    halves = run_json(*args, "--out", tmp_path / "halves")
+    assert (one["workers"], two["workers"], halves["workers"]) == (1, 2, 1)
+    assert max_relative_difference(_weights(tmp_path / "halves"), _weights(tmp_path / "two")) <= 1e-6
+    assert [r["accuracy"] for r in two["rates"]] == [r["accuracy"] for r in halves["rates"]]
+    assert global_relative_difference(_weights(tmp_path / "one"), _weights(tmp_path / "two")) <= 0.05
+    assert math.isclose(one["history"][-1]["loss"], two["history"][-1]["loss"], rel_tol=0.01)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 @pytest.mark.slow

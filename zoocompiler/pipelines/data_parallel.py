@@ -21,9 +21,11 @@ loss: ``TrainingError``) ends the run with that error's one line; the run is not
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -65,21 +67,17 @@ def run_data_parallel(module: nn.Module, body: Callable[[], R], workers: int = 1
     if workers == 1:
         return body()
     ray = _connect(workers)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     inbox = ray.remote(num_cpus=0)(_Inbox).remote()
     storage = tempfile.mkdtemp(prefix="zoocompiler-ddp-")
     try:
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config={"job": ray.put(seal((module, body))), "inbox": inbox},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-            torch_config=TorchConfig(backend="gloo"),
-            run_config=RunConfig(name=RUN_NAME, storage_path=storage, failure_config=FailureConfig(max_failures=0)),
-        )
+        scaling, run = _configs(workers, storage)
+        trainer = TorchTrainer(_worker_loop, train_loop_config={"job": ray.put(seal((module, body))), "inbox": inbox},
+                               scaling_config=scaling, torch_config=TorchConfig(backend="gloo"), run_config=run)
         try:
-            trainer.fit()
+            with contextlib.redirect_stdout(sys.stderr):  # Ray Train's own lines; stdout may carry --json
+                trainer.fit()
         except Exception as err:  # Ray Train's error classes differ between its versions
             raise _failure(err, workers) from err
         sealed = ray.get(inbox.take.remote())
@@ -104,6 +102,21 @@ def _connect(workers: int):
         raise ZooError(f"--workers {workers} needs {workers} CPUs but the Ray cluster has {cpus}",
                        f"pass --workers {max(cpus, 1)} or fewer, or add nodes to the cluster")
     return ray
+
+
+def _configs(workers: int, storage: str) -> tuple[Any, Any]:
+    """``ScalingConfig(num_workers=workers, use_gpu=False)`` and the ``RunConfig`` (``storage``, no retry). On Ray
+    Train v1 (the default before Ray 2.5x) the coordinator also gets no CPU (its default 1 would keep N workers off
+    N CPUs) and nothing is printed (``verbose=0``: stdout may carry ``--json``); v2 refuses those v1 options with a
+    ``DeprecationWarning`` and needs neither."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    common = {"name": RUN_NAME, "storage_path": storage, "failure_config": FailureConfig(max_failures=0)}
+    try:
+        return (ScalingConfig(num_workers=workers, use_gpu=False, trainer_resources={"CPU": 0}),
+                RunConfig(verbose=0, **common))
+    except DeprecationWarning:
+        return ScalingConfig(num_workers=workers, use_gpu=False), RunConfig(**common)
 
 
 class _Inbox:
