@@ -839,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         doc = run_measured(args, Console(stderr=True), run, derive)
     if args.json:
+        plot(doc, args.out.with_suffix(".png"))
         print(json.dumps(doc, indent=1, default=str))
         return 0
     show(doc, args, console, render, plot, measured=not args.render_only)
