@@ -84,7 +84,7 @@ def test_slice_export_is_the_same_on_ray(sliced, local_ray, tmp_path):
     docs = {name: run_json("slice", "export", sliced, "--rates", "0.5,1", "--runs", "2", "--latency-batch", "4",
                            "--executor", name, "--out", tmp_path / name) for name in ("local", "ray")}
     assert files(tmp_path / "ray") == files(tmp_path / "local") and len(files(tmp_path / "local")) == 2
-
+    assert untimed(docs["ray"]) == untimed(docs["local"])
     assert all(row["latency_ms"] > 0 for row in docs["ray"]["rates"])
 
 
@@ -93,7 +93,7 @@ def test_pack_slice_fragments_are_the_same_on_ray(local_ray, tmp_path):
     docs = {name: run_json("pack", "slice", "--zoo", "vgg_s_0to3", "--k", "5", "--steps", "2", "--runs", "0",
                            "--executor", name, "--out", tmp_path / name) for name in ("local", "ray")}
     assert files(tmp_path / "ray") == files(tmp_path / "local") and len(files(tmp_path / "local")) == 9
-
+    assert untimed(docs["ray"]) == untimed(docs["local"])
 
 
 def test_modularize_extract_modules_are_the_same_on_ray(local_ray, tmp_path):
@@ -107,7 +107,7 @@ def test_modularize_extract_modules_are_the_same_on_ray(local_ray, tmp_path):
     docs = {name: run_json("modularize", "extract", trained, "--trust-code", "--latency-runs", "2", "--executor", name,
                            "--out", tmp_path / name) for name in ("local", "ray")}
     assert files(tmp_path / "ray") == files(tmp_path / "local") and len(files(tmp_path / "local")) == 2
-
+    assert untimed(docs["ray"]) == untimed(docs["local"])
     assert docs["ray"]["deploy"]["latency"]  # the latency table, timed on the driver
 
 
