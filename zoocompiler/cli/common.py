@@ -262,8 +262,8 @@ def executor_options(parser: argparse.ArgumentParser, latency: bool = True) -> N
     group = parser.add_argument_group("scale-out (docs/scale.md)")
     group.add_argument(
         "--executor", default="local", metavar="local|ray|ray=ADDRESS",
-        help="where independent items run: in this process (local, default), on a local Ray instance (ray) or "
-        "on the Ray cluster at ADDRESS (what `ray start --head` prints); results are the same",
+        help="where independent items (and --workers) run: in this process (local, default), on a local Ray "
+        "instance (ray) or on the Ray cluster at ADDRESS (what `ray start --head` prints); results are the same",
     )
     if latency:
         group.add_argument(
@@ -271,6 +271,15 @@ def executor_options(parser: argparse.ArgumentParser, latency: bool = True) -> N
             help="with --executor ray=ADDRESS: measure latency on the cluster node with this IP (the target "
             "hardware); default: this machine, never an arbitrary worker",
         )
+
+
+def workers_options(parser: argparse.ArgumentParser) -> None:
+    """``--workers N`` (data-parallel training, ``pipelines.data_parallel``) and ``--executor`` (the Ray cluster the
+    workers run on)."""
+    from zoocompiler.pipelines.data_parallel import WORKERS_HELP
+
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help=WORKERS_HELP)
+    executor_options(parser, latency=False)
 
 
 def executor_from_args(args: argparse.Namespace):

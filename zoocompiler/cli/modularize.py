@@ -20,7 +20,7 @@ from zoocompiler.core.text import human
 
 from ..core.classes import check_classes, parse_classes
 from ..pipelines.base import run_staged
-from ..pipelines.data_parallel import WORKERS_HELP, check_workers
+from ..pipelines.data_parallel import check_workers
 from ..pipelines.modularize.config import (
     HEADS,
     RESIDUAL_LAYOUTS,
@@ -43,6 +43,7 @@ from .common import (
     render_deploy,
     table,
     training_options,
+    workers_options,
     written_files,
 )
 
@@ -68,6 +69,7 @@ def cmd_modularize_train(args: argparse.Namespace) -> dict[str, Any]:
     config = train_config(args)
     config.check()
     workers = check_workers(args.workers, config.batch_size)
+    executor_from_args(args)  # joins the cluster (--executor ray=ADDRESS) the workers run on
     out = Path(args.out)
     say = progress_or_silent(args)
     record = run_staged(
@@ -376,7 +378,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="seed for data order and generators",
     )
-    train.add_argument("--workers", type=int, default=1, metavar="N", help=WORKERS_HELP)
+    workers_options(train)
     out_dir_options(train, required=True)
     json_option(train)
     train.set_defaults(run=cmd_modularize_train, render=render_modularize_train)

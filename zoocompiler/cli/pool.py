@@ -19,7 +19,6 @@ from zoocompiler.core.budget import Budget
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.text import human
 
-from ..pipelines.data_parallel import WORKERS_HELP
 from ..pipelines.pool.config import INITS, PoolBuildConfig, PoolDistillConfig, PoolFinetuneConfig
 from .common import (
     check_at_least,
@@ -35,6 +34,7 @@ from .common import (
     render_deploy,
     table,
     training_options,
+    workers_options,
     written_files,
 )
 
@@ -79,6 +79,7 @@ def cmd_pool_finetune(args: argparse.Namespace) -> dict[str, Any]:
     directory = Path(args.dir)
     out = Path(args.out) if args.out is not None else directory
     in_place = out.resolve() == directory.resolve()
+    executor_from_args(args)  # joins the cluster (--executor ray=ADDRESS) the --workers run on
     doc = finetune_pool(directory, config, out=None if in_place else out, force=args.force,
                         trust_code=args.trust_code, allow_pickle=args.allow_pickle, progress=progress(args),
                         workers=args.workers)
@@ -396,7 +397,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="seed of the data order and the sampled paths",
     )
-    finetune.add_argument("--workers", type=int, default=1, metavar="N", help=WORKERS_HELP)
+    workers_options(finetune)
     finetune.add_argument(
         "--trust-code",
         action="store_true",

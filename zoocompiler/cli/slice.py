@@ -18,7 +18,7 @@ from zoocompiler.core.rates import same_rate
 from zoocompiler.core.text import human
 
 from ..pipelines.base import run_staged
-from ..pipelines.data_parallel import WORKERS_HELP, check_workers
+from ..pipelines.data_parallel import check_workers
 from ..pipelines.slice.config import SliceExportConfig, SliceTrainConfig
 from .common import (
     check_at_least,
@@ -34,6 +34,7 @@ from .common import (
     render_deploy,
     table,
     training_options,
+    workers_options,
     written_files,
 )
 
@@ -59,6 +60,7 @@ def cmd_slice_train(args: argparse.Namespace) -> dict[str, Any]:
     config = train_config(args)
     config.check()
     workers = check_workers(args.workers, config.batch_size)
+    executor_from_args(args)  # joins the cluster (--executor ray=ADDRESS) the workers run on
     out = Path(args.out)
     record = run_staged(config, out, args.force,
                         lambda staging: train_to_dir(config, staging, progress=not args.json, workers=workers))
@@ -284,7 +286,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="seed for data order and slice rates",
     )
-    train.add_argument("--workers", type=int, default=1, metavar="N", help=WORKERS_HELP)
+    workers_options(train)
     out_dir_options(train, default="sliced")
     json_option(train)
     train.set_defaults(run=cmd_slice_train, render=render_slice_train)
