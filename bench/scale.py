@@ -80,6 +80,7 @@ STAGES = ("load", "grams", "cka", "partition", "probe_zoo", "ilp_build", "ilp_so
 PER_MEMBER = ("load", "grams", "probe_zoo")  # items of the executor, one per zoo model
 MAPPED = (*PER_MEMBER, "rerank")  # stages whose work is the executor's map
 DRIVER = ("cka", "partition", "ilp_build", "ilp_solve")  # stages that run on the driver only
+QUADRATIC = ("cka", "ilp_build")  # work ∝ N²: every pair of positions; every join of consecutive-stage blocks
 TARGET_SPEEDUP = 1.7  # ray2 over local1, per-member stages, largest zoo
 SIM_TOL = 1e-6
 DATA = "mnist5k"
@@ -499,10 +500,10 @@ def _fit_linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def _power(xs: list[float], ys: list[float]) -> float:
-    """Exponent of y ∝ x^α between the two largest sizes (1 with one point)."""
-    if len(xs) < 2 or min(ys[-2:]) <= 0:
+    """Exponent of y ∝ x^α, least squares in log-log over every size (1 with one point)."""
+    if len(xs) < 2 or min(ys) <= 0:
         return 1.0
-    return math.log(ys[-1] / ys[-2]) / math.log(xs[-1] / xs[-2])
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
 def projection(doc: dict) -> dict[str, Any]:
@@ -516,10 +517,11 @@ def projection(doc: dict) -> dict[str, Any]:
     at the largest zoo's seconds per byte (timed on the driver); o: Ray overhead per no-op task (ray ×2); γ: the
     object store's seconds per byte, what the echo tasks' round-trip cost per byte leaves after two seals and two
     unseals, halved (one transfer); B: the driver's network bandwidth; S: slots (nodes × cores).
-    Driver stages (``DRIVER``): the largest zoo's time (local ×1) scaled by (N/n)^α, α fitted between the two
-    largest zoos (cka: α = 2, its work is P² Gram products); on the cluster the CKA is divided by the cores per
-    node (one matrix product: BLAS uses the driver's cores, assumed at linear speed-up), the others run as
-    measured (single-threaded solvers).
+    Driver stages (``DRIVER``): the largest zoo's time (local ×1) scaled by (N/n)^α, α fitted over every zoo
+    size (log-log least squares), or 2 where the work is quadratic by construction (``QUADRATIC``: the CKA's P²
+    Gram products, the ILP build's joins of every block with every block of the next stage); on the cluster
+    the CKA is divided by the cores per node (one matrix product: BLAS uses the driver's cores, assumed at linear
+    speed-up), the others run as measured (single-threaded solvers).
     """
     setup = doc["setup"]
     p = setup["projection"]
@@ -565,14 +567,16 @@ def projection(doc: dict) -> dict[str, Any]:
             rows.append({"stage": stage, "kind": "driver", "skipped": "not measured"})
             continue
         ys = [base["zoos"][str(s)]["seconds"][stage] for s in have]
-        alpha = 2.0 if stage == "cka" else _power(have, ys)
+        alpha = 2.0 if stage in QUADRATIC else _power(have, ys)
         scale = (n_models / have[-1]) ** alpha
         blas = p["cores_per_node"] if stage == "cka" else 1.0
         rows.append({"stage": stage, "kind": "driver", "alpha": alpha, "items": 1, "measured_at": have[-1],
                      "local_s": ys[-1] * scale, "cluster_s": ys[-1] * scale / blas, "driver_speedup": blas})
     total_local = sum(r.get("local_s", 0.0) for r in rows)
     total_cluster = sum(r.get("cluster_s", 0.0) for r in rows)
-    return {"models": n_models, "nodes": nodes, "cores_per_node": p["cores_per_node"], "slots": slots,
+    parts = {kind: {side: sum(r.get(f"{side}_s", 0.0) for r in rows if (r["kind"] == "driver") == (kind == "driver"))
+                    for side in ("local", "cluster")} for kind in ("mapped", "driver")}
+    return {"parts": parts, "models": n_models, "nodes": nodes, "cores_per_node": p["cores_per_node"], "slots": slots,
             "bandwidth_gbit": p["bandwidth_gbit"], "noop_per_task_s": o, "store_per_byte_s": gamma,
             "positions": round(zoo["positions"] / zoo["models"] * n_models), "rows": rows,
             "total_local_s": total_local, "total_cluster_s": total_cluster}
@@ -623,12 +627,16 @@ def target_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
 
 def agreement_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     ref = doc["runs"][0]["executor"] if doc["runs"] else "-"
-    header = ["executor", "models", f"similarity max |Δ| vs {ref}", "same partition", "probe_zoo max |Δ|",
+    header = ["executor", "models", f"similarity max abs Δ vs {ref}", "same partition", "probe_zoo max abs Δ",
               "same ILP choice", "same ranking", "agree"]
     cells = [[a["executor"], str(a["size"]), f"{a['similarity_max_abs_diff']:.1e}", _yes(a["same_partition"]),
               f"{a['quality_max_abs_diff']:.1e}", _yes(a.get("same_ilp")), _yes(a.get("same_ranking")),
               _yes(a["agree"])] for a in doc["agreement"]]
     return header, cells
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1024:.1f}" if n < 10 * 1024 else f"{n / 1024:,.0f}"
 
 
 def _yes(v: bool | None) -> str:
@@ -668,7 +676,7 @@ def cost_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
                 continue
             b = {} if sized is None else sized["zoos"].get(size, {}).get("maps", {}).get(stage, {}).get("bytes", {})
             cells.append([size, stage, str(m["items"]), f"{m['seconds'] / m['items']:.4f}",
-                          *[f"{b[k] / 1024:.0f}" if k in b else "-" for k in ("fn", "item", "result")]])
+                          *[_kb(b[k]) if k in b else "-" for k in ("fn", "item", "result")]])
     return header, cells
 
 
@@ -690,6 +698,9 @@ def projection_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
                       f"{r['network_s']:.2f}" if mapped else "-", _s(r["local_s"]),
                       _s(r["cluster_s"]), _x(r["local_s"] / r["cluster_s"] if r["cluster_s"] else None)])
     if "rows" in p:
+        for name, part in p["parts"].items():
+            cells.append([f"{name} stages", "", "", "", "", "", "", "", _s(part["local"]), _s(part["cluster"]),
+                          _x(part["local"] / part["cluster"] if part["cluster"] else None)])
         cells.append(["total", "", "", "", "", "", "", "", _s(p["total_local_s"]), _s(p["total_cluster_s"]),
                       _x(p["total_local_s"] / p["total_cluster_s"])])
     return header, cells

@@ -34,8 +34,10 @@ def initializer_types(path) -> set[int]:
     return {t.data_type for t in onnx.load(str(path)).graph.initializer if t.data_type != onnx.TensorProto.INT64}
 
 
-def op_types(path) -> set[str]:
-    return {n.op_type for n in onnx.load(str(path)).graph.node}
+def op_types(model) -> set[str]:
+    """The op types of an ONNX model given as a path or as bytes."""
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    return {n.op_type for n in proto.graph.node}
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +78,16 @@ def test_export_model_fp16(task, net, tmp_path):
 
 def test_export_model_latency_budget_measures_the_written_file(task, net, tmp_path, monkeypatch):
     """The budget check times model.onnx as written (int8 here) and names its precision; nothing else is timed."""
-    import zoocompiler.exports.latency as latency_module
+    import zoocompiler.exports.deploy as deploy_module
 
     timed = []
-    real = latency_module.measure_latency
+    real = deploy_module.measure_latency
 
     def spy(path, shape, **kw):
         timed.append(("QuantizeLinear" in op_types(path), tuple(shape)))
         return real(path, shape, **kw)
 
-    monkeypatch.setattr(latency_module, "measure_latency", spy)
+    monkeypatch.setattr(deploy_module, "measure_latency", spy)
     config = AssembleConfig(budget=Budget(latency_ms=1e-6), deploy=DeployOptions(precision="int8", latency_runs=0),
                             latency_runs=3)
     with pytest.raises(ZooError, match=r"measures [0-9.]+ ms \(int8 model.onnx, batch 1\) > latency budget 1e-06 ms"):
