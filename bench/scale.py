@@ -6,7 +6,7 @@ Usage::
 
     python bench/scale.py                   # full run (sizes 10, 30, 100; 4 executors; see docs/bench_scale.md)
     python bench/scale.py --quick           # smoke: sizes 4 and 8, few restarts, every executor (~1-2 min)
-    python bench/scale.py --quick --executors local1,local   # in-process only (no Ray), a few seconds
+    python bench/scale.py --quick --executors local1,local   # in-process only (no Ray), under a minute
     python bench/scale.py --render-only [--markdown]   # re-print the tables (and redraw the plot) from the JSON
 
 **Zoo.** ``--sizes`` zoos of generated CNNs on 1×28×28 (``generated_specs``): 2-5 conv → BatchNorm → ReLU
@@ -42,8 +42,9 @@ candidate ranking (probe scores ≤ 1e-6).
 
 **Overhead** (per Ray run): no-op tasks through ``RayExecutor.map`` (sealing and sha256 checks included) and
 echo tasks with payloads of 0.25-4 MB (per-byte cost, item and result); the sealed sizes of each stage's
-function, items and results (``local1`` run). ``derive`` turns these into the **projection** to
-``--project-models`` models on ``--nodes`` × ``--cores-per-node`` (docs/scale.md states the model).
+function, first item and first result as the Ray run sends them, and the seconds to seal and unseal each (left
+out of the stage timings). ``derive`` turns these into the **projection** to ``--project-models`` models on
+``--nodes`` × ``--cores-per-node`` (``projection`` states the model; docs/bench_scale.md and docs/scale.md).
 Writes ``bench/results/scale.json`` and ``bench/results/scale.png`` atomically.
 """
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from zoocompiler.core.errors import ZooError
 
 from .base import Executor, LocalExecutor, Progress
-from .transport import Sealed, collect_files, place_files, seal, unseal
+from .transport import Sealed, collect_files, place_files, seal, unseal, verify
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,15 +37,33 @@ RAY_HINT = "install Ray: pip install 'zoocompiler[ray]'"
 MAX_RETRIES = 2  # a task whose worker process dies is run again this many times
 
 
+_UNSEALED: dict[str, Callable] = {}  # per worker process: the mapped functions it has unpacked, by sha256
+_KEEP = 4
+
+
+def _function(sealed: Sealed) -> Callable:
+    """The mapped function of ``sealed``, unpacked once per worker process (it may carry a whole zoo) and checked
+    on every task: its bytes' sha256 must still be the one it was unpacked under."""
+    fn = _UNSEALED.get(sealed.sha256)
+    if fn is None:
+        fn = unseal(sealed, "the mapped function")
+        while len(_UNSEALED) >= _KEEP:
+            _UNSEALED.pop(next(iter(_UNSEALED)))
+        _UNSEALED[sealed.sha256] = fn
+    else:
+        verify(sealed, "the mapped function")
+    return fn
+
+
 def _call(fn: Sealed, item: Sealed) -> Sealed:
     """A Ray task: ``fn(item)``, sealed."""
-    return seal(unseal(fn, "the mapped function")(unseal(item, "the item")))
+    return seal(_function(fn)(unseal(item, "the item")))
 
 
 def _call_writing(fn: Sealed, item: Sealed) -> Sealed:
     """A Ray task: ``fn(item, folder)`` with a private folder; the result and the folder's files, sealed."""
     with tempfile.TemporaryDirectory(prefix="zoocompiler-item-") as folder:
-        result = unseal(fn, "the mapped function")(unseal(item, "the item"), Path(folder))
+        result = _function(fn)(unseal(item, "the item"), Path(folder))
         return seal((result, collect_files(Path(folder))))
 
 

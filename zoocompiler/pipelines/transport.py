@@ -107,13 +107,18 @@ def seal(obj: Any) -> Sealed:
     return Sealed(blob, hashlib.sha256(blob).hexdigest())
 
 
-def unseal(sealed: Sealed, what: str) -> Any:
-    """The object in ``sealed`` after its sha256 is checked; a mismatch is a ``ZooError`` naming ``what``."""
-    import pickle
-
+def verify(sealed: Sealed, what: str) -> None:
+    """Raise a ``ZooError`` naming ``what`` unless ``sealed``'s bytes have its sha256."""
     if hashlib.sha256(sealed.blob).hexdigest() != sealed.sha256:
         raise ZooError(f"{what} failed its sha256 check (corrupted in transfer)",
                        "rerun; if it repeats, check the nodes' memory and network")
+
+
+def unseal(sealed: Sealed, what: str) -> Any:
+    """The object in ``sealed`` after its sha256 is checked (:func:`verify`)."""
+    import pickle
+
+    verify(sealed, what)
     return pickle.loads(sealed.blob)
 
 

@@ -15,6 +15,8 @@ labels, i.e. a linear probe, so an assembly is usable before any training.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -126,12 +128,21 @@ def block_module(member: PositionedModel, start: int, end: int) -> nn.Module:
 
 
 def stitch_cost(src: TensorInfo, dst: TensorInfo) -> tuple[int, int] | None:
-    """(params, per-sample MACs) of a stitch layer from ``src`` to ``dst``; ``None`` if they cannot be joined."""
+    """(params, per-sample MACs) of a stitch layer from ``src`` to ``dst``; ``None`` if they cannot be joined.
+    Memoised by the two tensors' descriptions (a zoo has few distinct block-end tensors; the assembly ILP asks
+    for every pair of blocks), and the global RNG is left untouched."""
+    return _stitch_cost(dataclasses.astuple(src), dataclasses.astuple(dst))
+
+
+@functools.lru_cache(maxsize=65536)
+def _stitch_cost(src: tuple, dst: tuple) -> tuple[int, int] | None:
+    source = TensorInfo(*src)
     try:
-        layer = make_stitch(src, dst, init="random")
+        with torch.random.fork_rng(devices=[]):
+            layer = make_stitch(source, TensorInfo(*dst), init="random")
     except PassError:
         return None
-    return count_params(layer), count_macs(layer, src.shape[1:], eval=True)
+    return count_params(layer), count_macs(layer, source.shape[1:], eval=True)
 
 
 def head_info(num_classes: int) -> TensorInfo:
