@@ -31,15 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WEIGHT_RTOL = 1e-5  # max |w2 - w1| / max |w1|, 2 workers vs 1 process
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray instance with 2 CPUs for this module's data-parallel runs, shut down after them."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """max |b - a| over every floating-point tensor, relative to the largest |a|."""
     assert a.keys() == b.keys()
