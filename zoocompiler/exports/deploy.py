@@ -339,15 +339,20 @@ def export_deployable(
     )
 
 
+def _here(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
 def time_report(report: DeployReport, options: DeployOptions, at: Callable[..., Any] | None = None,
                 progress: Callable[[str], None] | None = None) -> DeployReport:
     """Fill ``report.latency`` from its ``untimed`` models (``export_deployable(time_latency=False)``) through
-    ``at(latency_table, models, input_shape, options)`` (default: here), and drop the models."""
+    ``at(latency_table, models, input_shape, options)`` (an executor's ``at_target``: where the target is; default:
+    here), and drop the models. ``progress`` is told here, on the caller's side, what is being timed."""
     if report.untimed:
-        if at is None:
-            report.latency = latency_table(report.untimed, report.input_shape, options, progress)
-        else:
-            report.latency = at(latency_table, report.untimed, report.input_shape, options)
+        if progress is not None:
+            batches = " and ".join(map(str, sorted({1, options.latency_batch})))
+            progress(f"latency table: {', '.join(report.untimed)} at batch {batches}")
+        report.latency = (at or _here)(latency_table, report.untimed, report.input_shape, options)
         report.untimed = {}
     return report
 
@@ -363,6 +368,5 @@ def export_timed(model: nn.Module, example_input: torch.Tensor, path: str | os.P
     report = export_deployable(model, example_input, path, options, calibration=calibration, evaluation=evaluation,
                                progress=progress, time_latency=False)
     time_report(report, options, at=at, progress=progress)
-    at = at or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
     shape = (batch, *example_input.shape[1:])
-    return report, at(measure_latency, Path(path).read_bytes(), shape, runs=runs)
+    return report, (at or _here)(measure_latency, Path(path).read_bytes(), shape, runs=runs)

@@ -248,10 +248,11 @@ def slice_to_store(config: PackSliceConfig, out: Path, *, progress: Callable[[st
             fragments = executor.map_writing(cut, items, staging)
         with stages("latency"):  # on this machine or --latency-node, never on a worker
             for fragment in fragments:
-                fragment["latency_ms"] = executor.at_target(
-                    measure_latency, (staging / fragment["onnx"]).read_bytes(),
-                    (1, *prepared[fragment["source"]][0].x.shape[1:]), runs=config.runs).median_ms \
-                    if config.runs else None
+                fragment["latency_ms"] = None
+                if config.runs:
+                    written, shape = (staging / fragment["onnx"]).read_bytes(), prepared[fragment["source"]][0].x.shape
+                    fragment["latency_ms"] = executor.at_target(measure_latency, written, (1, *shape[1:]),
+                                                                runs=config.runs).median_ms
         results = [(_source_entry(name, prepared[name], data_sha[name]), [f for f in fragments if f["source"] == name])
                    for name in names]
         for source, fragments_of in results:

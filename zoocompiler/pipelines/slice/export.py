@@ -103,10 +103,8 @@ def export_rates(
             one = executor.at_target(measure_latency, written, (1, *shape), runs=runs)
             batch = executor.at_target(measure_latency, written, (latency_batch, *shape), runs=max(5, runs // 3))
             row["latency_ms"], row["per_sample_ms"] = one.median_ms, batch.median_ms / latency_batch
-        main = next(row.pop("deploy_report") for row in rows if row["deploy_report"] is not None)
+        main = next(report for report in [row.pop("deploy_report") for row in rows] if report is not None)
         main_report = time_report(main, deploy, at=executor.at_target, progress=say).to_dict(main.path)
-        for row in rows:
-            row.pop("deploy_report", None)
     for row in rows:
         row["budget_macs"] = next((c for q, c in budgets.items() if same_rate(q, row["rate"])), None)
     full = next((row for row in rows if same_rate(row["rate"], 1.0)), None)
