@@ -10,6 +10,10 @@ kept input columns of every linear layer are scaled by M / kept (the paper's §3
 are not rescaled). :meth:`SliceableModel.slice` materialises the r-subnet through the prune pass
 with the prefix plan and folds the rescale into the weights: it equals the sliceable model at r.
 Pinned groups (input, classes, anything an unknown op touches) never slice.
+
+Two executions of the same function: ``execution="masked"`` (the reference above: the full-width
+graph with masked weights) and ``execution="views"`` (the r-subnet's graph run on slices of the
+shared parameters, :class:`SubnetView`; gradients land in the shared tensors, work scales with r²).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .prune import prune
 from .prune_layout import compute_layout, tensor_of
 
 RESCALE_MODES = ("dense", "none")
+EXECUTIONS = ("masked", "views")
 
 
 def kept_units(size: int, rate: float) -> int:
@@ -176,23 +181,67 @@ class SlicedModel:
         return {"rate": self.rate, "params": self.params, "macs": self.macs}
 
 
+@dataclass
+class SubnetView:
+    """The r-subnet's graph (``module``, from the prune pass; its own parameter copies are never used)
+    and, per parameter of it, how to cut it from the shared full-width parameter: ``cuts[name]`` is
+    ``[(dim, k or kept indices)]`` (a prefix of length k is a ``narrow`` view) and ``scale[name]``
+    the dense-rescale factor of a linear weight."""
+
+    module: fx.GraphModule
+    cuts: dict[str, list[tuple[int, int | torch.Tensor]]]
+    scale: dict[str, float]
+
+    def weights(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The subnet's parameters as differentiable slices of ``params`` (the full-width ones)."""
+        out = {}
+        for name, cuts in self.cuts.items():
+            w = params[name]
+            for dim, cut in cuts:
+                w = w.narrow(dim, 0, cut) if isinstance(cut, int) else w.index_select(dim, cut.to(w.device))
+            out[name] = w * self.scale[name] if name in self.scale else w
+        return out
+
+
 class SliceableModel(nn.Module):
     """An analysed GraphModule (``gm``) run at one global slice rate (``rate``, default 1.0).
 
-    Forward multiplies each sliced parameter by its 0/1 prefix mask (and linear inputs by the
-    rescale factor) and calls ``gm`` with those weights (``torch.func.functional_call``), so
-    gradients reach only the r-subnet's weights. ``gm.state_dict()`` holds the weights (this module's
-    own ``state_dict()`` has the same keys prefixed by ``gm.``).
+    ``execution="masked"`` (the default and the reference): forward multiplies each sliced parameter
+    by its 0/1 prefix mask (and linear inputs by the rescale factor) and calls ``gm`` with those
+    weights (``torch.func.functional_call``), so gradients reach only the r-subnet's weights.
+    ``execution="views"``: forward runs the r-subnet's own graph on slices of ``gm``'s parameters
+    (:meth:`subnet_view`), the same function and gradients at about r² of the work; models whose
+    subnet is not a plain cut of the shared weights fall back to masked. ``gm.state_dict()`` holds the
+    weights (this module's own ``state_dict()`` has the same keys prefixed by ``gm.``).
     """
 
-    def __init__(self, gm: fx.GraphModule, *, groups: int = DEFAULT_GROUPS, rescale: str = "dense"):
+    def __init__(self, gm: fx.GraphModule, *, groups: int = DEFAULT_GROUPS, rescale: str = "dense",
+                 execution: str = "masked"):
         super().__init__()
         self.gm = gm
         self.groups = groups
         self.rescale = rescale
         self.rate = 1.0
+        self.execution = execution
         self._factors: dict[int, dict[str, list[tuple[int, torch.Tensor]]]] = {}
         self._macs: dict[int, int] = {}
+        self._views: dict[int, SubnetView | None] = {}
+
+    @property
+    def execution(self) -> str:
+        """"masked" (full-width graph, masked weights) or "views" (the subnet's graph on weight slices)."""
+        return self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        if value not in EXECUTIONS:
+            raise PassError(f"unknown slicing execution '{value}'", f"use one of: {', '.join(EXECUTIONS)}")
+        self._execution = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_views"] = {}  # rebuilt on demand: the subnet graphs need not travel (Ray, deep copies)
+        return state
 
     # rates -------------------------------------------------------------------------------------
     def valid_rates(self, lb: float | None = None) -> list[float]:
@@ -278,10 +327,45 @@ class SliceableModel(nn.Module):
             out[name] = w
         return out
 
+    def subnet_view(self, rate: float) -> SubnetView | None:
+        """The r-subnet's graph with the cuts of the shared weights that give its parameters (cached per rate);
+        None when some subnet parameter is not a plain cut of a shared one (the prune pass changed values)."""
+        j = self._step(rate)
+        if j not in self._views:
+            self._views[j] = self._build_view(j / self.groups)
+        return self._views[j]
+
+    def _build_view(self, rate: float) -> SubnetView | None:
+        plan = self.prefix_plan(rate)
+        sub = prune(self.gm, plan, strategy_macs=False).module
+        zero = compute_layout(self.gm, plan).zero if plan.keep else {}
+        params = dict(self.gm.named_parameters())
+        cuts: dict[str, list[tuple[int, int | torch.Tensor]]] = {}
+        for name, p in sub.named_parameters():
+            if name not in params:
+                return None
+            cuts[name] = []
+            for dim, positions in sorted(zero.get(name, {}).items()):
+                gone = set(positions)
+                kept = [i for i in range(params[name].shape[dim]) if i not in gone]
+                prefix = kept == list(range(len(kept)))
+                cuts[name].append((dim, len(kept) if prefix else torch.tensor(kept, dtype=torch.long)))
+        view = SubnetView(sub, cuts, {name: s for name, (_, s) in self._rescale(zero).items()})
+        with torch.no_grad():
+            cut = SubnetView(sub, cuts, {}).weights(params)
+            if any(cut[n].shape != p.shape or not torch.equal(cut[n], p) for n, p in sub.named_parameters()):
+                return None
+        return view
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         factors = self.factors(self.rate)
         if not factors:  # rate 1: the full network
             return self.gm(*args, **kwargs)
+        view = self.subnet_view(self.rate) if self.execution == "views" else None
+        if view is not None:
+            view.module.train(self.training)
+            return functional_call(view.module, view.weights(dict(self.gm.named_parameters())), args, kwargs,
+                                   strict=False)
         return functional_call(self.gm, self.weights_at(self.rate), args, kwargs, strict=False)
 
     # materialise -------------------------------------------------------------------------------
