@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from zoocompiler.solvers.slice_rates import (
     ProgressiveDynamicScheduler,
     ProgressiveStaticScheduler,
     RateScheduler,
+    SandwichScheduler,
     check_rate,
     make_scheduler,
     parse_rates,
@@ -262,7 +264,7 @@ def test_progress_must_be_in_unit_interval():
 
 def test_make_scheduler_names_and_options():
     rates = valid_rates(G, LB)
-    assert SCHEDULERS == ("normal", "uniform", "progressive-dynamic", "progressive-static")
+    assert SCHEDULERS == ("normal", "uniform", "progressive-dynamic", "progressive-static", "sandwich")
     normal = make_scheduler("normal", rates, mean=0.8, std=0.2)
     assert normal == DynamicScheduler(rates, "normal", mean=0.8, std=0.2)
     uniform = make_scheduler("uniform", rates, span=0.1, warmup=None)  # None = default
@@ -272,13 +274,15 @@ def test_make_scheduler_names_and_options():
     assert pd.inner == DynamicScheduler(rates, "uniform")
     ps = make_scheduler("progressive-static", rates)
     assert isinstance(ps, ProgressiveStaticScheduler)
-    for scheduler in (normal, uniform, pd, ps):
+    sw = make_scheduler("sandwich", rates, random=3.0)  # a CLI/JSON number that is an integer
+    assert sw == SandwichScheduler(rates, random=3) and isinstance(sw.random, int)
+    for scheduler in (normal, uniform, pd, ps, sw):
         assert isinstance(scheduler, RateScheduler)
         assert scheduler.rates == tuple(rates)
     with pytest.raises(ZooError) as info:
         make_scheduler("cosine", rates)
     assert "unknown rate scheduler 'cosine'" in str(info.value)
-    assert info.value.fix == "use one of: normal, uniform, progressive-dynamic, progressive-static"
+    assert info.value.fix == "use one of: normal, uniform, progressive-dynamic, progressive-static, sandwich"
     with pytest.raises(ZooError, match="unknown option 'span' for rate scheduler 'normal'.*mean, std"):
         make_scheduler("normal", rates, span=0.1)
     with pytest.raises(ZooError, match="its options are: none"):
@@ -365,3 +369,39 @@ def test_probabilities_are_a_categorical_on_the_valid_rates(groups, lb, mean, st
         assert (p >= 0).all() and abs(p.sum() - 1.0) < 1e-12
         assert scheduler.rates == tuple(rates)
         assert scheduler.sample(progress, rng) in rates
+
+
+# ----------------------------------------------------------------------------- the sandwich rule
+
+
+def test_sandwich_trains_largest_smallest_and_random_inner_rates():
+    rates = valid_rates(G, 0.25)
+    sw = SandwichScheduler(rates, random=2)
+    rng = np.random.default_rng(0)
+    inner = Counter()
+    for step in range(2000):
+        batch = sw.step_rates(step / 2000, rng)
+        assert len(batch) == 4 and batch[0] == 1.0 and batch[1] == rates[0]  # largest first: the teacher
+        assert all(rates[0] < r < 1.0 for r in batch[2:])
+        inner.update(batch[2:])
+    assert set(inner) == set(rates[1:-1])  # every inner rate is reached, about uniformly
+    assert max(inner.values()) / min(inner.values()) < 1.6
+    p = sw.probabilities(0.3)  # each rate's share of the forward passes
+    assert p[0] == pytest.approx(0.25) and p[-1] == pytest.approx(0.25) and p.sum() == pytest.approx(1.0)
+    assert np.allclose(p[1:-1], 0.5 / (len(rates) - 2))
+    summary = rate_schedule_summary(sw, samples=4000)
+    assert summary[1.0] == pytest.approx(0.25, abs=0.03) and summary[rates[0]] == pytest.approx(0.25, abs=0.03)
+
+
+def test_sandwich_on_short_rate_lists_and_bad_options():
+    rng = np.random.default_rng(0)
+    assert SandwichScheduler((1.0,)).step_rates(0.5, rng) == (1.0,)
+    assert SandwichScheduler((0.5, 1.0), random=3).step_rates(0.5, rng) == (1.0, 0.5)
+    assert SandwichScheduler((0.5, 0.75, 1.0), random=0).step_rates(0.5, rng) == (1.0, 0.5)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ZooError, match="sandwich random rates"):
+            SandwichScheduler((0.5, 1.0), random=bad)
+    with pytest.raises(ZooError, match="unknown option 'std' for rate scheduler 'sandwich'.*random"):
+        make_scheduler("sandwich", (0.5, 1.0), std=0.2)
+    with pytest.raises(ZooError, match="progress"):
+        SandwichScheduler((0.5, 1.0)).step_rates(1.5, rng)

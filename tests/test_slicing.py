@@ -7,8 +7,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections import Counter
 from fractions import Fraction
 
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -30,6 +32,8 @@ from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.costs import total_cost
 from zoocompiler.passes.analysis.plans import unit_scores
 from zoocompiler.passes.analysis.unit_rules import PRODUCER_ROLES
+from zoocompiler.passes.rewrite import slicing as slicing_module
+from zoocompiler.passes.rewrite.groupnorm_runtime import runtime_groupnorm
 from zoocompiler.passes.rewrite.slicing import (
     SliceableModel,
     SlicedModel,
@@ -105,16 +109,21 @@ def rates_to_check(groups: int) -> list[float]:
 def assert_sliced_equals_sliceable(
     sm: SliceableModel, x: torch.Tensor, rates: list[float], sliced=None
 ) -> dict[float, torch.Tensor]:
-    """For every rate: ``set_rate(r); sm(x)`` equals ``sm.slice(r).module(x)`` (≤ 1e-5 relative; ``sliced(r)``
-    replaces ``sm.slice(r)`` when given). Returns the outputs by rate."""
+    """For every rate: ``set_rate(r); sm(x)`` (masked, the reference) equals ``sm.slice(r).module(x)`` and the
+    views execution (≤ 1e-5 relative; ``sliced(r)`` replaces ``sm.slice(r)`` when given). Returns the outputs by
+    rate."""
     outputs = {}
     for r in rates:
         assert sm.set_rate(r) == pytest.approx(r, abs=1e-12)
         with torch.no_grad():
             expected = sm(x)
             got = (sliced or sm.slice)(r).module(x)
+            sm.execution = "views"
+            on_views = sm(x)
+            sm.execution = "masked"
         assert got.shape == expected.shape
         assert_close(got, expected, expected.abs().max().item())
+        assert_close(on_views, expected, expected.abs().max().item())
         outputs[r] = expected
     sm.set_rate(1.0)
     return outputs
@@ -185,6 +194,7 @@ def test_zoo_sliceable_equals_sliced(name):
     outputs = assert_sliced_equals_sliceable(sm, x, rates, functools.partial(zoo_slice, name))
     # not vacuous: the smallest subnet computes something else than the full network
     assert (outputs[1.0] - outputs[min(rates)]).abs().max().item() > 1e-2
+    assert all(sm.subnet_view(r) is not None for r in rates)  # the views execution ran each subnet's own graph
 
 
 def test_densenet_widths_need_a_common_group_count():
@@ -648,6 +658,84 @@ def test_gradients_reach_only_the_subnet(name):
         g = sub.get_parameter(pname).grad
         restricted = full_grad[tuple(slice(0, n) for n in g.shape)]
         assert torch.allclose(g, restricted, rtol=1e-4, atol=1e-5 * restricted.abs().max().item()), pname
+
+
+@pytest.mark.parametrize("name", ["vgg_s", "resnet_s", "vit_t"])
+def test_one_step_on_subnet_views_equals_one_step_on_the_masked_model(name):
+    """Training on the r-subnet's own graph (views of the shared weights) updates the shared weights exactly as the
+    full-width masked graph does: same loss, same gradients, same AdamW step (weight decay included)."""
+    x = fresh_input(get_entry(name).input_shape, batch=6, seed=5)
+    y = torch.arange(6) % 10
+    stepped = {}
+    for execution in ("masked", "views"):
+        sm = make_sliceable(zoo_traced(name)[0], groups=ZOO_GROUPS[name]).eval()  # eval: no dropout draws
+        sm.execution, sm.rate = execution, 0.5
+        optimizer = torch.optim.AdamW(sm.parameters(), lr=1e-2, weight_decay=0.05)
+        loss = F.cross_entropy(sm(x), y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in sm.gm.named_parameters()}
+        optimizer.step()
+        stepped[execution] = (loss.item(), grads, {n: p.detach().clone() for n, p in sm.gm.named_parameters()})
+    (loss_m, grads_m, after_m), (loss_v, grads_v, after_v) = stepped["masked"], stepped["views"]
+    assert loss_v == pytest.approx(loss_m, rel=1e-5)
+    moved = 0
+    for n in after_m:
+        assert_close(grads_v[n], grads_m[n], grads_m[n].abs().max().item())
+        assert_close(after_v[n], after_m[n], after_m[n].abs().max().item())
+        moved += int(torch.count_nonzero(grads_m[n]).item() > 0)
+    assert moved >= len(after_m) // 2
+
+
+def test_views_fall_back_to_masked_only_when_the_subnet_is_not_a_cut(monkeypatch):
+    sm = make_sliceable(zoo_traced("vgg_s")[0], groups=ZOO_GROUPS["vgg_s"]).eval()
+    view = sm.subnet_view(0.5)
+    assert view is not None and view.cuts and all(isinstance(c, int) for cuts in view.cuts.values() for _, c in cuts)
+    with pytest.raises(PassError, match="unknown slicing execution 'fast'"):
+        sm.execution = "fast"
+    assert copy.deepcopy(sm)._views == {}  # the subnet graphs do not travel with the model
+    # a subnet parameter that is not the cut of a shared one (here: changed after pruning) disables the view
+    real = slicing_module.prune
+
+    def altered(*args, **kwargs):
+        result = real(*args, **kwargs)
+        with torch.no_grad():
+            next(result.module.parameters()).add_(1.0)
+        return result
+
+    monkeypatch.setattr(slicing_module, "prune", altered)
+    other = make_sliceable(zoo_traced("vgg_s")[0], groups=ZOO_GROUPS["vgg_s"]).eval()
+    assert other.subnet_view(0.5) is None
+    other.execution, other.rate = "views", 0.5
+    with torch.no_grad():
+        x = fresh_input(get_entry("vgg_s").input_shape)
+        got = other(x)
+        other.execution = "masked"
+        assert torch.equal(got, other(x))
+
+
+@pytest.mark.parametrize("name", ["vgg_s", "resnet_s", "mobilenetv3_s"])  # nn.GroupNorm; timm GroupNormAct
+def test_runtime_groupnorm_onnx_equals_the_sliceable_model(name, tmp_path):
+    """The exported r-subnet with GroupNorm as InstanceNorm + one BatchNormalization equals the sliceable model at
+    r (ONNX Runtime, ≤ 1e-5 of the output scale), and no Mul/Add pair is left for the affine map."""
+    sm = zoo_sliceable(name)
+    _, x = zoo_traced(name)
+    other = fresh_input(get_entry(name).input_shape, batch=3, seed=4)
+    for r in (1.0, 0.5):
+        module = copy.deepcopy(zoo_slice(name, r).module)
+        norms = sum(isinstance(m, nn.GroupNorm) for m in module.modules())
+        assert runtime_groupnorm(module) == norms > 0
+        assert not any(isinstance(m, nn.GroupNorm) for m in module.modules())
+        path = tmp_path / f"{name}_{r}.onnx"
+        export_onnx(module, x, path)
+        ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        assert ops["InstanceNormalization"] == ops["BatchNormalization"] == norms
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+        sm.set_rate(r)
+        with torch.no_grad():
+            expected = sm(other)
+        sm.set_rate(1.0)
+        assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- 8. budgets

@@ -39,8 +39,8 @@ from .common import (
 )
 
 TRAIN_CONFIG = SliceTrainConfig
-SCHEDULER_CHOICES = ("normal", "uniform", "progressive-dynamic", "progressive-static")
-SCHEDULER_OPTIONS = ("mean", "std", "span", "warmup", "distribution")
+SCHEDULER_CHOICES = ("normal", "uniform", "progressive-dynamic", "progressive-static", "sandwich")
+SCHEDULER_OPTIONS = ("mean", "std", "span", "warmup", "distribution", "random")
 EXPORT_SUBDIR = "export"
 
 
@@ -266,6 +266,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--warmup", type=float, help="progressive-dynamic: fraction of training at r=1 (default 0.3)")
     train.add_argument(
         "--distribution", choices=("normal", "uniform"), help="progressive-dynamic: r's distribution after warm-up"
+    )
+    train.add_argument("--random-rates", dest="random", type=int, metavar="N",
+                       help="sandwich: rates drawn per batch besides 1 and lb (default 2)")
+    train.add_argument("--distill", action="store_true",
+                       help="sandwich: rates below 1 learn from the full width's predictions (in-place distillation)")
+    train.add_argument(
+        "--execution",
+        choices=("views", "masked"),
+        default=default_of(TRAIN_CONFIG, "execution"),
+        help="views: each subnet's own graph on weight slices (cheaper); masked: the full-width graph",
     )
     train.add_argument(
         "--rescale",

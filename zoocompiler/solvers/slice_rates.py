@@ -6,7 +6,9 @@ to the fraction); compare them with ``core.rates.same_rate`` (tolerance ``RATE_T
 ``j = round(r * G)``.
 
 A scheduler gives, at each point of training (``progress`` = step / total_steps in [0, 1]), a categorical
-distribution over the valid rates in ``[lb, 1]`` and draws one rate per batch from it (Eq. 10). Everything here
+distribution over the valid rates in ``[lb, 1]`` and draws one rate per batch from it (Eq. 10). The sandwich rule
+(Slimmable / universally slimmable networks, not in paper 003) instead trains several rates on every batch:
+:meth:`SandwichScheduler.step_rates`. Everything here
 is plain math (numpy, scipy.stats); it takes numbers, never modules, so it is testable alone.
 """
 
@@ -26,7 +28,7 @@ from scipy import stats
 from ..core.errors import ZooError
 from ..core.rates import RATE_TOLERANCE, same_rate
 
-SCHEDULERS: tuple[str, ...] = ("normal", "uniform", "progressive-dynamic", "progressive-static")
+SCHEDULERS: tuple[str, ...] = ("normal", "uniform", "progressive-dynamic", "progressive-static", "sandwich")
 DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,6 +356,50 @@ class ProgressiveStaticScheduler:
         return _draw(self.rates, self.probabilities(progress), rng)
 
 
+@dataclass(frozen=True)
+class SandwichScheduler:
+    """The sandwich rule: every batch trains the largest rate (1), the smallest (``lb = rates[0]``) and ``random``
+    rates drawn uniformly, with replacement, from those strictly in between (their gradients add up).
+
+    ``step_rates`` gives one batch's rates, largest first (so in-place distillation has its teacher first).
+    ``probabilities``/``sample`` describe one forward pass drawn at random from a batch's passes: the share of
+    the training work each rate gets.
+    """
+
+    rates: tuple[float, ...]
+    random: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rates", _as_rates(self.rates))
+        if isinstance(self.random, bool) or not isinstance(self.random, int | np.integer) or self.random < 0:
+            raise ZooError(f"sandwich random rates {self.random!r} is not an integer >= 0", "use e.g. --random-rates 2")
+
+    def step_rates(self, progress: float, rng: np.random.Generator) -> tuple[float, ...]:
+        """The rates of one batch: 1, lb, then ``random`` draws from the rates in between (none when there are none;
+        one rate in all gives just ``(1.0,)``)."""
+        _check_progress(progress)
+        if len(self.rates) == 1:
+            return (self.rates[0],)
+        inner = self.rates[1:-1]
+        drawn = [inner[int(i)] for i in rng.integers(len(inner), size=self.random)] if inner else []
+        return (self.rates[-1], self.rates[0], *drawn)
+
+    def probabilities(self, progress: float) -> np.ndarray:
+        """Each rate's share of a batch's forward passes (the same at every ``progress``)."""
+        _check_progress(progress)
+        p = np.zeros(len(self.rates))
+        p[-1] = 1.0
+        if len(self.rates) > 1:
+            p[0] = 1.0
+            if len(self.rates) > 2:
+                p[1:-1] = self.random / (len(self.rates) - 2)
+        return p / p.sum()
+
+    def sample(self, progress: float, rng: np.random.Generator) -> float:
+        """One forward pass's rate drawn from ``probabilities(progress)``."""
+        return _draw(self.rates, self.probabilities(progress), rng)
+
+
 def _same_rates(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(map(same_rate, a, b))
 
@@ -363,6 +409,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "uniform": ("span",),
     "progressive-dynamic": ("warmup", "distribution", "mean", "std", "span"),
     "progressive-static": (),
+    "sandwich": ("random",),
 }
 
 
@@ -370,7 +417,8 @@ def make_scheduler(name: str, rates: Sequence[float], **options: object) -> Rate
     """The scheduler called ``name`` (one of ``SCHEDULERS``) over ``rates``.
 
     Options: normal — ``mean``, ``std``; uniform — ``span``; progressive-dynamic — ``warmup`` plus the inner
-    ``distribution`` ("normal" or "uniform") and its ``mean``/``std``/``span``; progressive-static — none.
+    ``distribution`` ("normal" or "uniform") and its ``mean``/``std``/``span``; progressive-static — none;
+    sandwich — ``random`` (rates drawn per batch besides 1 and lb, default 2).
     Options set to None take their defaults (handy for CLI flags left unset). Unknown names/options raise ``ZooError``.
     """
     if name not in SCHEDULERS:
@@ -385,6 +433,10 @@ def make_scheduler(name: str, rates: Sequence[float], **options: object) -> Rate
     if name == "progressive-dynamic":
         warmup = given.pop("warmup", 0.3)
         return ProgressiveDynamicScheduler(rates, warmup=warmup, inner=DynamicScheduler(rates, **given))
+    if name == "sandwich":
+        if "random" in given and _is_number(given["random"]) and float(given["random"]).is_integer():
+            given["random"] = int(given["random"])  # a CLI or JSON number
+        return SandwichScheduler(rates, **given)
     return ProgressiveStaticScheduler(rates)
 
 

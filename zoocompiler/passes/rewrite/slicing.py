@@ -337,11 +337,13 @@ class SliceableModel(nn.Module):
 
     def _build_view(self, rate: float) -> SubnetView | None:
         plan = self.prefix_plan(rate)
-        sub = prune(self.gm, plan, strategy_macs=False).module
+        pruned = prune(self.gm, plan, strategy_macs=False)
+        sub = pruned.module
+        self._macs[self._step(rate)] = pruned.report.macs_after // graph_info(self.gm).example_input.shape[0]
         zero = compute_layout(self.gm, plan).zero if plan.keep else {}
         params = dict(self.gm.named_parameters())
         cuts: dict[str, list[tuple[int, int | torch.Tensor]]] = {}
-        for name, p in sub.named_parameters():
+        for name, _ in sub.named_parameters():
             if name not in params:
                 return None
             cuts[name] = []
@@ -371,8 +373,17 @@ class SliceableModel(nn.Module):
     # materialise -------------------------------------------------------------------------------
     def slice(self, rate: float) -> SlicedModel:
         """The r-subnet as a physically smaller GraphModule (prune pass, prefix plan, rescale folded
-        in); equal to this model run at ``rate``. The module is in eval mode."""
+        in); equal to this model run at ``rate``. The module is in eval mode. Where the subnet is a plain
+        cut of the shared weights (:meth:`subnet_view`), it is a copy of the view's graph holding the cuts."""
         r = check_rate(rate, self.groups)
+        view = self.subnet_view(r)
+        if view is not None:
+            sub = copy.deepcopy(view.module)
+            sub.meta = copy.deepcopy(view.module.meta)
+            with torch.no_grad():
+                for name, w in view.weights(dict(self.gm.named_parameters())).items():
+                    sub.get_parameter(name).copy_(w)
+            return SlicedModel(sub.eval(), r, count_params(sub), self._macs[self._step(r)])
         plan = self.prefix_plan(r)
         module = prune(self.gm, plan, strategy_macs=False)
         sub, report = module.module, module.report

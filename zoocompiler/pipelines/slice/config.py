@@ -8,6 +8,8 @@ from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.rates import DEFAULT_GROUPS
 
+EXECUTIONS = ("views", "masked")  # as passes.rewrite.slicing.EXECUTIONS, without importing torch
+
 
 @dataclass
 class SliceTrainConfig:
@@ -30,6 +32,8 @@ class SliceTrainConfig:
     weight_decay: float = 0.05
     augment: bool = True
     seed: int = 0
+    execution: str = "views"  # each subnet's own graph on weight slices ("masked": the full-width graph)
+    distill: bool = False  # sandwich only: rates below 1 learn from the full width's predictions
 
     def check(self) -> None:
         """Raise ``ZooError`` for options that cannot work, before anything slow runs."""
@@ -43,6 +47,8 @@ class SliceTrainConfig:
             raise ZooError("epochs, batch size and learning rate must be positive", "fix --epochs/--batch-size/--lr")
         if self.groups < 1:
             raise ZooError(f"groups must be >= 1, got {self.groups}", "pass --groups 16 (rates in steps of 1/16)")
+        if self.execution not in EXECUTIONS:
+            raise ZooError(f"unknown execution '{self.execution}'", f"use one of: {', '.join(EXECUTIONS)}")
         make_scheduler(self.scheduler, valid_rates(self.groups, self.lb), **self.scheduler_options)  # its options
 
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoocompiler.core.atomic import write_state_dict_atomic
-from zoocompiler.core.errors import CheckpointError
+from zoocompiler.core.errors import CheckpointError, ZooError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.plots import pyplot, save_png
 from zoocompiler.core.rates import DEFAULT_GROUPS, RATE_TOLERANCE
@@ -31,7 +31,13 @@ from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.passes.analysis import trace
 from zoocompiler.passes.analysis.plans import graph_fingerprint
 from zoocompiler.passes.rewrite.slicing import SliceableModel, make_sliceable
-from zoocompiler.solvers.slice_rates import RateScheduler, check_rate, make_scheduler, valid_rates
+from zoocompiler.solvers.slice_rates import (
+    RateScheduler,
+    SandwichScheduler,
+    check_rate,
+    make_scheduler,
+    valid_rates,
+)
 from zoocompiler.sources import check_spec_from_file, read_state_dict
 from zoocompiler.training import History, evaluate, seed_everything, train
 
@@ -110,12 +116,19 @@ def train_sliceable(
     eval_split: DataSplit | None = None,
     on_rate: Callable[[float], None] | None = None,
     workers: int = 1,
+    execution: str = "views",
+    distill: bool = False,
 ) -> History:
     """Train ``model`` in place: each batch runs the r-subnet for an r drawn from ``scheduler``
-    (seeded numpy generator; progress = step / total steps). Progressive static scheduling keeps
-    the previous stage's subnet fixed. Leaves the model at rate 1.0 in eval mode. ``workers`` > 1 trains
-    data-parallel on Ray Train (:mod:`..data_parallel`; every worker draws the same rates, ``on_rate`` is
-    called on the workers)."""
+    (seeded numpy generator; progress = step / total steps), or, for the sandwich rule, every rate of
+    ``scheduler.step_rates`` with their losses added. Progressive static scheduling keeps the previous
+    stage's subnet fixed. ``execution`` "views" runs each subnet's own graph on slices of the shared
+    weights (the same step as "masked", at about r² of the work). ``distill`` (sandwich only): rates below 1
+    learn from the full width's softened predictions of the same batch (in-place distillation) instead of
+    the labels. Leaves the model at rate 1.0, masked, in eval mode. ``workers`` > 1 trains data-parallel on
+    Ray Train (:mod:`..data_parallel`; every worker draws the same rates, ``on_rate`` is called on the
+    workers)."""
+    check_training(scheduler, workers, distill)
     steps_per_epoch = len(split) // batch_size if len(split) > batch_size else 1
     total = max(1, epochs * steps_per_epoch)
     rng = np.random.default_rng(seed)
@@ -123,27 +136,58 @@ def train_sliceable(
     frozen_rate = getattr(scheduler, "frozen_rate", None)
     state = {"step": 0}
 
+    def step_rates(progress_frac: float) -> tuple[float, ...]:
+        if isinstance(scheduler, SandwichScheduler):
+            return scheduler.step_rates(progress_frac, rng)
+        return (scheduler.sample(progress_frac, rng),)
+
     def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         progress_frac = min(1.0, state["step"] / total)
         if frozen_rate is not None:
             freezer.restore()  # undo the previous optimizer step on frozen weights (AdamW decays them too)
             freezer.update(frozen_rate(progress_frac))
-        model.rate = scheduler.sample(progress_frac, rng)
-        if on_rate is not None:
-            on_rate(model.rate)
+        loss, teacher = None, None
+        for rate in step_rates(progress_frac):
+            model.rate = rate
+            if on_rate is not None:
+                on_rate(rate)
+            logits = net(x)
+            if teacher is None:
+                term = F.cross_entropy(logits, y)
+                teacher = logits.detach().softmax(1) if distill else None
+            else:
+                term = -(teacher * logits.log_softmax(1)).sum(1).mean()
+            loss = term if loss is None else loss + term
         state["step"] += 1
-        return F.cross_entropy(net(x), y)
+        return loss
 
     def fit() -> History:
-        history = train(model, split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
-                        augment=augment, weight_decay=weight_decay, loss_fn=loss_fn, eval_split=eval_split,
-                        desc="slice-train")
+        model.execution = execution
+        try:
+            history = train(model, split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                            progress=progress, augment=augment, weight_decay=weight_decay, loss_fn=loss_fn,
+                            eval_split=eval_split, desc="slice-train")
+        finally:
+            model.execution = "masked"
         freezer.restore()
         return history
 
     history = run_data_parallel(model, fit, workers)
     model.rate = 1.0
     return history
+
+
+def check_training(scheduler: RateScheduler, workers: int, distill: bool) -> None:
+    """``ZooError`` for combinations that cannot train: in-place distillation without the sandwich rule (no
+    full-width pass in the batch to learn from), the sandwich rule on several workers (DDP takes one forward
+    pass per backward)."""
+    sandwich = isinstance(scheduler, SandwichScheduler)
+    if distill and not sandwich:
+        raise ZooError("in-place distillation needs the full width in every batch",
+                       "use --scheduler sandwich with --distill, or drop --distill")
+    if sandwich and workers > 1:
+        raise ZooError("the sandwich rule runs several widths per batch; data-parallel training takes one",
+                       "use --workers 1 with --scheduler sandwich, or another scheduler")
 
 
 def evaluate_rates(model: SliceableModel, split: DataSplit, rates: list[float]) -> dict[float, dict[str, Any]]:
@@ -180,6 +224,8 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True,
     trains data-parallel on that many Ray Train workers (recorded as ``workers``)."""
     config.check()
     check_workers(workers, config.batch_size)
+    check_training(make_scheduler(config.scheduler, valid_rates(config.groups, config.lb), **config.scheduler_options),
+                   workers, config.distill)
     stages = Stages()
     with stages("build"):
         train_split, test_split = load_dataset(config.data, "train"), load_dataset(config.data, "test")
@@ -194,7 +240,8 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True,
         scheduler = make_scheduler(config.scheduler, rates, **config.scheduler_options)
         history = train_sliceable(model, train_split, scheduler, epochs=config.epochs, lr=config.lr,
                                   batch_size=config.batch_size, weight_decay=config.weight_decay,
-                                  augment=config.augment, seed=config.seed, progress=progress, workers=workers)
+                                  augment=config.augment, seed=config.seed, progress=progress, workers=workers,
+                                  execution=config.execution, distill=config.distill)
     with stages("evaluate"):
         per_rate = evaluate_rates(model, test_split, valid_rates(config.groups))
     record = {
