@@ -99,6 +99,9 @@ def test_train_passes_only_the_scheduler_options_given():
     assert config.scheduler_options == {"std": 0.5, "warmup": 0.2}
     default = cli_slice.train_config(cli.build_parser().parse_args(["slice", "train", SPEC]))
     assert default == SliceTrainConfig(spec=SPEC)
+    sandwich = cli_slice.train_config(cli.build_parser().parse_args(
+        ["slice", "train", SPEC, "--scheduler", "sandwich", "--random-rates", "3", "--distill", "--execution", "masked"]))
+    assert (sandwich.scheduler_options, sandwich.distill, sandwich.execution) == ({"random": 3}, True, "masked")
 
 
 def test_train_table(trained):
@@ -327,6 +330,9 @@ TRAIN_ERRORS = {
     "groups": ([SPEC, "--groups", "0"], "groups must be >= 1"),
     "no sliceable group": (["python:test_cli_slice:linear_only"], "no sliceable unit group"),
     "num_classes": (["timm:resnet18,in_chans=1"], "num_classes=10"),
+    "distill without sandwich": ([SPEC, "--distill"], "in-place distillation needs the full width in every batch"),
+    "sandwich option": ([SPEC, "--random-rates", "2"], "unknown option 'random' for rate scheduler 'normal'"),
+    "sandwich random": ([SPEC, "--scheduler", "sandwich", "--random-rates", "-1"], "sandwich random rates -1"),
 }
 
 

@@ -114,6 +114,59 @@ def test_progressive_static_freezes_the_previous_stage(digits):
     assert moved > 0  # stage 2 trained the rest
 
 
+def test_views_and_masked_training_take_the_same_steps(digits):
+    """A short run on subnet views (the default) and on the masked full-width graph ends with the same weights
+    (AdamW, several rates; float order differs, so within 1e-4 of each tensor's scale)."""
+    train, _ = digits
+    weights = {}
+    for execution in ("views", "masked"):
+        torch.manual_seed(0)
+        model = _model()
+        sched = make_scheduler("uniform", valid_rates(4, 0.25))
+        train_sliceable(model, train, sched, epochs=1, batch_size=128, progress=False, augment=False,
+                        execution=execution)
+        assert model.execution == "masked"  # restored after training
+        weights[execution] = _weights(model)
+    for name, w in weights["masked"].items():
+        assert torch.allclose(weights["views"][name], w, atol=1e-4 * max(1.0, w.abs().max().item())), name
+
+
+def test_sandwich_trains_every_batch_at_one_lb_and_random_rates(digits):
+    """Each batch runs 1, lb and two drawn rates (their losses added); with --distill the smaller widths learn from
+    the full width's predictions, which changes the weights."""
+    train, _ = digits
+    seen: list[float] = []
+    runs = {}
+    for distill in (False, True):
+        torch.manual_seed(0)
+        model = _model()
+        sched = make_scheduler("sandwich", valid_rates(4, 0.25), random=2)
+        train_sliceable(model, train, sched, epochs=1, batch_size=128, progress=False, distill=distill,
+                        on_rate=seen.append if not distill else None)
+        runs[distill] = _weights(model)
+    steps = len(train) // 128
+    assert len(seen) == 4 * steps
+    batches = [seen[i:i + 4] for i in range(0, len(seen), 4)]
+    assert all(b[0] == 1.0 and b[1] == 0.25 and set(b[2:]) <= {0.5, 0.75} for b in batches)
+    assert any(not torch.equal(runs[True][k], runs[False][k]) for k in runs[True])
+
+
+def test_training_combinations_that_cannot_work_fail_before_training(digits, tmp_path):
+    train, _ = digits
+    model = _model()
+    before = _weights(model)
+    with pytest.raises(ZooError, match="in-place distillation needs the full width"):
+        train_sliceable(model, train, make_scheduler("normal", valid_rates(4, 0.5)), epochs=1, distill=True)
+    with pytest.raises(ZooError, match="sandwich rule runs several widths per batch"):
+        train_sliceable(model, train, make_scheduler("sandwich", valid_rates(4, 0.5)), epochs=1, workers=2)
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    with pytest.raises(ZooError, match="unknown execution 'fast'"):
+        train_to_dir(SliceTrainConfig(SPEC, data="digits", execution="fast"), tmp_path)
+    with pytest.raises(ZooError, match="in-place distillation"):
+        train_to_dir(SliceTrainConfig(SPEC, data="digits", distill=True), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_slicing_training_beats_conventional_at_half_width(digits):
     """The paper's claim in miniature: after equal training, the 0.5-subnet of a slicing-trained net is far
     better than the 0.5-slice of a conventionally trained one (lb = 1)."""
