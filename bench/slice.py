@@ -1,5 +1,7 @@
-"""Model-slicing benchmark (paper 003, issue 5): accuracy per slice rate for slicing-trained, conventionally
-trained-then-sliced and fixed-width models, plus ONNX Runtime latency of every r-subnet.
+"""Model-slicing benchmark (paper 003, issues 5 and 19): accuracy per slice rate for slicing-trained (one column per
+rate scheduler), conventionally trained-then-sliced and fixed-width models, training time on subnet views against
+the masked full-width graph, and ONNX Runtime latency of every r-subnet with GroupNorm as exported before and after
+issue 19, next to the BatchNorm original at the same width.
 
 Usage::
 
@@ -17,8 +19,11 @@ Two models, both with BatchNorm widths divisible by G = 16, built here and passe
 Every network is trained from scratch (``reset_parameters`` after seeding, as ``build_sliceable(from_scratch=True)``)
 with the same epochs, learning rate, batch size, weight decay and ±2 px shift augmentation:
 
-(a) slicing-trained: ``train_sliceable`` with the dynamic N(1, 1/3) scheduler over the valid rates ≥ lb
-    (lb = 0.25, so every reported rate is trained; ``--extra-lb 0.375`` adds the paper's lb as a second column);
+(a) slicing-trained: ``train_sliceable`` over the valid rates ≥ lb (lb = 0.25, so every reported rate is trained)
+    with each scheduler of ``--schedulers``: N(1, 1/3), the sandwich rule (1, lb and 2 random rates per batch), the
+    sandwich rule with in-place distillation, progressive dynamic (r = 1 for 30 %, then N(1, 1/3)) and progressive
+    static; all on subnet views. ``--extra-lb 0.375`` adds the paper's lb for N(1, 1/3) as a further column. One more
+    N(1, 1/3) job runs ``--timing-epochs`` epochs on the masked full-width graph: the per-epoch cost of masking;
 (b) conventionally trained, then sliced: the same sliceable model with lb = 1.0 (every batch at r = 1);
 (c) fixed-width: the r-subnet architecture (``sm_init.slice(r).module`` of a fresh sliceable model, re-initialised)
     trained alone with ``zoocompiler.training.train``, at ``--fixed-rates`` (default the paper's 0.25..1 by 1/8).
@@ -27,9 +32,11 @@ Accuracy is measured on the materialised r-subnets (``evaluate_rates``). The tra
 seeded (one torch thread each), so they run in ``--jobs`` worker processes with identical results. After every job
 has finished (nothing else of ours running), each r-subnet of the slicing-trained (a) model is exported with
 ``export_onnx`` (parity-checked) and timed with ``measure_latency`` (ONNX Runtime CPU, 1 intra-op thread) at batch 1
-and ``--latency-batch``: ``--rounds`` rounds, every round times each rate once in a rotated order, and the reported
-latency is the median of the round medians. The original BatchNorm model (BN folded into the convs by ORT) is
-timed alongside as a reference for GroupNorm's cost. Prints a rich table per model, writes
+and ``--latency-batch``: ``--rounds`` rounds, every round times each model once in a rotated order, and the reported
+latency is the median of the round medians. Three forms per rate: "gn-after" (the export of ``slice export``:
+GroupNorm as InstanceNorm + one BatchNormalization, ``runtime_groupnorm``), "gn-before" (torch.onnx's default
+Reshape/InstanceNorm/Reshape/Mul/Add) and "bn" (the BatchNorm original built at the subnet's widths; ORT folds its
+BN into the convs: what the norm would cost if it were free). Prints a rich table per model, writes
 ``bench/results/slice.json`` and ``bench/results/slice.png`` atomically.
 """
 
@@ -62,38 +69,51 @@ from rich.table import Table
 from timm.models.resnet import BasicBlock, ResNet
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
-from zoocompiler.core.modules import count_macs, count_params
+from zoocompiler.core.modules import count_macs
 from zoocompiler.core.rates import RATE_TOLERANCE, same_rate
 from zoocompiler.data import load_dataset
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.analysis import trace
+from zoocompiler.passes.rewrite.groupnorm_runtime import runtime_groupnorm
 from zoocompiler.passes.rewrite.slicing import SliceableModel, make_sliceable
 from zoocompiler.pipelines.slice.train import evaluate_rates, train_sliceable
 from zoocompiler.pipelines.zoo.trainable import reset_parameters
-from zoocompiler.solvers.slice_rates import make_scheduler, valid_rates
+from zoocompiler.solvers.slice_rates import SandwichScheduler, make_scheduler, valid_rates
 from zoocompiler.training import evaluate, train
 from zoocompiler.zoo import VGGClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUPS = 16
 TRACE_BATCH = 2
-MODELS: dict[str, Callable[[], nn.Module]] = {
-    "vgg": lambda: VGGClassifier((32, "M", 64, "M", 128, 128, "M"), 10, hidden=256),
-    "resnet": lambda: ResNet(
-        BasicBlock, (1, 1, 1, 1), in_chans=1, num_classes=10, stem_width=32, channels=(32, 64, 128, 256)
-    ),
+MODELS_AT: dict[str, Callable[[float], nn.Module]] = {  # the BatchNorm original at width r (the r-subnet's shapes)
+    "vgg": lambda r: VGGClassifier((round(32 * r), "M", round(64 * r), "M", round(128 * r), round(128 * r), "M"), 10,
+                                   hidden=round(256 * r)),
+    "resnet": lambda r: ResNet(BasicBlock, (1, 1, 1, 1), in_chans=1, num_classes=10, stem_width=round(32 * r),
+                               channels=tuple(round(c * r) for c in (32, 64, 128, 256))),
 }
+MODELS: dict[str, Callable[[], nn.Module]] = {name: functools.partial(build, 1.0) for name, build in MODELS_AT.items()}
 MODEL_TEXT = {
     "vgg": 'zoocompiler.zoo.VGGClassifier((32, "M", 64, "M", 128, 128, "M"), 10, hidden=256)',
     "resnet": "timm ResNet(BasicBlock, (1, 1, 1, 1), in_chans=1, num_classes=10, stem_width=32, "
     "channels=(32, 64, 128, 256))",
 }
-# Targets of issue 5, checked at r = 0.5.
+# Targets of issues 5 and 19.
 TARGET_RATE = 0.5
 TARGET_SLICED_DROP = 0.02  # (a): accuracy at 0.5 within 2 points of its own r = 1
+SMALL_RATE, TARGET_SMALL_DROP = 0.25, 0.10  # (a): accuracy at 0.25 within 10 points of its own r = 1
+TARGET_FULL_VS_CONVENTIONAL = 0.01  # (a) at r = 1 within 1 point of (b), trained conventionally for the same epochs
+TARGET_TRAIN_COST = 0.70  # (a)'s training time <= 0.7 × conventional training's (at least 30 % cheaper)
 COLLAPSE_DROP = 0.20  # (b) "collapses": it loses at least 20 points from r = 1 to r = 0.5
 TARGET_LATENCY_RATIO = 0.35  # ORT latency at 0.5 <= 0.35 × r = 1, at each timed batch
+SCHEDULERS = {  # column name → (scheduler, options, in-place distillation)
+    "normal": ("normal", (("mean", 1.0), ("std", 1 / 3)), False),
+    "sandwich": ("sandwich", (("random", 2),), False),
+    "sandwich+distill": ("sandwich", (("random", 2),), True),
+    "prog-dynamic": ("progressive-dynamic", (("warmup", 0.3),), False),
+    "prog-static": ("progressive-static", (), False),
+}
+NORM_FORMS = ("gn-after", "gn-before", "bn")
 PAPER_FIXED_RATES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # (c) by default: the paper's 1/8 steps
 Tick = Callable[[int], None]
 
@@ -117,25 +137,31 @@ class TrainSetup:
     weight_decay: float
     augment: bool
     seed: int
-    scheduler: str  # dynamic scheduler of the slicing-trained runs
-    scheduler_options: tuple[tuple[str, float], ...]
+    timing_epochs: int  # epochs of the masked-execution timing job
 
 
 @dataclass(frozen=True)
 class Job:
-    """One independent training run: ``kind`` "sliced" (train_sliceable with lower bound ``lb``; lb = 1 is (b))
-    or "fixed" (the ``rate``-subnet architecture trained alone, (c))."""
+    """One independent training run: ``kind`` "sliced" (train_sliceable with lower bound ``lb`` and the ``scheduler``
+    column of :data:`SCHEDULERS`; lb = 1 is (b)), "masked" (the same as sliced "normal", on the masked full-width graph,
+    for ``TrainSetup.timing_epochs`` epochs: its time per epoch) or "fixed" (the ``rate``-subnet architecture trained
+    alone, (c))."""
 
     model: str
     kind: str
     lb: float | None = None
     rate: float | None = None
+    scheduler: str = "normal"
 
     @property
     def label(self) -> str:
         if self.kind == "fixed":
             return f"{self.model} (c) fixed r={self.rate:g}"
-        return f"{self.model} ({'b' if same_rate(self.lb, 1.0) else 'a'}) lb={self.lb:g}"
+        if self.kind == "masked":
+            return f"{self.model} masked-execution timing"
+        if same_rate(self.lb, 1.0):
+            return f"{self.model} (b) lb=1"
+        return f"{self.model} (a) {self.scheduler} lb={self.lb:g}"
 
 
 def fresh_sliceable(name: str, seed: int) -> SliceableModel:
@@ -168,18 +194,25 @@ def run_job(job: Job, setup: TrainSetup, eval_rates: tuple[float, ...], tick: Ti
         progress=False,
     )
     t0 = time.perf_counter()
-    if job.kind == "sliced":
+    if job.kind in ("sliced", "masked"):
         model = fresh_sliceable(job.model, setup.seed)
-        scheduler = make_scheduler(setup.scheduler, valid_rates(GROUPS, job.lb), **dict(setup.scheduler_options))
+        name, options, distill = SCHEDULERS[job.scheduler]
+        scheduler = make_scheduler(name, valid_rates(GROUPS, job.lb), **dict(options))
         drawn: Counter[float] = Counter()
 
         def on_rate(rate: float) -> None:
             drawn[rate] += 1
-            tick(1)
+            if rate == 1.0 or not isinstance(scheduler, SandwichScheduler):  # one tick per batch
+                tick(1)
 
-        history = train_sliceable(model, train_split, scheduler, on_rate=on_rate, **common)
+        if job.kind == "masked":
+            common["epochs"] = setup.timing_epochs
+        history = train_sliceable(model, train_split, scheduler, on_rate=on_rate, distill=distill,
+                                  execution="masked" if job.kind == "masked" else "views", **common)
+        if job.kind == "masked":
+            tick((setup.epochs - setup.timing_epochs) * steps_per_epoch)  # the bar counts every job as full length
         train_s = time.perf_counter() - t0
-        per_rate = evaluate_rates(model, test_split, list(eval_rates))
+        per_rate = evaluate_rates(model, test_split, list(eval_rates)) if job.kind == "sliced" else {}
         accuracy = {rate_key(r): row["accuracy"] for r, row in per_rate.items()}
         total = sum(drawn.values())
         extra = {
@@ -200,6 +233,7 @@ def run_job(job: Job, setup: TrainSetup, eval_rates: tuple[float, ...], tick: Ti
         "accuracy": accuracy,
         "train_s": round(train_s, 1),
         "total_s": round(time.perf_counter() - t0, 1),
+        "epoch_s": round(float(np.mean([e.seconds for e in history.epochs])), 2),
         "epoch_loss": [round(e.loss, 4) for e in history.epochs],
         **extra,
     }
@@ -209,11 +243,19 @@ def _put(queue: Any, n: int) -> None:
     queue.put(n)
 
 
-def job_cost(job: Job, macs: dict[str, dict[str, int]]) -> float:
-    """Rough relative cost for longest-first scheduling: a sliced job runs the full-width graph (masked weights)
-    every step; a fixed job its own subnet; plus a per-step overhead of ~5 M MACs (measured on this machine)."""
-    rate = 1.0 if job.kind == "sliced" else job.rate
-    return macs[job.model][rate_key(rate)] + 5e6
+PASSES = {"normal": 0.8, "sandwich": 1.9, "sandwich+distill": 1.9, "prog-dynamic": 0.85, "prog-static": 0.5}
+
+
+def job_cost(job: Job, macs: dict[str, dict[str, int]], setup: TrainSetup) -> float:
+    """Rough relative cost for longest-first scheduling: a fixed job runs its own subnet; a sliced job on views about
+    ``PASSES`` full-width passes per batch (the sandwich rule 4 passes of falling width); a masked timing job the full
+    width for its epochs; plus a per-step overhead of ~5 M MACs (measured on this machine)."""
+    full = macs[job.model][rate_key(1.0)]
+    if job.kind == "fixed":
+        return macs[job.model][rate_key(job.rate)] + 5e6
+    if job.kind == "masked":
+        return (full + 5e6) * setup.timing_epochs / setup.epochs
+    return full * (1.0 if same_rate(job.lb, 1.0) else PASSES[job.scheduler]) + 5e6
 
 
 def run_jobs(
@@ -261,14 +303,16 @@ def run_jobs(
 
 def export_slices(
     model: SliceableModel,
+    name: str,
     rates: tuple[float, ...],
-    reference: nn.Module,
     x: torch.Tensor,
     folder: Path,
     exporters: tuple[str, ...],
+    seed: int,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
-    """Export every r-subnet of ``model`` (and the BatchNorm ``reference`` as key "bn") into ``folder``;
-    returns size/parity facts per key (incl. |r-subnet − sliceable model at r| on ``x``) and the ONNX paths."""
+    """Export every r-subnet of ``model`` in each of :data:`NORM_FORMS` into ``folder`` (key ``"{form}/{rate}"``;
+    "bn" is the BatchNorm original built at that width); returns size/parity facts per rate key (incl.
+    |r-subnet − sliceable model at r| and |ORT gn-after − sliceable model at r| on ``x``) and the ONNX paths."""
     facts: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
     model.eval()
@@ -276,29 +320,33 @@ def export_slices(
         key, sliced = rate_key(r), model.slice(r)
         model.set_rate(r)
         with torch.no_grad():
-            slice_diff = float((sliced.module(x) - model(x)).abs().max())
-        path = folder / f"rate_{key}.onnx"
-        report = export_onnx(sliced.module, x, path, exporters=exporters)
+            expected = model(x)
+            slice_diff = float((sliced.module(x) - expected).abs().max())
+        before = folder / f"gn-before_{key}.onnx"
+        report_before = export_onnx(sliced.module, x, before, exporters=exporters)
+        after = folder / f"gn-after_{key}.onnx"
+        norms = runtime_groupnorm(sliced.module)
+        report = export_onnx(sliced.module, x, after, exporters=exporters)
+        session = onnxruntime.InferenceSession(str(after), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        torch.manual_seed(seed)
+        bn = reset_parameters(MODELS_AT[name](r)).eval()
+        bn_path = folder / f"bn_{key}.onnx"
+        bn_report = export_onnx(bn, x, bn_path, exporters=exporters)
         facts[key] = {
             "params": sliced.params,
             "macs": sliced.macs,
             "macs_flop_counter": count_macs(sliced.module, x[:1]),
+            "bn_macs": count_macs(bn, x[:1]),
+            "groupnorms": norms,
             "slice_vs_masked_max_abs_diff": slice_diff,
+            "onnx_vs_sliceable_max_abs_diff": float(np.abs(got - expected.numpy()).max()),
             "onnx_max_abs_diff": report.max_abs_diff,
-            "onnx_nodes": report.onnx_nodes,
+            "onnx_nodes": {"gn-after": report.onnx_nodes, "gn-before": report_before.onnx_nodes,
+                           "bn": bn_report.onnx_nodes},
             "exporter": report.exporter,
         }
-        paths[key] = path
-    path = folder / "bn_reference.onnx"
-    report = export_onnx(reference.eval(), x, path, exporters=exporters)
-    facts["bn"] = {
-        "params": count_params(reference),
-        "macs": count_macs(reference, x[:1]),
-        "onnx_max_abs_diff": report.max_abs_diff,
-        "onnx_nodes": report.onnx_nodes,
-        "exporter": report.exporter,
-    }
-    paths["bn"] = path
+        paths.update({f"gn-after/{key}": after, f"gn-before/{key}": before, f"bn/{key}": bn_path})
     model.set_rate(1.0)
     return facts, paths
 
@@ -329,67 +377,114 @@ def model_rows(
     latency: dict[int, dict[str, dict[str, Any]]],
     lbs: tuple[float, ...],
 ) -> list[dict[str, Any]]:
-    """One row per rate (1.0 first): sizes, MAC and latency ratios to r = 1, accuracy of a (per lb), b, c."""
-    sliced = {job.lb: res for job, res in results.items() if job.model == name and job.kind == "sliced"}
-    fixed = {rate_key(job.rate): res for job, res in results.items() if job.model == name and job.kind == "fixed"}
+    """One row per rate (1.0 first): sizes, MAC ratio, latency (ms) and latency ratio to r = 1 of each norm form
+    (each form against its own r = 1), the GroupNorm share of latency (1 − bn / gn), accuracy of (a) per scheduler
+    column (``acc_a``; extra lower bounds of N(1, 1/3) as "normal lb=…"), (b) and (c)."""
+    mine = {job: res for job, res in results.items() if job.model == name}
+    sliced = {(job.scheduler, job.lb): res for job, res in mine.items() if job.kind == "sliced"}
+    fixed = {rate_key(job.rate): res for job, res in mine.items() if job.kind == "fixed"}
     full = facts[rate_key(1.0)]
     rows = []
     for r in sorted(rates, reverse=True):
         key = rate_key(r)
         row: dict[str, Any] = {"rate": r, **facts[key], "mac_ratio": facts[key]["macs"] / full["macs"]}
         row["param_ratio"] = facts[key]["params"] / full["params"]
-        row["latency_ms"] = {str(b): lat[key]["median_ms"] for b, lat in latency.items()}
-        row["latency_round_medians_ms"] = {str(b): lat[key]["round_medians_ms"] for b, lat in latency.items()}
+        row["latency_ms"] = {f: {str(b): lat[f"{f}/{key}"]["median_ms"] for b, lat in latency.items()}
+                             for f in NORM_FORMS}
+        row["latency_round_medians_ms"] = {
+            f: {str(b): lat[f"{f}/{key}"]["round_medians_ms"] for b, lat in latency.items()} for f in NORM_FORMS}
         row["latency_ratio"] = {
-            str(b): lat[key]["median_ms"] / lat[rate_key(1.0)]["median_ms"] for b, lat in latency.items()
-        }
-        row["acc_a"] = {rate_key(lb): sliced[lb]["accuracy"][key] for lb in lbs if lb in sliced}
-        row["acc_b"] = sliced[1.0]["accuracy"][key] if 1.0 in sliced else None
+            f: {str(b): lat[f"{f}/{key}"]["median_ms"] / lat[f"{f}/{rate_key(1.0)}"]["median_ms"]
+                for b, lat in latency.items()} for f in NORM_FORMS}
+        row["gn_share"] = {
+            f: {b: 1 - row["latency_ms"]["bn"][b] / ms for b, ms in row["latency_ms"][f].items()}
+            for f in ("gn-before", "gn-after")}
+        row["acc_a"] = {column: sliced[(column, lbs[0])]["accuracy"][key] for column in SCHEDULERS
+                        if (column, lbs[0]) in sliced}
+        row["acc_a"].update({f"normal lb={lb:g}": res["accuracy"][key] for (column, lb), res in sliced.items()
+                             if column == "normal" and not same_rate(lb, 1.0) and not same_rate(lb, lbs[0])})
+        conventional = [res for (_, lb), res in sliced.items() if same_rate(lb, 1.0)]
+        row["acc_b"] = conventional[0]["accuracy"][key] if conventional else None
         row["acc_c"] = fixed[key]["accuracy"][key] if key in fixed else None
         rows.append(row)
     return rows
 
 
-def verdicts(models: dict[str, dict[str, Any]], primary_lb: float) -> list[dict[str, Any]]:
-    """The issue's targets per model at r = 0.5: (a) within 2 points of its own r = 1, (b) collapsed (>= 20 points
-    lost), and ORT latency <= 0.35× r = 1 at each timed batch."""
+def training_costs(name: str, results: dict[Job, dict[str, Any]]) -> dict[str, Any]:
+    """Seconds per epoch of every slicing-trained column, of conventional training (b) and of the masked timing job;
+    each as a ratio to (b)."""
+    mine = {job: res for job, res in results.items() if job.model == name and job.kind != "fixed"}
+    conventional = next((res["epoch_s"] for job, res in mine.items()
+                         if job.kind == "sliced" and same_rate(job.lb, 1.0)), None)
+    lowest = min(j.lb for j in mine if j.kind == "sliced")
+    out: dict[str, Any] = {"conventional_epoch_s": conventional, "columns": {}}
+    order = list(SCHEDULERS)
+    for job, res in sorted(mine.items(), key=lambda item: (item[0].kind, order.index(item[0].scheduler), item[0].lb)):
+        if job.kind == "masked":
+            column = "normal (masked)"
+        elif same_rate(job.lb, 1.0):
+            continue
+        else:
+            column = job.scheduler if job.lb == lowest else f"normal lb={job.lb:g}"
+        out["columns"][column] = {"epoch_s": res["epoch_s"],
+                                  "vs_conventional": res["epoch_s"] / conventional if conventional else None}
+    return out
+
+
+def best_scheduler(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """The column with the highest mean accuracy at r <= 0.5 among those within 1 point of N(1, 1/3) at r = 1 (does
+    not lose at full width); N(1, 1/3) itself when no other qualifies."""
+    full = rows[0]["acc_a"]
+    small = [r for r in rows if r["rate"] <= TARGET_RATE + RATE_TOLERANCE]
+    fit = [c for c in columns if c in full and full[c] >= full.get("normal", 0.0) - TARGET_FULL_VS_CONVENTIONAL]
+    return max(fit or ["normal"], key=lambda c: float(np.mean([r["acc_a"][c] for r in small])))
+
+
+def verdicts(models: dict[str, dict[str, Any]], default: str) -> list[dict[str, Any]]:
+    """The targets per model for the ``default`` scheduler column: at r = 0.5 within 2 points of its own r = 1, at
+    r = 0.25 within 10, at r = 1 within 1 point of conventional training (b), training time <= 0.7 × (b)'s; (b)
+    collapsed (>= 20 points lost at 0.5); gn-after latency(0.5) <= 0.35 × latency(1) at each timed batch."""
     out = []
     for name, m in models.items():
         rows = {rate_key(r["rate"]): r for r in m["rows"]}
-        full, half = rows.get(rate_key(1.0)), rows.get(rate_key(TARGET_RATE))
+        full, half, small = (rows.get(rate_key(r)) for r in (1.0, TARGET_RATE, SMALL_RATE))
         if full is None or half is None:
             continue
-        lb = rate_key(primary_lb)
-        drop_a = full["acc_a"][lb] - half["acc_a"][lb]
-        out.append(
-            {
-                "model": name,
-                "target": f"(a) lb={primary_lb:g}: acc(1) - acc(0.5) <= {TARGET_SLICED_DROP:g}",
-                "value": round(drop_a, 4),
-                "met": drop_a <= TARGET_SLICED_DROP,
-            }
-        )
+
+        def add(target: str, value: float, met: bool, name: str = name, **extra: Any) -> None:
+            out.append({"model": name, "target": target, "value": round(value, 4), "met": bool(met), **extra})
+
+        drop = full["acc_a"][default] - half["acc_a"][default]
+        add(f"(a) {default}: acc(1) - acc(0.5) <= {TARGET_SLICED_DROP:g}", drop, drop <= TARGET_SLICED_DROP)
+        if small is not None:
+            drop = full["acc_a"][default] - small["acc_a"][default]
+            add(f"(a) {default}: acc(1) - acc(0.25) <= {TARGET_SMALL_DROP:g}", drop, drop <= TARGET_SMALL_DROP)
         if full["acc_b"] is not None:
+            gap = full["acc_b"] - full["acc_a"][default]
+            add(f"(a) {default}: acc_b(1) - acc_a(1) <= {TARGET_FULL_VS_CONVENTIONAL:g}", gap,
+                gap <= TARGET_FULL_VS_CONVENTIONAL)
             drop_b = full["acc_b"] - half["acc_b"]
-            out.append(
-                {
-                    "model": name,
-                    "target": f"(b) collapses: acc(1) - acc(0.5) >= {COLLAPSE_DROP:g}",
-                    "value": round(drop_b, 4),
-                    "met": drop_b >= COLLAPSE_DROP,
-                }
-            )
-        for batch, ratio in half["latency_ratio"].items():
-            out.append(
-                {
-                    "model": name,
-                    "target": f"latency(0.5) / latency(1) <= {TARGET_LATENCY_RATIO:g} at batch {batch}",
-                    "value": round(ratio, 4),
-                    "mac_ratio": round(half["mac_ratio"], 4),
-                    "met": ratio <= TARGET_LATENCY_RATIO,
-                }
-            )
+            add(f"(b) collapses: acc(1) - acc(0.5) >= {COLLAPSE_DROP:g}", drop_b, drop_b >= COLLAPSE_DROP)
+        cost = m["training"]["columns"].get(default, {}).get("vs_conventional")
+        if cost is not None:
+            add(f"(a) {default}: train time / conventional <= {TARGET_TRAIN_COST:g}", cost, cost <= TARGET_TRAIN_COST)
+        for batch, ratio in half["latency_ratio"]["gn-after"].items():
+            add(f"gn-after latency(0.5) / latency(1) <= {TARGET_LATENCY_RATIO:g} at batch {batch}", ratio,
+                ratio <= TARGET_LATENCY_RATIO, mac_ratio=round(half["mac_ratio"], 4))
     return out
+
+
+def _agreed_best(models: dict[str, dict[str, Any]]) -> str:
+    """The models' common best column, or the one with the higher summed mean accuracy at r <= 0.5 when they differ."""
+    picks = {m["best_scheduler"] for m in models.values()}
+    if len(picks) == 1:
+        return picks.pop()
+
+    def small_mean(column: str) -> float:
+        return sum(float(np.mean([r["acc_a"][column] for r in m["rows"] if r["rate"] <= TARGET_RATE + RATE_TOLERANCE]))
+                   for m in models.values())
+
+    return max(picks, key=small_mean)
 
 
 # ----------------------------------------------------------------------------- table and plot
@@ -401,27 +496,63 @@ def _pct(value: float | None, untrained: bool = False) -> str:
     return f"{100 * value:.1f}" + ("*" if untrained else "")
 
 
+def _columns(result: dict[str, Any], name: str) -> list[str]:
+    """The (a) columns of one model, in the order of the setup's schedulers, extra lower bounds last."""
+    return list(result["models"][name]["rows"][0]["acc_a"])
+
+
 def table_cells(result: dict[str, Any], name: str) -> tuple[list[str], list[list[str]]]:
-    """Column names and cell text of one model's table: r, MACs, MAC ratio, latency ratio per batch, accuracy (%)
-    of a (per lb; * = rate below that lb, untrained), b and c ("—" = not trained at that rate)."""
+    """Column names and cell text of one model's table: r, MACs, MAC ratio, latency ratio (gn-after at each batch;
+    bn and gn-before at the large batch), accuracy (%) of (a) per scheduler (* = below that lb, untrained), (b) and
+    (c) ("—" = not trained at that rate)."""
     setup = result["setup"]
-    lbs, batches = setup["lbs"], [str(b) for b in setup["latency_batches"]]
-    columns = [
-        "r",
-        "MACs",
-        "MAC ratio",
-        *(f"lat ratio b{b}" for b in batches),
-        *(f"acc (a) lb={lb:g}" for lb in lbs),
-        "acc (b) lb=1",
-        "acc (c) fixed",
-    ]
+    batches = [str(b) for b in setup["latency_batches"]]
+    big = batches[-1]
+    lb = setup["lbs"][0]
+    columns_a = _columns(result, name)
+    columns = ["r", "MACs", "MAC ratio", *(f"lat b{b} gn-after" for b in batches), f"lat b{big} gn-before",
+               f"lat b{big} bn", *(f"acc {c}" for c in columns_a), "acc (b) lb=1", "acc (c) fixed"]
     rows = []
     for row in result["models"][name]["rows"]:
         cells = [f"{row['rate']:g}", f"{row['macs'] / 1e6:.2f}M", f"{row['mac_ratio']:.3f}"]
-        cells += [f"{row['latency_ratio'][b]:.3f}" for b in batches]
-        cells += [_pct(row["acc_a"].get(rate_key(lb)), row["rate"] < lb - RATE_TOLERANCE) for lb in lbs]
+        cells += [f"{row['latency_ratio']['gn-after'][b]:.3f}" for b in batches]
+        cells += [f"{row['latency_ratio']['gn-before'][big]:.3f}", f"{row['latency_ratio']['bn'][big]:.3f}"]
+        for c in columns_a:
+            low = float(c.split("lb=")[1]) if "lb=" in c else lb
+            cells.append(_pct(row["acc_a"][c], row["rate"] < low - RATE_TOLERANCE))
         cells += [_pct(row["acc_b"]), _pct(row["acc_c"])]
         rows.append(cells)
+    return columns, rows
+
+
+def norm_cells(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Latency (ms) of each norm form at r = 1 and r = 0.5 per model and batch, and GroupNorm's share of it
+    (1 − bn / gn) before and after."""
+    columns = ["model", "batch", "r", "bn ms", "gn-before ms", "gn-after ms", "GN share before", "GN share after",
+               "gn-after speed-up"]
+    rows = []
+    for name, m in result["models"].items():
+        by_rate = {rate_key(r["rate"]): r for r in m["rows"]}
+        for b in (str(b) for b in result["setup"]["latency_batches"]):
+            for r in (1.0, TARGET_RATE):
+                row = by_rate[rate_key(r)]
+                ms = row["latency_ms"]
+                rows.append([name, b, f"{r:g}", f"{ms['bn'][b]:.3f}", f"{ms['gn-before'][b]:.3f}",
+                             f"{ms['gn-after'][b]:.3f}", f"{100 * row['gn_share']['gn-before'][b]:.0f} %",
+                             f"{100 * row['gn_share']['gn-after'][b]:.0f} %",
+                             f"{ms['gn-before'][b] / ms['gn-after'][b]:.2f}×"])
+    return columns, rows
+
+
+def cost_cells(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Seconds per training epoch of every (a) column and of the masked execution, against conventional training."""
+    columns = ["model", "training", "s / epoch", "vs conventional (b)"]
+    rows = []
+    for name, m in result["models"].items():
+        t = m["training"]
+        rows.append([name, "conventional (b), lb = 1", f"{t['conventional_epoch_s']:.2f}", "1.00"])
+        for column, c in t["columns"].items():
+            rows.append([name, column, f"{c['epoch_s']:.2f}", f"{c['vs_conventional']:.2f}"])
     return columns, rows
 
 
@@ -429,100 +560,80 @@ def _title(result: dict[str, Any], name: str) -> str:
     setup = result["setup"]
     fixed = ", ".join(f"{r:g}" for r in setup["fixed_rates"])
     return (
-        f"{name}: {setup['data']} test accuracy (%) and ORT latency ratio per slice rate "
-        f"({setup['epochs']} epochs; (c) trained at r ∈ {{{fixed}}}; * = below that lb, untrained)"
+        f"{name}: {setup['data']} test accuracy (%) per scheduler (lb {setup['lbs'][0]:g}) and ORT latency ratio to "
+        f"r = 1 per slice rate ({setup['epochs']} epochs; (c) trained at r ∈ {{{fixed}}}; * = below that lb, untrained)"
     )
 
 
-def _norm_cost(result: dict[str, Any], name: str) -> str:
-    batches = [str(b) for b in result["setup"]["latency_batches"]]
-    bn, full = result["models"][name]["bn_reference"], result["models"][name]["rows"][0]
-    return f"{name} r=1 latency: " + ", ".join(
-        f"b{b} {full['latency_ms'][b]:.3f} ms (GroupNorm) vs {bn['latency_ms'][b]:.3f} ms (BatchNorm original, "
-        f"{full['latency_ms'][b] / bn['latency_ms'][b]:.2f}×)"
-        for b in batches
-    )
+def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, columns, rows) of every table, in the order they are shown."""
+    out = [(_title(result, name), *table_cells(result, name)) for name in result["models"]]
+    out.append(("GroupNorm at run time: latency (ms) and GroupNorm's share of it", *norm_cells(result)))
+    out.append(("training time per epoch (one torch thread, 2 jobs at a time)", *cost_cells(result)))
+    verdict = [[v["model"], v["target"], f"{v['value']:.4f}", "yes" if v["met"] else "NO"] for v in result["verdicts"]]
+    out.append((f"targets (default scheduler: {result['default_scheduler']})", ["model", "target", "value", "met"],
+                verdict))
+    return out
 
 
 def render(console: Console, result: dict[str, Any]) -> None:
-    """A rich table per model (``table_cells``), the GroupNorm vs BatchNorm latency at r = 1, and the verdicts."""
-    for name in result["models"]:
-        columns, rows = table_cells(result, name)
-        table = Table(title=_title(result, name))
+    """Every table of :func:`_tables` as a rich table."""
+    for title, columns, rows in _tables(result):
+        table = Table(title=title)
         for col in columns:
             table.add_column(col, justify="right")
         for cells in rows:
             table.add_row(*cells)
         console.print(table)
-        console.print("  " + _norm_cost(result, name))
-    verdict = Table(title="targets at r = 0.5")
-    for col in ("model", "target", "value", "met"):
-        verdict.add_column(col)
-    for v in result["verdicts"]:
-        verdict.add_row(v["model"], v["target"], f"{v['value']:.4f}", "yes" if v["met"] else "NO")
-    console.print(verdict)
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The same tables as ``render`` in Markdown (for docs/bench_slice.md)."""
     out = []
-    for name in result["models"]:
-        columns, rows = table_cells(result, name)
-        out += [f"**{_title(result, name)}**", "", "| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
-        out += ["| " + " | ".join(cells) + " |" for cells in rows]
-        out += ["", _norm_cost(result, name), ""]
-    out += ["| model | target | value | met |", "|---|---|---:|---|"]
-    out += [
-        f"| {v['model']} | {v['target']} | {v['value']:.4f} | {'yes' if v['met'] else '**no**'} |"
-        for v in result["verdicts"]
-    ]
-    return "\n".join(out) + "\n"
+    for title, columns, rows in _tables(result):
+        out += [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
+        out += ["| " + " | ".join(c if c != "NO" else "**no**" for c in cells) + " |" for cells in rows]
+        out.append("")
+    return "\n".join(out)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Accuracy vs r (one panel per model: a per lb, b, c) and latency ratio vs MAC ratio; written atomically."""
+    """Accuracy vs r (one panel per model: (a) per scheduler, b, c) and latency ratio vs MAC ratio per norm form;
+    written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     setup, models = result["setup"], result["models"]
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(5.2 * (len(models) + 1), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(5.6 * (len(models) + 1), 4.8), squeeze=False)
     for ax, (name, m) in zip(axes[0], models.items()):
         rates = [r["rate"] for r in m["rows"]]
-        for lb, style in zip(setup["lbs"], ("o-", "o--")):
-            ax.plot(rates, [100 * r["acc_a"][rate_key(lb)] for r in m["rows"]], style, label=f"(a) sliced, lb={lb:g}")
-        ax.plot(rates, [100 * r["acc_b"] for r in m["rows"]], "s-", label="(b) trained at r=1, sliced")
+        for column in _columns(result, name):
+            ax.plot(rates, [100 * r["acc_a"][column] for r in m["rows"]], "o-", ms=3, label=f"(a) {column}")
+        ax.plot(rates, [100 * r["acc_b"] for r in m["rows"]], "s-", ms=3, label="(b) trained at r=1, sliced")
         fixed = [(r["rate"], 100 * r["acc_c"]) for r in m["rows"] if r["acc_c"] is not None]
         if fixed:
             ax.plot(*zip(*fixed), "^:", label="(c) fixed width, trained alone")
-        ax.set(
-            xlabel="slice rate r",
-            ylabel="test accuracy (%)",
-            title=f"{name} on {setup['data']}",
-            ylim=(0, 100),
-            xlim=(0.2, 1.02),
-        )
+        ax.set(xlabel="slice rate r", ylabel="test accuracy (%)", title=f"{name} on {setup['data']}", ylim=(0, 100),
+               xlim=(0.2, 1.02))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
     ax = axes[0][-1]
-    top = max(r["latency_ratio"][str(b)] for m in models.values() for r in m["rows"] for b in setup["latency_batches"])
+    big = str(setup["latency_batches"][-1])
+    top = 1.0
     for name, marker in zip(models, ("o", "s", "^", "D")):
         rows = models[name]["rows"]
-        for batch, fill in zip(setup["latency_batches"], ("full", "none")):
-            pts = [(r["mac_ratio"], r["latency_ratio"][str(batch)]) for r in rows]
-            ax.plot(*zip(*pts), marker=marker, fillstyle=fill, ls="-", lw=0.8, label=f"{name}, batch {batch}")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="latency ∝ MACs")
+        for form, style in zip(NORM_FORMS, ("-", "--", ":")):
+            pts = [(r["mac_ratio"], r["latency_ratio"][form][big]) for r in rows]
+            top = max(top, *(p[1] for p in pts))
+            ax.plot(*zip(*pts), marker=marker, ls=style, lw=0.8, ms=3, label=f"{name} {form}, batch {big}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.6, label="latency ∝ MACs")
     ax.axhline(TARGET_LATENCY_RATIO, color="gray", ls=":", lw=0.8, label=f"target at r=0.5 ({TARGET_LATENCY_RATIO:g})")
-    ax.set(
-        xlabel="MAC ratio (r-subnet / full)",
-        ylabel="ORT latency ratio",
-        title="latency vs MACs (ORT CPU, 1 thread)",
-        xlim=(0, 1.05),
-        ylim=(0, max(1.1, top + 0.05)),
-    )
+    ax.set(xlabel="MAC ratio (r-subnet / full)", ylabel="ORT latency ratio to r = 1",
+           title="latency vs MACs (ORT CPU, 1 thread)", xlim=(0, 1.05), ylim=(0, top + 0.05))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -549,7 +660,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lb", type=float, default=0.25, help="lower bound of the slicing-trained model (a)")
-    parser.add_argument("--extra-lb", help="more (a) lower bounds, comma-separated (default 0.375; none with --quick)")
+    parser.add_argument("--extra-lb", default="", help="more N(1, 1/3) lower bounds for (a), comma-separated")
+    parser.add_argument("--schedulers", default=",".join(SCHEDULERS),
+                        help=f"(a) columns, comma-separated subset of: {', '.join(SCHEDULERS)}")
+    parser.add_argument("--timing-epochs", type=int, help="epochs of the masked-execution timing job (default 2; 1 "
+                        "with --quick)")
     parser.add_argument("--rates", help="evaluated rates, comma-separated or 'all' (default all: 0.25..1 by 1/16)")
     parser.add_argument(
         "--fixed-rates", help="rates of the fixed-width models (c), or 'all' (default 0.25,0.375,...,1 by 1/8)"
@@ -562,6 +677,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="timed runs per round at batch 1 (default 100; 30 with --quick); "
         "a tenth of it (at least 5) at the large batch",
     )
+    parser.add_argument("--default-scheduler", choices=list(SCHEDULERS),
+                        help="the column the targets are checked on (default: the best of both models, best_scheduler)")
     parser.add_argument("--exporter", default="torchscript", help="export_onnx exporters (dynamo: ~10× slower)")
     parser.add_argument("--jobs", type=int, default=2, help="training worker processes (1 = in this process)")
     parser.add_argument("--out", type=Path, default=RESULTS / "slice.json", help="JSON results path (PNG beside it)")
@@ -575,9 +692,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown models {unknown}; use some of: {', '.join(MODELS)}")
     args.epochs = args.epochs or (2 if q else 20)
     args.rates = parse_rates(args.rates or ("0.25,0.5,0.75,1" if q else "all"))
+    if not any(same_rate(SMALL_RATE, r) for r in args.rates) or args.lb > SMALL_RATE + RATE_TOLERANCE:
+        parser.error(f"--rates must include {SMALL_RATE:g} and --lb must be at most {SMALL_RATE:g} (a target rate)")
     args.fixed_rates = parse_rates(args.fixed_rates or ("0.25,0.5,1" if q else ",".join(map(str, PAPER_FIXED_RATES))))
-    extra = args.extra_lb if args.extra_lb is not None else ("" if q else "0.375")
-    args.lbs = tuple(dict.fromkeys([args.lb, *(float(t) for t in extra.split(",") if t.strip())]))
+    args.lbs = tuple(dict.fromkeys([args.lb, *(float(t) for t in args.extra_lb.split(",") if t.strip())]))
+    args.schedulers = [c for c in args.schedulers.split(",") if c]
+    if "normal" not in args.schedulers or any(c not in SCHEDULERS for c in args.schedulers):
+        parser.error(f"--schedulers must include normal and name only: {', '.join(SCHEDULERS)}")
+    args.timing_epochs = min(args.timing_epochs or (1 if q else 2), args.epochs)
     args.rounds = args.rounds or (2 if q else 5)
     args.runs = args.runs or (30 if q else 100)
     missing = [r for r in (1.0, TARGET_RATE, *args.fixed_rates) if not any(same_rate(r, e) for e in args.rates)]
@@ -607,8 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay,
         augment=True,
         seed=args.seed,
-        scheduler="normal",
-        scheduler_options=(("mean", 1.0), ("std", 1 / 3)),
+        timing_epochs=args.timing_epochs,
     )
     test_split = load_dataset(setup.data, "test")
     x = test_split.x[:TRACE_BATCH].clone()
@@ -616,9 +737,11 @@ def main(argv: list[str] | None = None) -> int:
     # sizes first (cheap): they order the jobs longest-first
     initial = {name: fresh_sliceable(name, setup.seed) for name in args.models}
     macs = {name: {rate_key(r): sm.macs_at(r) for r in args.rates} for name, sm in initial.items()}
-    jobs = [Job(name, "sliced", lb=lb) for name in args.models for lb in (*args.lbs, 1.0)]
+    jobs = [Job(name, "sliced", lb=args.lb, scheduler=c) for name in args.models for c in args.schedulers]
+    jobs += [Job(name, "sliced", lb=lb) for name in args.models for lb in (*args.lbs[1:], 1.0)]
+    jobs += [Job(name, "masked", lb=args.lb) for name in args.models]
     jobs += [Job(name, "fixed", rate=r) for name in args.models for r in args.fixed_rates]
-    jobs.sort(key=lambda j: -job_cost(j, macs))
+    jobs.sort(key=lambda j: -job_cost(j, macs, setup))
     t0 = time.perf_counter()
     results = run_jobs(jobs, setup, args.rates, args.jobs, console)
     training_s = time.perf_counter() - t0
@@ -629,13 +752,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="zc_bench_slice_") as tmp:
         for name in args.models:
             trained = initial[name]
-            state = next(r["state_dict"] for j, r in results.items() if j == Job(name, "sliced", lb=args.lb))
+            state = results[Job(name, "sliced", lb=args.lb, scheduler="normal")]["state_dict"]
             trained.gm.load_state_dict(state)
-            torch.manual_seed(setup.seed)
-            reference = reset_parameters(MODELS[name]()).eval()  # the BatchNorm original, same shapes at r = 1
             folder = Path(tmp) / name
             folder.mkdir()
-            facts, paths = export_slices(trained, args.rates, reference, x, folder, tuple(args.exporter.split(",")))
+            facts, paths = export_slices(trained, name, args.rates, x, folder, tuple(args.exporter.split(",")),
+                                         setup.seed)
             latency = {}
             for batch in batches:
                 runs = args.runs if batch == 1 else max(5, args.runs // 10)
@@ -651,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = model_rows(name, args.rates, results, facts, latency, args.lbs)
             models[name] = {
                 "rows": rows,
-                "bn_reference": {**facts["bn"], "latency_ms": {str(b): latency[b]["bn"]["median_ms"] for b in batches}},
+                "training": training_costs(name, results),
+                "best_scheduler": best_scheduler(rows, args.schedulers),
                 "jobs": [
                     {k: v for k, v in r.items() if k != "state_dict"} for j, r in results.items() if j.model == name
                 ],
@@ -659,8 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     latency_s = time.perf_counter() - t0
     result = {
         "setup": {
-            **{k: v for k, v in asdict(setup).items() if k != "scheduler_options"},
-            "scheduler_options": dict(setup.scheduler_options),
+            **asdict(setup),
+            "schedulers": {c: {"scheduler": SCHEDULERS[c][0], "options": dict(SCHEDULERS[c][1]),
+                               "distill": SCHEDULERS[c][2]} for c in args.schedulers},
             "quick": args.quick,
             "models": {name: MODEL_TEXT[name] for name in args.models},
             "groups": GROUPS,
@@ -692,7 +816,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "models": models,
     }
-    result["verdicts"] = verdicts(models, args.lb)
+    result["default_scheduler"] = args.default_scheduler or _agreed_best(models)
+    result["verdicts"] = verdicts(models, result["default_scheduler"])
     write_json_atomic(args.out, result)
     plot(result, args.out.with_suffix(".png"))
     render(console, result)
