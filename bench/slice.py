@@ -33,10 +33,10 @@ seeded (one torch thread each), so they run in ``--jobs`` worker processes with 
 has finished (nothing else of ours running), each r-subnet of the slicing-trained (a) model is exported with
 ``export_onnx`` (parity-checked) and timed with ``measure_latency`` (ONNX Runtime CPU, 1 intra-op thread) at batch 1
 and ``--latency-batch``: ``--rounds`` rounds, every round times each model once in a rotated order, and the reported
-latency is the median of the round medians. Three forms per rate: "gn-after" (the export of ``slice export``:
-GroupNorm as InstanceNorm + one BatchNormalization, ``runtime_groupnorm``), "gn-before" (torch.onnx's default
-Reshape/InstanceNorm/Reshape/Mul/Add) and "bn" (the BatchNorm original built at the subnet's widths; ORT folds its
-BN into the convs: what the norm would cost if it were free). Prints a rich table per model, writes
+latency is the median of the round medians. Three forms per rate: "gn-after" (every export since issue 19:
+GroupNorm's affine map as one BatchNormalization, ``exports/onnx_rewrites.py``), "gn-before" (``rewrites=False``:
+torch.onnx's Reshape/InstanceNorm/Reshape/Mul/Add) and "bn" (the BatchNorm original built at the subnet's widths;
+ORT folds its BN into the convs: what the norm would cost if it were free). Prints a rich table per model, writes
 ``bench/results/slice.json`` and ``bench/results/slice.png`` atomically.
 """
 
@@ -75,7 +75,6 @@ from zoocompiler.data import load_dataset
 from zoocompiler.exports.latency import measure_latency
 from zoocompiler.exports.onnx_export import export_onnx
 from zoocompiler.passes.analysis import trace
-from zoocompiler.passes.rewrite.groupnorm_runtime import runtime_groupnorm
 from zoocompiler.passes.rewrite.slicing import SliceableModel, make_sliceable
 from zoocompiler.pipelines.slice.train import evaluate_rates, train_sliceable
 from zoocompiler.pipelines.zoo.trainable import reset_parameters
@@ -323,10 +322,10 @@ def export_slices(
             expected = model(x)
             slice_diff = float((sliced.module(x) - expected).abs().max())
         before = folder / f"gn-before_{key}.onnx"
-        report_before = export_onnx(sliced.module, x, before, exporters=exporters)
+        report_before = export_onnx(sliced.module, x, before, exporters=exporters, rewrites=False)
         after = folder / f"gn-after_{key}.onnx"
-        norms = runtime_groupnorm(sliced.module)
         report = export_onnx(sliced.module, x, after, exporters=exporters)
+        norms = sum(isinstance(m, nn.GroupNorm) for m in sliced.module.modules())
         session = onnxruntime.InferenceSession(str(after), providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         torch.manual_seed(seed)
@@ -410,13 +409,12 @@ def model_rows(
     return rows
 
 
-def training_costs(name: str, results: dict[Job, dict[str, Any]]) -> dict[str, Any]:
-    """Seconds per epoch of every slicing-trained column, of conventional training (b) and of the masked timing job;
-    each as a ratio to (b)."""
+def training_costs(name: str, results: dict[Job, dict[str, Any]], lb: float) -> dict[str, Any]:
+    """Seconds per epoch of every slicing-trained column (scheduler columns at ``lb``; N(1, 1/3) at other lower bounds
+    as "normal lb=…"), of conventional training (b) and of the masked timing job; each as a ratio to (b)."""
     mine = {job: res for job, res in results.items() if job.model == name and job.kind != "fixed"}
     conventional = next((res["epoch_s"] for job, res in mine.items()
                          if job.kind == "sliced" and same_rate(job.lb, 1.0)), None)
-    lowest = min(j.lb for j in mine if j.kind == "sliced")
     out: dict[str, Any] = {"conventional_epoch_s": conventional, "columns": {}}
     order = list(SCHEDULERS)
     for job, res in sorted(mine.items(), key=lambda item: (item[0].kind, order.index(item[0].scheduler), item[0].lb)):
@@ -425,7 +423,7 @@ def training_costs(name: str, results: dict[Job, dict[str, Any]]) -> dict[str, A
         elif same_rate(job.lb, 1.0):
             continue
         else:
-            column = job.scheduler if job.lb == lowest else f"normal lb={job.lb:g}"
+            column = job.scheduler if same_rate(job.lb, lb) else f"normal lb={job.lb:g}"
         out["columns"][column] = {"epoch_s": res["epoch_s"],
                                   "vs_conventional": res["epoch_s"] / conventional if conventional else None}
     return out
@@ -700,6 +698,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "normal" not in args.schedulers or any(c not in SCHEDULERS for c in args.schedulers):
         parser.error(f"--schedulers must include normal and name only: {', '.join(SCHEDULERS)}")
     args.timing_epochs = min(args.timing_epochs or (1 if q else 2), args.epochs)
+    if args.default_scheduler is not None and args.default_scheduler not in args.schedulers:
+        parser.error(f"--default-scheduler {args.default_scheduler} is not one of --schedulers")
     args.rounds = args.rounds or (2 if q else 5)
     args.runs = args.runs or (30 if q else 100)
     missing = [r for r in (1.0, TARGET_RATE, *args.fixed_rates) if not any(same_rate(r, e) for e in args.rates)]
@@ -773,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = model_rows(name, args.rates, results, facts, latency, args.lbs)
             models[name] = {
                 "rows": rows,
-                "training": training_costs(name, results),
+                "training": training_costs(name, results, args.lb),
                 "best_scheduler": best_scheduler(rows, args.schedulers),
                 "jobs": [
                     {k: v for k, v in r.items() if k != "state_dict"} for j, r in results.items() if j.model == name

@@ -99,8 +99,9 @@ def test_train_passes_only_the_scheduler_options_given():
     assert config.scheduler_options == {"std": 0.5, "warmup": 0.2}
     default = cli_slice.train_config(cli.build_parser().parse_args(["slice", "train", SPEC]))
     assert default == SliceTrainConfig(spec=SPEC)
-    sandwich = cli_slice.train_config(cli.build_parser().parse_args(
-        ["slice", "train", SPEC, "--scheduler", "sandwich", "--random-rates", "3", "--distill", "--execution", "masked"]))
+    argv = ["slice", "train", SPEC, "--scheduler", "sandwich", "--random-rates", "3", "--distill",
+            "--execution", "masked"]
+    sandwich = cli_slice.train_config(cli.build_parser().parse_args(argv))
     assert (sandwich.scheduler_options, sandwich.distill, sandwich.execution) == ({"random": 3}, True, "masked")
 
 
@@ -326,13 +327,15 @@ TRAIN_ERRORS = {
     "unknown spec": (["zoo:nope"], "unknown zoo model 'nope'"),
     "lb zero": ([SPEC, "--lb", "0"], "lower bound 0 is outside (0, 1]"),
     "lb above one": ([SPEC, "--lb", "1.5"], "lower bound 1.5 is outside (0, 1]"),
-    "scheduler option": ([SPEC, "--span", "0.1"], "unknown option 'span' for rate scheduler 'normal'"),
+    "scheduler option": ([SPEC, "--span", "0.1"], "unknown option 'span' for rate scheduler 'sandwich'"),
     "groups": ([SPEC, "--groups", "0"], "groups must be >= 1"),
     "no sliceable group": (["python:test_cli_slice:linear_only"], "no sliceable unit group"),
     "num_classes": (["timm:resnet18,in_chans=1"], "num_classes=10"),
-    "distill without sandwich": ([SPEC, "--distill"], "in-place distillation needs the full width in every batch"),
-    "sandwich option": ([SPEC, "--random-rates", "2"], "unknown option 'random' for rate scheduler 'normal'"),
-    "sandwich random": ([SPEC, "--scheduler", "sandwich", "--random-rates", "-1"], "sandwich random rates -1"),
+    "distill without sandwich": ([SPEC, "--scheduler", "normal", "--distill"],
+                                 "in-place distillation needs the full width in every batch"),
+    "sandwich option": ([SPEC, "--scheduler", "normal", "--random-rates", "2"],
+                        "unknown option 'random' for rate scheduler 'normal'"),
+    "sandwich random": ([SPEC, "--random-rates", "-1"], "sandwich random rates -1"),
 }
 
 

@@ -33,7 +33,6 @@ from zoocompiler.passes.analysis.costs import total_cost
 from zoocompiler.passes.analysis.plans import unit_scores
 from zoocompiler.passes.analysis.unit_rules import PRODUCER_ROLES
 from zoocompiler.passes.rewrite import slicing as slicing_module
-from zoocompiler.passes.rewrite.groupnorm_runtime import runtime_groupnorm
 from zoocompiler.passes.rewrite.slicing import (
     SliceableModel,
     SlicedModel,
@@ -693,6 +692,9 @@ def test_views_fall_back_to_masked_only_when_the_subnet_is_not_a_cut(monkeypatch
     with pytest.raises(PassError, match="unknown slicing execution 'fast'"):
         sm.execution = "fast"
     assert copy.deepcopy(sm)._views == {}  # the subnet graphs do not travel with the model
+    assert all(t.is_meta for t in view.module.state_dict().values())  # the view holds no weights of its own
+    sm.to(torch.float32)
+    assert sm._views == {}  # moved or cast: the views are rebuilt where the weights are
     # a subnet parameter that is not the cut of a shared one (here: changed after pruning) disables the view
     real = slicing_module.prune
 
@@ -713,22 +715,26 @@ def test_views_fall_back_to_masked_only_when_the_subnet_is_not_a_cut(monkeypatch
         assert torch.equal(got, other(x))
 
 
-@pytest.mark.parametrize("name", ["vgg_s", "resnet_s", "mobilenetv3_s"])  # nn.GroupNorm; timm GroupNormAct
-def test_runtime_groupnorm_onnx_equals_the_sliceable_model(name, tmp_path):
-    """The exported r-subnet with GroupNorm as InstanceNorm + one BatchNormalization equals the sliceable model at
-    r (ONNX Runtime, ≤ 1e-5 of the output scale), and no Mul/Add pair is left for the affine map."""
+@pytest.mark.parametrize(("name", "exporter"), [("vgg_s", "torchscript"), ("resnet_s", "dynamo"),
+                                              ("mobilenetv3_s", "dynamo")])  # nn.GroupNorm; timm GroupNormAct
+def test_exported_groupnorm_affine_is_one_batchnorm_and_equals_the_sliceable_model(name, exporter, tmp_path):
+    """The exported r-subnet has each GroupNorm's affine map as one BatchNormalization instead of Mul + Add
+    (exports/onnx_rewrites.py) and ONNX Runtime's output equals the masked sliceable model at r (≤ 1e-5 of the
+    output scale)."""
     sm = zoo_sliceable(name)
     _, x = zoo_traced(name)
     other = fresh_input(get_entry(name).input_shape, batch=3, seed=4)
     for r in (1.0, 0.5):
-        module = copy.deepcopy(zoo_slice(name, r).module)
+        module = zoo_slice(name, r).module
         norms = sum(isinstance(m, nn.GroupNorm) for m in module.modules())
-        assert runtime_groupnorm(module) == norms > 0
-        assert not any(isinstance(m, nn.GroupNorm) for m in module.modules())
-        path = tmp_path / f"{name}_{r}.onnx"
-        export_onnx(module, x, path)
-        ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-        assert ops["InstanceNormalization"] == ops["BatchNormalization"] == norms
+        ops = {}
+        for rewrites in (False, True):
+            path = tmp_path / f"{name}_{r}_{rewrites}.onnx"
+            export_onnx(module, x, path, exporters=(exporter,), rewrites=rewrites)
+            ops[rewrites] = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        assert norms > 0 and ops[True]["InstanceNormalization"] == norms
+        assert ops[True]["BatchNormalization"] - ops[False]["BatchNormalization"] == norms
+        assert (ops[False]["Mul"] - ops[True]["Mul"], ops[False]["Add"] - ops[True]["Add"]) == (norms, norms)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
         sm.set_rate(r)

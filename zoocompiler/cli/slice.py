@@ -19,7 +19,7 @@ from zoocompiler.core.text import human
 
 from ..pipelines.base import run_staged
 from ..pipelines.data_parallel import check_workers
-from ..pipelines.slice.config import SliceExportConfig, SliceTrainConfig
+from ..pipelines.slice.config import EXECUTIONS, SliceExportConfig, SliceTrainConfig
 from .common import (
     check_at_least,
     config_from_args,
@@ -273,7 +273,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="sandwich: rates below 1 learn from the full width's predictions (in-place distillation)")
     train.add_argument(
         "--execution",
-        choices=("views", "masked"),
+        choices=EXECUTIONS,
         default=default_of(TRAIN_CONFIG, "execution"),
         help="views: each subnet's own graph on weight slices (cheaper); masked: the full-width graph",
     )

@@ -16,6 +16,9 @@ Torch's exporters log (sometimes hundreds of lines of traceback for an attempt t
 fallback succeeds); those records never reach the terminal: they are captured and kept, as plain text,
 in the report (``exporter_log``), as is each failed exporter's full error (``exporter_errors``).
 
+Each exported graph first goes through the rewrites of :mod:`.onnx_rewrites` (GroupNorm's affine map as one
+BatchNormalization; ``rewrites=False`` keeps the exporter's graph), so the checks cover them.
+
 The file is written only after every check has passed (atomically), so a failed export leaves ``path`` as
 it was. A model with NaN/inf weights (e.g. from a diverged training) or NaN/inf reference outputs is
 refused before any export.
@@ -49,6 +52,7 @@ from ..core.logs import captured_logs
 from ..core.modules import eval_mode, nonfinite_weights
 from ..core.text import first_line, plain_text
 from .latency import ORT_INPUT_TYPES, ort_session, resolve_providers
+from .onnx_rewrites import groupnorm_affine_as_batchnorm
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_ATOL = 1e-4
@@ -372,6 +376,17 @@ class _Verified:
     checker: str
 
 
+def _exported(
+    exporter: str, module: nn.Module, x: torch.Tensor, opset: int | None, dynamic_batch: bool, rewrites: bool
+) -> onnx.ModelProto:
+    """``exporter``'s model of ``module``, with the graph rewrites of :mod:`.onnx_rewrites` unless ``rewrites`` is
+    off."""
+    proto = _EXPORT_FNS[exporter](module, _trace_example(x, dynamic_batch), opset, dynamic_batch)
+    if rewrites:
+        groupnorm_affine_as_batchnorm(proto)
+    return proto
+
+
 def _export_and_verify(
     exporter: str,
     module: nn.Module,
@@ -382,8 +397,9 @@ def _export_and_verify(
     dynamic_batch: bool,
     atol: float,
     providers: list[str] | None,
+    rewrites: bool,
 ) -> _Verified:
-    proto = _EXPORT_FNS[exporter](module, _trace_example(batches[0], dynamic_batch), opset, dynamic_batch)
+    proto = _exported(exporter, module, batches[0], opset, dynamic_batch, rewrites)
     if proto.ByteSize() > _PROTOBUF_LIMIT:
         raise ExportError(
             f"ONNX model is {proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit",
@@ -399,9 +415,9 @@ def _export_and_verify(
 
 
 def _export_unverified(
-    exporter: str, module: nn.Module, x: torch.Tensor, opset: int | None, dynamic_batch: bool
+    exporter: str, module: nn.Module, x: torch.Tensor, opset: int | None, dynamic_batch: bool, rewrites: bool
 ) -> _Verified:
-    proto = _EXPORT_FNS[exporter](module, _trace_example(x, dynamic_batch), opset, dynamic_batch)
+    proto = _exported(exporter, module, x, opset, dynamic_batch, rewrites)
     unchecked = ParityStats(math.nan, math.nan, provider="none")
     return _Verified(proto.SerializeToString(), proto, unchecked, math.nan, "none")
 
@@ -445,6 +461,7 @@ def export_onnx_bytes(
     check: bool = True,
     providers: list[str] | None = None,
     exporters: Sequence[str] = EXPORTERS,
+    rewrites: bool = True,
 ) -> tuple[bytes, ExportReport]:
     """Export ``model`` (run in eval mode; its mode is restored) and verify it, in memory: the serialised
     ONNX model and its report (``path`` empty). Arguments and errors as :func:`export_onnx`.
@@ -476,7 +493,7 @@ def export_onnx_bytes(
         with captured_logs(warnings_too=True) as log:
             verified, exporter = _first_that_works(
                 exporters, errors, module, batches, refs, check, opset=opset, dynamic_batch=dynamic_batch, atol=atol,
-                providers=providers,
+                providers=providers, rewrites=rewrites,
             )
         if verified is None:
             raise _failure(errors, fp16) from errors[exporters[-1]]
@@ -512,6 +529,7 @@ def export_onnx(
     check: bool = True,
     providers: list[str] | None = None,
     exporters: Sequence[str] = EXPORTERS,
+    rewrites: bool = True,
 ) -> ExportReport:
     """Export ``model`` (run in eval mode; its mode is restored) to ``path`` and verify it.
 
@@ -523,7 +541,7 @@ def export_onnx(
     """
     data, report = export_onnx_bytes(
         model, example_input, fp16=fp16, opset=opset, dynamic_batch=dynamic_batch, atol=atol, check=check,
-        providers=providers, exporters=exporters,
+        providers=providers, exporters=exporters, rewrites=rewrites,
     )
     write_bytes_atomic(path, data)
     report.path = str(path)
@@ -539,7 +557,7 @@ def _first_that_works(
         try:
             if check:
                 return _export_and_verify(exporter, module, batches, refs, **options), exporter
-            unchecked = {k: options[k] for k in ("opset", "dynamic_batch")}
+            unchecked = {k: options[k] for k in ("opset", "dynamic_batch", "rewrites")}
             return _export_unverified(exporter, module, batches[0], **unchecked), exporter
         except Exception as err:  # noqa: BLE001 - any exporter failure moves on to the next exporter
             errors[exporter] = err

@@ -183,17 +183,17 @@ class SlicedModel:
 
 @dataclass
 class SubnetView:
-    """The r-subnet's graph (``module``, from the prune pass; its own parameter copies are never used)
-    and, per parameter of it, how to cut it from the shared full-width parameter: ``cuts[name]`` is
-    ``[(dim, k or kept indices)]`` (a prefix of length k is a ``narrow`` view) and ``scale[name]``
-    the dense-rescale factor of a linear weight."""
+    """The r-subnet's graph (``module``, from the prune pass; its parameters and buffers are placeholders
+    on the meta device) and, per parameter or buffer of it, how to cut it from the shared full-width
+    tensor: ``cuts[name]`` is ``[(dim, k or kept indices)]`` (a prefix of length k is a ``narrow`` view)
+    and ``scale[name]`` the dense-rescale factor of a linear weight."""
 
     module: fx.GraphModule
     cuts: dict[str, list[tuple[int, int | torch.Tensor]]]
     scale: dict[str, float]
 
     def weights(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The subnet's parameters as differentiable slices of ``params`` (the full-width ones)."""
+        """The subnet's parameters and buffers as differentiable cuts of ``params`` (the full-width tensors)."""
         out = {}
         for name, cuts in self.cuts.items():
             w = params[name]
@@ -242,6 +242,16 @@ class SliceableModel(nn.Module):
         state = dict(self.__dict__)
         state["_views"] = {}  # rebuilt on demand: the subnet graphs need not travel (Ray, deep copies)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({"_execution": "masked", "_views": {}, **state})  # objects pickled before views
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SliceableModel:
+        self._views = {}  # .to(), .half(), ...: the subnet graphs' constants are rebuilt where the weights are
+        return super()._apply(fn, *args, **kwargs)
+
+    def _shared_tensors(self) -> dict[str, torch.Tensor]:
+        return {**dict(self.gm.named_buffers()), **dict(self.gm.named_parameters())}
 
     # rates -------------------------------------------------------------------------------------
     def valid_rates(self, lb: float | None = None) -> list[float]:
@@ -340,35 +350,38 @@ class SliceableModel(nn.Module):
         pruned = prune(self.gm, plan, strategy_macs=False)
         sub = pruned.module
         self._macs[self._step(rate)] = pruned.report.macs_after // graph_info(self.gm).example_input.shape[0]
-        zero = compute_layout(self.gm, plan).zero if plan.keep else {}
-        params = dict(self.gm.named_parameters())
+        layout = compute_layout(self.gm, plan) if plan.keep else None
+        shared = self._shared_tensors()
+        own = {**dict(sub.named_buffers()), **dict(sub.named_parameters())}
         cuts: dict[str, list[tuple[int, int | torch.Tensor]]] = {}
-        for name, _ in sub.named_parameters():
-            if name not in params:
+        for name in own:
+            if name not in shared:
                 return None
-            cuts[name] = []
-            for dim, positions in sorted(zero.get(name, {}).items()):
-                gone = set(positions)
-                kept = [i for i in range(params[name].shape[dim]) if i not in gone]
-                prefix = kept == list(range(len(kept)))
-                cuts[name].append((dim, len(kept) if prefix else torch.tensor(kept, dtype=torch.long)))
-        view = SubnetView(sub, cuts, {name: s for name, (_, s) in self._rescale(zero).items()})
+            kept_by_dim = layout.params.get(name, {}) if layout is not None else {}
+            cuts[name] = [(dim, len(kept) if kept == list(range(len(kept))) else torch.tensor(kept, dtype=torch.long))
+                          for dim, kept in sorted(kept_by_dim.items())]
         with torch.no_grad():
-            cut = SubnetView(sub, cuts, {}).weights(params)
-            if any(cut[n].shape != p.shape or not torch.equal(cut[n], p) for n, p in sub.named_parameters()):
+            cut = SubnetView(sub, cuts, {}).weights(shared)
+            if any(cut[n].shape != t.shape or not torch.equal(cut[n], t) for n, t in own.items()):
                 return None
-        return view
+        _place(sub, {name: torch.empty_like(t, device="meta") for name, t in own.items()})  # used only as cuts
+        return SubnetView(sub, cuts, {name: s for name, (_, s) in self._rescale(layout.zero if layout else {}).items()})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        factors = self.factors(self.rate)
-        if not factors:  # rate 1: the full network
+        """The network at ``rate``; with a tuple of rates, the tuple of its outputs at each (one forward call
+        for several widths, as the sandwich rule trains them: one backward, one DDP reduction)."""
+        if isinstance(self.rate, tuple):
+            return tuple(self._at(r, args, kwargs) for r in self.rate)
+        return self._at(self.rate, args, kwargs)
+
+    def _at(self, rate: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self.factors(rate):  # rate 1: the full network
             return self.gm(*args, **kwargs)
-        view = self.subnet_view(self.rate) if self.execution == "views" else None
+        view = self.subnet_view(rate) if self.execution == "views" else None
         if view is not None:
             view.module.train(self.training)
-            return functional_call(view.module, view.weights(dict(self.gm.named_parameters())), args, kwargs,
-                                   strict=False)
-        return functional_call(self.gm, self.weights_at(self.rate), args, kwargs, strict=False)
+            return functional_call(view.module, view.weights(self._shared_tensors()), args, kwargs, strict=False)
+        return functional_call(self.gm, self.weights_at(rate), args, kwargs, strict=False)
 
     # materialise -------------------------------------------------------------------------------
     def slice(self, rate: float) -> SlicedModel:
@@ -381,8 +394,7 @@ class SliceableModel(nn.Module):
             sub = copy.deepcopy(view.module)
             sub.meta = copy.deepcopy(view.module.meta)
             with torch.no_grad():
-                for name, w in view.weights(dict(self.gm.named_parameters())).items():
-                    sub.get_parameter(name).copy_(w)
+                _place(sub, {name: t.detach().clone() for name, t in view.weights(self._shared_tensors()).items()})
             return SlicedModel(sub.eval(), r, count_params(sub), self._macs[self._step(r)])
         plan = self.prefix_plan(r)
         module = prune(self.gm, plan, strategy_macs=False)
@@ -401,6 +413,17 @@ class SliceableModel(nn.Module):
         if j not in self._macs:
             self.slice(j / self.groups)
         return self._macs[j]
+
+
+def _place(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Set each named parameter or buffer of ``module`` to the given tensor (a parameter stays a parameter)."""
+    for name, t in tensors.items():
+        owner, _, attr = name.rpartition(".")
+        parent = module.get_submodule(owner) if owner else module
+        if attr in parent._parameters:
+            parent._parameters[attr] = nn.Parameter(t, requires_grad=parent._parameters[attr].requires_grad)
+        else:
+            parent._buffers[attr] = t
 
 
 # ----------------------------------------------------------------------------- budgets

@@ -8,18 +8,27 @@ from zoocompiler.core.deploy import DeployOptions
 from zoocompiler.core.errors import ZooError
 from zoocompiler.core.rates import DEFAULT_GROUPS
 
-EXECUTIONS = ("views", "masked")  # as passes.rewrite.slicing.EXECUTIONS, without importing torch
+EXECUTIONS = ("masked", "views")  # as passes.rewrite.slicing.EXECUTIONS, without importing torch
+
+
+def check_training(scheduler: str, distill: bool) -> None:
+    """``ZooError`` for in-place distillation without the sandwich rule (no full-width pass in the batch to
+    learn from)."""
+    if distill and scheduler != "sandwich":
+        raise ZooError("in-place distillation needs the full width in every batch",
+                       "use --scheduler sandwich with --distill, or drop --distill")
 
 
 @dataclass
 class SliceTrainConfig:
-    """What ``zoocompile slice train`` does (defaults follow the paper: N(1, 1/3), lb 0.375)."""
+    """What ``zoocompile slice train`` does (lb 0.375 as the paper; the sandwich rule, which beat the paper's
+    schedulers at r <= 0.5 without losing at r = 1 in docs/bench_slice.md)."""
 
     spec: str
     data: str = "mnist5k"
     lb: float = 0.375
     groups: int = DEFAULT_GROUPS
-    scheduler: str = "normal"
+    scheduler: str = "sandwich"
     scheduler_options: dict[str, float] = field(default_factory=dict)
     rescale: str = "dense"
     sort_by: str | None = None
@@ -50,6 +59,7 @@ class SliceTrainConfig:
         if self.execution not in EXECUTIONS:
             raise ZooError(f"unknown execution '{self.execution}'", f"use one of: {', '.join(EXECUTIONS)}")
         make_scheduler(self.scheduler, valid_rates(self.groups, self.lb), **self.scheduler_options)  # its options
+        check_training(self.scheduler, self.distill)
 
 
 @dataclass

@@ -26,7 +26,6 @@ from zoocompiler.data import DataSplit, load_dataset
 from zoocompiler.exports.deploy import check_deployable, export_deployable, time_report
 from zoocompiler.exports.elastic import MANIFEST_NAME, write_manifest
 from zoocompiler.exports.latency import measure_latency
-from zoocompiler.passes.rewrite.groupnorm_runtime import runtime_groupnorm
 from zoocompiler.passes.rewrite.slicing import SliceableModel, rate_for_budget
 from zoocompiler.training import evaluate
 
@@ -148,7 +147,6 @@ def _export_rate(
     if say is not None:
         say(f"rate {r:g}: slice, export ({deploy.precision}), evaluate")
     sliced = model.slice(r)
-    runtime_groupnorm(sliced.module)  # the affine map as one BatchNormalization (docs/slice.md)
     path = folder / onnx_name(sliced.rate)
     options = deploy if is_main else dataclasses.replace(deploy, latency_runs=0)  # one latency table: the main rate
     report = export_deployable(sliced.module, test.x[:2].clone(), path, options, calibration=calibration,

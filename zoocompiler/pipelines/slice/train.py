@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoocompiler.core.atomic import write_state_dict_atomic
-from zoocompiler.core.errors import CheckpointError, ZooError
+from zoocompiler.core.errors import CheckpointError
 from zoocompiler.core.jsonable import jsonable
 from zoocompiler.core.plots import pyplot, save_png
 from zoocompiler.core.rates import DEFAULT_GROUPS, RATE_TOLERANCE
@@ -44,7 +44,7 @@ from zoocompiler.training import History, evaluate, seed_everything, train
 from ..base import Stages, write_report
 from ..data_parallel import check_workers, run_data_parallel
 from ..zoo.trainable import example_input, load_trainable
-from .config import SliceTrainConfig
+from .config import SliceTrainConfig, check_training
 
 TRAINED_FORMAT = "zoocompiler.sliceable/1"
 WEIGHTS_FILE, RECORD_FILE, PLOT_FILE = "sliceable.safetensors", "slice.json", "accuracy.png"
@@ -125,10 +125,10 @@ def train_sliceable(
     stage's subnet fixed. ``execution`` "views" runs each subnet's own graph on slices of the shared
     weights (the same step as "masked", at about r² of the work). ``distill`` (sandwich only): rates below 1
     learn from the full width's softened predictions of the same batch (in-place distillation) instead of
-    the labels. Leaves the model at rate 1.0, masked, in eval mode. ``workers`` > 1 trains data-parallel on
-    Ray Train (:mod:`..data_parallel`; every worker draws the same rates, ``on_rate`` is called on the
-    workers)."""
-    check_training(scheduler, workers, distill)
+    the labels. Leaves the model at rate 1.0, in eval mode, with its own ``execution``. ``workers`` > 1
+    trains data-parallel on Ray Train (:mod:`..data_parallel`; every worker draws the same rates,
+    ``on_rate`` is called on the workers)."""
+    check_training("sandwich" if isinstance(scheduler, SandwichScheduler) else "one rate per batch", distill)
     steps_per_epoch = len(split) // batch_size if len(split) > batch_size else 1
     total = max(1, epochs * steps_per_epoch)
     rng = np.random.default_rng(seed)
@@ -146,48 +146,37 @@ def train_sliceable(
         if frozen_rate is not None:
             freezer.restore()  # undo the previous optimizer step on frozen weights (AdamW decays them too)
             freezer.update(frozen_rate(progress_frac))
-        loss, teacher = None, None
-        for rate in step_rates(progress_frac):
-            model.rate = rate
-            if on_rate is not None:
+        rates = step_rates(progress_frac)
+        if on_rate is not None:
+            for rate in rates:
                 on_rate(rate)
-            logits = net(x)
-            if teacher is None:
-                term = F.cross_entropy(logits, y)
-                teacher = logits.detach().softmax(1) if distill else None
-            else:
-                term = -(teacher * logits.log_softmax(1)).sum(1).mean()
-            loss = term if loss is None else loss + term
         state["step"] += 1
+        if len(rates) == 1:
+            model.rate = rates[0]
+            return F.cross_entropy(net(x), y)
+        model.rate = rates  # one forward call for every width (DDP reduces once per backward)
+        full, *smaller = net(x)
+        model.rate = rates[0]
+        loss = F.cross_entropy(full, y)
+        teacher = full.detach().softmax(1) if distill else None
+        for logits in smaller:
+            loss = loss + (F.cross_entropy(logits, y) if teacher is None
+                           else -(teacher * logits.log_softmax(1)).sum(1).mean())
         return loss
 
     def fit() -> History:
-        model.execution = execution
-        try:
-            history = train(model, split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                            progress=progress, augment=augment, weight_decay=weight_decay, loss_fn=loss_fn,
-                            eval_split=eval_split, desc="slice-train")
-        finally:
-            model.execution = "masked"
+        history = train(model, split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
+                        augment=augment, weight_decay=weight_decay, loss_fn=loss_fn, eval_split=eval_split,
+                        desc="slice-train")
         freezer.restore()
         return history
 
-    history = run_data_parallel(model, fit, workers)
-    model.rate = 1.0
-    return history
-
-
-def check_training(scheduler: RateScheduler, workers: int, distill: bool) -> None:
-    """``ZooError`` for combinations that cannot train: in-place distillation without the sandwich rule (no
-    full-width pass in the batch to learn from), the sandwich rule on several workers (DDP takes one forward
-    pass per backward)."""
-    sandwich = isinstance(scheduler, SandwichScheduler)
-    if distill and not sandwich:
-        raise ZooError("in-place distillation needs the full width in every batch",
-                       "use --scheduler sandwich with --distill, or drop --distill")
-    if sandwich and workers > 1:
-        raise ZooError("the sandwich rule runs several widths per batch; data-parallel training takes one",
-                       "use --workers 1 with --scheduler sandwich, or another scheduler")
+    before = model.execution
+    model.execution = execution
+    try:
+        return run_data_parallel(model, fit, workers)
+    finally:
+        model.execution, model.rate = before, 1.0
 
 
 def evaluate_rates(model: SliceableModel, split: DataSplit, rates: list[float]) -> dict[float, dict[str, Any]]:
@@ -224,8 +213,7 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True,
     trains data-parallel on that many Ray Train workers (recorded as ``workers``)."""
     config.check()
     check_workers(workers, config.batch_size)
-    check_training(make_scheduler(config.scheduler, valid_rates(config.groups, config.lb), **config.scheduler_options),
-                   workers, config.distill)
+    check_training(config.scheduler, config.distill)
     stages = Stages()
     with stages("build"):
         train_split, test_split = load_dataset(config.data, "train"), load_dataset(config.data, "test")
