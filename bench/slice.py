@@ -22,8 +22,7 @@ with the same epochs, learning rate, batch size, weight decay and ±2 px shift a
 (a) slicing-trained: ``train_sliceable`` over the valid rates ≥ lb (lb = 0.25, so every reported rate is trained)
     with each scheduler of ``--schedulers``: N(1, 1/3), the sandwich rule (1, lb and 2 random rates per batch), the
     sandwich rule with in-place distillation, progressive dynamic (r = 1 for 30 %, then N(1, 1/3)) and progressive
-    static; all on subnet views. ``--extra-lb 0.375`` adds the paper's lb for N(1, 1/3) as a further column. One more
-    N(1, 1/3) job runs ``--timing-epochs`` epochs on the masked full-width graph: the per-epoch cost of masking;
+    static; all on subnet views. ``--extra-lb 0.375`` adds the paper's lb for N(1, 1/3) as a further column;
 (b) conventionally trained, then sliced: the same sliceable model with lb = 1.0 (every batch at r = 1);
 (c) fixed-width: the r-subnet architecture (``sm_init.slice(r).module`` of a fresh sliceable model, re-initialised)
     trained alone with ``zoocompiler.training.train``, at ``--fixed-rates`` (default the paper's 0.25..1 by 1/8).
@@ -36,7 +35,10 @@ and ``--latency-batch``: ``--rounds`` rounds, every round times each model once 
 latency is the median of the round medians. Three forms per rate: "gn-after" (every export since issue 19:
 GroupNorm's affine map as one BatchNormalization, ``exports/onnx_rewrites.py``), "gn-before" (``rewrites=False``:
 torch.onnx's Reshape/InstanceNorm/Reshape/Mul/Add) and "bn" (the BatchNorm original built at the subnet's widths;
-ORT folds its BN into the convs: what the norm would cost if it were free). Prints a rich table per model, writes
+ORT folds its BN into the convs: what the norm would cost if it were free). Last, with nothing else running, the
+training cost is timed side by side in one process (``step_timing``): one epoch of steps of conventional training,
+of every (a) column on views and of N(1, 1/3) on the masked graph, and single steps at r = 1, 0.75, 0.5, 0.25 masked
+and on views, ``--timing-rounds`` rounds in rotated order. Prints a rich table per model, writes
 ``bench/results/slice.json`` and ``bench/results/slice.png`` atomically.
 """
 
@@ -63,6 +65,7 @@ import onnxruntime
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -136,15 +139,12 @@ class TrainSetup:
     weight_decay: float
     augment: bool
     seed: int
-    timing_epochs: int  # epochs of the masked-execution timing job
 
 
 @dataclass(frozen=True)
 class Job:
     """One independent training run: ``kind`` "sliced" (train_sliceable with lower bound ``lb`` and the ``scheduler``
-    column of :data:`SCHEDULERS`; lb = 1 is (b)), "masked" (the same as sliced "normal", on the masked full-width graph,
-    for ``TrainSetup.timing_epochs`` epochs: its time per epoch) or "fixed" (the ``rate``-subnet architecture trained
-    alone, (c))."""
+    column of :data:`SCHEDULERS`; lb = 1 is (b)) or "fixed" (the ``rate``-subnet architecture trained alone, (c))."""
 
     model: str
     kind: str
@@ -156,8 +156,6 @@ class Job:
     def label(self) -> str:
         if self.kind == "fixed":
             return f"{self.model} (c) fixed r={self.rate:g}"
-        if self.kind == "masked":
-            return f"{self.model} masked-execution timing"
         if same_rate(self.lb, 1.0):
             return f"{self.model} (b) lb=1"
         return f"{self.model} (a) {self.scheduler} lb={self.lb:g}"
@@ -193,7 +191,7 @@ def run_job(job: Job, setup: TrainSetup, eval_rates: tuple[float, ...], tick: Ti
         progress=False,
     )
     t0 = time.perf_counter()
-    if job.kind in ("sliced", "masked"):
+    if job.kind == "sliced":
         model = fresh_sliceable(job.model, setup.seed)
         name, options, distill = SCHEDULERS[job.scheduler]
         scheduler = make_scheduler(name, valid_rates(GROUPS, job.lb), **dict(options))
@@ -204,14 +202,9 @@ def run_job(job: Job, setup: TrainSetup, eval_rates: tuple[float, ...], tick: Ti
             if rate == 1.0 or not isinstance(scheduler, SandwichScheduler):  # one tick per batch
                 tick(1)
 
-        if job.kind == "masked":
-            common["epochs"] = setup.timing_epochs
-        history = train_sliceable(model, train_split, scheduler, on_rate=on_rate, distill=distill,
-                                  execution="masked" if job.kind == "masked" else "views", **common)
-        if job.kind == "masked":
-            tick((setup.epochs - setup.timing_epochs) * steps_per_epoch)  # the bar counts every job as full length
+        history = train_sliceable(model, train_split, scheduler, on_rate=on_rate, distill=distill, **common)
         train_s = time.perf_counter() - t0
-        per_rate = evaluate_rates(model, test_split, list(eval_rates)) if job.kind == "sliced" else {}
+        per_rate = evaluate_rates(model, test_split, list(eval_rates))
         accuracy = {rate_key(r): row["accuracy"] for r, row in per_rate.items()}
         total = sum(drawn.values())
         extra = {
@@ -242,18 +235,16 @@ def _put(queue: Any, n: int) -> None:
     queue.put(n)
 
 
-PASSES = {"normal": 0.8, "sandwich": 1.9, "sandwich+distill": 1.9, "prog-dynamic": 0.85, "prog-static": 0.5}
+PASSES = {"normal": 0.95, "sandwich": 2.4, "sandwich+distill": 2.4, "prog-dynamic": 0.95, "prog-static": 0.7}
 
 
-def job_cost(job: Job, macs: dict[str, dict[str, int]], setup: TrainSetup) -> float:
+def job_cost(job: Job, macs: dict[str, dict[str, int]]) -> float:
     """Rough relative cost for longest-first scheduling: a fixed job runs its own subnet; a sliced job on views about
-    ``PASSES`` full-width passes per batch (the sandwich rule 4 passes of falling width); a masked timing job the full
-    width for its epochs; plus a per-step overhead of ~5 M MACs (measured on this machine)."""
+    ``PASSES`` full-width passes per batch (the sandwich rule 4 passes of falling width); plus a per-step overhead of
+    ~5 M MACs (measured on this machine)."""
     full = macs[job.model][rate_key(1.0)]
     if job.kind == "fixed":
         return macs[job.model][rate_key(job.rate)] + 5e6
-    if job.kind == "masked":
-        return (full + 5e6) * setup.timing_epochs / setup.epochs
     return full * (1.0 if same_rate(job.lb, 1.0) else PASSES[job.scheduler]) + 5e6
 
 
@@ -350,6 +341,71 @@ def export_slices(
     return facts, paths
 
 
+TIMED_RATES = (1.0, 0.75, 0.5, 0.25)
+
+
+def step_timing(name: str, setup: TrainSetup, columns: list[str], lb: float, rounds: int) -> dict[str, Any]:
+    """Training cost measured side by side in this process (nothing else running), one torch thread: seconds per
+    epoch (``steps`` = one epoch of AdamW steps on one fixed batch) of conventional training (r = 1), of every
+    (a) column on views, and of N(1, 1/3) on the masked graph; and milliseconds per step at each of
+    :data:`TIMED_RATES`, masked and on views. Each scheduler's rates are drawn for progress spread over the whole
+    run (so progressive ones visit every stage). ``rounds`` rounds in rotated order; the median per entry. The
+    views of every rate are built first (``view_build_s``, a one-off cost not in the epochs)."""
+    torch.set_num_threads(1)
+    train_split = load_dataset(setup.data, "train")
+    x, y = train_split.x[: setup.batch_size], train_split.y[: setup.batch_size]
+    steps = len(train_split) // setup.batch_size
+    model = fresh_sliceable(name, setup.seed).train()
+    t0 = time.perf_counter()
+    for r in valid_rates(GROUPS, lb):
+        model.subnet_view(r)
+    view_build_s = time.perf_counter() - t0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    plans: dict[str, tuple[str, list[tuple[float, ...]]]] = {"conventional": ("views", [(1.0,)] * steps)}
+    for column in ("normal", *columns):
+        scheduler_name, options, _ = SCHEDULERS[column]
+        scheduler = make_scheduler(scheduler_name, valid_rates(GROUPS, lb), **dict(options))
+        rng = np.random.default_rng(setup.seed)
+        plan = [scheduler.step_rates((i + 0.5) / steps, rng) if isinstance(scheduler, SandwichScheduler)
+                else (scheduler.sample((i + 0.5) / steps, rng),) for i in range(steps)]
+        plans[column] = ("views", plan)
+        if column == "normal":
+            plans["normal (masked)"] = ("masked", plan)
+    for r in TIMED_RATES:
+        for execution in ("masked", "views"):
+            plans[f"step r={r:g} {execution}"] = (execution, [(r,)] * 10)
+
+    def run(execution: str, plan: list[tuple[float, ...]]) -> float:
+        model.execution = execution
+        start = time.perf_counter()
+        for rates in plan:
+            optimizer.zero_grad(set_to_none=True)
+            model.rate = rates if len(rates) > 1 else rates[0]
+            out = model(x)
+            loss = sum(F.cross_entropy(o, y) for o in (out if isinstance(out, tuple) else (out,)))
+            loss.backward()
+            optimizer.step()
+        return time.perf_counter() - start
+
+    seconds: dict[str, list[float]] = {k: [] for k in plans}
+    keys = list(plans)
+    for i in range(rounds):
+        for k in np.roll(np.array(keys, dtype=object), -i):
+            seconds[k].append(run(*plans[k]))
+    model.execution, model.rate = "masked", 1.0
+    median = {k: float(np.median(v)) for k, v in seconds.items()}
+    epochs = {k: median[k] for k in keys if not k.startswith("step ")}
+    return {
+        "steps_per_epoch": steps,
+        "view_build_s": round(view_build_s, 3),
+        "epoch_s": {k: round(v, 3) for k, v in epochs.items()},
+        "vs_conventional": {k: round(v / epochs["conventional"], 3) for k, v in epochs.items()},
+        "step_ms": {f"{r:g}": {e: round(1e3 * median[f"step r={r:g} {e}"] / 10, 2) for e in ("masked", "views")}
+                    for r in TIMED_RATES},
+        "rounds_s": {k: [round(t, 3) for t in v] for k, v in seconds.items()},
+    }
+
+
 def rotated_latency(
     paths: dict[str, Path], shape: tuple[int, ...], *, runs: int, warmup: int, rounds: int, threads: int
 ) -> dict[str, dict[str, Any]]:
@@ -409,26 +465,6 @@ def model_rows(
     return rows
 
 
-def training_costs(name: str, results: dict[Job, dict[str, Any]], lb: float) -> dict[str, Any]:
-    """Seconds per epoch of every slicing-trained column (scheduler columns at ``lb``; N(1, 1/3) at other lower bounds
-    as "normal lb=…"), of conventional training (b) and of the masked timing job; each as a ratio to (b)."""
-    mine = {job: res for job, res in results.items() if job.model == name and job.kind != "fixed"}
-    conventional = next((res["epoch_s"] for job, res in mine.items()
-                         if job.kind == "sliced" and same_rate(job.lb, 1.0)), None)
-    out: dict[str, Any] = {"conventional_epoch_s": conventional, "columns": {}}
-    order = list(SCHEDULERS)
-    for job, res in sorted(mine.items(), key=lambda item: (item[0].kind, order.index(item[0].scheduler), item[0].lb)):
-        if job.kind == "masked":
-            column = "normal (masked)"
-        elif same_rate(job.lb, 1.0):
-            continue
-        else:
-            column = job.scheduler if same_rate(job.lb, lb) else f"normal lb={job.lb:g}"
-        out["columns"][column] = {"epoch_s": res["epoch_s"],
-                                  "vs_conventional": res["epoch_s"] / conventional if conventional else None}
-    return out
-
-
 def best_scheduler(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """The column with the highest mean accuracy at r <= 0.5 among those within 1 point of N(1, 1/3) at r = 1 (does
     not lose at full width); N(1, 1/3) itself when no other qualifies."""
@@ -463,9 +499,9 @@ def verdicts(models: dict[str, dict[str, Any]], default: str) -> list[dict[str, 
                 gap <= TARGET_FULL_VS_CONVENTIONAL)
             drop_b = full["acc_b"] - half["acc_b"]
             add(f"(b) collapses: acc(1) - acc(0.5) >= {COLLAPSE_DROP:g}", drop_b, drop_b >= COLLAPSE_DROP)
-        cost = m["training"]["columns"].get(default, {}).get("vs_conventional")
+        cost = m["step_timing"]["vs_conventional"].get(default)
         if cost is not None:
-            add(f"(a) {default}: train time / conventional <= {TARGET_TRAIN_COST:g}", cost, cost <= TARGET_TRAIN_COST)
+            add(f"(a) {default}: epoch time / conventional <= {TARGET_TRAIN_COST:g}", cost, cost <= TARGET_TRAIN_COST)
         for batch, ratio in half["latency_ratio"]["gn-after"].items():
             add(f"gn-after latency(0.5) / latency(1) <= {TARGET_LATENCY_RATIO:g} at batch {batch}", ratio,
                 ratio <= TARGET_LATENCY_RATIO, mac_ratio=round(half["mac_ratio"], 4))
@@ -543,14 +579,20 @@ def norm_cells(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def cost_cells(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Seconds per training epoch of every (a) column and of the masked execution, against conventional training."""
-    columns = ["model", "training", "s / epoch", "vs conventional (b)"]
+    """Seconds per training epoch of conventional training, each (a) column on views and N(1, 1/3) masked, as a ratio
+    to conventional; then ms per step at each timed rate, masked and on views (the side-by-side timing)."""
+    columns = ["model", "training", "s / epoch", "vs conventional", "", "rate", "ms/step masked", "ms/step views",
+               "views / masked"]
     rows = []
     for name, m in result["models"].items():
-        t = m["training"]
-        rows.append([name, "conventional (b), lb = 1", f"{t['conventional_epoch_s']:.2f}", "1.00"])
-        for column, c in t["columns"].items():
-            rows.append([name, column, f"{c['epoch_s']:.2f}", f"{c['vs_conventional']:.2f}"])
+        t = m["step_timing"]
+        epochs = [[name, k, f"{v:.2f}", f"{t['vs_conventional'][k]:.2f}"] for k, v in t["epoch_s"].items()]
+        steps = [[f"{r}", f"{ms['masked']:.1f}", f"{ms['views']:.1f}", f"{ms['views'] / ms['masked']:.2f}"]
+                 for r, ms in t["step_ms"].items()]
+        for i in range(max(len(epochs), len(steps))):
+            left = epochs[i] if i < len(epochs) else ["", "", "", ""]
+            right = steps[i] if i < len(steps) else ["", "", "", ""]
+            rows.append([*left, "", *right])
     return columns, rows
 
 
@@ -567,7 +609,8 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     """(title, columns, rows) of every table, in the order they are shown."""
     out = [(_title(result, name), *table_cells(result, name)) for name in result["models"]]
     out.append(("GroupNorm at run time: latency (ms) and GroupNorm's share of it", *norm_cells(result)))
-    out.append(("training time per epoch (one torch thread, 2 jobs at a time)", *cost_cells(result)))
+    out.append(("training cost, side by side in one process (one torch thread, batch "
+                f"{result['setup']['batch_size']}, AdamW)", *cost_cells(result)))
     verdict = [[v["model"], v["target"], f"{v['value']:.4f}", "yes" if v["met"] else "NO"] for v in result["verdicts"]]
     out.append((f"targets (default scheduler: {result['default_scheduler']})", ["model", "target", "value", "met"],
                 verdict))
@@ -661,8 +704,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--extra-lb", default="", help="more N(1, 1/3) lower bounds for (a), comma-separated")
     parser.add_argument("--schedulers", default=",".join(SCHEDULERS),
                         help=f"(a) columns, comma-separated subset of: {', '.join(SCHEDULERS)}")
-    parser.add_argument("--timing-epochs", type=int, help="epochs of the masked-execution timing job (default 2; 1 "
-                        "with --quick)")
+    parser.add_argument("--timing-rounds", type=int, help="rounds of the side-by-side training-step timing (default 3; "
+                        "1 with --quick)")
     parser.add_argument("--rates", help="evaluated rates, comma-separated or 'all' (default all: 0.25..1 by 1/16)")
     parser.add_argument(
         "--fixed-rates", help="rates of the fixed-width models (c), or 'all' (default 0.25,0.375,...,1 by 1/8)"
@@ -697,7 +740,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.schedulers = [c for c in args.schedulers.split(",") if c]
     if "normal" not in args.schedulers or any(c not in SCHEDULERS for c in args.schedulers):
         parser.error(f"--schedulers must include normal and name only: {', '.join(SCHEDULERS)}")
-    args.timing_epochs = min(args.timing_epochs or (1 if q else 2), args.epochs)
+    args.timing_rounds = args.timing_rounds or (1 if q else 3)
     if args.default_scheduler is not None and args.default_scheduler not in args.schedulers:
         parser.error(f"--default-scheduler {args.default_scheduler} is not one of --schedulers")
     args.rounds = args.rounds or (2 if q else 5)
@@ -729,7 +772,6 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay,
         augment=True,
         seed=args.seed,
-        timing_epochs=args.timing_epochs,
     )
     test_split = load_dataset(setup.data, "test")
     x = test_split.x[:TRACE_BATCH].clone()
@@ -739,9 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     macs = {name: {rate_key(r): sm.macs_at(r) for r in args.rates} for name, sm in initial.items()}
     jobs = [Job(name, "sliced", lb=args.lb, scheduler=c) for name in args.models for c in args.schedulers]
     jobs += [Job(name, "sliced", lb=lb) for name in args.models for lb in (*args.lbs[1:], 1.0)]
-    jobs += [Job(name, "masked", lb=args.lb) for name in args.models]
     jobs += [Job(name, "fixed", rate=r) for name in args.models for r in args.fixed_rates]
-    jobs.sort(key=lambda j: -job_cost(j, macs, setup))
+    jobs.sort(key=lambda j: -job_cost(j, macs))
     t0 = time.perf_counter()
     results = run_jobs(jobs, setup, args.rates, args.jobs, console)
     training_s = time.perf_counter() - t0
@@ -773,13 +814,17 @@ def main(argv: list[str] | None = None) -> int:
             rows = model_rows(name, args.rates, results, facts, latency, args.lbs)
             models[name] = {
                 "rows": rows,
-                "training": training_costs(name, results, args.lb),
                 "best_scheduler": best_scheduler(rows, args.schedulers),
                 "jobs": [
                     {k: v for k, v in r.items() if k != "state_dict"} for j, r in results.items() if j.model == name
                 ],
             }
     latency_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for name in args.models:
+        models[name]["step_timing"] = step_timing(name, setup, args.schedulers, args.lb, args.timing_rounds)
+        console.log(f"{name}: timed training steps side by side")
+    timing_s = time.perf_counter() - t0
     result = {
         "setup": {
             **asdict(setup),
@@ -812,6 +857,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": multiprocessing.cpu_count(),
             "training_s": round(training_s, 1),
             "export_latency_s": round(latency_s, 1),
+            "step_timing_s": round(timing_s, 1),
+            "timing_rounds": args.timing_rounds,
             "seconds": round(time.perf_counter() - started, 1),
         },
         "models": models,
