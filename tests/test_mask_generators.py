@@ -257,8 +257,8 @@ def test_gated_module_equals_masked_modular_on_the_matrix(arch):
 # ----------------------------------------------------------------------------- generated graphs
 
 
-@at_least(20)
-@settings(max_examples=25, deadline=None)
+@at_least(20)  # 97 % of 300 generated cases reach the check; a suite run once saw only 18 of 25 (under load)
+@settings(max_examples=30, deadline=None)
 @given(spec=random_net_specs(max_blocks=4), seed=st.integers(0, 10_000))
 def test_gated_module_equals_masked_modular_on_generated_graphs(spec, seed):
     kwargs, shape = spec
