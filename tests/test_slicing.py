@@ -715,8 +715,19 @@ def test_views_fall_back_to_masked_only_when_the_subnet_is_not_a_cut(monkeypatch
         assert torch.equal(got, other(x))
 
 
+def _onnx_and_sliceable(sm: SliceableModel, path, x: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ONNX Runtime's output of the model at ``path``, the sliceable model's output at ``rate``) on ``x``."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    sm.set_rate(rate)
+    with torch.no_grad():
+        expected = sm(x)
+    sm.set_rate(1.0)
+    return torch.from_numpy(got), expected
+
+
 @pytest.mark.parametrize(("name", "exporter"), [("vgg_s", "torchscript"), ("resnet_s", "dynamo"),
-                                              ("mobilenetv3_s", "dynamo")])  # nn.GroupNorm; timm GroupNormAct
+                                              ("mobilenetv3_s", "torchscript")])  # nn.GroupNorm; timm GroupNormAct
 def test_exported_groupnorm_affine_is_one_batchnorm_and_equals_the_sliceable_model(name, exporter, tmp_path):
     """The exported r-subnet has each GroupNorm's affine map as one BatchNormalization instead of Mul + Add
     (exports/onnx_rewrites.py) and ONNX Runtime's output equals the masked sliceable model at r (≤ 1e-5 of the
@@ -724,7 +735,7 @@ def test_exported_groupnorm_affine_is_one_batchnorm_and_equals_the_sliceable_mod
     sm = zoo_sliceable(name)
     _, x = zoo_traced(name)
     other = fresh_input(get_entry(name).input_shape, batch=3, seed=4)
-    for r in (1.0, 0.5):
+    for r in (1.0, 0.5) if name == "vgg_s" else (0.5,):
         module = zoo_slice(name, r).module
         norms = sum(isinstance(m, nn.GroupNorm) for m in module.modules())
         ops = {}
@@ -735,13 +746,8 @@ def test_exported_groupnorm_affine_is_one_batchnorm_and_equals_the_sliceable_mod
         assert norms > 0 and ops[True]["InstanceNormalization"] == norms
         assert ops[True]["BatchNormalization"] - ops[False]["BatchNormalization"] == norms
         assert (ops[False]["Mul"] - ops[True]["Mul"], ops[False]["Add"] - ops[True]["Add"]) == (norms, norms)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
-        sm.set_rate(r)
-        with torch.no_grad():
-            expected = sm(other)
-        sm.set_rate(1.0)
-        assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+        got, expected = _onnx_and_sliceable(sm, path, other, r)
+        assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- 8. budgets
@@ -837,13 +843,8 @@ def test_sliced_onnx_matches_sliceable(name, tmp_path):
     for r in (0.5, 3 / 8):
         path = tmp_path / f"{name}_{round(r * sm.groups)}.onnx"
         report = export_onnx(zoo_slice(name, r).module, x, path)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
-        sm.set_rate(r)
-        with torch.no_grad():
-            expected = sm(other)
-        sm.set_rate(1.0)
+        got, expected = _onnx_and_sliceable(sm, path, other, r)
         scale = max(1.0, expected.abs().max().item())
         assert report.max_abs_diff <= 1e-4 * scale
         assert math.isfinite(float(got.max()))
-        assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-4 * scale
+        assert (got - expected).abs().max().item() <= 1e-4 * scale
