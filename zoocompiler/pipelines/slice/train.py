@@ -213,7 +213,6 @@ def train_to_dir(config: SliceTrainConfig, out_dir: Path, progress: bool = True,
     trains data-parallel on that many Ray Train workers (recorded as ``workers``)."""
     config.check()
     check_workers(workers, config.batch_size)
-    check_training(config.scheduler, config.distill)
     stages = Stages()
     with stages("build"):
         train_split, test_split = load_dataset(config.data, "train"), load_dataset(config.data, "test")
