@@ -33,7 +33,7 @@ from .explicit_mha import ExplicitMultiheadAttention
 from .explicit_swin import explicit_shifted_window_attention
 from .masked_stats import mask_statistics
 from .prune_args import ArgRewriter, Layout
-from .prune_layout import PruneLayout, compute_layout, old_shape, tensor_of
+from .prune_layout import PruneLayout, compute_layout, old_shape, set_tensor, tensor_of
 
 
 @dataclass
@@ -106,16 +106,10 @@ def _slice_state(new: fx.GraphModule, layout: PruneLayout) -> set[str]:
     """Slice parameters/buffers in place on the copy; return the owning module paths."""
     owners: set[str] = set()
     for name, dims in layout.params.items():
-        owner, _, attr = name.rpartition(".")
-        mod = new.get_submodule(owner) if owner else new
-        t = getattr(mod, attr).detach()
+        t = tensor_of(new, name).detach()
         for dim, kept in sorted(dims.items()):
             t = t.index_select(dim, torch.tensor(kept, dtype=torch.long))
-        if attr in mod._parameters:
-            mod._parameters[attr] = nn.Parameter(t.contiguous(), requires_grad=mod._parameters[attr].requires_grad)
-        else:
-            mod._buffers[attr] = t.contiguous()
-        owners.add(owner)
+        owners.add(set_tensor(new, name, t.contiguous()))
     return owners
 
 

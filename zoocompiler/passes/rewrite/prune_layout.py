@@ -65,6 +65,18 @@ def tensor_of(gm: nn.Module, name: str) -> torch.Tensor:
         return gm.get_buffer(name)
 
 
+def set_tensor(gm: nn.Module, name: str, t: torch.Tensor) -> str:
+    """Replace the parameter or buffer ``name`` of ``gm`` by ``t`` (a parameter stays a parameter, with its
+    ``requires_grad``); returns the owning module's path."""
+    owner, _, attr = name.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=mod._parameters[attr].requires_grad)
+    else:
+        mod._buffers[attr] = t
+    return owner
+
+
 def _zero_fills_zero(m: nn.Module) -> bool:
     """A norm module whose output is exactly 0 where its affine weight and bias are 0."""
     act = getattr(m, "act", None)

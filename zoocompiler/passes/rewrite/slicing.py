@@ -39,7 +39,7 @@ from ..analysis.plans import IMPORTANCES, Plan, graph_fingerprint, groups_by_key
 from ..analysis.unit_groups import layernorm_streams_of
 from ..analysis.unit_rules import PRODUCER_ROLES
 from .prune import prune
-from .prune_layout import compute_layout, tensor_of
+from .prune_layout import compute_layout, set_tensor, tensor_of
 
 RESCALE_MODES = ("dense", "none")
 EXECUTIONS = ("masked", "views")
@@ -364,7 +364,8 @@ class SliceableModel(nn.Module):
             cut = SubnetView(sub, cuts, {}).weights(shared)
             if any(cut[n].shape != t.shape or not torch.equal(cut[n], t) for n, t in own.items()):
                 return None
-        _place(sub, {name: torch.empty_like(t, device="meta") for name, t in own.items()})  # used only as cuts
+        for name, t in own.items():  # the view's own tensors are never used: placeholders only
+            set_tensor(sub, name, torch.empty_like(t, device="meta"))
         return SubnetView(sub, cuts, {name: s for name, (_, s) in self._rescale(layout.zero if layout else {}).items()})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -394,7 +395,8 @@ class SliceableModel(nn.Module):
             sub = copy.deepcopy(view.module)
             sub.meta = copy.deepcopy(view.module.meta)
             with torch.no_grad():
-                _place(sub, {name: t.detach().clone() for name, t in view.weights(self._shared_tensors()).items()})
+                for name, t in view.weights(self._shared_tensors()).items():
+                    set_tensor(sub, name, t.detach().clone())
             return SlicedModel(sub.eval(), r, count_params(sub), self._macs[self._step(r)])
         plan = self.prefix_plan(r)
         module = prune(self.gm, plan, strategy_macs=False)
@@ -413,17 +415,6 @@ class SliceableModel(nn.Module):
         if j not in self._macs:
             self.slice(j / self.groups)
         return self._macs[j]
-
-
-def _place(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Set each named parameter or buffer of ``module`` to the given tensor (a parameter stays a parameter)."""
-    for name, t in tensors.items():
-        owner, _, attr = name.rpartition(".")
-        parent = module.get_submodule(owner) if owner else module
-        if attr in parent._parameters:
-            parent._parameters[attr] = nn.Parameter(t, requires_grad=parent._parameters[attr].requires_grad)
-        else:
-            parent._buffers[attr] = t
 
 
 # ----------------------------------------------------------------------------- budgets
