@@ -1,5 +1,6 @@
 """What a benchmark script does around its measurements: run them, stamp the run (wall time, arguments, machine,
-versions), add the figures derived from them, write the JSON; then print the tables and draw the PNG."""
+versions), add the figures derived from them, write the JSON; then print the tables (rich or Markdown) and draw
+the PNG."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from rich.table import Table
 
 from zoocompiler.core.atomic import write_json_atomic
 
@@ -49,3 +51,26 @@ def show(doc: Doc, args: argparse.Namespace, console: Console, render: Callable[
     plot(doc, args.out.with_suffix(".png"))
     if measured:
         console.print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {doc['seconds']:.0f} s")
+
+
+def rich_table(title: str, header: Sequence[str], cells: Iterable[Sequence[str]],
+               text_columns: Collection[str] = ()) -> Table:
+    """A rich table titled on the left: the columns named in ``text_columns`` left-aligned, the figures
+    right-aligned."""
+    table = Table(title=title, title_justify="left")
+    for column in header:
+        table.add_column(column, justify="left" if column in text_columns else "right")
+    for row in cells:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(header: Sequence[str], cells: Iterable[Sequence[str]], text_columns: Collection[str] = (),
+                   title: str | None = None) -> list[str]:
+    """The same table as Markdown lines: a bold ``title`` and a blank line first when given, a blank line last; a
+    "|" inside a cell becomes "/"."""
+    out = [f"**{title}**", ""] if title is not None else []
+    out += ["| " + " | ".join(header) + " |",
+            "|" + "|".join("---" if h in text_columns else "---:" for h in header) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells]
+    return [*out, ""]

@@ -66,8 +66,8 @@ import onnxruntime
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _measured import markdown_table, rich_table  # bench/_measured.py (this script's folder is on sys.path)
 from rich.console import Console
-from rich.table import Table
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
 from zoocompiler.core.deploy import PRECISIONS, DeployOptions, round_to_for
@@ -476,12 +476,7 @@ def render(doc: dict, console: Console) -> None:
               "kernels": "int8 models after ONNX Runtime's graph optimisations"}
     for name, rows_of in TABLES:
         header, cells = rows_of(doc)
-        table = Table(title=titles[name], title_justify="left")
-        for column in header:
-            table.add_column(column, justify="left" if column in TEXT_COLUMNS else "right")
-        for c in cells:
-            table.add_row(*c)
-        console.print(table)
+        console.print(rich_table(titles[name], header, cells, TEXT_COLUMNS))
         if name == "main":
             for line in notes(doc):
                 console.print(line)
@@ -493,10 +488,7 @@ def markdown(doc: dict) -> str:
     out = []
     for name, rows_of in TABLES:
         header, cells = rows_of(doc)
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "|".join("---" if h in TEXT_COLUMNS else "---:" for h in header) + "|")
-        out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells]
-        out.append("")
+        out += markdown_table(header, cells, TEXT_COLUMNS)
         if name == "main" and notes(doc):
             out += [line.replace("|", "/") for line in notes(doc)] + [""]
     return "\n".join(out)

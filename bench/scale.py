@@ -64,9 +64,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from _measured import rederived, run_measured, show  # bench/_measured.py (this script's folder is on sys.path)
+from _measured import (  # bench/_measured.py (this script's folder is on sys.path)
+    markdown_table,
+    rederived,
+    rich_table,
+    run_measured,
+    show,
+)
 from rich.console import Console
-from rich.table import Table
 
 from zoocompiler.core.atomic import atomic_path
 from zoocompiler.core.budget import Budget
@@ -735,12 +740,7 @@ def render(doc: dict, console: Console) -> None:
         header, cells = rows_of(doc)
         if not cells:
             continue
-        table = Table(title=names[name], title_justify="left")
-        for column in header:
-            table.add_column(column, justify="left" if column in TEXT_COLUMNS else "right")
-        for c in cells:
-            table.add_row(*c)
-        console.print(table)
+        console.print(rich_table(names[name], header, cells, TEXT_COLUMNS))
     if "seconds" in doc:
         console.print(f"measured in {doc['seconds']:.0f} s")
 
@@ -752,10 +752,7 @@ def markdown(doc: dict) -> str:
         header, cells = rows_of(doc)
         if not cells:
             continue
-        out += [f"**{names[name]}**", "", "| " + " | ".join(header) + " |",
-                "|" + "|".join("---" if h in TEXT_COLUMNS else "---:" for h in header) + "|"]
-        out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells]
-        out.append("")
+        out += markdown_table(header, cells, TEXT_COLUMNS, names[name])
     return "\n".join(out)
 
 

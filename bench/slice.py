@@ -66,9 +66,9 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _measured import markdown_table, rich_table  # bench/_measured.py (this script's folder is on sys.path)
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from timm.models.resnet import BasicBlock, ResNet
 
 from zoocompiler.core.atomic import atomic_path, write_json_atomic
@@ -620,21 +620,14 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
 def render(console: Console, result: dict[str, Any]) -> None:
     """Every table of :func:`_tables` as a rich table."""
     for title, columns, rows in _tables(result):
-        table = Table(title=title)
-        for col in columns:
-            table.add_column(col, justify="right")
-        for cells in rows:
-            table.add_row(*cells)
-        console.print(table)
+        console.print(rich_table(title, columns, rows))
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The same tables as ``render`` in Markdown (for docs/bench_slice.md)."""
+    """The same tables as ``render`` in Markdown (for docs/bench_slice.md); a missed target reads **no**."""
     out = []
     for title, columns, rows in _tables(result):
-        out += [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
-        out += ["| " + " | ".join(c if c != "NO" else "**no**" for c in cells) + " |" for cells in rows]
-        out.append("")
+        out += markdown_table(columns, ([c if c != "NO" else "**no**" for c in cells] for cells in rows), title=title)
     return "\n".join(out)
 
 
