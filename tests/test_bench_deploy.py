@@ -3,30 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers.bench import BENCH, bench_module
 
 from zoocompiler.exports.latency import provider_usable
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 CUDA_USABLE = provider_usable("CUDAExecutionProvider")
-
-
-def _bench_module(name: str):
-    sys.path.insert(0, str(BENCH))  # the script imports bench/_measured.py as a sibling
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -44,7 +30,7 @@ def _row(model: str, kind: str, fp32_b32: float, int8_b32: float, int8_change: f
 
 
 def test_deploy_targets_and_ratios():
-    deploy = _bench_module("deploy")
+    deploy = bench_module("deploy")
     rows = [deploy.with_ratios(r) for r in (
         _row("resnet18", "architecture", 100.0, 60.0, None),  # exactly 0.6×: met
         _row("resnet50", "architecture", 100.0, 61.0, None),  # missed

@@ -3,28 +3,13 @@ Ray) times every stage and finds the same results under both; the projection fol
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _bench_module():
-    sys.path.insert(0, str(BENCH))  # the script imports bench/_measured.py as a sibling
-    try:
-        spec = importlib.util.spec_from_file_location("bench_scale", BENCH / "scale.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+from helpers.bench import BENCH, bench_module
 
 
 def test_smallest_run_times_every_stage_and_agrees(tmp_path):
@@ -36,7 +21,7 @@ def test_smallest_run_times_every_stage_and_agrees(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.with_suffix(".png").is_file()
     doc = json.loads(out.read_text())
-    scale = _bench_module()
+    scale = bench_module("scale")
     for run in doc["runs"]:
         zoo = run["zoos"]["3"]
         assert set(zoo["seconds"]) == set(scale.STAGES)
@@ -57,7 +42,7 @@ def _zoo(seconds: dict, maps: dict) -> dict:
 
 
 def test_projection_follows_the_stated_model():
-    scale = _bench_module()
+    scale = bench_module("scale")
     stage_bytes = {"fn": 1000, "item": 100, "result": 300}
     sized = {"bytes": stage_bytes, "seal_s": {k: v * 1e-6 for k, v in stage_bytes.items()},  # 1 µs per byte
              "unseal_s": {k: 2 * v * 1e-6 for k, v in stage_bytes.items()}}  # 2 µs per byte
